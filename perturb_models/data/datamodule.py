@@ -1,0 +1,342 @@
+"""The one DataModule every model trains on: PerturbQA pairs as whole-split integer tensors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from perturb_models.data.perturbqa import (
+    DataValidationError,
+    TaskTables,
+    ensure_task_files,
+    load_task_tables,
+    validate_tables,
+)
+from perturb_models.data.synthetic import make_synthetic_tables
+from perturb_models.data.vocab import GeneVocab
+from perturb_models.io import atomic_write_json
+
+TASKS = ("de", "dir", "joint")
+NUM_CLASSES = {"de": 2, "dir": 2, "joint": 3}
+JOINT_CLASSES = ("not_de", "down", "up")
+
+
+@dataclass(frozen=True)
+class DataContext:
+    """What models may know about the data, read-only: dimensions, symbols and the training pairs.
+
+    ``train_pairs`` holds the training perturbations only (validation and test removed), with columns
+    ``pert, gene`` (symbols), ``pert_idx, gene_idx`` (vocab indices), ``de`` (0/1) and ``dir``
+    (1 up, 0 down, -1 not DE or unknown). Graphs and retrieval built from labels must use only this.
+    """
+
+    dataset: str
+    task: str
+    vocab: GeneVocab
+    train_pairs: pd.DataFrame
+    train_perts: tuple[str, ...]
+    val_perts: tuple[str, ...]
+    test_perts: tuple[str, ...]
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.task]
+
+    @property
+    def num_genes(self) -> int:
+        return len(self.vocab)
+
+
+def class_labels(de: np.ndarray, direction: np.ndarray, task: str) -> np.ndarray:
+    """Training target per task: de -> 0/1, dir -> 0 down / 1 up, joint -> 0 not DE / 1 down / 2 up."""
+    if task == "de":
+        return de.astype(np.int64)
+    if task == "dir":
+        return direction.astype(np.int64)
+    return np.where(de == 1, 1 + direction, 0).astype(np.int64)
+
+
+def merge_task_tables(tables: TaskTables, task: str) -> pd.DataFrame:
+    """One row per scored pair with columns pert, gene, split, de, dir (dir -1 where not DE / unknown)."""
+    de = tables.de.rename(columns={"label": "de"})
+    if tables.dir is None:
+        pairs = de.assign(dir=-1)
+    else:
+        direction = tables.dir.loc[:, ["pert", "gene", "label"]].rename(columns={"label": "dir"})
+        pairs = de.merge(direction, on=["pert", "gene"], how="left")
+        pairs["dir"] = pairs["dir"].fillna(-1).astype(np.int64)
+        # A DE pair with no direction row cannot be scored for direction nor trained in joint mode.
+        unlabelled = (pairs["de"] == 1) & (pairs["dir"] < 0)
+        if unlabelled.any() and task != "de":
+            row = pairs.loc[unlabelled].iloc[0]
+            raise DataValidationError(
+                f"{tables.source}: DE pair (pert={row['pert']}, gene={row['gene']}) has no row in "
+                f"{tables.name}-dir.csv ({int(unlabelled.sum())} such pairs); task={task} needs a direction for every DE pair"
+            )
+    if task == "dir":
+        pairs = pairs.loc[pairs["de"] == 1]
+    return pairs.reset_index(drop=True)
+
+
+def carve_validation_perts(train_perts: Sequence[str], val_fraction: float, seed: int) -> list[str]:
+    """A seeded, perturbation-disjoint validation subset of the training perturbations."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    perts = sorted(train_perts)
+    n_val = max(1, int(round(val_fraction * len(perts))))
+    if n_val >= len(perts):
+        raise ValueError(f"data.val_fraction={val_fraction} leaves no training perturbation ({len(perts)} in train)")
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(perts, size=n_val, replace=False).tolist())
+
+
+class PairTensors(Dataset):
+    """Whole-split tensors; indexing with a LongTensor of rows returns a ready batch dict."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        lengths = {len(t) for t in tensors.values()}
+        if len(lengths) != 1:
+            raise ValueError("all split tensors must have the same length")
+        self.tensors = dict(tensors)
+        self.length = lengths.pop()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {key: value[rows] for key, value in self.tensors.items()}
+
+
+class SplitBatchSampler:
+    """Yields index tensors, one per batch: a seeded shuffle per epoch, sharded over DDP ranks.
+
+    Training shards are cut to equal length on every rank (at most ``world_size - 1`` pairs per epoch
+    are left out) so that gradient synchronisation never waits on a rank with fewer batches. Evaluation
+    shards cover every pair exactly once.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1, equal_shards: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.num_rows, self.batch_size, self.shuffle, self.seed = num_rows, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size, self.equal_shards = drop_last, rank, world_size, equal_shards
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shard(self) -> torch.Tensor:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_rows, generator=generator)
+        else:
+            order = torch.arange(self.num_rows)
+        if self.world_size > 1:
+            if self.equal_shards:
+                order = order[: (self.num_rows // self.world_size) * self.world_size]
+            order = order[self.rank :: self.world_size]
+        return order
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = self._shard()
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for start in range(0, stop, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    def __len__(self) -> int:
+        rows = self.num_rows
+        if self.world_size > 1:
+            rows = rows // self.world_size if self.equal_shards else len(range(self.rank, self.num_rows, self.world_size))
+        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+
+
+class PerturbQADataModule(L.LightningDataModule):
+    """PerturbQA pairs for one dataset and task.
+
+    Args:
+        name: dataset name (k562, rpe1, hepg2, jurkat, k562_set, synthetic, or your own files' NAME).
+        task: ``de``, ``dir`` or ``joint`` (3 classes: not DE / down / up).
+        root: folder of the CSV files; None -> ``$PERTURBQA_DATA`` -> user cache (downloaded if missing).
+        val_fraction: share of training perturbations held out for validation (seeded, perturbation-disjoint).
+        split_file: a ``split.json`` written by an earlier run; reuses its validation perturbations.
+        synthetic: generator options when ``name == 'synthetic'``.
+        vocab / val_perts: restore an exact earlier setup (used when rebuilding from a checkpoint).
+    """
+
+    def __init__(
+        self,
+        name: str = "k562",
+        task: str = "joint",
+        root: str | None = None,
+        val_fraction: float = 0.1,
+        batch_size: int = 1024,
+        eval_batch_size: int = 8192,
+        seed: int = 0,
+        download: bool = True,
+        base_url: str | None = None,
+        split_file: str | None = None,
+        synthetic: Mapping[str, Any] | None = None,
+        vocab: Sequence[str] | None = None,
+        val_perts: Sequence[str] | None = None,
+        cell_line: str | None = None,
+    ):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"data.task must be one of {', '.join(TASKS)}, got {task!r}")
+        self.name, self.task, self.root = name, task, root
+        self.val_fraction, self.seed = float(val_fraction), int(seed)
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.download, self.base_url, self.split_file = download, base_url, split_file
+        self.synthetic = dict(synthetic or {})
+        self.cell_line = cell_line or name
+        self._fixed_vocab = list(vocab) if vocab is not None else None
+        self._fixed_val_perts = list(val_perts) if val_perts is not None else None
+        self.splits: dict[str, PairTensors] = {}
+        self.frames: dict[str, pd.DataFrame] = {}
+        self.context: DataContext | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.task]
+
+    # ---- files -----------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.name != "synthetic":
+            kinds = ("de",) if self.task == "de" else ("de", "dir")
+            ensure_task_files(self.name, kinds, root=self.root, base_url=self.base_url, allow_download=self.download)
+
+    def load_tables(self) -> TaskTables:
+        if self.name == "synthetic":
+            de, dir_ = make_synthetic_tables(**self.synthetic)
+            return validate_tables("synthetic", de, None if self.task == "de" else dir_, source="<synthetic>")
+        return load_task_tables(self.name, self.task, root=self.root, base_url=self.base_url, allow_download=self.download)
+
+    # ---- splits ----------------------------------------------------------------------------------
+    def _validation_perts(self, train_perts: Sequence[str]) -> list[str]:
+        if self._fixed_val_perts is not None:
+            chosen = list(self._fixed_val_perts)
+        elif self.split_file:
+            path = Path(os.path.expanduser(self.split_file))
+            if not path.is_file():
+                raise FileNotFoundError(f"data.split_file={self.split_file}: no such file")
+            saved = json.loads(path.read_text())
+            if saved.get("dataset") not in (None, self.name):
+                raise DataValidationError(f"{path}: split was saved for dataset {saved.get('dataset')!r}, not {self.name!r}")
+            chosen = list(saved["val_perts"])
+        else:
+            return carve_validation_perts(train_perts, self.val_fraction, self.seed)
+        unknown = sorted(set(chosen) - set(train_perts))
+        if unknown:
+            raise DataValidationError(
+                f"validation perturbation {unknown[0]!r} is not a training perturbation of {self.name} "
+                f"({len(unknown)} such); a validation split is carved from train only"
+            )
+        return sorted(chosen)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.context is not None:
+            return
+        tables = self.load_tables()
+        pairs = merge_task_tables(tables, self.task)
+        symbols_seen = GeneVocab.from_symbols(tables.de["pert"], tables.de["gene"])
+        if self._fixed_vocab is not None:
+            vocab = GeneVocab(self._fixed_vocab)
+            missing = [s for s in symbols_seen.symbols if s not in vocab]
+            if missing:
+                raise DataValidationError(
+                    f"{len(missing)} symbol(s) of {self.name} (e.g. {missing[0]!r}) are not in the saved vocabulary; "
+                    "the data changed since the checkpoint was written"
+                )
+        else:
+            vocab = symbols_seen
+        train_perts = sorted(pairs.loc[pairs["split"] == "train", "pert"].unique())
+        val_perts = self._validation_perts(train_perts)
+        val_set = set(val_perts)
+        stage_of = np.where(pairs["split"] == "test", "test", np.where(pairs["pert"].isin(val_set), "val", "train"))
+        pairs = pairs.assign(stage=stage_of, pert_idx=vocab.encode(pairs["pert"]), gene_idx=vocab.encode(pairs["gene"]))
+        pairs["label"] = class_labels(pairs["de"].to_numpy(), pairs["dir"].to_numpy(), self.task)
+        for stage_name in ("train", "val", "test"):
+            frame = pairs.loc[pairs["stage"] == stage_name].reset_index(drop=True)
+            if frame.empty:
+                raise DataValidationError(f"{self.name}: the {stage_name} split is empty for task={self.task}")
+            self.frames[stage_name] = frame
+            self.splits[stage_name] = PairTensors({
+                "pert": torch.as_tensor(frame["pert_idx"].to_numpy(), dtype=torch.long),
+                "gene": torch.as_tensor(frame["gene_idx"].to_numpy(), dtype=torch.long),
+                "label": torch.as_tensor(frame["label"].to_numpy(), dtype=torch.long),
+                "de": torch.as_tensor(frame["de"].to_numpy(), dtype=torch.long),
+                "dir": torch.as_tensor(frame["dir"].to_numpy(), dtype=torch.long),
+            })
+        train = self.frames["train"]
+        self.context = DataContext(
+            dataset=self.name,
+            task=self.task,
+            vocab=vocab,
+            train_pairs=train.loc[:, ["pert", "gene", "pert_idx", "gene_idx", "de", "dir"]].copy(),
+            train_perts=tuple(sorted(train["pert"].unique())),
+            val_perts=tuple(val_perts),
+            test_perts=tuple(sorted(self.frames["test"]["pert"].unique())),
+            extras={"cell_line": self.cell_line, "source": tables.source},
+        )
+
+    def split_record(self) -> dict[str, Any]:
+        """What is needed to reload this exact split (written as ``split.json`` next to the run)."""
+        assert self.context is not None, "call setup() first"
+        return {
+            "dataset": self.name,
+            "task": self.task,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "val_perts": list(self.context.val_perts),
+            "train_perts": list(self.context.train_perts),
+            "test_perts": list(self.context.test_perts),
+        }
+
+    def save_split(self, path: str | os.PathLike) -> Path:
+        return atomic_write_json(path, self.split_record())
+
+    # ---- loaders ---------------------------------------------------------------------------------
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+        if stage not in self.splits:
+            self.setup()
+        rank, world = self._rank_and_world()
+        sampler = SplitBatchSampler(
+            len(self.splits[stage]),
+            self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            equal_shards=shuffle,
+        )
+        return DataLoader(self.splits[stage], sampler=sampler, batch_size=None, num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

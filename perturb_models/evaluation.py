@@ -1,0 +1,120 @@
+"""``evaluate(cfg)``: re-test a checkpoint from its own record, or compare finished runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from perturb_models.io import atomic_write_dataframe, atomic_write_json, atomic_write_text
+from perturb_models.models.classifier import RECORD_KEY
+from perturb_models.training import build_datamodule, build_model, git_commit, print_metrics, write_outputs
+
+TABLE_METRICS = ("de_auroc_per_gene", "de_genes_scored", "dir_auroc_per_gene", "dir_genes_scored",
+                 "de_auroc", "de_auprc", "dir_auroc", "dir_auprc")
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run folder (its ``checkpoints/best.ckpt``, else ``last.ckpt``)."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        for name in ("best.ckpt", "last.ckpt"):
+            if (path / "checkpoints" / name).is_file():
+                return path / "checkpoints" / name
+        raise FileNotFoundError(f"{path} is a folder without checkpoints/best.ckpt or checkpoints/last.ckpt")
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file or run folder")
+    return path
+
+
+def load_run_record(ckpt_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checkpoint and the record that ``train`` stored in it (config, vocab, validation split)."""
+    checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    record = checkpoint.get(RECORD_KEY)
+    if not record or "config" not in record:
+        raise ValueError(f"{ckpt_file} was not written by perturb_models' train.py (no '{RECORD_KEY}' record)")
+    return checkpoint, record
+
+
+def evaluate_checkpoint(ckpt_path: str | os.PathLike, output_dir: Path, trainer_cfg: DictConfig,
+                        data_root: str | None = None) -> dict[str, float]:
+    """Rebuild data and model from the checkpoint alone, test, and write metrics and predictions."""
+    ckpt_file = find_checkpoint(ckpt_path)
+    checkpoint, record = load_run_record(ckpt_file)
+    cfg = OmegaConf.create(record["config"])
+    overrides: dict[str, Any] = {"vocab": record["vocab"], "val_perts": record["val_perts"]}
+    if data_root:
+        overrides["root"] = data_root
+    datamodule = build_datamodule(cfg.data, **overrides)
+    model = build_model(cfg, datamodule)
+    model.load_state_dict(checkpoint["state_dict"])
+    trainer = instantiate(trainer_cfg, _convert_="all")
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    metrics = dict(model.stage_metrics["test"])
+    run = dict(record.get("run", {}), checkpoint=str(ckpt_file), evaluated_with_commit=git_commit())
+    if trainer.is_global_zero:
+        write_outputs(output_dir, model, run, metrics)
+        print_metrics(metrics, output_dir)
+    return metrics
+
+
+def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """One comparison row from a run folder's ``run.json`` and ``metrics.json``."""
+    run_dir = Path(os.path.expanduser(str(run_dir)))
+    missing = [name for name in ("metrics.json", "run.json") if not (run_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: missing {', '.join(missing)}; is it the folder of a finished train.py or evaluate.py run?")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    info = json.loads((run_dir / "run.json").read_text())
+    row: dict[str, Any] = {"run": str(run_dir), "model": info.get("model"), "dataset": info.get("dataset"),
+                           "task": info.get("task"), "seed": info.get("seed")}
+    for name in TABLE_METRICS:
+        value = metrics.get(f"test/{name}")
+        row[name] = math.nan if value is None else value
+    return row
+
+
+def compare_runs(run_dirs: Sequence[str | os.PathLike], output_dir: Path) -> pd.DataFrame:
+    """``comparison.csv`` and ``comparison.md``: one row per run, the test metrics side by side."""
+    if not run_dirs:
+        raise ValueError("runs is empty: pass runs='[RUN_DIR1,RUN_DIR2,...]'")
+    table = pd.DataFrame([read_run(d) for d in run_dirs])
+    atomic_write_dataframe(output_dir / "comparison.csv", table)
+    atomic_write_text(output_dir / "comparison.md", markdown_table(table) + "\n")
+    print(markdown_table(table))
+    print(f"Comparison written to {output_dir / 'comparison.md'} and comparison.csv")
+    return table
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            if math.isnan(value):
+                return "–"
+            return f"{value:.0f}" if value.is_integer() and abs(value) >= 2 else f"{value:.4f}"
+        return str(value)
+
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def evaluate(cfg: DictConfig) -> Any:
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("ckpt_path") and cfg.get("runs"):
+        raise ValueError("give either ckpt_path=... (evaluate one checkpoint) or runs=[...] (compare runs), not both")
+    if cfg.get("ckpt_path"):
+        return evaluate_checkpoint(cfg.ckpt_path, output_dir, cfg.trainer, cfg.get("data_root"))
+    if cfg.get("runs"):
+        runs = cfg.runs if not isinstance(cfg.runs, str) else [cfg.runs]
+        return compare_runs(list(runs), output_dir)
+    raise ValueError("nothing to evaluate: pass ckpt_path=PATH (checkpoint or run folder) or runs='[DIR1,DIR2]'")

@@ -1,0 +1,161 @@
+"""The one LightningModule every model trains with: an encoder from config, a head, a loss, the metrics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import lightning as L
+import pandas as pd
+import torch
+from torch import nn
+
+from perturb_models.data.vocab import GeneVocab
+from perturb_models.metrics import metrics_from_predictions, prediction_frame, task_scores
+
+RECORD_KEY = "perturb_models"
+"""Checkpoint key holding what rebuilds a run: the resolved config, the vocab and the split."""
+
+
+class PerturbationClassifier(L.LightningModule):
+    """Encoder + linear head + cross-entropy, for every model of the project.
+
+    The encoder maps a batch dict (``pert``, ``gene`` index tensors, ...) to a pair representation with
+    ``encoder.output_dim`` features, or, when ``encoder.produces_logits`` is true, straight to logits.
+
+    Args:
+        encoder: the model-specific ``nn.Module``.
+        vocab: the DataModule's vocabulary (to name genes in predictions).
+        task: ``de``, ``dir`` or ``joint``; fixes the number of classes and how scores are read.
+        optimizer: a partial ``torch.optim`` constructor (``_partial_: true`` in config).
+        scheduler: an optional partial LR-scheduler constructor.
+        scheduler_interval: ``epoch`` or ``step``.
+        monitor: metric a plateau scheduler watches.
+        class_weights: optional loss weight per class.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        vocab: GeneVocab,
+        task: str,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "epoch",
+        monitor: str | None = None,
+        class_weights: list[float] | None = None,
+    ):
+        super().__init__()
+        from perturb_models.data.datamodule import NUM_CLASSES
+
+        self.encoder = encoder
+        self.vocab = vocab
+        self.task = task
+        self.num_classes = NUM_CLASSES[task]
+        self.produces_logits = bool(getattr(encoder, "produces_logits", False))
+        self.head = nn.Identity() if self.produces_logits else nn.Linear(encoder.output_dim, self.num_classes)
+        weight = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        if weight is not None and len(weight) != self.num_classes:
+            raise ValueError(f"class_weights has {len(weight)} entries, task={task} has {self.num_classes} classes")
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.monitor = monitor
+        self.run_record: dict[str, Any] = {}
+        self.stage_metrics: dict[str, dict[str, float]] = {}
+        self.stage_predictions: dict[str, pd.DataFrame] = {}
+        self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
+
+    # ---- forward / loss --------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.encoder(batch))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = self.loss_fn(logits.float(), batch["label"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+    def _collect(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
+        logits = self(batch).float()
+        self._outputs.setdefault(stage, []).append({
+            "probs": torch.softmax(logits, dim=-1).detach(),
+            "pert": batch["pert"], "gene": batch["gene"], "de": batch["de"], "dir": batch["dir"],
+            "loss": (self.loss_fn(logits, batch["label"]).detach() * len(batch["label"])).view(1),
+        })
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._collect("val", batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._collect("test", batch)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        scores = task_scores(torch.softmax(self(batch).float(), dim=-1), self.task)
+        return {"pert": batch["pert"], "gene": batch["gene"], **scores}
+
+    # ---- epoch-end metrics -----------------------------------------------------------------------
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate a per-rank tensor of any length from every rank (padded for the collective)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return tensor
+        length = torch.tensor([tensor.shape[0]], device=tensor.device)
+        lengths = self.all_gather(length).view(-1).tolist()
+        padded = torch.zeros((max(lengths),) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        padded[: tensor.shape[0]] = tensor
+        gathered = self.all_gather(padded)
+        return torch.cat([gathered[r, :n] for r, n in enumerate(lengths)])
+
+    def _finish_epoch(self, stage: str) -> None:
+        outputs = self._outputs.pop(stage, [])
+        if not outputs:
+            return
+        merged = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
+        merged = {key: self._gather(value).cpu() for key, value in merged.items()}
+        scores = {k: v.double().numpy() for k, v in task_scores(merged["probs"], self.task).items()}
+        frame = prediction_frame(
+            self.vocab.decode(merged["pert"].tolist()), self.vocab.decode(merged["gene"].tolist()),
+            merged["de"].numpy(), merged["dir"].numpy(), scores,
+        )
+        metrics = metrics_from_predictions(frame, stage)
+        metrics[f"{stage}/loss"] = float(merged["loss"].sum() / len(merged["pert"]))  # sum of per-batch means x sizes
+        self.stage_metrics[stage] = metrics
+        self.stage_predictions[stage] = frame
+        if self.trainer is not None and not self.trainer.sanity_checking:
+            headline = {k: v for k, v in metrics.items() if k.endswith("_auroc_per_gene")}
+            self.log_dict(headline, prog_bar=True)
+            self.log_dict({k: v for k, v in metrics.items() if k not in headline})
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_epoch("test")
+
+    # ---- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params or self.optimizer_factory is None:
+            return None
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": self.scheduler_interval}
+        if self.monitor:
+            scheduler["monitor"] = self.monitor
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # ---- checkpoint record -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RECORD_KEY] = dict(self.run_record, vocab=self.vocab.symbols)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(RECORD_KEY, {}).get("vocab")
+        if saved is not None and saved != self.vocab.symbols:
+            raise ValueError("checkpoint vocabulary differs from the DataModule's; rebuild the data from the checkpoint's record")
+
+
+def nan_to_none(metrics: dict[str, float]) -> dict[str, float | None]:
+    """JSON has no NaN: metrics that could not be computed are written as null."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
