@@ -106,8 +106,10 @@ def build_loggers(cfg: DictConfig) -> list:
             if mode == "disabled":
                 log.info("WANDB_MODE=disabled: W&B logging is off for this run")
                 continue
-            logger_cfg = OmegaConf.merge(logger_cfg, {"offline": mode == "offline"})
-            Path(logger_cfg.save_dir).mkdir(parents=True, exist_ok=True)
+            logger_cfg = OmegaConf.to_container(logger_cfg, resolve=True)
+            if logger_cfg.get("offline") is None:
+                logger_cfg["offline"] = mode == "offline"
+            Path(logger_cfg["save_dir"]).mkdir(parents=True, exist_ok=True)
         loggers.append(instantiate(logger_cfg, _convert_="all"))
     return loggers
 
@@ -167,6 +169,7 @@ def log_run_summary(loggers: list, cfg: DictConfig, metrics: dict[str, float]) -
         logger.log_metrics({f"final/{k}": v for k, v in metrics.items()})
         if hasattr(logger, "log_table"):
             logger.log_table(key="test/metrics_table", columns=["metric", "value"], data=rows)
+        logger.save()
 
 
 def finish_wandb(loggers: list) -> None:
@@ -176,12 +179,12 @@ def finish_wandb(loggers: list) -> None:
             continue
         import wandb
 
-        run = wandb.run
-        run_dir = Path(run.dir).parent if run is not None else None
-        offline = run is not None and run.settings.mode == "offline"
+        run = logger.experiment if logger._experiment is not None else wandb.run
+        run_dir = Path(run.dir).parent if run is not None and getattr(run, "dir", None) else None
+        offline = run is not None and getattr(run.settings, "mode", None) in ("offline", "dryrun")
         wandb.finish()
         if offline and run_dir is not None:
-            print(f"W&B ran offline (no credentials found). The run is in {run_dir}\n"
+            print(f"W&B ran offline (no credentials, or WANDB_MODE=offline). The run is in {run_dir}\n"
                   f"Upload it later with: wandb sync {run_dir}")
 
 
@@ -202,7 +205,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        selectors = [c for c in trainer.checkpoint_callbacks if c.monitor == cfg.get("optimized_metric")]
+        best = selectors[0].best_model_path if selectors else ""
         select_from = best if best and Path(best).is_file() else None
         if select_from is None:
             log.warning("No best checkpoint was saved (fast_dev_run or no validation): testing the final weights")

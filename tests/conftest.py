@@ -70,3 +70,24 @@ def perturbqa_root() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return root
+
+
+@pytest.fixture
+def http_folder():
+    """Serve a folder over HTTP on 127.0.0.1 (a stand-in for a public data host); yields (folder, base_url)."""
+    import functools
+    import http.server
+    import tempfile
+    import threading
+
+    folder = Path(tempfile.mkdtemp(prefix="served-"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args, **kwargs: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -134,7 +134,7 @@ def validate_task_frame(frame: pd.DataFrame, source: str, kind: str = "de") -> p
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataValidationError(
-            f"{source} line {_line(row)}: label {frame['label'].iloc[row]!r} is not 0 or 1 "
+            f"{source} line {_line(row)}: label '{frame['label'].iloc[row]}' is not 0 or 1 "
             f"({int(bad.sum())} bad label(s) in the file)"
         )
     frame["label"] = labels.astype(np.int64)
@@ -143,7 +143,7 @@ def validate_task_frame(frame: pd.DataFrame, source: str, kind: str = "de") -> p
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataValidationError(
-            f"{source} line {_line(row)}: split {frame['split'].iloc[row]!r} is not one of {', '.join(SPLITS)}"
+            f"{source} line {_line(row)}: split '{frame['split'].iloc[row]}' is not one of {', '.join(SPLITS)}"
         )
     frame["split"] = splits
     duplicated = frame.duplicated(subset=["pert", "gene"], keep="first")

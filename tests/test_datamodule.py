@@ -1,0 +1,106 @@
+"""DataModule: labels per task, the validation split, batches sliced from whole-split tensors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from perturb_models.data.datamodule import PerturbQADataModule, SplitBatchSampler
+from perturb_models.data.perturbqa import DataValidationError
+from perturb_models.data.synthetic import make_synthetic_tables
+
+
+def synthetic_dm(**kwargs) -> PerturbQADataModule:
+    dm = PerturbQADataModule(name="synthetic", synthetic={"seed": 3}, **kwargs)
+    dm.setup()
+    return dm
+
+
+def test_validation_split_is_seeded_perturbation_disjoint_and_from_train_only():
+    dm = synthetic_dm(seed=1, val_fraction=0.2)
+    ctx = dm.context
+    assert not set(ctx.val_perts) & set(ctx.train_perts)
+    assert not set(ctx.val_perts) & set(ctx.test_perts)
+    assert set(dm.frames["val"]["pert"]) == set(ctx.val_perts)
+    de, _ = make_synthetic_tables(seed=3)
+    original_train = set(de.loc[de["split"] == "train", "pert"])
+    assert set(ctx.val_perts) | set(ctx.train_perts) == original_train
+    assert len(ctx.val_perts) == round(0.2 * len(original_train))
+    assert synthetic_dm(seed=1, val_fraction=0.2).context.val_perts == ctx.val_perts
+    assert synthetic_dm(seed=2, val_fraction=0.2).context.val_perts != ctx.val_perts
+
+
+def test_saved_split_reloads_the_same_validation_perturbations(tmp_path):
+    dm = synthetic_dm(seed=5)
+    dm.save_split(tmp_path / "split.json")
+    reloaded = synthetic_dm(seed=99, split_file=str(tmp_path / "split.json"))
+    assert reloaded.context.val_perts == dm.context.val_perts
+    record = json.loads((tmp_path / "split.json").read_text())
+    record["val_perts"].append(record["test_perts"][0])
+    (tmp_path / "bad.json").write_text(json.dumps(record))
+    with pytest.raises(DataValidationError, match="is not a training perturbation"):
+        synthetic_dm(split_file=str(tmp_path / "bad.json"))
+
+
+def test_joint_labels_encode_de_and_direction():
+    dm = synthetic_dm()
+    frame = dm.frames["train"]
+    assert (frame.loc[frame["de"] == 0, "label"] == 0).all()
+    assert (frame.loc[(frame["de"] == 1) & (frame["dir"] == 0), "label"] == 1).all()
+    assert (frame.loc[(frame["de"] == 1) & (frame["dir"] == 1), "label"] == 2).all()
+
+
+def test_dir_task_keeps_only_de_positive_pairs():
+    dm = synthetic_dm(task="dir")
+    for frame in dm.frames.values():
+        assert (frame["de"] == 1).all() and set(frame["label"]) <= {0, 1}
+
+
+def test_training_pairs_exclude_validation_and_test_perturbations():
+    dm = synthetic_dm()
+    perts = set(dm.context.train_pairs["pert"])
+    assert perts == set(dm.context.train_perts)
+
+
+def test_batches_are_dicts_of_tensors_sliced_from_the_split():
+    dm = synthetic_dm(batch_size=64)
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert sum(len(b["label"]) for b in batches) == len(dm.splits["train"])
+    first = batches[0]
+    assert set(first) == {"pert", "gene", "label", "de", "dir"}
+    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.long for v in first.values())
+    rows = torch.cat([b["pert"] * 10_000 + b["gene"] for b in batches])
+    assert len(torch.unique(rows)) == len(rows)
+
+
+def test_shuffle_changes_with_epoch_and_is_reproducible():
+    sampler = SplitBatchSampler(100, 10, shuffle=True, seed=0)
+    epoch0 = torch.cat(list(sampler))
+    sampler.set_epoch(1)
+    epoch1 = torch.cat(list(sampler))
+    sampler.set_epoch(0)
+    assert torch.equal(torch.cat(list(sampler)), epoch0)
+    assert not torch.equal(epoch0, epoch1)
+
+
+@pytest.mark.parametrize("n", [97, 100])
+def test_evaluation_shards_cover_every_row_once_across_ranks(n):
+    shards = [torch.cat(list(SplitBatchSampler(n, 8, shuffle=False, rank=r, world_size=3))) for r in range(3)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(n))
+    assert [len(SplitBatchSampler(n, 8, shuffle=False, rank=r, world_size=3)) for r in range(3)] == [
+        int(np.ceil(len(s) / 8)) for s in shards]
+
+
+def test_training_shards_have_equal_length_across_ranks():
+    lengths = {len(torch.cat(list(SplitBatchSampler(97, 8, shuffle=True, rank=r, world_size=3, equal_shards=True))))
+               for r in range(3)}
+    assert lengths == {32}
+
+
+def test_bad_task_and_val_fraction_are_rejected():
+    with pytest.raises(ValueError, match="data.task must be one of de, dir, joint"):
+        PerturbQADataModule(name="synthetic", task="both")
+    with pytest.raises(ValueError, match=r"data.val_fraction must be in \(0, 1\)"):
+        synthetic_dm(val_fraction=0.0)
