@@ -358,7 +358,9 @@ def build_task_files(
     kept = sorted(pairs["pert"].unique())
     split = split_perturbations(kept, test_fraction, seed)
     pairs["split"] = pairs["pert"].map(split)
-    pairs = pairs.sort_values(["split", "pert", "gene"], kind="stable").reset_index(drop=True)
+    # Train rows first, then test, as in the PerturbQA files.
+    pairs = pairs.sort_values(["split", "pert", "gene"], key=lambda c: c.map({"train": 0, "test": 1}) if c.name == "split" else c,
+                              kind="stable").reset_index(drop=True)
     for split_name in ("train", "test"):
         if not ((pairs["split"] == split_name) & (pairs["de"] == 1)).any():
             raise PerturbseqError(
