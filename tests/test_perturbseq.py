@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("scanpy", reason="the screen builder needs the 'screen' extra (scanpy, anndata)")
+from conftest import require_module as require
+
+require("scanpy", "the screen builder needs the 'screen' extra (scanpy, anndata)")
 import anndata  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat", reason="the notebook test needs the 'notebook' extra")
-nbclient = pytest.importorskip("nbclient", reason="the notebook test needs the 'notebook' extra")
-pytest.importorskip("matplotlib")
+from conftest import require_module as require
+
+nbformat = require("nbformat", "the notebook test needs the 'notebook' extra")
+nbclient = require("nbclient", "the notebook test needs the 'notebook' extra")
+require("matplotlib", "the notebook test needs the 'notebook' extra")
 
 from perturb_models.evaluation import compare_runs  # noqa: E402
 from perturb_models.training import train  # noqa: E402
@@ -27,7 +29,8 @@ def two_runs_and_comparison(tmp_path_factory):
     for seed, hidden in ((0, 64), (1, 32)):
         out = base / f"mlp-seed{seed}"
         cfg = compose_config("train", ["data=synthetic", *FAST_CPU, "trainer.max_epochs=2", f"seed={seed}",
-                                       f"model.encoder.hidden_dim={hidden}"], out)
+                                       f"model.encoder.hidden_dim={hidden}", "data.synthetic.n_genes=120",
+                                       "data.synthetic.n_perts=100"], out)
         train(cfg)
         runs.append(out)
     compare_runs(runs, base / "eval")
