@@ -91,3 +91,16 @@ def http_folder():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def require_module(name: str, why: str):
+    """Import an optional dependency; skip without it locally, but fail under CI=true (CI installs every extra)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        message = f"{why}: cannot import {name} ({exc}); pip install -e \".[dev]\""
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(message)
+        pytest.skip(message, allow_module_level=True)
