@@ -106,7 +106,8 @@ def build_loggers(cfg: DictConfig) -> list:
             if mode == "disabled":
                 log.info("WANDB_MODE=disabled: W&B logging is off for this run")
                 continue
-            logger_cfg = OmegaConf.merge(logger_cfg, {"offline": mode == "offline"})
+            # Hydra's config is struct (no new keys): add ``offline`` to a plain resolved copy.
+            logger_cfg = OmegaConf.create({**OmegaConf.to_container(logger_cfg, resolve=True), "offline": mode == "offline"})
             Path(logger_cfg.save_dir).mkdir(parents=True, exist_ok=True)
         loggers.append(instantiate(logger_cfg, _convert_="all"))
     return loggers
