@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +11,10 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose_config
+from script_runner import run_script
 
 SWEEP_CONFIGS = sorted((REPO / "conf" / "sweep").glob("optuna_*.yaml"))
 WANDB_SWEEPS = sorted((REPO / "sweeps").glob("wandb_*.yaml"))
-
-
-def run_script(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a repository script in a fresh process (one thread: the test machine has 2 shared cores)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1")
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def sweep_params(sweep_file: Path) -> dict[str, str]:
