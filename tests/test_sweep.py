@@ -71,6 +71,10 @@ def test_wandb_sweep_mirrors_optuna_search_and_its_agent_command_composes(wandb_
     optuna_file = REPO / "conf" / "sweep" / f"optuna_{model}.yaml"
     assert set(spec["parameters"]) == set(sweep_params(optuna_file)), "the W&B and Optuna searches differ"
     assert spec["program"] == "train.py" and "${args_no_hyphens}" in spec["command"]
+    for key, grammar in sweep_params(optuna_file).items():
+        if grammar.startswith("choice("):
+            choices = yaml.safe_load("[" + grammar[len("choice("):-1] + "]")
+            assert spec["parameters"][key]["values"] == choices, key
 
     # What `wandb agent` runs: one sampled value per parameter, as key=value Hydra overrides.
     picked = {}
