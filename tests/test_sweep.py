@@ -25,7 +25,8 @@ def test_optuna_sweep_of_two_trials_reports_best_validation_value_with_separate_
     sweep_dir = tmp_path / "sweep"
     run_script(["train.py", "-m", "sweep=optuna_mlp", "data=synthetic", "logger=wandb", "trainer.max_epochs=1",
                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep_dir}"])
+                "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep_dir}",
+                f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}"])
     result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     trials = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
     assert [t.name for t in trials] == ["0", "1"]
@@ -34,6 +35,12 @@ def test_optuna_sweep_of_two_trials_reports_best_validation_value_with_separate_
     values = [json.loads((t / "metrics.json").read_text())["val/de_auroc_per_gene"] for t in trials]
     assert 0.0 <= result["best_value"] <= 1.0
     assert math.isclose(result["best_value"], max(values), rel_tol=0, abs_tol=1e-12)
+    # The study persisted in SQLite (optuna 2.x needs SQLAlchemy < 2 for this) can be reloaded to resume.
+    import optuna
+
+    study = optuna.load_study(study_name="optuna_mlp-synthetic-joint", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert study.best_value == result["best_value"]
     best = trials[values.index(max(values))]
     overrides = yaml.safe_load((best / ".hydra" / "overrides.yaml").read_text())
     for key, value in result["best_params"].items():
