@@ -30,10 +30,11 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
             raise FileNotFoundError(f"{path}: no such run folder or multirun folder")
         below = sorted(p.parent for p in path.rglob("run.json") if is_run_dir(p.parent))
         if not below:
-            raise FileNotFoundError(f"{path}: no finished run below it (no folder with both metrics.json and run.json)")
+            raise FileNotFoundError(f"{path}: no finished run in or below it (no folder with both metrics.json and "
+                                    "run.json); is it the folder of a finished train.py or evaluate.py run?")
         found.extend(below)
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    return unique
+    # The same run named twice (directly and through its multirun folder) is one row.
+    return list(dict.fromkeys(found))
 
 
 def summarize_runs(table: pd.DataFrame) -> pd.DataFrame:

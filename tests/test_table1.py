@@ -31,7 +31,7 @@ def test_table1_multirun_on_synthetic_data_builds_the_seed_averaged_table(tmp_pa
                 "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                 f"hydra.sweep.dir={sweep}"])
     runs = find_run_dirs([sweep])
-    assert sorted(str(r.relative_to(sweep.resolve())) for r in runs) == ["mlp/synthetic-de/seed0", "mlp/synthetic-de/seed1"]
+    assert sorted(str(r.relative_to(sweep)) for r in runs) == ["mlp/synthetic-de/seed0", "mlp/synthetic-de/seed1"]
 
     table = compare_runs([sweep], tmp_path / "eval")
     assert len(table) == 2 and set(table["seed"]) == {0, 1}
@@ -44,5 +44,5 @@ def test_table1_multirun_on_synthetic_data_builds_the_seed_averaged_table(tmp_pa
 
 
 def test_comparison_of_a_folder_without_runs_names_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no finished run below"):
+    with pytest.raises(FileNotFoundError, match="no finished run in or below"):
         find_run_dirs([tmp_path])
