@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from perturb_models.io import atomic_write_dataframe, atomic_write_json, atomic_write_text
 from perturb_models.models.classifier import RECORD_KEY
+from perturb_models.results import find_run_dirs, results_grid, summarize_runs
 from perturb_models.training import build_datamodule, build_model, git_commit, print_metrics, write_outputs
 
 TABLE_METRICS = ("de_auroc_per_gene", "de_genes_scored", "dir_auroc_per_gene", "dir_genes_scored",
@@ -85,11 +86,18 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], output_dir: Path) -> pd.
     """``comparison.csv`` and ``comparison.md``: one row per run, the test metrics side by side."""
     if not run_dirs:
         raise ValueError("runs is empty: pass runs='[RUN_DIR1,RUN_DIR2,...]'")
-    table = pd.DataFrame([read_run(d) for d in run_dirs])
+    # A multirun folder (e.g. of experiment=table1) stands for every finished run below it.
+    table = pd.DataFrame([read_run(d) for d in find_run_dirs(run_dirs)])
     atomic_write_dataframe(output_dir / "comparison.csv", table)
     atomic_write_text(output_dir / "comparison.md", markdown_table(table) + "\n")
     print(markdown_table(table))
     print(f"Comparison written to {output_dir / 'comparison.md'} and comparison.csv")
+    # Seeds averaged per model x dataset x task: summary.csv (long) and summary.md (one row per model).
+    summary = summarize_runs(table)
+    atomic_write_dataframe(output_dir / "summary.csv", summary)
+    atomic_write_text(output_dir / "summary.md", markdown_table(results_grid(summary)) + "\n")
+    print(markdown_table(results_grid(summary)))
+    print(f"Summary over seeds written to {output_dir / 'summary.md'} and summary.csv")
     return table
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
 import lightning as L
@@ -12,6 +13,10 @@ from torch import nn
 
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.metrics import metrics_from_predictions, prediction_frame, task_scores
+
+# Validation/test metrics are computed from predictions gathered from every rank, so each rank logs the
+# same value; Lightning's advice to all-reduce them (sync_dist=True) does not apply.
+warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/.*sync_dist=True.*")
 
 RECORD_KEY = "perturb_models"
 """Checkpoint key holding what rebuilds a run: the resolved config, the vocab and the split."""
@@ -107,12 +112,25 @@ class PerturbationClassifier(L.LightningModule):
         gathered = self.all_gather(padded)
         return torch.cat([gathered[r, :n] for r, n in enumerate(lengths)])
 
+    def _empty_outputs(self) -> dict[str, torch.Tensor]:
+        long = dict(dtype=torch.long, device=self.device)
+        return {"probs": torch.zeros((0, self.num_classes), device=self.device), "pert": torch.zeros(0, **long),
+                "gene": torch.zeros(0, **long), "de": torch.zeros(0, **long), "dir": torch.zeros(0, **long),
+                "loss": torch.zeros(0, device=self.device)}
+
     def _finish_epoch(self, stage: str) -> None:
         outputs = self._outputs.pop(stage, [])
-        if not outputs:
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        if not outputs and not distributed:
             return
-        merged = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
+        if outputs:
+            merged = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
+        else:
+            # A rank with an empty shard must still join the gathers, or the other ranks wait forever.
+            merged = self._empty_outputs()
         merged = {key: self._gather(value).cpu() for key, value in merged.items()}
+        if len(merged["pert"]) == 0:
+            return
         scores = {k: v.double().numpy() for k, v in task_scores(merged["probs"], self.task).items()}
         frame = prediction_frame(
             self.vocab.decode(merged["pert"].tolist()), self.vocab.decode(merged["gene"].tolist()),

@@ -1,0 +1,48 @@
+"""experiment=table1: one multirun over model x dataset x task x seed, and the results table built from it."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import CONF
+from perturb_models.evaluation import compare_runs
+from perturb_models.results import find_run_dirs
+from script_runner import run_script
+
+TABLE1 = yaml.safe_load((CONF / "experiment" / "table1.yaml").read_text())["hydra"]["sweeper"]["params"]
+
+
+def test_table1_covers_every_model_config_and_the_four_cell_lines_both_tasks():
+    models = {p.stem for p in (CONF / "model").glob("*.yaml")}
+    assert set(TABLE1["model"].split(",")) == models, "conf/experiment/table1.yaml must list every conf/model/*.yaml"
+    assert set(TABLE1["data"].split(",")) == {"k562", "rpe1", "hepg2", "jurkat"}
+    assert set(TABLE1["data.task"].split(",")) == {"de", "dir"}
+    assert len(TABLE1["seed"].split(",")) >= 3
+
+
+def test_table1_multirun_on_synthetic_data_builds_the_seed_averaged_table(tmp_path):
+    sweep = tmp_path / "table1"
+    # Command-line values replace an axis of the grid: synthetic data, the de task, two seeds.
+    run_script(["train.py", "experiment=table1", "data=synthetic", "data.task=de", "seed=0,1", "logger=none",
+                "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                f"hydra.sweep.dir={sweep}"])
+    runs = find_run_dirs([sweep])
+    assert sorted(str(r.relative_to(sweep)) for r in runs) == ["mlp/synthetic-de/seed0", "mlp/synthetic-de/seed1"]
+
+    table = compare_runs([sweep], tmp_path / "eval")
+    assert len(table) == 2 and set(table["seed"]) == {0, 1}
+    summary = pd.read_csv(tmp_path / "eval" / "summary.csv")
+    cell = summary.loc[(summary["model"] == "mlp") & (summary["dataset"] == "synthetic") & (summary["task"] == "de")]
+    assert len(cell) == 1 and cell["runs"].item() == 2 and cell["seeds"].item() == "0,1"
+    values = [json.loads((r / "metrics.json").read_text())["test/de_auroc_per_gene"] for r in runs]
+    assert cell["mean"].item() == pytest.approx(sum(values) / 2, abs=1e-12)
+    assert "mlp" in (tmp_path / "eval" / "summary.md").read_text()
+
+
+def test_comparison_of_a_folder_without_runs_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no finished run in or below"):
+        find_run_dirs([tmp_path])
