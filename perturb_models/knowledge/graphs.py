@@ -255,21 +255,36 @@ def _incidence(sets: Sequence[frozenset[str] | None]) -> tuple[sparse.csr_matrix
     return matrix, vocab_terms
 
 
-def go_similarity_graph(sets: Sequence[frozenset[str] | None], top_k: int = 20, threshold: float = 0.1) -> GeneGraph:
-    """GEARS' GO graph from term sets: Jaccard similarity, each gene's top-k neighbours above threshold."""
+def _candidate_rows(context, candidates: str, usable: np.ndarray) -> np.ndarray:
+    """Which nodes may be chosen as neighbours: every usable gene, or only training perturbations
+    (what a retrieval model needs: neighbours whose responses are known)."""
+    if candidates == "all":
+        return usable
+    if candidates == "train_perts":
+        train = context.vocab.encode(context.train_perts)
+        return np.intersect1d(usable, train)
+    raise ValueError(f"graph candidates={candidates!r}: expected 'all' or 'train_perts'")
+
+
+def go_similarity_graph(sets: Sequence[frozenset[str] | None], top_k: int = 20, threshold: float = 0.1,
+                        candidates: np.ndarray | None = None) -> GeneGraph:
+    """GEARS' GO graph from term sets: Jaccard similarity, each gene's top-k neighbours above threshold
+    (neighbours drawn from ``candidates`` when given, else from every annotated gene)."""
     matrix, _ = _incidence(sets)
     annotated = np.flatnonzero(np.asarray(matrix.sum(axis=1)).ravel() > 0)
-    src, dst, sim = topk_similarity_edges(matrix, top_k, threshold, "jaccard", rows=annotated, candidates=annotated,
+    pool = annotated if candidates is None else np.intersect1d(annotated, candidates)
+    src, dst, sim = topk_similarity_edges(matrix, top_k, threshold, "jaccard", rows=annotated, candidates=pool,
                                           desc="GO Jaccard")
     return _graph_from_edges(len(sets), src, dst, sim, "go_similarity", {"annotated_genes": int(len(annotated))})
 
 
 def build_go(context, top_k: int = 20, threshold: float = 0.1, aspects=None, exclude_evidence=(), propagate: bool = False,
              relations=("is_a", "part_of"), annotations: str = "gene2go", cluster_min_share: float = 0.1,
-             knowledge_root: str | None = None, allow_download: bool = True, **_) -> GeneGraph:
+             knowledge_root: str | None = None, allow_download: bool = True, candidates: str = "all", **_) -> GeneGraph:
     sets, info = vocab_term_sets(context, knowledge_root, annotations, aspects, exclude_evidence, propagate, relations,
                                  cluster_min_share, allow_download)
-    graph = go_similarity_graph(sets, top_k, threshold)
+    pool = None if candidates == "all" else _candidate_rows(context, candidates, np.arange(len(sets)))
+    graph = go_similarity_graph(sets, top_k, threshold, pool)
     graph.info.update(info)
     return graph
 
@@ -342,11 +357,13 @@ def response_matrix(train_pairs: pd.DataFrame, num_genes: int, signed: bool = Tr
                              shape=(num_genes, len(perts)))
 
 
-def build_coresponse(context, top_k: int = 20, threshold: float = 0.2, signed: bool = True, **_) -> GeneGraph:
+def build_coresponse(context, top_k: int = 20, threshold: float = 0.2, signed: bool = True, candidates: str = "all",
+                     **_) -> GeneGraph:
     """Genes linked when their DE responses across the training perturbations are similar (cosine, top-k)."""
     matrix = response_matrix(context.train_pairs, context.num_genes, signed)
     responsive = np.flatnonzero(np.asarray(abs(matrix).sum(axis=1)).ravel() > 0)
-    src, dst, sim = topk_similarity_edges(matrix, top_k, threshold, "cosine", rows=responsive, candidates=responsive,
+    pool = _candidate_rows(context, candidates, responsive)
+    src, dst, sim = topk_similarity_edges(matrix, top_k, threshold, "cosine", rows=responsive, candidates=pool,
                                           desc="co-response")
     return _graph_from_edges(context.num_genes, src, dst, sim, "coresponse",
                              {"responsive_genes": int(len(responsive)), "train_perts": int(matrix.shape[1])})
@@ -373,6 +390,8 @@ def graph_cache_key(kind: str, params: Mapping[str, Any], context) -> str:
     digest.update(json.dumps({"kind": kind, "params": clean, "version": GRAPH_FORMAT_VERSION}, sort_keys=True,
                              default=str).encode())
     digest.update("\n".join(context.vocab.symbols).encode())
+    if params.get("candidates", "all") != "all":
+        digest.update("\n".join(context.train_perts).encode())
     if kind == "coresponse":
         frame = context.train_pairs.loc[:, ["pert_idx", "gene_idx", "de", "dir"]].sort_values(["pert_idx", "gene_idx"])
         digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
