@@ -65,7 +65,10 @@ class KNNEncoder(nn.Module):
                                         shape=(n, n)).T.tocsr() for c in range(self.num_classes)]
         counts = np.stack([np.bincount(cols[labels == c], minlength=n) for c in range(self.num_classes)], axis=1)
         global_rate = (counts.sum(0) + 1.0) / (counts.sum() + self.num_classes)
-        self.gene_rate = (counts + prior_strength * global_rate) / (counts.sum(1, keepdims=True) + prior_strength)
+        denominator = counts.sum(1, keepdims=True) + prior_strength
+        # A gene never scored in training gets the global class rates.
+        self.gene_rate = np.where(denominator > 0, (counts + prior_strength * global_rate) / np.maximum(denominator, 1e-12),
+                                  global_rate[None, :])
         self.shrinkage = float(shrinkage)
         has_neighbour = np.diff(self.similarity.indptr) > 0
         log.info("knn: %d of %d genes have at least one training perturbation as neighbour (k=%d); the others "
