@@ -10,6 +10,7 @@ Needs $PERTURBQA_DATA and $PERTURB_KNOWLEDGE. Prints the figures; asserts nothin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default="k562")
     parser.add_argument("--graphs", nargs="+", default=["go", "go_kg", "coresponse"])
-    parser.add_argument("--models", nargs="+", default=["gat", "gears"])
+    parser.add_argument("--models", nargs="*", default=["gat", "gears"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8192)
     args = parser.parse_args(argv)
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     datamodule = build_datamodule(cfg.data)
     context = datamodule.context
     print(f"dataset {args.data}: {len(context.vocab)} genes, {len(context.train_pairs)} training pairs, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
     with tempfile.TemporaryDirectory() as cache:
         for name in args.graphs:
             spec = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "graph" / f"{name}.yaml"))
