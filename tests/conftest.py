@@ -104,3 +104,18 @@ def require_module(name: str, why: str):
         if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
             pytest.fail(message)
         pytest.skip(message, allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def knowledge_root() -> Path:
+    """The folder of the real knowledge files (``$PERTURB_KNOWLEDGE``: gene_info, gene2go, GO OBO).
+
+    Missing files skip the test on a developer machine, but fail it under CI=true: CI must run them.
+    """
+    root = os.environ.get("PERTURB_KNOWLEDGE")
+    if root and (Path(root) / "Homo_sapiens.gene_info.gz").is_file() and (Path(root) / "gene2go.gz").is_file():
+        return Path(root)
+    message = f"real knowledge files not found: set PERTURB_KNOWLEDGE to a folder with Homo_sapiens.gene_info.gz, gene2go.gz, go-basic.obo.gz (now {root!r})"
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(message)
+    pytest.skip(message)

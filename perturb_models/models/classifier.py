@@ -80,7 +80,14 @@ class PerturbationClassifier(L.LightningModule):
         logits = self(batch)
         loss = self.loss_fn(logits.float(), batch["label"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["label"]))
+        if not loss.requires_grad:
+            return None  # an encoder with nothing to fit (retrieval): no backward pass
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # Nothing trainable: one pass writes the checkpoint; further epochs would repeat it exactly.
+        if self.trainer is not None and not any(p.requires_grad for p in self.parameters()):
+            self.trainer.should_stop = True
 
     def _collect(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
         logits = self(batch).float()

@@ -1,0 +1,166 @@
+"""Graph encoders over gene networks: PerturbQA's GAT baseline and a GEARS-style SGConv encoder.
+
+Both propagate over the whole gene graph once per forward call and then index the batch's
+perturbation and gene nodes, so the cost of a step does not grow with the number of pairs in it.
+In evaluation mode the node states are computed once and reused until the weights can change again
+(``train()`` or a state-dict load).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch_geometric.nn import GATConv, SGConv
+
+from perturb_models.data.datamodule import DataContext
+from perturb_models.knowledge.graphs import GeneGraph, build_graphs
+from perturb_models.models.layers import PairMLP
+
+log = logging.getLogger(__name__)
+
+
+class NodeEmbedding(nn.Module):
+    """A learned vector per graph node, plus a shared learned vector added to genes without any edge.
+
+    Genes absent from every graph are explicit isolated nodes: their own embedding (trained when the
+    gene appears in training pairs) plus the shared "no graph knowledge" vector, counted in the log.
+    """
+
+    def __init__(self, graph: GeneGraph, dim: int, name: str):
+        super().__init__()
+        self.table = nn.Embedding(graph.num_nodes, dim)
+        nn.init.normal_(self.table.weight, std=0.1)
+        self.isolated_vector = nn.Parameter(torch.zeros(dim))
+        isolated = torch.zeros(graph.num_nodes, dtype=torch.bool)
+        isolated[: graph.num_genes] = ~graph.gene_has_edge()
+        self.register_buffer("isolated", isolated, persistent=False)
+        log.info("%s: %d of %d genes have no edge in any graph; they are isolated nodes with a learned embedding",
+                 name, int(isolated.sum()), graph.num_genes)
+        self.num_isolated = int(isolated.sum())
+
+    def forward(self) -> torch.Tensor:
+        return self.table.weight + self.isolated[:, None].to(self.table.weight.dtype) * self.isolated_vector
+
+
+def _graph_buffers(module: nn.Module, graph: GeneGraph, prefix: str) -> None:
+    # Stored in the checkpoint, so a re-test uses the graph the model was trained on, and a rebuilt
+    # graph that differs fails loudly on load instead of silently changing the model's inputs.
+    module.register_buffer(f"{prefix}_edge_index", graph.edge_index.clone())
+    module.register_buffer(f"{prefix}_edge_type", graph.edge_type.clone())
+    module.register_buffer(f"{prefix}_edge_weight", graph.edge_weight.clone().float())
+
+
+class _CachedNodeStates(nn.Module):
+    """Caches full-graph node states in eval mode; cleared on ``train()`` and on state-dict loads."""
+
+    def __init__(self):
+        super().__init__()
+        self._node_cache: Any = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module._clear_cache())
+
+    def _clear_cache(self) -> None:
+        self._node_cache = None
+
+    def train(self, mode: bool = True):
+        self._clear_cache()
+        return super().train(mode)
+
+    def node_states(self):
+        raise NotImplementedError
+
+    def cached_node_states(self):
+        if self.training or torch.is_grad_enabled():
+            self._node_cache = None
+            return self.node_states()
+        if self._node_cache is None:
+            self._node_cache = self.node_states()
+        return self._node_cache
+
+
+class GATEncoder(_CachedNodeStates):
+    """PerturbQA's GAT baseline: GATConv layers over the (multi-relational) gene graph with learned
+    edge-type embeddings (plus the edge weight) as edge features, each in a residual LayerNorm block;
+    the (perturbation node, gene node) states, concatenated, feed a residual pair MLP.
+
+    Args:
+        graphs: named graph specs (``conf/graph/*.yaml``), combined into one graph, one edge type per source.
+        hidden_dim: node state size; heads: attention heads (``hidden_dim`` must divide by it).
+    """
+
+    def __init__(self, context: DataContext, graphs: Mapping[str, Mapping[str, Any]], hidden_dim: int = 64,
+                 num_layers: int = 2, heads: int = 4, dropout: float = 0.1, attention_dropout: float = 0.0,
+                 edge_dim: int = 16, pair_hidden_dim: int = 256, pair_blocks: int = 2):
+        super().__init__()
+        if hidden_dim % heads:
+            raise ValueError(f"model.encoder.hidden_dim={hidden_dim} must be a multiple of heads={heads}")
+        graph = build_graphs(graphs, context)
+        self.num_genes = graph.num_genes
+        self.relations = list(graph.relations)
+        self.nodes = NodeEmbedding(graph, hidden_dim, "gat")
+        _graph_buffers(self, graph, "graph")
+        # Edge features are small (edge_dim): GATConv projects them once per edge and layer, the main cost on CPU.
+        self.edge_type_embedding = nn.Embedding(max(1, graph.num_relations), edge_dim)
+        self.edge_weight_projection = nn.Linear(1, edge_dim, bias=False)
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(num_layers))
+        self.convs = nn.ModuleList(
+            GATConv(hidden_dim, hidden_dim // heads, heads=heads, dropout=attention_dropout, edge_dim=edge_dim,
+                    add_self_loops=True, fill_value="mean")
+            for _ in range(num_layers)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.out_norm = nn.LayerNorm(hidden_dim)
+        self.pair = PairMLP(2 * hidden_dim, pair_hidden_dim, pair_blocks, dropout)
+        self.output_dim = pair_hidden_dim
+
+    def node_states(self) -> torch.Tensor:
+        h = self.nodes()
+        edge_attr = self.edge_type_embedding(self.graph_edge_type) + self.edge_weight_projection(self.graph_edge_weight[:, None])
+        for norm, conv in zip(self.norms, self.convs):
+            h = h + self.dropout(nn.functional.gelu(conv(norm(h), self.graph_edge_index, edge_attr)))
+        return self.out_norm(h)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = self.cached_node_states()
+        return self.pair(torch.cat([h[batch["pert"]], h[batch["gene"]]], dim=-1))
+
+
+class SGBranch(nn.Module):
+    """Learned node embeddings smoothed by SGConv (K hops of normalised propagation, then a linear map)."""
+
+    def __init__(self, graph: GeneGraph, dim: int, hops: int, name: str):
+        super().__init__()
+        self.nodes = NodeEmbedding(graph, dim, name)
+        _graph_buffers(self, graph, "graph")
+        self.conv = SGConv(dim, dim, K=hops, cached=False, add_self_loops=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self) -> torch.Tensor:
+        x = self.nodes()
+        # The raw embedding is kept next to the smoothed one (GEARS adds the GNN output to the base embedding).
+        return self.norm(x + self.conv(x, self.graph_edge_index, self.graph_edge_weight))
+
+
+class GEARSEncoder(_CachedNodeStates):
+    """GEARS adapted to classification: the perturbation's embedding is smoothed over the GO graph
+    (``pert_graphs``), the downstream gene's over the co-response graph (``gene_graphs``), each by SGConv;
+    the pair ``[p, g, p * g]`` goes through a residual pair MLP. Both propagations run once per step."""
+
+    def __init__(self, context: DataContext, pert_graphs: Mapping[str, Mapping[str, Any]],
+                 gene_graphs: Mapping[str, Mapping[str, Any]], hidden_dim: int = 64, hops: int = 2,
+                 dropout: float = 0.1, pair_hidden_dim: int = 256, pair_blocks: int = 2):
+        super().__init__()
+        self.pert_branch = SGBranch(build_graphs(pert_graphs, context), hidden_dim, hops, "gears perturbation graph")
+        self.gene_branch = SGBranch(build_graphs(gene_graphs, context), hidden_dim, hops, "gears gene graph")
+        self.pair = PairMLP(3 * hidden_dim, pair_hidden_dim, pair_blocks, dropout)
+        self.output_dim = pair_hidden_dim
+
+    def node_states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pert_branch(), self.gene_branch()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        pert_states, gene_states = self.cached_node_states()
+        p, g = pert_states[batch["pert"]], gene_states[batch["gene"]]
+        return self.pair(torch.cat([p, g, p * g], dim=-1))
