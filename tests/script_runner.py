@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.conftest import REPO
 
 
 def run_script(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import FAST_CPU, compose_config
+from tests.conftest import FAST_CPU, compose_config
 from perturb_models.data.datamodule import SplitBatchSampler
 from perturb_models.evaluation import evaluate_checkpoint
-from script_runner import run_script
+from tests.script_runner import run_script
 
 KEYS = ["pert", "gene", "task"]
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from knowledge_files import write_knowledge
+from tests.knowledge_files import write_knowledge
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.evaluation import evaluate_checkpoint
 from perturb_models.models.knn import KNNEncoder

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from knowledge_files import write_knowledge
+from tests.knowledge_files import write_knowledge
 from perturb_models.data.datamodule import PerturbQADataModule
 from perturb_models.data.synthetic import make_synthetic_tables
 from perturb_models.knowledge.graphs import (

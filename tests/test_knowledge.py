@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from knowledge_files import OBO_TEXT, gene2go_text, gene_info_text, write_knowledge
+from tests.knowledge_files import OBO_TEXT, gene2go_text, gene_info_text, write_knowledge
 from perturb_models.knowledge import (
     GODag, KnowledgeFileError, SymbolResolver, gene_term_sets, knowledge_file, read_gaf, read_gene2go,
     read_gene_info, read_obo,

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import require_module as require
+from tests.conftest import require_module as require
 
 require("scanpy", "the screen builder needs the 'screen' extra (scanpy, anndata)")
 import anndata  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_module as require
+from tests.conftest import require_module as require
 
 nbformat = require("nbformat", "the notebook test needs the 'notebook' extra")
 nbclient = require("nbclient", "the notebook test needs the 'notebook' extra")

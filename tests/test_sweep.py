@@ -10,8 +10,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose_config
-from script_runner import run_script
+from tests.conftest import REPO, compose_config
+from tests.script_runner import run_script
 
 SWEEP_CONFIGS = sorted((REPO / "conf" / "sweep").glob("optuna_*.yaml"))
 WANDB_SWEEPS = sorted((REPO / "sweeps").glob("wandb_*.yaml"))
