@@ -138,8 +138,25 @@ def load_tokenizer(source: str, symbols: Sequence[str] = ()):
 def tokenizer_fingerprint(tokenizer) -> str:
     """Identity of a tokenizer's behaviour (its serialised fast tokenizer), for cache keys."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        # Calling the tokenizer stores its last truncation/padding arguments in the backend: not identity.
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        text = json.dumps(spec, sort_keys=True)
+    else:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+class TokenCounter:
+    """Number of tokens of a text under a tokenizer (picklable, unlike a lambda)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # ---- base model -------------------------------------------------------------------------------------------
@@ -251,8 +268,9 @@ class LoRALlamaClassifier(nn.Module):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.truncation_side = "left"
         self.pad_token_id = int(self.tokenizer.pad_token_id)
+        self.tokenizer_id = tokenizer_fingerprint(self.tokenizer) + f":{self.tokenizer.truncation_side}"
         prompt_options = dict(prompt or {})
-        prompt_options.setdefault("count_tokens", lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        prompt_options.setdefault("count_tokens", TokenCounter(self.tokenizer))
         self.prompts = builder_from_context(context, **prompt_options)
         self.data_fingerprint = hashlib.sha1(
             "|".join([context.dataset, str(context.extras.get("source")), str(len(context.train_pairs)),
@@ -274,6 +292,8 @@ class LoRALlamaClassifier(nn.Module):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
         self.tokens = PairTokens(self.num_genes)
+        # from_pretrained returns the model in eval mode; Lightning keeps submodule modes as they are.
+        self.model.train()
         self._frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
         self.register_state_dict_post_hook(_drop_frozen_weights)
         self.register_load_state_dict_post_hook(_allow_missing_frozen_weights)
@@ -285,7 +305,7 @@ class LoRALlamaClassifier(nn.Module):
     # ---- tokens -----------------------------------------------------------------------------------------
     def cache_key(self, pairs_fingerprint: str) -> str:
         settings = {k: v for k, v in self.prompts.settings().items()}
-        parts = json.dumps({"tokenizer": tokenizer_fingerprint(self.tokenizer), "prompt": settings,
+        parts = json.dumps({"tokenizer": self.tokenizer_id, "prompt": settings,
                             "max_length": self.max_length, "data": self.data_fingerprint, "pairs": pairs_fingerprint},
                            sort_keys=True)
         return hashlib.sha1(parts.encode()).hexdigest()[:20]

@@ -16,7 +16,6 @@ Inspect any pair from the command line::
 from __future__ import annotations
 
 import argparse
-import functools
 import gzip
 import importlib
 import os
@@ -37,6 +36,29 @@ QUESTIONS = {
 }
 
 DescriptionSource = Mapping[str, str] | Callable[[str], "str | None"] | str | None
+
+
+def count_words(text: str) -> int:
+    """Token count stand-in when no tokenizer is given: words and commas."""
+    return len(text.replace(",", " ,").split())
+
+
+class MemoisedCount:
+    """A token counter with a memo: retrieval asks for the cost of the same short strings over and over.
+
+    A class rather than ``functools.lru_cache`` so that the encoder stays picklable (DDP spawn).
+    """
+
+    def __init__(self, count: Callable[[str], int], max_items: int = 200_000):
+        self.count, self.max_items, self.memo = count, max_items, {}
+
+    def __call__(self, text: str) -> int:
+        value = self.memo.get(text)
+        if value is None:
+            value = int(self.count(text))
+            if len(self.memo) < self.max_items:
+                self.memo[text] = value
+        return value
 
 
 def outcome_word(de: int, direction: int, task: str) -> str:
@@ -182,9 +204,7 @@ class PromptBuilder:
         self.cell_line, self.task = cell_line, task
         self.describe = resolve_descriptions(descriptions)
         self.retrieval_k, self.retrieval_tokens = int(retrieval_k), int(retrieval_tokens)
-        # Memoised: retrieval asks for the cost of the same few short strings over and over.
-        self.count_tokens = functools.lru_cache(maxsize=200_000)(
-            count_tokens or (lambda text: len(text.replace(",", " ,").split())))
+        self.count_tokens = MemoisedCount(count_tokens or count_words)
         self.max_description_chars = int(max_description_chars)
         self.neighbours: CoResponseNeighbours | None = None
         self.outcomes: dict[tuple[str, str], tuple[int, int]] = {}
