@@ -161,7 +161,7 @@ def test_dynamic_padding_gives_the_same_logits_as_one_by_one(synthetic_cfg, cach
 
 def test_tiny_llama_trains_and_evaluate_reloads_the_adapter_only_checkpoint(synthetic_cfg, tmp_path, cache):
     run = tmp_path / "run"
-    cfg = synthetic_cfg(*TINY, "data.task=joint", "trainer.max_epochs=2", "model.encoder.micro_batch_size=64")
+    cfg = synthetic_cfg(*TINY, "data.task=joint", "trainer.max_epochs=1", "model.encoder.micro_batch_size=64")
     metrics = train(cfg)
     assert 0.0 <= metrics["test/de_auroc_per_gene"] <= 1.0
     ckpt = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
@@ -173,7 +173,10 @@ def test_tiny_llama_trains_and_evaluate_reloads_the_adapter_only_checkpoint(synt
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     saved_bytes = sum(v.numel() * v.element_size() for v in ckpt["state_dict"].values())
     assert saved_bytes < 0.2 * base_bytes
-    evaluated = evaluate(synthetic_cfg(f"ckpt_path={run}", config_name="evaluate", output_dir=tmp_path / "eval"))
+    from tests.conftest import compose_config
+
+    evaluated = evaluate(compose_config("evaluate", [f"ckpt_path={run}", "trainer.accelerator=cpu",
+                                                     "trainer.enable_progress_bar=false"], tmp_path / "eval"))
     assert evaluated["test/de_auroc_per_gene"] == pytest.approx(metrics["test/de_auroc_per_gene"], abs=1e-6)
     assert evaluated["test/dir_auroc_per_gene"] == pytest.approx(metrics["test/dir_auroc_per_gene"], abs=1e-6)
 
@@ -223,7 +226,7 @@ def smollm2_installed():
         pytest.skip(message)
 
 
-@pytest.mark.slow
+@pytest.mark.llm
 def test_smollm2_weights_load_offline_and_classify(smollm2_installed, synthetic_cfg, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = synthetic_cfg("model=lora_llama", *SMALL_SYNTHETIC, "data.task=joint", "model.encoder.token_cache=false")
