@@ -82,6 +82,8 @@ def run(task: str, args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     subsample(datamodule, "train", train_rows(datamodule.frames["train"], args.train_pairs, rng))
     subsample(datamodule, "test", test_rows(datamodule.frames["test"], args.test_pairs, rng))
+    # Validation is not run (no model selection on a run this short): skip tokenising its prompts.
+    subsample(datamodule, "val", np.arange(min(16, len(datamodule.frames["val"]))))
     n_train, n_test = len(datamodule.frames["train"]), len(datamodule.frames["test"])
     print(f"[{task}] training pairs {n_train} (balanced subsample), test pairs {n_test} "
           f"over {datamodule.frames['test']['gene'].nunique()} genes", flush=True)
