@@ -8,8 +8,8 @@ sizes are printed and written next to the rows; the figure is a noisy small-samp
 
     nice python benchmarks/llm_quality.py --data k562 --tasks de dir --train-pairs 384 --test-pairs 600
 
-Appends ``model,dataset,task,seed,auroc_per_gene,genes_scored,commit,wall_seconds`` rows (plus the
-subsample sizes) to ``benchmarks/results/quality.csv``.
+Appends ``model,dataset,task,seed,auroc_per_gene,genes_scored,commit,wall_seconds`` rows to
+``benchmarks/results/quality.csv`` and the same rows with the subsample sizes to ``llm_quality_runs.csv``.
 """
 
 from __future__ import annotations
@@ -121,11 +121,12 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for task in args.tasks:
         row = run(task, args)
-        out = Path(args.out)
-        table = pd.read_csv(out) if out.is_file() else pd.DataFrame(columns=COLUMNS)
-        table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
-        atomic_write_dataframe(out, table)
-        print(f"appended to {out}", flush=True)
+        # quality.csv keeps the columns every model shares; the subsample sizes go to a sidecar file.
+        for out, columns in ((Path(args.out), COLUMNS), (Path(args.out).with_name("llm_quality_runs.csv"), list(row))):
+            new = pd.DataFrame([row])[columns]
+            table = pd.concat([pd.read_csv(out), new], ignore_index=True) if out.is_file() else new
+            atomic_write_dataframe(out, table)
+            print(f"appended to {out}", flush=True)
 
 
 if __name__ == "__main__":
