@@ -72,6 +72,13 @@ class PerturbationClassifier(L.LightningModule):
         self.stage_predictions: dict[str, pd.DataFrame] = {}
         self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
 
+    def setup(self, stage: str) -> None:
+        # Encoders that precompute per-pair inputs (the LLM's tokenised prompts) do it once per split here.
+        prepare = getattr(self.encoder, "prepare_datamodule", None)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if callable(prepare) and datamodule is not None:
+            prepare(datamodule)
+
     # ---- forward / loss --------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.encoder(batch))

