@@ -49,6 +49,7 @@ DEFAULT_SPEC: dict[str, Any] = {
 
 # In-process memo text -> vector per encoder: several datasets in one process encode shared genes once.
 _MEMO: dict[str, dict[str, np.ndarray]] = {}
+_ENCODERS: dict[tuple[str, str], Any] = {}
 
 
 @dataclass
@@ -116,7 +117,9 @@ def load_encoder(name: str = DEFAULT_ENCODER, device: str = "cpu"):
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
         raise ImportError("text embeddings need sentence-transformers: pip install -e '.[text]'") from exc
-    return SentenceTransformer(encoder_location(name), device=device)
+    if (name, device) not in _ENCODERS:  # loading takes seconds: once per process
+        _ENCODERS[(name, device)] = SentenceTransformer(encoder_location(name), device=device)
+    return _ENCODERS[(name, device)]
 
 
 def encode_texts(texts: Sequence[str], encoder: str = DEFAULT_ENCODER, batch_size: int = 64,
