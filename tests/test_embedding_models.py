@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from knowledge_files import write_knowledge
+from tests.knowledge_files import write_knowledge
 from perturb_models.evaluation import evaluate_checkpoint
 from perturb_models.training import train
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from knowledge_files import write_knowledge
+from tests.knowledge_files import write_knowledge
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.knowledge import embeddings as emb
 from perturb_models.knowledge.embeddings import (
