@@ -46,7 +46,7 @@ def test_gat_learns_unseen_perturbations_from_the_go_graph_alone(synthetic_cfg, 
 
 def test_gat_counts_genes_missing_from_every_graph_as_isolated(synthetic_cfg, planted_knowledge, tmp_path, caplog):
     # Knowledge for the first 150 genes only: the other 50 have no GO edge and (threshold 1.1) no co-response edge.
-    from knowledge_files import write_knowledge as write
+    from tests.knowledge_files import write_knowledge as write
     partial = tmp_path / "partial"
     write(partial, [(i + 1, f"SYN{i:04d}", "", "") for i in range(150)],
           [(i + 1, f"GO:10000{i % 8:02d}", "IDA", "Process") for i in range(150)])

@@ -186,7 +186,7 @@ def test_cli_builds_files_and_reports_errors(built, tmp_path, capsys):
 
 
 def test_custom_dataset_trains_on_the_built_files(built, synthetic_cfg, tmp_path):
-    from conftest import compose_config, FAST_CPU
+    from tests.conftest import compose_config, FAST_CPU
 
     folder, report, _ = built
     cfg = compose_config("train", ["data=custom", "data.name=toy", f"data.root={folder}", *FAST_CPU,

@@ -22,7 +22,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "results.ipynb"
 @pytest.fixture(scope="module")
 def two_runs_and_comparison(tmp_path_factory):
     """Two tiny synthetic runs (different seeds and widths) and their comparison table."""
-    from conftest import FAST_CPU, compose_config
+    from tests.conftest import FAST_CPU, compose_config
 
     base = tmp_path_factory.mktemp("results")
     runs = []
