@@ -27,8 +27,8 @@ def test_table1_covers_every_model_config_and_every_published_dataset_both_tasks
 
 def test_table1_multirun_on_synthetic_data_builds_the_seed_averaged_table(tmp_path):
     sweep = tmp_path / "table1"
-    # Command-line values replace an axis of the grid: synthetic data, the de task, two seeds.
-    run_script(["train.py", "experiment=table1", "data=synthetic", "data.task=de", "seed=0,1", "logger=none",
+    # Command-line values replace an axis of the grid: the MLP, synthetic data, the de task, two seeds.
+    run_script(["train.py", "experiment=table1", "model=mlp", "data=synthetic", "data.task=de", "seed=0,1", "logger=none",
                 "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                 f"hydra.sweep.dir={sweep}"])
     runs = find_run_dirs([sweep])
