@@ -3,10 +3,7 @@ download from a local HTTP server; coverage of the real files."""
 
 from __future__ import annotations
 
-import functools
 import gzip
-import http.server
-import threading
 
 import pytest
 
@@ -141,28 +138,8 @@ def test_knowledge_file_prefers_config_root_then_env(tmp_path, monkeypatch):
     assert knowledge_file("go_obo") == b / "go-basic.obo"
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def local_server(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(_Quiet, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_missing_files_are_downloaded_from_the_public_url_base(tmp_path, monkeypatch, local_server):
-    served, url = local_server
+def test_missing_files_are_downloaded_from_the_public_url_base(tmp_path, monkeypatch, http_folder):
+    served, url = http_folder
     write_knowledge(served, GENES, [(1, "GO:0000002", "IDA", "Process")])
     (served / "go-basic.obo").write_text(OBO_TEXT)  # the public OBO is not compressed
     cache = tmp_path / "cache"

@@ -7,6 +7,7 @@ the perturbation: 1/0) and ``NAME-dir.csv`` (for the DE-positive pairs: does it 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,3 +216,21 @@ def validate_tables(name: str, de: pd.DataFrame, dir_: pd.DataFrame | None, sour
         dir_ = validate_task_frame(dir_, f"{source}/{task_file_name(name, 'dir')}", "dir")
         validate_dir_against_de(de, dir_, task_file_name(name, "de"), task_file_name(name, "dir"))
     return TaskTables(name=name, de=de, dir=dir_, source=source)
+
+
+def cluster_members(context) -> dict[str, list[str]]:
+    """Cluster name -> member symbols for datasets whose downstream "genes" are gene clusters (k562_set).
+
+    Read from ``<data folder>/<dataset>-mapping.json`` and kept to the clusters in ``context.vocab``;
+    empty for datasets without such a file (and for generated data).
+    """
+    source = (getattr(context, "extras", None) or {}).get("source")
+    if not source or str(source).startswith("<"):
+        return {}
+    path = Path(str(source)) / f"{context.dataset}-mapping.json"
+    if not path.is_file():
+        return {}
+    mapping = json.loads(path.read_text())
+    if not isinstance(mapping, dict):
+        raise DataValidationError(f"{path}: expected a JSON object cluster name -> list of gene symbols")
+    return {str(k): [str(s) for s in v] for k, v in mapping.items() if str(k) in context.vocab}

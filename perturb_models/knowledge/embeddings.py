@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from perturb_models.data.perturbqa import cluster_members
 from perturb_models.io import atomic_write_bytes, cache_dir
 
 log = logging.getLogger(__name__)
@@ -227,20 +228,6 @@ def load_embedding_table(path: str | os.PathLike, genes: str | os.PathLike | Non
 
 
 # ---- per-vocab tables ----------------------------------------------------------------------------
-
-def cluster_members(context) -> dict[str, list[str]]:
-    """Cluster name -> member symbols from ``<source>/<dataset>-mapping.json`` (k562_set), for vocab clusters."""
-    source = (getattr(context, "extras", None) or {}).get("source")
-    if not source or str(source).startswith("<"):
-        return {}
-    path = Path(str(source)) / f"{context.dataset}-mapping.json"
-    if not path.is_file():
-        return {}
-    mapping = json.loads(path.read_text())
-    if not isinstance(mapping, dict):
-        raise ValueError(f"{path}: expected a JSON object cluster name -> list of gene symbols")
-    return {str(k): [str(s) for s in v] for k, v in mapping.items() if str(k) in context.vocab}
-
 
 def _knowledge_fingerprint(root, allow_download: bool, go: bool, definitions: bool) -> list:
     from perturb_models.knowledge.files import knowledge_file

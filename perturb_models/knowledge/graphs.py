@@ -29,6 +29,7 @@ import torch
 from scipy import sparse
 from tqdm.auto import tqdm
 
+from perturb_models.data.perturbqa import cluster_members
 from perturb_models.io import atomic_write_bytes, cache_dir
 
 log = logging.getLogger(__name__)
@@ -195,20 +196,6 @@ def _graph_from_edges(num_genes: int, src, dst, weight, relation: str, info: dic
 
 # ---- GO term sets for the vocab ------------------------------------------------------------------
 
-def _set_mapping(context) -> dict[str, list[str]]:
-    """Cluster name -> member symbols for datasets whose downstream 'genes' are clusters (k562_set)."""
-    source = (context.extras or {}).get("source")
-    if not source or str(source).startswith("<"):
-        return {}
-    path = Path(str(source)) / f"{context.dataset}-mapping.json"
-    if not path.is_file():
-        return {}
-    mapping = json.loads(path.read_text())
-    if not isinstance(mapping, dict):
-        raise ValueError(f"{path}: expected a JSON object cluster name -> list of gene symbols")
-    return {str(k): [str(s) for s in v] for k, v in mapping.items()}
-
-
 def vocab_term_sets(context, knowledge_root: str | None, annotations: str, aspects, exclude_evidence,
                     propagate: bool, relations: Sequence[str], cluster_min_share: float,
                     allow_download: bool) -> tuple[list[frozenset[str] | None], dict[str, Any]]:
@@ -221,7 +208,7 @@ def vocab_term_sets(context, knowledge_root: str | None, annotations: str, aspec
     from perturb_models.knowledge.annotations import symbol_go_terms
 
     symbols = context.vocab.symbols
-    clusters = {s: m for s, m in _set_mapping(context).items() if s in context.vocab}
+    clusters = cluster_members(context)
     wanted = [s for s in symbols if s not in clusters] + sorted({m for ms in clusters.values() for m in ms})
     terms, report = symbol_go_terms(wanted, knowledge_root, annotations, aspects, exclude_evidence, propagate,
                                     relations, allow_download)
@@ -403,7 +390,7 @@ def graph_cache_key(kind: str, params: Mapping[str, Any], context) -> str:
             kinds.append("go_obo")
         for k in kinds:
             digest.update(json.dumps(_file_fingerprint(knowledge_file(k, root, allow))).encode())
-        mapping = _set_mapping(context)
+        mapping = cluster_members(context)
         digest.update(json.dumps(mapping, sort_keys=True).encode())
     return digest.hexdigest()
 
