@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from perturb_models.io import atomic_write_dataframe, atomic_write_json, atomic_write_text
+from perturb_models.io import atomic_write_dataframe, atomic_write_text
 from perturb_models.models.classifier import RECORD_KEY
 from perturb_models.results import find_run_dirs, results_grid, summarize_runs
 from perturb_models.training import build_datamodule, build_model, git_commit, print_metrics, write_outputs

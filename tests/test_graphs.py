@@ -4,7 +4,6 @@ coresponse, multi-relational combination, and the on-disk cache."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

@@ -98,13 +98,10 @@ def test_descriptions_are_pluggable_mapping_callable_or_import_path(synthetic_cf
         builder_from_context(dm.context, descriptions="not-a-source")
 
 
-def test_gene_info_descriptions_read_full_gene_names():
-    root = os.environ.get("PERTURB_KNOWLEDGE")
-    if not root or not os.path.isfile(os.path.join(root, "Homo_sapiens.gene_info.gz")):
-        pytest.skip("PERTURB_KNOWLEDGE with Homo_sapiens.gene_info.gz not set")
+def test_gene_info_descriptions_read_full_gene_names(knowledge_root):
     from perturb_models.models.prompts import gene_info_descriptions
 
-    names = gene_info_descriptions()
+    names = gene_info_descriptions(str(knowledge_root))
     assert names["TP53"] == "tumor protein p53"
 
 

@@ -1,8 +1,5 @@
 """Loggers: W&B offline without credentials (and always finished), CSV, none."""
 
-import os
-from pathlib import Path
-
 from perturb_models.training import train, wandb_mode
 
 

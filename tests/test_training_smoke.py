@@ -3,7 +3,6 @@
 import json
 
 import pandas as pd
-import pytest
 
 from perturb_models.training import train
 

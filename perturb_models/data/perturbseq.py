@@ -18,7 +18,6 @@ scanpy and anndata come with the ``screen`` extra: ``pip install -e ".[screen]"`
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

@@ -16,10 +16,8 @@ Inspect any pair from the command line::
 from __future__ import annotations
 
 import argparse
-import gzip
 import importlib
 import os
-from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
@@ -108,31 +106,23 @@ def resolve_descriptions(source: DescriptionSource) -> Callable[[str], str | Non
 
 
 # ---- optional, separate path: full gene names from NCBI gene_info -------------------------------------
-def gene_info_descriptions(path: str | os.PathLike | None = None) -> dict[str, str]:
-    """``symbol -> full gene name`` from an NCBI ``Homo_sapiens.gene_info(.gz)`` file.
+def gene_info_descriptions(root: str | os.PathLike | None = None) -> dict[str, str]:
+    """``symbol -> full gene name`` from NCBI ``gene_info`` (found like every knowledge file: ``root``,
+    else ``$PERTURB_KNOWLEDGE``, else the cache, downloaded when missing). Official symbols win over synonyms.
 
-    A minimal description source until richer gene text (GO terms, summaries) is wired in. ``path``
-    defaults to ``$PERTURB_KNOWLEDGE/Homo_sapiens.gene_info.gz``. Official symbols win over synonyms.
+    A minimal description source until richer gene text (GO terms, summaries) is wired in.
     """
-    if path is None:
-        root = os.environ.get("PERTURB_KNOWLEDGE")
-        if not root:
-            raise FileNotFoundError("descriptions=gene_info needs PERTURB_KNOWLEDGE set to the folder of Homo_sapiens.gene_info.gz")
-        path = Path(root) / "Homo_sapiens.gene_info.gz"
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such gene_info file (download it from "
-                                "https://ftp.ncbi.nlm.nih.gov/gene/DATA/GENE_INFO/Mammalia/Homo_sapiens.gene_info.gz)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as handle:
-        frame = pd.read_csv(handle, sep="\t", usecols=["Symbol", "Synonyms", "description"], dtype=str)
+    from perturb_models.knowledge.files import knowledge_file
+    from perturb_models.knowledge.gene_info import read_gene_info
+
+    genes = read_gene_info(knowledge_file("gene_info", root))
     names: dict[str, str] = {}
-    for symbol, synonyms, description in frame.itertuples(index=False):
-        if isinstance(synonyms, str) and synonyms != "-" and isinstance(description, str):
-            for synonym in synonyms.split("|"):
+    for synonyms, description in zip(genes["synonyms"], genes["description"]):
+        if description:
+            for synonym in synonyms:
                 names.setdefault(synonym, description)
-    for symbol, description in zip(frame["Symbol"], frame["description"]):
-        if isinstance(description, str) and description != "-":
+    for symbol, description in zip(genes["symbol"], genes["description"]):
+        if description:
             names[symbol] = description
     return names
 
