@@ -39,6 +39,13 @@ FAST_CPU = [
 ]
 
 
+def missing_input(message: str, module_level: bool = False):
+    """A test input (real data, an optional extra) is absent: skip on a developer machine, fail under CI=true."""
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(message)
+    pytest.skip(message, allow_module_level=module_level)
+
+
 @pytest.fixture
 def synthetic_cfg(tmp_path):
     """A factory: the synthetic-data config for a quick CPU run in ``tmp_path`` plus extra overrides."""
@@ -66,9 +73,7 @@ def perturbqa_root() -> Path:
     root = _real_data_root()
     if root is None:
         message = f"real PerturbQA files not found: set PERTURBQA_DATA to a folder with k562-de.csv (now {os.environ.get('PERTURBQA_DATA')!r})"
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_input(message)
     return root
 
 
@@ -101,9 +106,7 @@ def require_module(name: str, why: str):
         return importlib.import_module(name)
     except ImportError as exc:
         message = f"{why}: cannot import {name} ({exc}); pip install -e \".[dev]\""
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(message)
-        pytest.skip(message, allow_module_level=True)
+        missing_input(message, module_level=True)
 
 
 @pytest.fixture(scope="session")
@@ -116,9 +119,7 @@ def knowledge_root() -> Path:
     if root and (Path(root) / "Homo_sapiens.gene_info.gz").is_file() and (Path(root) / "gene2go.gz").is_file():
         return Path(root)
     message = f"real knowledge files not found: set PERTURB_KNOWLEDGE to a folder with Homo_sapiens.gene_info.gz, gene2go.gz, go-basic.obo.gz (now {root!r})"
-    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-        pytest.fail(message)
-    pytest.skip(message)
+    missing_input(message)
 
 
 @pytest.fixture(scope="session")
@@ -132,9 +133,7 @@ def minilm_encoder():
         import sentence_transformers  # noqa: F401
     except ImportError as exc:
         message = f"the text extra is not installed (pip install -e '.[text]'): {exc}"
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_input(message)
     from perturb_models.knowledge.embeddings import load_encoder
 
     return load_encoder()
