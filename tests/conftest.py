@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -137,3 +138,23 @@ def minilm_encoder():
     from perturb_models.knowledge.embeddings import load_encoder
 
     return load_encoder()
+
+
+N_SYNTHETIC_GENES = 200
+
+
+def synthetic_modules() -> np.ndarray:
+    """The planted module of each synthetic gene (SYN0000..), as ``make_synthetic_tables(seed=0)`` draws them."""
+    return np.random.default_rng(0).permutation(np.arange(N_SYNTHETIC_GENES) % 8)
+
+
+@pytest.fixture
+def planted_table(tmp_path, monkeypatch):
+    """A CSV embedding table: one-hot module (x3) plus noise per synthetic gene; the last 20 genes left out."""
+    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    vectors = np.eye(8)[synthetic_modules()] * 3 + rng.normal(0, 0.3, size=(N_SYNTHETIC_GENES, 8))
+    path = tmp_path / "planted.csv"
+    path.write_text("\n".join(",".join([f"SYN{i:04d}", *(f"{v:.4f}" for v in vectors[i])])
+                              for i in range(N_SYNTHETIC_GENES - 20)))
+    return path

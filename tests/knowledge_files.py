@@ -24,7 +24,7 @@ def gene2go_text(rows: list[tuple[int, str, str, str]], qualifier: dict | None =
     for gid, go, ev, cat in rows:
         q = (qualifier or {}).get((gid, go), "-")
         lines.append(f"9606\t{gid}\t{go}\t{ev}\t{q}\tterm\t-\t{cat}")
-    lines.append(f"10090\t999\tGO:0000010\tIDA\t-\tmouse\t-\tProcess")  # another species, filtered out
+    lines.append("10090\t999\tGO:0000010\tIDA\t-\tmouse\t-\tProcess")  # another species, filtered out
     return "\n".join(lines) + "\n"
 
 

@@ -14,22 +14,7 @@ from tests.knowledge_files import write_knowledge
 from perturb_models.evaluation import evaluate_checkpoint
 from perturb_models.training import train
 
-N_GENES = 200
-
-
-def _modules() -> np.ndarray:
-    return np.random.default_rng(0).permutation(np.arange(N_GENES) % 8)  # as make_synthetic_tables(seed=0)
-
-
-@pytest.fixture
-def planted_table(tmp_path, monkeypatch):
-    """A CSV table: one-hot module (x3) plus noise per synthetic gene; the last 20 genes left out."""
-    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
-    rng = np.random.default_rng(1)
-    vectors = np.eye(8)[_modules()] * 3 + rng.normal(0, 0.3, size=(N_GENES, 8))
-    path = tmp_path / "planted.csv"
-    path.write_text("\n".join(",".join([f"SYN{i:04d}", *(f"{v:.4f}" for v in vectors[i])]) for i in range(N_GENES - 20)))
-    return path
+from tests.conftest import N_SYNTHETIC_GENES as N_GENES, synthetic_modules as _modules
 
 
 def test_embedding_mlp_learns_unseen_perturbations_from_a_planted_table(synthetic_cfg, planted_table, tmp_path, caplog):

@@ -14,7 +14,7 @@ from tests.knowledge_files import write_knowledge
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.knowledge import embeddings as emb
 from perturb_models.knowledge.embeddings import (
-    full_spec, gene_embedding_table, gene_feature_matrix, load_embedding_table, random_embedding_table,
+    full_spec, gene_embedding_table, load_embedding_table, random_embedding_table,
     table_for_symbols, text_embedding_table,
 )
 
@@ -111,14 +111,18 @@ def test_spec_rejects_unknown_keys_and_sources():
         full_spec({"source": "table"})
 
 
-def test_gene_feature_matrix_is_vocab_ordered_with_optional_missing_flag(tmp_path):
+def test_gene_embeddings_module_is_vocab_ordered_with_a_missing_flag(tmp_path):
+    # The module embedding_mlp, logreg and the graph models' node_features read their vectors through.
+    from perturb_models.models.embedding import GeneEmbeddings
+
     path = tmp_path / "t.pkl"
     path.write_bytes(pickle.dumps(dict(zip(GENES, MATRIX))))
-    features = gene_feature_matrix(_context(["CCC3", "AAA1", "QQQ"]), {"source": "table", "path": str(path)},
-                                   missing_flag=True)
+    genes = GeneEmbeddings(_context(["CCC3", "AAA1", "QQQ"]), full_spec({"source": "table", "path": str(path)}),
+                           missing="zero", standardize=False)
+    features = genes(torch.arange(3))
     assert features.dtype == torch.float32 and features.shape == (3, 5)
     np.testing.assert_allclose(features[0, :4].numpy(), MATRIX[2])
-    assert features[:, 4].tolist() == [0.0, 0.0, 1.0]
+    assert features[:, 4].tolist() == [0.0, 0.0, 1.0] and genes.num_missing == 1
 
 
 @pytest.mark.text

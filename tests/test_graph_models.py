@@ -11,9 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.conftest import synthetic_modules
 from tests.knowledge_files import write_knowledge
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.evaluation import evaluate_checkpoint
+from perturb_models.knowledge.graphs import GeneGraph
+from perturb_models.models.gnn import SGBranch, node_feature_spec
 from perturb_models.models.knn import KNNEncoder
 from perturb_models.training import train
 
@@ -23,7 +26,7 @@ def planted_knowledge(tmp_path, monkeypatch):
     """gene_info + gene2go for the synthetic genes: each gene annotated with its module's term (the
     generator's planted modules, seed 0) plus two noise terms."""
     monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
-    module = np.random.default_rng(0).permutation(np.arange(200) % 8)  # as make_synthetic_tables(seed=0)
+    module = synthetic_modules()
     rng = np.random.default_rng(1)
     genes = [(i + 1, f"SYN{i:04d}", "", "") for i in range(200)]
     annotations = []
@@ -64,6 +67,83 @@ def test_gears_trains_with_go_for_perturbations_and_coresponse_for_genes(synthet
     metrics = train(cfg)
     assert metrics["test/de_auroc_per_gene"] > 0.6
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+
+
+@pytest.fixture
+def noise_knowledge(tmp_path):
+    """gene_info + gene2go for the synthetic genes with noise GO terms only: a graph that knows nothing
+    of the planted modules."""
+    rng = np.random.default_rng(2)
+    annotations = [(i + 1, f"GO:20000{noise:02d}", "IDA", "Function")
+                   for i in range(200) for noise in rng.choice(40, size=2, replace=False)]
+    return write_knowledge(tmp_path / "noise_knowledge", [(i + 1, f"SYN{i:04d}", "", "") for i in range(200)], annotations)
+
+
+def test_gat_node_features_carry_what_an_uninformative_graph_lacks(synthetic_cfg, noise_knowledge, planted_table,
+                                                                    tmp_path, caplog):
+    base = ["model=gat", "~model.encoder.graphs.coresponse", "trainer.max_epochs=6",
+            f"model.encoder.graphs.go.knowledge_root={noise_knowledge}"]
+    without = train(synthetic_cfg(*base, output_dir=tmp_path / "without"))
+    with caplog.at_level("INFO"):
+        featured = train(synthetic_cfg(*base, f"model.encoder.node_features={{source:table,path:{planted_table}}}",
+                                       output_dir=tmp_path / "with"))
+    assert "graph node features: table:" in caplog.text and "20 of 200 genes without a vector" in caplog.text
+    assert featured["test/de_auroc_per_gene"] > 0.8
+    assert featured["test/de_auroc_per_gene"] > without["test/de_auroc_per_gene"] + 0.2
+    state = torch.load(tmp_path / "with" / "checkpoints" / "best.ckpt", weights_only=False)["state_dict"]
+    assert state["encoder.node_features.table"].shape == (200, 8)
+    again = evaluate_checkpoint(tmp_path / "with", tmp_path / "eval", synthetic_cfg().trainer)
+    assert again["test/de_auroc_per_gene"] == pytest.approx(featured["test/de_auroc_per_gene"])
+
+
+@pytest.mark.text
+def test_gears_trains_with_minilm_text_node_features_shared_by_both_branches(synthetic_cfg, minilm_encoder, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
+    words = ["ribosome", "proteasome", "spliceosome", "mitochondrion", "kinetochore", "nucleolus", "golgi", "lysosome"]
+    modules = synthetic_modules()
+    rng = np.random.default_rng(2)
+    noise_terms = [(i + 1, f"GO:20000{t:02d}", "IDA", "Function") for i in range(200) for t in rng.choice(40, 2, replace=False)]
+    knowledge = write_knowledge(tmp_path / "k", [(i + 1, f"SYN{i:04d}", "", f"{words[modules[i]]} protein {i}")
+                                                 for i in range(200)], noise_terms)
+    cfg = synthetic_cfg("model=gears", "trainer.max_epochs=4", f"model.encoder.pert_graphs.go.knowledge_root={knowledge}",
+                        "model.encoder.pert_graphs.go.allow_download=false",
+                        f"model.encoder.node_features={{source:text,knowledge_root:{knowledge},allow_download:false}}")
+    metrics = train(cfg)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=False)["state_dict"]
+    assert [k for k in state if k.endswith("node_features.table")] == ["encoder.node_features.table"]
+    assert state["encoder.node_features.table"].shape == (200, 384)
+    assert metrics["test/de_auroc_per_gene"] > 0.6
+
+
+def test_gears_perturbation_branch_without_self_uses_only_the_neighbours_vectors():
+    # A path 0 - 1 - 2 plus an isolated gene 3: with include_self=False and one hop, node 1's state is
+    # made of nodes 0 and 2 only, so changing its own learned vector changes nothing.
+    graph = GeneGraph(4, torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]]), torch.zeros(4, dtype=torch.long),
+                      torch.ones(4), ["toy"])
+    torch.manual_seed(0)
+    branch = SGBranch(graph, dim=8, hops=1, name="toy", include_self=False)
+    before = branch()
+    with torch.no_grad():
+        branch.nodes.table.weight[1] += 5.0
+    after = branch()
+    assert torch.allclose(before[1], after[1], atol=1e-6)
+    assert not torch.allclose(before[0], after[0])  # its neighbours see it
+    with_self = SGBranch(graph, dim=8, hops=1, name="toy", include_self=True)
+    with_self.load_state_dict(branch.state_dict())
+    assert not torch.allclose(with_self()[1], after[1])
+
+
+def test_node_feature_spec_accepts_a_source_name_or_a_mapping_and_names_bad_keys():
+    assert node_feature_spec(None) is None and node_feature_spec("null") is None
+    assert node_feature_spec("random")["source"] == "random"
+    assert node_feature_spec({"source": "table", "path": "x.csv"})["path"] == "x.csv"
+    with pytest.raises(ValueError, match=r"model\.encoder\.node_features: unknown key\(s\) \['sorce'\]"):
+        node_feature_spec({"sorce": "text"})
+    with pytest.raises(ValueError, match="node_features=3"):
+        node_feature_spec(3)
+    with pytest.raises(ValueError, match=r"node_features.source='words'"):
+        node_feature_spec("words")
 
 
 def test_knn_needs_no_training_and_round_trips_through_evaluate(synthetic_cfg, tmp_path):

@@ -168,3 +168,18 @@ def test_combining_graphs_over_different_vocabularies_is_refused():
     h = GeneGraph(4, torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0))
     with pytest.raises(ValueError, match="different vocabularies"):
         combine_graphs({"a": g, "b": h})
+
+
+def test_embedding_graph_links_each_gene_to_its_nearest_vectors_and_is_not_cached(tmp_path):
+    table = tmp_path / "vectors.csv"
+    # GA~GB and GC~GD (cosine ~0.99); the two pairs orthogonal; GE has no vector.
+    table.write_text("GA,1,0.1,0\nGB,1,0,0.1\nGC,0,0,1\nGD,0.1,0,1\n")
+    spec = {"kind": "embedding", "embeddings": {"source": "table", "path": str(table)}, "top_k": 1,
+            "threshold": 0.5, "cache_dir": str(tmp_path / "cache")}
+    graph = build_graph(spec, Ctx(["GA", "GB", "GC", "GD", "GE"]))
+    assert set(edges(graph)) == {(1, 0), (0, 1), (3, 2), (2, 3)}
+    assert all(w > 0.98 for w in edges(graph).values())
+    assert graph.num_isolated_genes == 1 and graph.relations == ["embedding_similarity"]
+    assert not (tmp_path / "cache").exists()  # the vectors are cached; the graph is rebuilt in ~1 s
+    wider = build_graph(dict(spec, top_k=3, threshold=0.0), Ctx(["GA", "GB", "GC", "GD", "GE"]))
+    assert edges(wider)[(3, 0)] == pytest.approx(0.099, abs=1e-3) and (2, 0) not in edges(wider)  # cosine 0: not above 0

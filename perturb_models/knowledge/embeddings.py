@@ -331,16 +331,6 @@ def gene_embedding_table(context, spec: Mapping | None, progress: bool = True) -
     return table
 
 
-def gene_feature_matrix(context, spec: Mapping | None, missing_flag: bool = False) -> torch.Tensor:
-    """(num_genes, dim) float tensor in vocab order, for GNN node features. Rows of genes without a
-    vector are zero; ``missing_flag`` appends a 0/1 column marking them."""
-    table = gene_embedding_table(context, spec)
-    features = torch.from_numpy(np.ascontiguousarray(table.matrix, dtype=np.float32))
-    if missing_flag:
-        features = torch.cat([features, torch.from_numpy(~table.found).float()[:, None]], dim=1)
-    return features
-
-
 # ---- command line: fill the cache for datasets ----------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,9 @@ Builders (``kind`` of a ``conf/graph/*.yaml``):
 - ``go``: GEARS recipe, Jaccard similarity of GO term sets, each gene keeps its top-k neighbours above a threshold.
 - ``go_kg``: bipartite gene-GO term graph plus GO's term-term edges; hub terms above a degree cap dropped.
 - ``coresponse``: genes linked when their DE responses over the *training* perturbations are similar.
+- ``embedding``: genes linked when their embeddings (MiniLM over gene texts, or a user table; see
+  knowledge/embeddings.py) are close (cosine, top-k). Not cached as a graph: the vectors are cached, and
+  the top-k search over them takes about a second.
 """
 
 from __future__ import annotations
@@ -356,7 +359,24 @@ def build_coresponse(context, top_k: int = 20, threshold: float = 0.2, signed: b
                              {"responsive_genes": int(len(responsive)), "train_perts": int(matrix.shape[1])})
 
 
-BUILDERS = {"go": build_go, "go_kg": build_go_kg, "coresponse": build_coresponse}
+def build_embedding(context, embeddings: Mapping[str, Any] | None = None, top_k: int = 20, threshold: float = 0.5,
+                    candidates: str = "all", **_) -> GeneGraph:
+    """Genes linked when their embedding vectors are similar: each gene's top-k cosine neighbours above
+    ``threshold``. Genes without a vector (zero rows) get no edge."""
+    from perturb_models.knowledge.embeddings import full_spec, gene_embedding_table
+
+    table = gene_embedding_table(context, full_spec(embeddings))
+    found = np.flatnonzero(table.found)
+    pool = _candidate_rows(context, candidates, found)
+    src, dst, sim = topk_similarity_edges(sparse.csr_matrix(table.matrix.astype(np.float32)), top_k, threshold,
+                                          "cosine", rows=found, candidates=pool, desc="embedding cosine")
+    return _graph_from_edges(context.num_genes, src, dst, sim, "embedding_similarity",
+                             {"source": table.source, "genes_with_vector": int(len(found))})
+
+
+BUILDERS = {"go": build_go, "go_kg": build_go_kg, "coresponse": build_coresponse, "embedding": build_embedding}
+# Kinds whose inputs are cached elsewhere and whose build is cheap: never written as a graph file.
+UNCACHED_KINDS = {"embedding"}
 NON_KEY_PARAMS = {"cache", "cache_dir", "allow_download", "kind"}
 
 
@@ -402,10 +422,12 @@ def build_graph(spec: Mapping[str, Any], context, name: str | None = None) -> Ge
     if kind not in BUILDERS:
         raise ValueError(f"graph {name or ''}: kind {kind!r} is not one of {', '.join(BUILDERS)}")
     params = {k: v for k, v in spec.items() if k != "kind"}
+    if isinstance(params.get("embeddings"), Mapping):
+        params["embeddings"] = dict(params["embeddings"])
     for key in ("aspects", "exclude_evidence", "relations", "term_relations"):
         if isinstance(params.get(key), (list, tuple)):
             params[key] = tuple(params[key])
-    use_cache = params.get("cache", True)
+    use_cache = params.get("cache", True) and kind not in UNCACHED_KINDS
     path = None
     if use_cache:
         folder = Path(params.get("cache_dir") or cache_dir("graphs"))

@@ -4,6 +4,11 @@ Both propagate over the whole gene graph once per forward call and then index th
 perturbation and gene nodes, so the cost of a step does not grow with the number of pairs in it.
 In evaluation mode the node states are computed once and reused until the weights can change again
 (``train()`` or a state-dict load).
+
+Node inputs are a learned vector per node, plus, with ``node_features`` (e.g. ``text``: the MiniLM
+embedding of each gene's GenePT-style text, see knowledge/embeddings.py), a trained linear projection of
+fixed gene features. Features give an unseen perturbation's node an informative input of its own rather
+than only what message passing brings from its neighbours.
 """
 
 from __future__ import annotations
@@ -17,22 +22,57 @@ from torch_geometric.nn import GATConv, SGConv
 
 from perturb_models.data.datamodule import DataContext
 from perturb_models.knowledge.graphs import GeneGraph, build_graphs
+from perturb_models.knowledge.embeddings import full_spec
+from perturb_models.models.embedding import GeneEmbeddings
 from perturb_models.models.layers import PairMLP
 
 log = logging.getLogger(__name__)
 
 
+def node_feature_spec(node_features: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``model.encoder.node_features`` as an embedding spec: null (no features), a source name
+    (``text``, ``random``) or a full spec mapping (``{source: table, path: genept.pkl}``)."""
+    if node_features is None or node_features is False:
+        return None
+    if isinstance(node_features, str):
+        if node_features.lower() in ("", "none", "null"):
+            return None
+        node_features = {"source": node_features}
+    if not isinstance(node_features, Mapping):
+        raise ValueError(f"model.encoder.node_features={node_features!r}: expected null, a source name "
+                         "(text, table, random) or a mapping like {source: table, path: FILE}")
+    try:
+        return full_spec(node_features)
+    except ValueError as err:
+        raise ValueError(str(err).replace("model.encoder.embeddings", "model.encoder.node_features")) from None
+
+
+def build_node_features(context: DataContext, node_features: str | Mapping[str, Any] | None) -> GeneEmbeddings | None:
+    """Fixed per-gene input features (standardised, plus a missing flag) or None."""
+    spec = node_feature_spec(node_features)
+    if spec is None:
+        return None
+    features = GeneEmbeddings(context, spec, missing="learned", standardize=True, finetune=False)
+    log.info("graph node features: %s, %d dims, %d of %d genes without a vector",
+             features.source, features.output_dim - 1, features.num_missing, len(context.vocab))
+    return features
+
+
 class NodeEmbedding(nn.Module):
-    """A learned vector per graph node, plus a shared learned vector added to genes without any edge.
+    """A learned vector per graph node, plus a shared learned vector added to genes without any edge,
+    plus (with ``feature_dim``) a trained projection of fixed gene features given to ``forward``.
 
     Genes absent from every graph are explicit isolated nodes: their own embedding (trained when the
     gene appears in training pairs) plus the shared "no graph knowledge" vector, counted in the log.
+    Gene nodes come first in every graph; other nodes (GO terms of ``go_kg``) have no gene features.
     """
 
-    def __init__(self, graph: GeneGraph, dim: int, name: str):
+    def __init__(self, graph: GeneGraph, dim: int, name: str, feature_dim: int | None = None):
         super().__init__()
+        self.num_genes = graph.num_genes
         self.table = nn.Embedding(graph.num_nodes, dim)
         nn.init.normal_(self.table.weight, std=0.1)
+        self.feature_projection = nn.Linear(feature_dim, dim) if feature_dim else None
         self.isolated_vector = nn.Parameter(torch.zeros(dim))
         isolated = torch.zeros(graph.num_nodes, dtype=torch.bool)
         isolated[: graph.num_genes] = ~graph.gene_has_edge()
@@ -41,8 +81,15 @@ class NodeEmbedding(nn.Module):
                  name, int(isolated.sum()), graph.num_genes)
         self.num_isolated = int(isolated.sum())
 
-    def forward(self) -> torch.Tensor:
-        return self.table.weight + self.isolated[:, None].to(self.table.weight.dtype) * self.isolated_vector
+    def forward(self, gene_features: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.table.weight + self.isolated[:, None].to(self.table.weight.dtype) * self.isolated_vector
+        if self.feature_projection is None:
+            return h
+        if gene_features is None or gene_features.shape[0] != self.num_genes:
+            raise ValueError(f"node features: expected one row per gene ({self.num_genes}), got "
+                             f"{None if gene_features is None else tuple(gene_features.shape)}")
+        projected = self.feature_projection(gene_features.to(h.dtype))
+        return torch.cat([h[: self.num_genes] + projected, h[self.num_genes:]], dim=0)
 
 
 def _graph_buffers(module: nn.Module, graph: GeneGraph, prefix: str) -> None:
@@ -88,18 +135,22 @@ class GATEncoder(_CachedNodeStates):
     Args:
         graphs: named graph specs (``conf/graph/*.yaml``), combined into one graph, one edge type per source.
         hidden_dim: node state size; heads: attention heads (``hidden_dim`` must divide by it).
+        node_features: fixed gene features projected into the node inputs: null, ``text``, ``random`` or an
+            embedding spec (``{source: table, path: FILE}``); see ``node_feature_spec``.
     """
 
     def __init__(self, context: DataContext, graphs: Mapping[str, Mapping[str, Any]], hidden_dim: int = 64,
                  num_layers: int = 2, heads: int = 4, dropout: float = 0.1, attention_dropout: float = 0.0,
-                 edge_dim: int = 16, pair_hidden_dim: int = 256, pair_blocks: int = 2):
+                 edge_dim: int = 16, pair_hidden_dim: int = 256, pair_blocks: int = 2,
+                 node_features: str | Mapping[str, Any] | None = None):
         super().__init__()
         if hidden_dim % heads:
             raise ValueError(f"model.encoder.hidden_dim={hidden_dim} must be a multiple of heads={heads}")
         graph = build_graphs(graphs, context)
         self.num_genes = graph.num_genes
         self.relations = list(graph.relations)
-        self.nodes = NodeEmbedding(graph, hidden_dim, "gat")
+        self.node_features = build_node_features(context, node_features)
+        self.nodes = NodeEmbedding(graph, hidden_dim, "gat", _feature_dim(self.node_features))
         _graph_buffers(self, graph, "graph")
         # Edge features are small (edge_dim): GATConv projects them once per edge and layer, the main cost on CPU.
         self.edge_type_embedding = nn.Embedding(max(1, graph.num_relations), edge_dim)
@@ -116,7 +167,7 @@ class GATEncoder(_CachedNodeStates):
         self.output_dim = pair_hidden_dim
 
     def node_states(self) -> torch.Tensor:
-        h = self.nodes()
+        h = self.nodes(_all_gene_features(self.node_features))
         edge_attr = self.edge_type_embedding(self.graph_edge_type) + self.edge_weight_projection(self.graph_edge_weight[:, None])
         for norm, conv in zip(self.norms, self.convs):
             h = h + self.dropout(nn.functional.gelu(conv(norm(h), self.graph_edge_index, edge_attr)))
@@ -127,38 +178,66 @@ class GATEncoder(_CachedNodeStates):
         return self.pair(torch.cat([h[batch["pert"]], h[batch["gene"]]], dim=-1))
 
 
-class SGBranch(nn.Module):
-    """Learned node embeddings smoothed by SGConv (K hops of normalised propagation, then a linear map)."""
+def _feature_dim(features: GeneEmbeddings | None) -> int | None:
+    return None if features is None else features.output_dim
 
-    def __init__(self, graph: GeneGraph, dim: int, hops: int, name: str):
+
+def _all_gene_features(features: GeneEmbeddings | None) -> torch.Tensor | None:
+    if features is None:
+        return None
+    return features(torch.arange(features.table.shape[0], device=features.table.device))
+
+
+class SGBranch(nn.Module):
+    """Learned node embeddings (plus projected gene features, when given) smoothed by SGConv
+    (K hops of normalised propagation, then a linear map)."""
+
+    def __init__(self, graph: GeneGraph, dim: int, hops: int, name: str, feature_dim: int | None = None,
+                 include_self: bool = True):
         super().__init__()
-        self.nodes = NodeEmbedding(graph, dim, name)
+        self.nodes = NodeEmbedding(graph, dim, name, feature_dim)
         _graph_buffers(self, graph, "graph")
-        self.conv = SGConv(dim, dim, K=hops, cached=False, add_self_loops=True)
+        self.include_self = include_self
+        self.conv = SGConv(dim, dim, K=hops, cached=False, add_self_loops=include_self)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self) -> torch.Tensor:
-        x = self.nodes()
+    def forward(self, gene_features: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.nodes(gene_features)
+        smoothed = self.conv(x, self.graph_edge_index, self.graph_edge_weight)
+        if not self.include_self:
+            return self.norm(smoothed)
         # The raw embedding is kept next to the smoothed one (GEARS adds the GNN output to the base embedding).
-        return self.norm(x + self.conv(x, self.graph_edge_index, self.graph_edge_weight))
+        return self.norm(x + smoothed)
 
 
 class GEARSEncoder(_CachedNodeStates):
     """GEARS adapted to classification: the perturbation's embedding is smoothed over the GO graph
     (``pert_graphs``), the downstream gene's over the co-response graph (``gene_graphs``), each by SGConv;
-    the pair ``[p, g, p * g]`` goes through a residual pair MLP. Both propagations run once per step."""
+    the pair ``[p, g, p * g]`` goes through a residual pair MLP. Both propagations run once per step.
+    With ``node_features`` both branches start from the same fixed gene features (one copy, stored once
+    in the checkpoint), each through its own trained projection.
+
+    ``pert_include_self=false`` describes a perturbation by its graph neighbours only (no self loop, no
+    residual of its own vector): the learned vector of an unseen perturbation is never trained as a
+    perturbation, so training perturbations are then represented the way test ones must be."""
 
     def __init__(self, context: DataContext, pert_graphs: Mapping[str, Mapping[str, Any]],
                  gene_graphs: Mapping[str, Mapping[str, Any]], hidden_dim: int = 64, hops: int = 2,
-                 dropout: float = 0.1, pair_hidden_dim: int = 256, pair_blocks: int = 2):
+                 dropout: float = 0.1, pair_hidden_dim: int = 256, pair_blocks: int = 2,
+                 node_features: str | Mapping[str, Any] | None = None, pert_include_self: bool = True):
         super().__init__()
-        self.pert_branch = SGBranch(build_graphs(pert_graphs, context), hidden_dim, hops, "gears perturbation graph")
-        self.gene_branch = SGBranch(build_graphs(gene_graphs, context), hidden_dim, hops, "gears gene graph")
+        self.node_features = build_node_features(context, node_features)
+        feature_dim = _feature_dim(self.node_features)
+        self.pert_branch = SGBranch(build_graphs(pert_graphs, context), hidden_dim, hops, "gears perturbation graph",
+                                    feature_dim, include_self=pert_include_self)
+        self.gene_branch = SGBranch(build_graphs(gene_graphs, context), hidden_dim, hops, "gears gene graph",
+                                    feature_dim)
         self.pair = PairMLP(3 * hidden_dim, pair_hidden_dim, pair_blocks, dropout)
         self.output_dim = pair_hidden_dim
 
     def node_states(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pert_branch(), self.gene_branch()
+        features = _all_gene_features(self.node_features)
+        return self.pert_branch(features), self.gene_branch(features)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pert_states, gene_states = self.cached_node_states()
