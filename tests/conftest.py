@@ -158,3 +158,22 @@ def planted_table(tmp_path, monkeypatch):
     path.write_text("\n".join(",".join([f"SYN{i:04d}", *(f"{v:.4f}" for v in vectors[i])])
                               for i in range(N_SYNTHETIC_GENES - 20)))
     return path
+
+
+MODULE_WORDS = ["ribosome", "proteasome", "spliceosome", "mitochondrion", "kinetochore", "nucleolus", "golgi", "lysosome"]
+
+
+def module_word_knowledge(folder: Path, go_noise: bool = False) -> Path:
+    """Knowledge files for the synthetic genes whose gene_info descriptions name their planted module
+    ("ribosome protein 7"): text embeddings can find the modules. With ``go_noise``, two random GO
+    terms per gene (a GO graph that knows nothing of the modules); else no GO annotation."""
+    from tests.knowledge_files import write_knowledge
+
+    modules = synthetic_modules()
+    genes = [(i + 1, f"SYN{i:04d}", "", f"{MODULE_WORDS[modules[i]]} protein {i}") for i in range(N_SYNTHETIC_GENES)]
+    annotations = []
+    if go_noise:
+        rng = np.random.default_rng(2)
+        annotations = [(i + 1, f"GO:20000{t:02d}", "IDA", "Function")
+                       for i in range(N_SYNTHETIC_GENES) for t in rng.choice(40, 2, replace=False)]
+    return write_knowledge(folder, genes, annotations)

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.knowledge_files import write_knowledge
 from perturb_models.evaluation import evaluate_checkpoint
 from perturb_models.training import train
 
-from tests.conftest import N_SYNTHETIC_GENES as N_GENES, synthetic_modules as _modules
+from tests.conftest import N_SYNTHETIC_GENES as N_GENES, module_word_knowledge
 
 
 def test_embedding_mlp_learns_unseen_perturbations_from_a_planted_table(synthetic_cfg, planted_table, tmp_path, caplog):
@@ -84,10 +83,7 @@ def test_logreg_is_one_linear_layer_producing_logits_and_learns(synthetic_cfg, p
 def test_embedding_mlp_trains_on_minilm_text_embeddings_of_hand_written_knowledge(synthetic_cfg, minilm_encoder, tmp_path,
                                                                                   monkeypatch):
     monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
-    words = ["ribosome", "proteasome", "spliceosome", "mitochondrion", "kinetochore", "nucleolus", "golgi", "lysosome"]
-    modules = _modules()
-    genes = [(i + 1, f"SYN{i:04d}", "", f"{words[modules[i]]} protein {i}") for i in range(N_GENES)]
-    knowledge = write_knowledge(tmp_path / "k", genes, [])
+    knowledge = module_word_knowledge(tmp_path / "k")
     cfg = synthetic_cfg("model=embedding_mlp", "trainer.max_epochs=4", f"model.encoder.embeddings.knowledge_root={knowledge}",
                         "model.encoder.embeddings.allow_download=false", "model.encoder.embeddings.batch_size=256")
     metrics = train(cfg)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import synthetic_modules
+from tests.conftest import module_word_knowledge, synthetic_modules
 from tests.knowledge_files import write_knowledge
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.evaluation import evaluate_checkpoint
@@ -100,12 +100,7 @@ def test_gat_node_features_carry_what_an_uninformative_graph_lacks(synthetic_cfg
 def test_gears_trains_with_minilm_text_node_features_shared_by_both_branches(synthetic_cfg, minilm_encoder, tmp_path,
                                                                             monkeypatch):
     monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
-    words = ["ribosome", "proteasome", "spliceosome", "mitochondrion", "kinetochore", "nucleolus", "golgi", "lysosome"]
-    modules = synthetic_modules()
-    rng = np.random.default_rng(2)
-    noise_terms = [(i + 1, f"GO:20000{t:02d}", "IDA", "Function") for i in range(200) for t in rng.choice(40, 2, replace=False)]
-    knowledge = write_knowledge(tmp_path / "k", [(i + 1, f"SYN{i:04d}", "", f"{words[modules[i]]} protein {i}")
-                                                 for i in range(200)], noise_terms)
+    knowledge = module_word_knowledge(tmp_path / "k", go_noise=True)
     cfg = synthetic_cfg("model=gears", "trainer.max_epochs=4", f"model.encoder.pert_graphs.go.knowledge_root={knowledge}",
                         "model.encoder.pert_graphs.go.allow_download=false",
                         f"model.encoder.node_features={{source:text,knowledge_root:{knowledge},allow_download:false}}")
