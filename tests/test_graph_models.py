@@ -111,9 +111,9 @@ def test_gears_trains_with_minilm_text_node_features_shared_by_both_branches(syn
     assert metrics["test/de_auroc_per_gene"] > 0.6
 
 
-def test_gears_perturbation_branch_without_self_uses_only_the_neighbours_vectors():
+def test_gears_perturbation_branch_without_self_leaves_out_its_own_learned_vector_not_its_features():
     # A path 0 - 1 - 2 plus an isolated gene 3: with include_self=False and one hop, node 1's state is
-    # made of nodes 0 and 2 only, so changing its own learned vector changes nothing.
+    # made of nodes 0 and 2's vectors (and its own fixed features), so its own learned vector changes nothing.
     graph = GeneGraph(4, torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]]), torch.zeros(4, dtype=torch.long),
                       torch.ones(4), ["toy"])
     torch.manual_seed(0)
@@ -127,6 +127,16 @@ def test_gears_perturbation_branch_without_self_uses_only_the_neighbours_vectors
     with_self = SGBranch(graph, dim=8, hops=1, name="toy", include_self=True)
     with_self.load_state_dict(branch.state_dict())
     assert not torch.allclose(with_self()[1], after[1])
+    # Fixed node features are known for an unseen perturbation too: its own features are kept.
+    featured = SGBranch(graph, dim=8, hops=1, name="toy", feature_dim=3, include_self=False)
+    features = torch.randn(4, 3)
+    state = featured(features)
+    with torch.no_grad():
+        featured.nodes.table.weight[1] += 5.0
+    assert torch.allclose(featured(features)[1], state[1], atol=1e-6)
+    moved = features.clone()
+    moved[1] += 1.0
+    assert not torch.allclose(featured(moved)[1], state[1])
 
 
 def test_node_feature_spec_accepts_a_source_name_or_a_mapping_and_names_bad_keys():

@@ -81,15 +81,25 @@ class NodeEmbedding(nn.Module):
                  name, int(isolated.sum()), graph.num_genes)
         self.num_isolated = int(isolated.sum())
 
-    def forward(self, gene_features: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.table.weight + self.isolated[:, None].to(self.table.weight.dtype) * self.isolated_vector
+    def learned(self) -> torch.Tensor:
+        """The learned part: a vector per node (+ the shared vector of isolated genes)."""
+        return self.table.weight + self.isolated[:, None].to(self.table.weight.dtype) * self.isolated_vector
+
+    def projected_features(self, gene_features: torch.Tensor | None) -> torch.Tensor | None:
+        """The fixed-feature part, (num_nodes, dim) with zero rows for non-gene nodes; None without features."""
         if self.feature_projection is None:
-            return h
+            return None
         if gene_features is None or gene_features.shape[0] != self.num_genes:
             raise ValueError(f"node features: expected one row per gene ({self.num_genes}), got "
                              f"{None if gene_features is None else tuple(gene_features.shape)}")
-        projected = self.feature_projection(gene_features.to(h.dtype))
-        return torch.cat([h[: self.num_genes] + projected, h[self.num_genes:]], dim=0)
+        projected = self.feature_projection(gene_features.to(self.table.weight.dtype))
+        padding = projected.new_zeros(self.table.num_embeddings - self.num_genes, projected.shape[1])
+        return torch.cat([projected, padding], dim=0)
+
+    def forward(self, gene_features: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.learned()
+        features = self.projected_features(gene_features)
+        return h if features is None else h + features
 
 
 def _graph_buffers(module: nn.Module, graph: GeneGraph, prefix: str) -> None:
@@ -202,12 +212,16 @@ class SGBranch(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, gene_features: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.nodes(gene_features)
+        own_features = self.nodes.projected_features(gene_features)
+        learned = self.nodes.learned()
+        x = learned if own_features is None else learned + own_features
         smoothed = self.conv(x, self.graph_edge_index, self.graph_edge_weight)
-        if not self.include_self:
-            return self.norm(smoothed)
-        # The raw embedding is kept next to the smoothed one (GEARS adds the GNN output to the base embedding).
-        return self.norm(x + smoothed)
+        if self.include_self:
+            # The raw embedding is kept next to the smoothed one (GEARS adds the GNN output to the base embedding).
+            return self.norm(x + smoothed)
+        # Without self: the node's own learned vector is left out, but its fixed features (known for an
+        # unseen perturbation too) are kept.
+        return self.norm(smoothed if own_features is None else smoothed + own_features)
 
 
 class GEARSEncoder(_CachedNodeStates):
@@ -217,14 +231,15 @@ class GEARSEncoder(_CachedNodeStates):
     With ``node_features`` both branches start from the same fixed gene features (one copy, stored once
     in the checkpoint), each through its own trained projection.
 
-    ``pert_include_self=false`` describes a perturbation by its graph neighbours only (no self loop, no
-    residual of its own vector): the learned vector of an unseen perturbation is never trained as a
-    perturbation, so training perturbations are then represented the way test ones must be."""
+    ``pert_include_self=false`` (the default) describes a perturbation by its graph neighbours (no self
+    loop, no residual of its own learned vector) plus its own fixed node features if any: the learned
+    vector of an unseen perturbation is never trained as a perturbation, so training perturbations are
+    then represented the way test ones must be. ``true`` is GEARS' own recipe."""
 
     def __init__(self, context: DataContext, pert_graphs: Mapping[str, Mapping[str, Any]],
                  gene_graphs: Mapping[str, Mapping[str, Any]], hidden_dim: int = 64, hops: int = 2,
                  dropout: float = 0.1, pair_hidden_dim: int = 256, pair_blocks: int = 2,
-                 node_features: str | Mapping[str, Any] | None = None, pert_include_self: bool = True):
+                 node_features: str | Mapping[str, Any] | None = None, pert_include_self: bool = False):
         super().__init__()
         self.node_features = build_node_features(context, node_features)
         feature_dim = _feature_dim(self.node_features)
