@@ -22,6 +22,16 @@ def cache_dir(*parts: str) -> Path:
     return Path(base, *parts)
 
 
+def resolve_folder(root: str | os.PathLike | None, env_var: str, cache_name: str) -> Path:
+    """A data folder: ``root`` if given, else ``$env_var``, else ``cache_dir(cache_name)`` (``~`` expanded)."""
+    if root not in (None, ""):
+        return Path(os.path.expanduser(str(root)))
+    env = os.environ.get(env_var)
+    if env:
+        return Path(os.path.expanduser(env))
+    return cache_dir(cache_name)
+
+
 def _atomic_target(path: str | os.PathLike) -> tuple[Path, int, str]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from perturb_models.io import DownloadError, cache_dir, download
+from perturb_models.io import DownloadError, download, resolve_folder
 
 PERTURBQA_BASE_URL = "https://raw.githubusercontent.com/Genentech/PerturbQA/main/perturbqa/datasets"
 """Public location of the PerturbQA task files (``<base>/<name>-de.csv``)."""
@@ -44,12 +44,7 @@ class TaskTables:
 
 def resolve_data_root(root: str | os.PathLike | None = None) -> Path:
     """Where PerturbQA files live: the given ``root``, else ``$PERTURBQA_DATA``, else the user cache."""
-    if root not in (None, ""):
-        return Path(os.path.expanduser(str(root)))
-    env = os.environ.get("PERTURBQA_DATA")
-    if env:
-        return Path(os.path.expanduser(env))
-    return cache_dir("perturbqa")
+    return resolve_folder(root, "PERTURBQA_DATA", "perturbqa")
 
 
 def task_file_name(name: str, kind: str) -> str:

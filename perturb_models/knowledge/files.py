@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from perturb_models.io import DownloadError, cache_dir, download
+from perturb_models.io import DownloadError, download, resolve_folder
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,7 @@ class KnowledgeFileError(FileNotFoundError):
 
 def knowledge_root(root: str | os.PathLike | None = None) -> Path:
     """The knowledge folder: ``root`` if given, else ``$PERTURB_KNOWLEDGE``, else the user cache."""
-    if root not in (None, ""):
-        return Path(os.path.expanduser(str(root)))
-    env = os.environ.get("PERTURB_KNOWLEDGE")
-    if env:
-        return Path(os.path.expanduser(env))
-    return cache_dir("knowledge")
+    return resolve_folder(root, "PERTURB_KNOWLEDGE", "knowledge")
 
 
 def knowledge_file(kind: str, root: str | os.PathLike | None = None, allow_download: bool = True,

@@ -422,8 +422,6 @@ def build_graph(spec: Mapping[str, Any], context, name: str | None = None) -> Ge
     if kind not in BUILDERS:
         raise ValueError(f"graph {name or ''}: kind {kind!r} is not one of {', '.join(BUILDERS)}")
     params = {k: v for k, v in spec.items() if k != "kind"}
-    if isinstance(params.get("embeddings"), Mapping):
-        params["embeddings"] = dict(params["embeddings"])
     for key in ("aspects", "exclude_evidence", "relations", "term_relations"):
         if isinstance(params.get(key), (list, tuple)):
             params[key] = tuple(params[key])
