@@ -16,10 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from perturb_models.io import atomic_write_dataframe, atomic_write_text
 from perturb_models.models.classifier import RECORD_KEY
 from perturb_models.results import find_run_dirs, results_grid, summarize_runs
+from perturb_models.tasks import COMPARISON_METRICS
 from perturb_models.training import build_datamodule, build_model, git_commit, print_metrics, write_outputs
-
-TABLE_METRICS = ("de_auroc_per_gene", "de_genes_scored", "dir_auroc_per_gene", "dir_genes_scored",
-                 "de_auroc", "de_auprc", "dir_auroc", "dir_auprc")
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -76,7 +74,7 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     info = json.loads((run_dir / "run.json").read_text())
     row: dict[str, Any] = {"run": str(run_dir), "model": info.get("model"), "dataset": info.get("dataset"),
                            "task": info.get("task"), "seed": info.get("seed")}
-    for name in TABLE_METRICS:
+    for name in COMPARISON_METRICS:
         value = metrics.get(f"test/{name}")
         row[name] = math.nan if value is None else value
     return row

@@ -9,9 +9,7 @@ from typing import Iterable
 
 import pandas as pd
 
-# Which test metric a cell of the table reports, per task (joint runs give both).
-TASK_METRICS = {"de": ("de_auroc_per_gene",), "dir": ("dir_auroc_per_gene",),
-                "joint": ("de_auroc_per_gene", "dir_auroc_per_gene")}
+from perturb_models.tasks import TASKS, headline_metrics
 
 
 def is_run_dir(path: Path) -> bool:
@@ -44,7 +42,8 @@ def summarize_runs(table: pd.DataFrame) -> pd.DataFrame:
     """
     rows = []
     for (model, dataset, task), group in table.groupby(["model", "dataset", "task"], sort=True, dropna=False):
-        for metric in TASK_METRICS.get(task, ("de_auroc_per_gene", "dir_auroc_per_gene")):
+        # A task unknown to this version (a run folder from elsewhere) reports every headline metric.
+        for metric in headline_metrics(task if task in TASKS else "joint"):
             values = group[metric].astype(float).dropna()
             rows.append({
                 "model": model, "dataset": dataset, "task": task, "metric": metric,

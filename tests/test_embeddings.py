@@ -22,8 +22,8 @@ GENES = ["AAA1", "BBB2", "CCC3"]
 MATRIX = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
 
 
-def _context(symbols, source="<synthetic>", dataset="toy"):
-    return SimpleNamespace(vocab=GeneVocab(symbols), dataset=dataset, extras={"source": source})
+def _context(symbols, dataset="toy"):
+    return SimpleNamespace(vocab=GeneVocab(symbols), dataset=dataset, clusters={})
 
 
 @pytest.mark.parametrize("fmt", ["csv", "csv_header", "tsv", "npy", "npy_genes_arg", "pt", "pt_genes_embeddings", "pkl"])

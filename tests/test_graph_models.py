@@ -169,7 +169,7 @@ def test_knn_vote_is_similarity_weighted_and_shrunk_toward_the_gene_rate(monkeyp
     pairs = pd.DataFrame(rows, columns=["pert", "gene", "de", "dir"])
     pairs["pert_idx"], pairs["gene_idx"] = vocab.encode(pairs["pert"]), vocab.encode(pairs["gene"])
     context = SimpleNamespace(num_classes=2, num_genes=5, vocab=vocab, train_perts=("A", "B"), train_pairs=pairs,
-                              task="de", dataset="tiny", extras={})
+                              task="de", dataset="tiny", clusters={})
     from perturb_models.knowledge.graphs import GeneGraph
     # C's neighbours: A (0.75) and B (0.25).
     graph = GeneGraph(5, torch.tensor([[0, 1], [2, 2]]), torch.zeros(2, dtype=torch.long), torch.tensor([0.75, 0.25]))
