@@ -22,10 +22,9 @@ from perturb_models.training import train
 
 
 @pytest.fixture
-def planted_knowledge(tmp_path, monkeypatch):
+def planted_knowledge(tmp_path, isolated_cache):
     """gene_info + gene2go for the synthetic genes: each gene annotated with its module's term (the
     generator's planted modules, seed 0) plus two noise terms."""
-    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
     module = synthetic_modules()
     rng = np.random.default_rng(1)
     genes = [(i + 1, f"SYN{i:04d}", "", "") for i in range(200)]
@@ -98,8 +97,7 @@ def test_gat_node_features_carry_what_an_uninformative_graph_lacks(synthetic_cfg
 
 @pytest.mark.text
 def test_gears_trains_with_minilm_text_node_features_shared_by_both_branches(synthetic_cfg, minilm_encoder, tmp_path,
-                                                                            monkeypatch):
-    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
+                                                                            isolated_cache):
     knowledge = module_word_knowledge(tmp_path / "k", go_noise=True)
     cfg = synthetic_cfg("model=gears", "trainer.max_epochs=4", f"model.encoder.pert_graphs.go.knowledge_root={knowledge}",
                         "model.encoder.pert_graphs.go.allow_download=false",

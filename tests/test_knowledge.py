@@ -138,13 +138,12 @@ def test_knowledge_file_prefers_config_root_then_env(tmp_path, monkeypatch):
     assert knowledge_file("go_obo") == b / "go-basic.obo"
 
 
-def test_missing_files_are_downloaded_from_the_public_url_base(tmp_path, monkeypatch, http_folder):
+def test_missing_files_are_downloaded_from_the_public_url_base(tmp_path, monkeypatch, http_folder, isolated_cache):
     served, url = http_folder
     write_knowledge(served, GENES, [(1, "GO:0000002", "IDA", "Process")])
     (served / "go-basic.obo").write_text(OBO_TEXT)  # the public OBO is not compressed
-    cache = tmp_path / "cache"
+    cache = isolated_cache
     monkeypatch.delenv("PERTURB_KNOWLEDGE", raising=False)
-    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(cache))
     monkeypatch.setenv("PERTURB_KNOWLEDGE_URL", url)
     path = knowledge_file("gene_info")
     assert path == cache / "knowledge" / "Homo_sapiens.gene_info.gz"

@@ -23,9 +23,8 @@ TINY = ["model=lora_llama_tiny", *SMALL_SYNTHETIC]
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def cache(isolated_cache):
+    return isolated_cache
 
 
 def _datamodule(synthetic_cfg, task="joint"):
