@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from perturb_models.io import atomic_write_dataframe, atomic_write_text
 from perturb_models.models.classifier import RECORD_KEY
-from perturb_models.results import find_run_dirs, results_grid, summarize_runs
+from perturb_models.results import find_run_dirs, markdown_table, results_grid, summarize_runs
 from perturb_models.tasks import COMPARISON_METRICS
 from perturb_models.training import (build_datamodule, build_loggers, build_model, finish_wandb, git_commit,
                                      log_run_summary, print_metrics, write_outputs)
@@ -114,20 +114,6 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], output_dir: Path) -> pd.
     print(markdown_table(results_grid(summary)))
     print(f"Summary over seeds written to {output_dir / 'summary.md'} and summary.csv")
     return table
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            if math.isnan(value):
-                return "–"
-            return f"{value:.0f}" if value.is_integer() and abs(value) >= 2 else f"{value:.4f}"
-        return str(value)
-
-    header = "| " + " | ".join(table.columns) + " |"
-    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
 
 
 def evaluate(cfg: DictConfig) -> Any:
