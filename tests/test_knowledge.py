@@ -173,3 +173,19 @@ def test_real_knowledge_files_cover_most_k562_genes(knowledge_root, perturbqa_ro
     assert "through a synonym" in out and "GO annotations" in out
     terms = read_obo(knowledge_file("go_obo", knowledge_root, allow_download=False))
     assert terms["GO:0006915"].name == "apoptotic process"
+
+
+def test_knowledge_library_never_imports_the_data_package():
+    """Dataset facts reach knowledge code through the DataContext; only command-line mains join the two."""
+    import ast
+
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "perturb_models" / "knowledge").glob("*.py")):
+        if path.name == "__main__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        mains = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "main" for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and id(node) not in mains:
+                assert not (node.module or "").startswith("perturb_models.data"), f"{path.name} imports {node.module}"
