@@ -34,7 +34,7 @@ class PerturbationClassifier(L.LightningModule):
     ``optimizer`` is an error: it would "train" without ever updating its weights.
 
     Args:
-        encoder: the model-specific ``nn.Module``.
+        encoder: the model-specific :class:`~perturb_models.models.base.Encoder`.
         vocab: the DataModule's vocabulary (to name genes in predictions).
         task: ``de``, ``dir`` or ``joint``; fixes the number of classes and how scores are read.
         optimizer: a partial ``torch.optim`` constructor (``_partial_: true`` in config).
@@ -81,7 +81,6 @@ class PerturbationClassifier(L.LightningModule):
         self.stage_metrics: dict[str, dict[str, float]] = {}
         self.stage_predictions: dict[str, pd.DataFrame] = {}
         self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
-
         self._warning_scope: warnings.catch_warnings | None = None
 
     def setup(self, stage: str) -> None:
