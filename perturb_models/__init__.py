@@ -2,13 +2,9 @@
 
 from omegaconf import OmegaConf
 
+from perturb_models.tasks import primary_metric
+
 __version__ = "0.1.0"
-
-
-def primary_metric(task: str) -> str:
-    """The validation metric a run selects on by default: DE per-gene AUROC, direction's for task=dir."""
-    return "val/dir_auroc_per_gene" if task == "dir" else "val/de_auroc_per_gene"
-
 
 if not OmegaConf.has_resolver("pm_primary_metric"):
     OmegaConf.register_new_resolver("pm_primary_metric", primary_metric)

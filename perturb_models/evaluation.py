@@ -15,11 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from perturb_models.io import atomic_write_dataframe, atomic_write_text
 from perturb_models.models.classifier import RECORD_KEY
-from perturb_models.results import find_run_dirs, results_grid, summarize_runs
-from perturb_models.training import build_datamodule, build_model, git_commit, print_metrics, write_outputs
-
-TABLE_METRICS = ("de_auroc_per_gene", "de_genes_scored", "dir_auroc_per_gene", "dir_genes_scored",
-                 "de_auroc", "de_auprc", "dir_auroc", "dir_auprc")
+from perturb_models.results import find_run_dirs, markdown_table, results_grid, summarize_runs
+from perturb_models.tasks import COMPARISON_METRICS
+from perturb_models.training import (build_datamodule, build_loggers, build_model, finish_wandb, git_commit,
+                                     log_run_summary, print_metrics, write_outputs)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -45,8 +44,12 @@ def load_run_record(ckpt_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def evaluate_checkpoint(ckpt_path: str | os.PathLike, output_dir: Path, trainer_cfg: DictConfig,
-                        data_root: str | None = None) -> dict[str, float]:
-    """Rebuild data and model from the checkpoint alone, test, and write metrics and predictions."""
+                        data_root: str | None = None, evaluate_cfg: DictConfig | None = None) -> dict[str, float]:
+    """Rebuild data and model from the checkpoint alone, test, and write metrics and predictions.
+
+    ``evaluate_cfg`` (evaluate.py's config) brings its ``logger`` choice; the loggers see the run's own
+    config (model, data, seed) with this evaluation's ``logger``, ``paths``, ``task_name`` and ``run_name``.
+    """
     ckpt_file = find_checkpoint(ckpt_path)
     checkpoint, record = load_run_record(ckpt_file)
     cfg = OmegaConf.create(record["config"])
@@ -56,14 +59,26 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, output_dir: Path, trainer_
     datamodule = build_datamodule(cfg.data, **overrides)
     model = build_model(cfg, datamodule)
     model.load_state_dict(checkpoint["state_dict"])
-    trainer = instantiate(trainer_cfg, _convert_="all")
-    trainer.test(model, datamodule=datamodule, verbose=False)
-    metrics = dict(model.stage_metrics["test"])
-    run = dict(record.get("run", {}), checkpoint=str(ckpt_file), evaluated_with_commit=git_commit())
-    if trainer.is_global_zero:
-        write_outputs(output_dir, model, run, metrics)
-        print_metrics(metrics, output_dir)
-    return metrics
+    logged_cfg = cfg
+    if evaluate_cfg is not None:
+        own = {key: evaluate_cfg.get(key) for key in ("logger", "paths", "task_name", "run_name")}
+        logged_cfg = OmegaConf.merge({k: v for k, v in record["config"].items() if k not in own},
+                                     OmegaConf.create(OmegaConf.to_container(OmegaConf.create(own), resolve=False)))
+        # paths.output_dir of evaluate.py is an interpolation of the Hydra run folder: resolve it there.
+        OmegaConf.update(logged_cfg, "paths.output_dir", str(output_dir))
+    loggers = build_loggers(logged_cfg)
+    try:
+        trainer = instantiate(trainer_cfg, logger=loggers or False, _convert_="all")
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        metrics = dict(model.stage_metrics["test"])
+        run = dict(record.get("run", {}), checkpoint=str(ckpt_file), evaluated_with_commit=git_commit())
+        if trainer.is_global_zero:
+            write_outputs(output_dir, model, run, metrics)
+            log_run_summary(loggers, logged_cfg, metrics)
+            print_metrics(metrics, output_dir)
+        return metrics
+    finally:
+        finish_wandb(loggers)
 
 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -76,7 +91,7 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     info = json.loads((run_dir / "run.json").read_text())
     row: dict[str, Any] = {"run": str(run_dir), "model": info.get("model"), "dataset": info.get("dataset"),
                            "task": info.get("task"), "seed": info.get("seed")}
-    for name in TABLE_METRICS:
+    for name in COMPARISON_METRICS:
         value = metrics.get(f"test/{name}")
         row[name] = math.nan if value is None else value
     return row
@@ -101,27 +116,13 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], output_dir: Path) -> pd.
     return table
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            if math.isnan(value):
-                return "–"
-            return f"{value:.0f}" if value.is_integer() and abs(value) >= 2 else f"{value:.4f}"
-        return str(value)
-
-    header = "| " + " | ".join(table.columns) + " |"
-    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
-
-
 def evaluate(cfg: DictConfig) -> Any:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("ckpt_path") and cfg.get("runs"):
         raise ValueError("give either ckpt_path=... (evaluate one checkpoint) or runs=[...] (compare runs), not both")
     if cfg.get("ckpt_path"):
-        return evaluate_checkpoint(cfg.ckpt_path, output_dir, cfg.trainer, cfg.get("data_root"))
+        return evaluate_checkpoint(cfg.ckpt_path, output_dir, cfg.trainer, cfg.get("data_root"), evaluate_cfg=cfg)
     if cfg.get("runs"):
         runs = cfg.runs if not isinstance(cfg.runs, str) else [cfg.runs]
         return compare_runs(list(runs), output_dir)

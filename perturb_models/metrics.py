@@ -14,9 +14,6 @@ import pandas as pd
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
-PREDICTION_COLUMNS = ("pert", "gene", "task", "label", "score")
-
-
 def auroc_per_gene(labels, scores, genes) -> tuple[float, int]:
     """Mean over genes of the AUROC of ``scores`` against binary ``labels``; genes with one class are skipped.
 
@@ -56,24 +53,6 @@ def auroc_per_gene(labels, scores, genes) -> tuple[float, int]:
         return math.nan, 0
     auc = (rank_sum_pos[scored] - n_pos[scored] * (n_pos[scored] + 1) / 2) / (n_pos[scored] * n_neg[scored])
     return float(auc.mean()), int(scored.sum())
-
-
-def task_scores(probabilities: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
-    """Turn class probabilities into the scores each PerturbQA task ranks by.
-
-    joint (not DE / down / up): DE score = 1 - p(not DE); direction score = p(up) / (p(down) + p(up)).
-    de: p(DE). dir: p(up).
-    """
-    if task == "joint":
-        de = 1.0 - probabilities[:, 0]
-        moving = probabilities[:, 1] + probabilities[:, 2]
-        direction = probabilities[:, 2] / moving.clamp_min(1e-12)
-        return {"de": de, "dir": direction}
-    if task == "de":
-        return {"de": probabilities[:, 1]}
-    if task == "dir":
-        return {"dir": probabilities[:, 1]}
-    raise ValueError(f"unknown task {task!r}")
 
 
 def prediction_frame(pert: list[str], gene: list[str], de: np.ndarray, direction: np.ndarray,

@@ -48,6 +48,14 @@ def missing_input(message: str, module_level: bool = False):
 
 
 @pytest.fixture
+def isolated_cache(tmp_path, monkeypatch) -> Path:
+    """A fresh user cache (``$PERTURB_MODELS_CACHE``) for this test: graphs, embeddings, tokens, downloads."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
 def synthetic_cfg(tmp_path):
     """A factory: the synthetic-data config for a quick CPU run in ``tmp_path`` plus extra overrides."""
 
@@ -149,9 +157,8 @@ def synthetic_modules() -> np.ndarray:
 
 
 @pytest.fixture
-def planted_table(tmp_path, monkeypatch):
+def planted_table(tmp_path, isolated_cache):
     """A CSV embedding table: one-hot module (x3) plus noise per synthetic gene; the last 20 genes left out."""
-    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(1)
     vectors = np.eye(8)[synthetic_modules()] * 3 + rng.normal(0, 0.3, size=(N_SYNTHETIC_GENES, 8))
     path = tmp_path / "planted.csv"

@@ -32,6 +32,7 @@ def test_training_shards_are_equal_length_and_disjoint():
     assert not set(shards[0].tolist()) & set(shards[1].tolist())
 
 
+@pytest.mark.slow
 def test_ddp_sim_run_matches_single_process_evaluation_and_writes_each_prediction_once(tmp_path):
     run = tmp_path / "ddp"
     # eval_batch_size=97: several uneven batches per rank, so the padded gather is exercised.

@@ -53,12 +53,11 @@ def test_missing_file_with_downloads_off_says_where_to_fetch_it(tmp_path):
         ensure_task_files("k562", root=tmp_path, allow_download=False)
 
 
-def test_data_root_falls_back_to_environment_then_cache(tmp_path, monkeypatch):
+def test_data_root_falls_back_to_environment_then_cache(tmp_path, monkeypatch, isolated_cache):
     from perturb_models.data.perturbqa import resolve_data_root
 
     monkeypatch.setenv("PERTURBQA_DATA", str(tmp_path / "env"))
     assert resolve_data_root(None) == tmp_path / "env"
     assert resolve_data_root(str(tmp_path / "cfg")) == tmp_path / "cfg"
     monkeypatch.delenv("PERTURBQA_DATA")
-    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
-    assert resolve_data_root(None) == tmp_path / "cache" / "perturbqa"
+    assert resolve_data_root(None) == isolated_cache / "perturbqa"

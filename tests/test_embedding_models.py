@@ -81,8 +81,7 @@ def test_logreg_is_one_linear_layer_producing_logits_and_learns(synthetic_cfg, p
 
 @pytest.mark.text
 def test_embedding_mlp_trains_on_minilm_text_embeddings_of_hand_written_knowledge(synthetic_cfg, minilm_encoder, tmp_path,
-                                                                                  monkeypatch):
-    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
+                                                                                  isolated_cache):
     knowledge = module_word_knowledge(tmp_path / "k")
     cfg = synthetic_cfg("model=embedding_mlp", "trainer.max_epochs=4", f"model.encoder.embeddings.knowledge_root={knowledge}",
                         "model.encoder.embeddings.allow_download=false", "model.encoder.embeddings.batch_size=256")

@@ -22,8 +22,8 @@ GENES = ["AAA1", "BBB2", "CCC3"]
 MATRIX = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
 
 
-def _context(symbols, source="<synthetic>", dataset="toy"):
-    return SimpleNamespace(vocab=GeneVocab(symbols), dataset=dataset, extras={"source": source})
+def _context(symbols, dataset="toy"):
+    return SimpleNamespace(vocab=GeneVocab(symbols), dataset=dataset, clusters={})
 
 
 @pytest.mark.parametrize("fmt", ["csv", "csv_header", "tsv", "npy", "npy_genes_arg", "pt", "pt_genes_embeddings", "pkl"])
@@ -153,3 +153,17 @@ def test_text_embeddings_are_cached_on_disk_and_keyed_by_the_recipe(minilm_encod
     monkeypatch.undo()
     text_embedding_table(["AAA1", "BBB2", "NOPE"], {**spec, "text": {"max_chars": 20}}, progress=False)
     assert len(list((tmp_path / "cache").glob("text-*.npz"))) == 2  # a new recipe, a new entry
+
+
+def test_the_config_spec_and_the_code_defaults_agree():
+    """conf/embeddings/text.yaml (what configs use) and DEFAULT_SPEC (specs given in code, node_features=text)."""
+    import yaml
+
+    from tests.conftest import CONF
+
+    configured = yaml.safe_load((CONF / "embeddings" / "text.yaml").read_text())
+    assert set(configured) == set(emb.DEFAULT_SPEC)
+    interpolated = {"knowledge_root": None, "allow_download": True, "seed": 0}  # knowledge/default.yaml, seed=0
+    for key, value in configured.items():
+        expected = interpolated[key] if isinstance(value, str) and value.startswith("${") else value
+        assert expected == emb.DEFAULT_SPEC[key], key

@@ -39,6 +39,17 @@ def test_evaluate_accepts_a_run_folder_and_rejects_a_foreign_file(synthetic_cfg,
         evaluate(cfg)
 
 
+def test_evaluate_logs_the_test_metrics_to_the_chosen_logger(synthetic_cfg, tmp_path):
+    train(synthetic_cfg("trainer.max_epochs=1"))
+    cfg = compose_config("evaluate", [f"ckpt_path={tmp_path / 'run'}", "logger=csv", "trainer.enable_progress_bar=false"],
+                         tmp_path / "eval")
+    evaluated = evaluate(cfg)
+    logged = pd.read_csv(tmp_path / "eval" / "csv" / "metrics.csv")
+    assert logged["final/test/de_auroc_per_gene"].dropna().item() == pytest.approx(evaluated["test/de_auroc_per_gene"])
+    hparams = (tmp_path / "eval" / "csv" / "hparams.yaml").read_text()
+    assert "name: mlp" in hparams and "task_name: evaluate" in hparams
+
+
 def test_comparison_table_has_one_row_per_run(synthetic_cfg, tmp_path):
     runs = []
     for seed in (0, 1):
@@ -52,8 +63,9 @@ def test_comparison_table_has_one_row_per_run(synthetic_cfg, tmp_path):
     assert len(pd.read_csv(tmp_path / "cmp" / "comparison.csv")) == 2
 
 
+@pytest.mark.slow
 def test_command_line_train_then_evaluate(tmp_path):
-    """The README's commands, as a newcomer runs them."""
+    """The README's commands, as a newcomer runs them; both scripts take the same logger= option."""
     run, out = tmp_path / "cli_run", tmp_path / "cli_eval"
     common = ["logger=none", "trainer.enable_progress_bar=false"]
     train_cmd = [sys.executable, "train.py", "data=synthetic", "trainer.max_epochs=2", f"hydra.run.dir={run}", *common]
@@ -61,7 +73,7 @@ def test_command_line_train_then_evaluate(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/de_auroc_per_gene" in result.stdout
     eval_cmd = [sys.executable, "evaluate.py", f"ckpt_path={run}/checkpoints/best.ckpt", f"hydra.run.dir={out}",
-                "trainer.enable_progress_bar=false"]
+                *common]
     result = subprocess.run(eval_cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["test/de_auroc_per_gene"] == \

@@ -22,10 +22,9 @@ from perturb_models.training import train
 
 
 @pytest.fixture
-def planted_knowledge(tmp_path, monkeypatch):
+def planted_knowledge(tmp_path, isolated_cache):
     """gene_info + gene2go for the synthetic genes: each gene annotated with its module's term (the
     generator's planted modules, seed 0) plus two noise terms."""
-    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
     module = synthetic_modules()
     rng = np.random.default_rng(1)
     genes = [(i + 1, f"SYN{i:04d}", "", "") for i in range(200)]
@@ -98,8 +97,7 @@ def test_gat_node_features_carry_what_an_uninformative_graph_lacks(synthetic_cfg
 
 @pytest.mark.text
 def test_gears_trains_with_minilm_text_node_features_shared_by_both_branches(synthetic_cfg, minilm_encoder, tmp_path,
-                                                                            monkeypatch):
-    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
+                                                                            isolated_cache):
     knowledge = module_word_knowledge(tmp_path / "k", go_noise=True)
     cfg = synthetic_cfg("model=gears", "trainer.max_epochs=4", f"model.encoder.pert_graphs.go.knowledge_root={knowledge}",
                         "model.encoder.pert_graphs.go.allow_download=false",
@@ -169,7 +167,7 @@ def test_knn_vote_is_similarity_weighted_and_shrunk_toward_the_gene_rate(monkeyp
     pairs = pd.DataFrame(rows, columns=["pert", "gene", "de", "dir"])
     pairs["pert_idx"], pairs["gene_idx"] = vocab.encode(pairs["pert"]), vocab.encode(pairs["gene"])
     context = SimpleNamespace(num_classes=2, num_genes=5, vocab=vocab, train_perts=("A", "B"), train_pairs=pairs,
-                              task="de", dataset="tiny", extras={})
+                              task="de", dataset="tiny", clusters={})
     from perturb_models.knowledge.graphs import GeneGraph
     # C's neighbours: A (0.75) and B (0.25).
     graph = GeneGraph(5, torch.tensor([[0, 1], [2, 2]]), torch.zeros(2, dtype=torch.long), torch.tensor([0.75, 0.25]))

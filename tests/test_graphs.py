@@ -52,11 +52,11 @@ ANNOTATIONS = [(1, "GO:0000002", "IDA", "Process"), (1, "GO:0000005", "IDA", "Fu
 class Ctx:
     """A minimal DataContext stand-in for builders that read knowledge only."""
 
-    def __init__(self, symbols, dataset="tiny", source=None):
+    def __init__(self, symbols, dataset="tiny"):
         from perturb_models.data.vocab import GeneVocab
         self.vocab = GeneVocab(symbols)
         self.dataset = dataset
-        self.extras = {"source": source} if source else {}
+        self.clusters = {}
 
     @property
     def num_genes(self):

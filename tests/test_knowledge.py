@@ -138,13 +138,12 @@ def test_knowledge_file_prefers_config_root_then_env(tmp_path, monkeypatch):
     assert knowledge_file("go_obo") == b / "go-basic.obo"
 
 
-def test_missing_files_are_downloaded_from_the_public_url_base(tmp_path, monkeypatch, http_folder):
+def test_missing_files_are_downloaded_from_the_public_url_base(tmp_path, monkeypatch, http_folder, isolated_cache):
     served, url = http_folder
     write_knowledge(served, GENES, [(1, "GO:0000002", "IDA", "Process")])
     (served / "go-basic.obo").write_text(OBO_TEXT)  # the public OBO is not compressed
-    cache = tmp_path / "cache"
+    cache = isolated_cache
     monkeypatch.delenv("PERTURB_KNOWLEDGE", raising=False)
-    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(cache))
     monkeypatch.setenv("PERTURB_KNOWLEDGE_URL", url)
     path = knowledge_file("gene_info")
     assert path == cache / "knowledge" / "Homo_sapiens.gene_info.gz"
@@ -174,3 +173,19 @@ def test_real_knowledge_files_cover_most_k562_genes(knowledge_root, perturbqa_ro
     assert "through a synonym" in out and "GO annotations" in out
     terms = read_obo(knowledge_file("go_obo", knowledge_root, allow_download=False))
     assert terms["GO:0006915"].name == "apoptotic process"
+
+
+def test_knowledge_library_never_imports_the_data_package():
+    """Dataset facts reach knowledge code through the DataContext; only command-line mains join the two."""
+    import ast
+
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "perturb_models" / "knowledge").glob("*.py")):
+        if path.name == "__main__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        mains = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "main" for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and id(node) not in mains:
+                assert not (node.module or "").startswith("perturb_models.data"), f"{path.name} imports {node.module}"

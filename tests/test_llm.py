@@ -23,9 +23,8 @@ TINY = ["model=lora_llama_tiny", *SMALL_SYNTHETIC]
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def cache(isolated_cache):
+    return isolated_cache
 
 
 def _datamodule(synthetic_cfg, task="joint"):
@@ -46,7 +45,7 @@ def test_prompts_carry_no_validation_or_test_outcome(synthetic_cfg, task):
         frame = dm.frames[stage].head(150)
         for pert, gene in zip(frame["pert"], frame["gene"]):
             prompt = builder(pert, gene)
-            assert context.extras["cell_line"] in prompt and pert in prompt and gene in prompt
+            assert context.cell_line in prompt and pert in prompt and gene in prompt
             for neighbour, outcome in builder.retrieved(pert, gene):
                 listed += 1
                 assert neighbour not in held_out, f"{stage} prompt of ({pert}, {gene}) names held-out {neighbour}"
@@ -67,7 +66,7 @@ def test_prompts_do_not_change_when_held_out_labels_change(synthetic_cfg):
     assert before == after
     # ...while flipping training labels does change them (the check above can fail).
     flipped = context.train_pairs.assign(de=1 - context.train_pairs["de"])
-    changed = [PromptBuilder(context.extras["cell_line"], "joint", flipped, retrieval_k=5)(p, g)
+    changed = [PromptBuilder(context.cell_line, "joint", flipped, retrieval_k=5)(p, g)
                for p, g in zip(pairs["pert"], pairs["gene"])]
     assert changed != before
 

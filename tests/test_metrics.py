@@ -5,10 +5,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
 
-from perturb_models.metrics import auroc_per_gene, metrics_from_predictions, task_scores
+from perturb_models.metrics import auroc_per_gene, metrics_from_predictions
 
 
 def sklearn_auroc_per_gene(labels, scores, genes):
@@ -38,13 +37,6 @@ def test_genes_with_one_class_are_skipped_and_counted():
     mean, scored = auroc_per_gene(labels, scores, genes)
     assert (mean, scored) == (1.0, 1)
     assert math.isnan(auroc_per_gene([1, 1], [0.1, 0.2], ["A", "A"])[0])
-
-
-def test_joint_scores_give_de_and_direction():
-    probs = torch.tensor([[0.7, 0.1, 0.2], [0.1, 0.6, 0.3]])
-    scores = task_scores(probs, "joint")
-    assert torch.allclose(scores["de"], torch.tensor([0.3, 0.9]))
-    assert torch.allclose(scores["dir"], torch.tensor([2 / 3, 1 / 3]))
 
 
 def test_metrics_are_keyed_per_task_with_genes_scored():

@@ -63,6 +63,13 @@ def test_ddp_trainer_takes_ranks_from_slurm_environment(tmp_path, monkeypatch):
                        "SLURM_JOB_NAME": "train-k562-joint-mlp", "SLURM_JOB_ID": "1234"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("MASTER_ADDR", raising=False)
+    # The strategy sets the process-global rank to 5; put it back after the test, or every later test in this
+    # process runs as a non-zero rank (loggers and rank-zero prints silently off).
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", getattr(rank_zero_only, "rank", 0))
+    monkeypatch.setattr(utils_rank_zero_only, "rank", getattr(utils_rank_zero_only, "rank", 0))
     # The GPU-free stand-in of trainer=ddp: same strategy and layout on CPU, gloo instead of NCCL.
     cfg = compose_config("train", [*SLURM_DDP[1:], "logger=none", "trainer.accelerator=cpu", "trainer.precision=32-true",
                                    "trainer.strategy.process_group_backend=gloo"], tmp_path)

@@ -21,6 +21,7 @@ def sweep_params(sweep_file: Path) -> dict[str, str]:
     return dict(yaml.safe_load(sweep_file.read_text())["hydra"]["sweeper"]["params"])
 
 
+@pytest.mark.slow
 def test_optuna_sweep_of_two_trials_reports_best_validation_value_with_separate_wandb_runs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     run_script(["train.py", "-m", "sweep=optuna_mlp", "data=synthetic", "logger=wandb", "trainer.max_epochs=1",

@@ -20,24 +20,25 @@ from perturb_models.data.perturbqa import (
     TaskTables,
     ensure_task_files,
     load_task_tables,
+    read_cluster_mapping,
     validate_tables,
 )
 from perturb_models.data.synthetic import make_synthetic_tables
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.io import atomic_write_json
-
-TASKS = ("de", "dir", "joint")
-NUM_CLASSES = {"de": 2, "dir": 2, "joint": 3}
-JOINT_CLASSES = ("not_de", "down", "up")
+from perturb_models.tasks import encode_labels, get_task
 
 
 @dataclass(frozen=True)
 class DataContext:
-    """What models may know about the data, read-only: dimensions, symbols and the training pairs.
+    """What models may know about the data, read-only: dimensions, symbols, dataset facts and the training pairs.
 
     ``train_pairs`` holds the training perturbations only (validation and test removed), with columns
     ``pert, gene`` (symbols), ``pert_idx, gene_idx`` (vocab indices), ``de`` (0/1) and ``dir``
     (1 up, 0 down, -1 not DE or unknown). Graphs and retrieval built from labels must use only this.
+    ``clusters`` maps the vocab symbols that name gene clusters (k562_set's downstream "genes") to their
+    member symbols; ``cell_line`` is named in LLM prompts; ``source`` says where the pairs came from.
+    Everything a model needs from the dataset is here, so knowledge code never reads data files.
     """
 
     dataset: str
@@ -47,24 +48,17 @@ class DataContext:
     train_perts: tuple[str, ...]
     val_perts: tuple[str, ...]
     test_perts: tuple[str, ...]
-    extras: Mapping[str, Any] = field(default_factory=dict)
+    cell_line: str = ""
+    clusters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    source: str = ""
 
     @property
     def num_classes(self) -> int:
-        return NUM_CLASSES[self.task]
+        return get_task(self.task).num_classes
 
     @property
     def num_genes(self) -> int:
         return len(self.vocab)
-
-
-def class_labels(de: np.ndarray, direction: np.ndarray, task: str) -> np.ndarray:
-    """Training target per task: de -> 0/1, dir -> 0 down / 1 up, joint -> 0 not DE / 1 down / 2 up."""
-    if task == "de":
-        return de.astype(np.int64)
-    if task == "dir":
-        return direction.astype(np.int64)
-    return np.where(de == 1, 1 + direction, 0).astype(np.int64)
 
 
 def merge_task_tables(tables: TaskTables, task: str) -> pd.DataFrame:
@@ -78,13 +72,13 @@ def merge_task_tables(tables: TaskTables, task: str) -> pd.DataFrame:
         pairs["dir"] = pairs["dir"].fillna(-1).astype(np.int64)
         # A DE pair with no direction row cannot be scored for direction nor trained in joint mode.
         unlabelled = (pairs["de"] == 1) & (pairs["dir"] < 0)
-        if unlabelled.any() and task != "de":
+        if unlabelled.any() and "dir" in get_task(task).files:
             row = pairs.loc[unlabelled].iloc[0]
             raise DataValidationError(
                 f"{tables.source}: DE pair (pert={row['pert']}, gene={row['gene']}) has no row in "
                 f"{tables.name}-dir.csv ({int(unlabelled.sum())} such pairs); task={task} needs a direction for every DE pair"
             )
-    if task == "dir":
+    if get_task(task).de_pairs_only:
         pairs = pairs.loc[pairs["de"] == 1]
     return pairs.reset_index(drop=True)
 
@@ -193,8 +187,7 @@ class PerturbQADataModule(L.LightningDataModule):
         cell_line: str | None = None,
     ):
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"data.task must be one of {', '.join(TASKS)}, got {task!r}")
+        get_task(task)  # an unknown task fails here, naming the valid ones
         self.name, self.task, self.root = name, task, root
         self.val_fraction, self.seed = float(val_fraction), int(seed)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
@@ -207,20 +200,16 @@ class PerturbQADataModule(L.LightningDataModule):
         self.frames: dict[str, pd.DataFrame] = {}
         self.context: DataContext | None = None
 
-    @property
-    def num_classes(self) -> int:
-        return NUM_CLASSES[self.task]
-
     # ---- files -----------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self.name != "synthetic":
-            kinds = ("de",) if self.task == "de" else ("de", "dir")
-            ensure_task_files(self.name, kinds, root=self.root, base_url=self.base_url, allow_download=self.download)
+            ensure_task_files(self.name, get_task(self.task).files, root=self.root, base_url=self.base_url, allow_download=self.download)
 
     def load_tables(self) -> TaskTables:
         if self.name == "synthetic":
             de, dir_ = make_synthetic_tables(**self.synthetic)
-            return validate_tables("synthetic", de, None if self.task == "de" else dir_, source="<synthetic>")
+            return validate_tables("synthetic", de, dir_ if "dir" in get_task(self.task).files else None,
+                                   source="<synthetic>")
         return load_task_tables(self.name, self.task, root=self.root, base_url=self.base_url, allow_download=self.download)
 
     # ---- splits ----------------------------------------------------------------------------------
@@ -266,7 +255,7 @@ class PerturbQADataModule(L.LightningDataModule):
         val_set = set(val_perts)
         stage_of = np.where(pairs["split"] == "test", "test", np.where(pairs["pert"].isin(val_set), "val", "train"))
         pairs = pairs.assign(stage=stage_of, pert_idx=vocab.encode(pairs["pert"]), gene_idx=vocab.encode(pairs["gene"]))
-        pairs["label"] = class_labels(pairs["de"].to_numpy(), pairs["dir"].to_numpy(), self.task)
+        pairs["label"] = encode_labels(pairs["de"].to_numpy(), pairs["dir"].to_numpy(), self.task)
         for stage_name in ("train", "val", "test"):
             frame = pairs.loc[pairs["stage"] == stage_name].reset_index(drop=True)
             if frame.empty:
@@ -280,6 +269,7 @@ class PerturbQADataModule(L.LightningDataModule):
                 "dir": torch.as_tensor(frame["dir"].to_numpy(), dtype=torch.long),
             })
         train = self.frames["train"]
+        mapping = read_cluster_mapping(tables.folder, self.name) if tables.folder is not None else {}
         self.context = DataContext(
             dataset=self.name,
             task=self.task,
@@ -288,7 +278,9 @@ class PerturbQADataModule(L.LightningDataModule):
             train_perts=tuple(sorted(train["pert"].unique())),
             val_perts=tuple(val_perts),
             test_perts=tuple(sorted(self.frames["test"]["pert"].unique())),
-            extras={"cell_line": self.cell_line, "source": tables.source},
+            cell_line=self.cell_line,
+            clusters={k: v for k, v in mapping.items() if k in vocab},
+            source=tables.source,
         )
 
     def split_record(self) -> dict[str, Any]:
@@ -336,7 +328,4 @@ class PerturbQADataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from perturb_models.io import DownloadError, download, resolve_folder
+from perturb_models.tasks import get_task
 
 PERTURBQA_BASE_URL = "https://raw.githubusercontent.com/Genentech/PerturbQA/main/perturbqa/datasets"
 """Public location of the PerturbQA task files (``<base>/<name>-de.csv``)."""
@@ -40,6 +41,7 @@ class TaskTables:
     de: pd.DataFrame
     dir: pd.DataFrame | None
     source: str
+    folder: Path | None = None  # the data folder the files were read from; None for tables built in memory
 
 
 def resolve_data_root(root: str | os.PathLike | None = None) -> Path:
@@ -194,14 +196,13 @@ def load_task_tables(
     allow_download: bool = True,
 ) -> TaskTables:
     """Find (or download), read and validate the files of dataset ``name`` for ``task``."""
-    kinds = ("de",) if task == "de" else TASK_FILES
-    paths = ensure_task_files(name, kinds, root=root, base_url=base_url, allow_download=allow_download)
+    paths = ensure_task_files(name, get_task(task).files, root=root, base_url=base_url, allow_download=allow_download)
     de = read_task_file(paths["de"], "de")
     dir_ = None
     if "dir" in paths:
         dir_ = read_task_file(paths["dir"], "dir")
         validate_dir_against_de(de, dir_, str(paths["de"]), str(paths["dir"]))
-    return TaskTables(name=name, de=de, dir=dir_, source=str(paths["de"].parent))
+    return TaskTables(name=name, de=de, dir=dir_, source=str(paths["de"].parent), folder=paths["de"].parent)
 
 
 def validate_tables(name: str, de: pd.DataFrame, dir_: pd.DataFrame | None, source: str) -> TaskTables:
@@ -213,19 +214,31 @@ def validate_tables(name: str, de: pd.DataFrame, dir_: pd.DataFrame | None, sour
     return TaskTables(name=name, de=de, dir=dir_, source=source)
 
 
-def cluster_members(context) -> dict[str, list[str]]:
+def read_cluster_mapping(folder: str | os.PathLike, name: str) -> dict[str, tuple[str, ...]]:
     """Cluster name -> member symbols for datasets whose downstream "genes" are gene clusters (k562_set).
 
-    Read from ``<data folder>/<dataset>-mapping.json`` and kept to the clusters in ``context.vocab``;
-    empty for datasets without such a file (and for generated data).
+    Read from ``<folder>/<name>-mapping.json``; empty for datasets without such a file.
     """
-    source = (getattr(context, "extras", None) or {}).get("source")
-    if not source or str(source).startswith("<"):
-        return {}
-    path = Path(str(source)) / f"{context.dataset}-mapping.json"
+    path = Path(folder) / f"{name}-mapping.json"
     if not path.is_file():
         return {}
     mapping = json.loads(path.read_text())
-    if not isinstance(mapping, dict):
+    if not isinstance(mapping, dict) or not all(isinstance(v, list) for v in mapping.values()):
         raise DataValidationError(f"{path}: expected a JSON object cluster name -> list of gene symbols")
-    return {str(k): [str(s) for s in v] for k, v in mapping.items() if str(k) in context.vocab}
+    return {str(k): tuple(str(s) for s in v) for k, v in mapping.items()}
+
+
+def dataset_symbols(name: str, data_root: str | os.PathLike | None = None, expand_sets: bool = True) -> list[str]:
+    """Every gene symbol of a PerturbQA dataset (perturbations and downstream genes).
+
+    For ``k562_set`` the downstream "genes" are clusters: with ``expand_sets`` their member genes from
+    ``k562_set-mapping.json`` are listed instead of the cluster names.
+    """
+    paths = ensure_task_files(name, ("de",), root=data_root)
+    frame = read_task_file(paths["de"], "de")
+    symbols = set(frame["pert"].astype(str))
+    genes = set(frame["gene"].astype(str))
+    mapping = read_cluster_mapping(paths["de"].parent, name) if expand_sets else {}
+    for gene in genes:
+        symbols.update(mapping.get(gene, (gene,)))
+    return sorted(symbols)

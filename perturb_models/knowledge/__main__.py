@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from perturb_models.knowledge.annotations import dataset_symbols, resolve_symbols, symbol_go_terms
+from perturb_models.knowledge.annotations import resolve_symbols, symbol_go_terms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     cov.add_argument("--no-download", action="store_true", help="fail instead of downloading missing files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # The command line joins the two sides; the knowledge library itself never reads dataset files.
+    from perturb_models.data.perturbqa import dataset_symbols
+
     symbols = dataset_symbols(args.data, args.data_root)
     report = resolve_symbols(symbols, args.root, not args.no_download)
     print(report.summary(f"{args.data} genes in gene_info"))

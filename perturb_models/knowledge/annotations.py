@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from perturb_models.knowledge.files import knowledge_file
@@ -54,25 +52,3 @@ def symbol_go_terms(symbols: Sequence[str], root: str | os.PathLike | None = Non
         terms = resolver_symbols
     log.info("GO annotations: %d of %d dataset genes have at least one term", len(terms), len(set(symbols)))
     return terms, report
-
-
-def dataset_symbols(name: str, data_root: str | os.PathLike | None = None, expand_sets: bool = True) -> list[str]:
-    """Every gene symbol of a PerturbQA dataset (perturbations and downstream genes).
-
-    For ``k562_set`` the downstream "genes" are clusters: with ``expand_sets`` their member genes from
-    ``k562_set-mapping.json`` are listed instead of the cluster names.
-    """
-    from perturb_models.data.perturbqa import ensure_task_files, read_task_file, resolve_data_root
-
-    paths = ensure_task_files(name, ("de",), root=data_root)
-    frame = read_task_file(paths["de"], "de")
-    symbols = set(frame["pert"].astype(str))
-    genes = set(frame["gene"].astype(str))
-    mapping_path = Path(resolve_data_root(data_root)) / f"{name}-mapping.json"
-    if expand_sets and mapping_path.is_file():
-        mapping = json.loads(mapping_path.read_text())
-        for cluster in genes:
-            symbols.update(mapping.get(cluster, [cluster]))
-    else:
-        symbols |= genes
-    return sorted(symbols)

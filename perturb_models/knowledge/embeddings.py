@@ -35,7 +35,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from perturb_models.data.perturbqa import cluster_members
 from perturb_models.io import atomic_write_bytes, cache_dir
 
 log = logging.getLogger(__name__)
@@ -314,7 +313,7 @@ def gene_embedding_table(context, spec: Mapping | None, progress: bool = True) -
     """An ``EmbeddingTable`` in vocab order for ``context`` (a DataContext), logging the coverage."""
     spec = full_spec(spec)
     symbols = list(context.vocab.symbols)
-    clusters = cluster_members(context)
+    clusters = context.clusters
     if spec["source"] == "text":
         table = text_embedding_table(symbols, spec, clusters, progress)
     elif spec["source"] == "random":

@@ -122,9 +122,6 @@ class SymbolResolver:
         self._ensembl = {e: int(g) for g, e in zip(gene_info["gene_id"], gene_info["ensembl"]) if e}
         self._symbol_of = {int(g): s for g, s in zip(gene_info["gene_id"], gene_info["symbol"])}
 
-    def symbol_of(self, gene_id: int) -> str | None:
-        return self._symbol_of.get(int(gene_id))
-
     def resolve(self, symbol: str) -> int | None:
         """GeneID of ``symbol`` or None (missing or ambiguous)."""
         return self.resolve_many([symbol]).mapping.get(symbol)

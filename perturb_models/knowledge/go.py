@@ -238,15 +238,17 @@ class GODag:
         return out
 
 
-def gene_term_sets(annotations: pd.DataFrame, aspects: Iterable[str] | str | None = None,
-                   exclude_evidence: Iterable[str] = (), ontology: Mapping[str, GOTerm] | None = None,
-                   propagate: bool = False, relations: Iterable[str] = ("is_a", "part_of"),
-                   drop_root_terms: bool = True) -> dict[object, frozenset[str]]:
-    """Gene -> set of GO ids from an annotation table, after filters.
+ROOT_TERMS = frozenset({"GO:0008150", "GO:0003674", "GO:0005575"})
+"""biological_process, molecular_function, cellular_component: annotated to everything, informative of nothing."""
 
-    ``NOT`` qualifiers are dropped (they state the gene does *not* have the function). ``aspects``
-    keeps some of P/F/C; ``exclude_evidence`` drops evidence codes (e.g. IEA, ND); ``propagate`` adds
-    every ancestor (needs ``ontology``). The three root terms carry no information and are dropped.
+
+def filter_annotations(annotations: pd.DataFrame, aspects: Iterable[str] | str | None = None,
+                       exclude_evidence: Iterable[str] = (), drop_root_terms: bool = False) -> pd.DataFrame:
+    """The annotation rows every GO consumer keeps (graphs through ``gene_term_sets``, gene texts).
+
+    ``NOT`` qualifiers are dropped (they state the gene does *not* have the function); ``aspects`` keeps
+    some of P/F/C; ``exclude_evidence`` drops evidence codes (e.g. IEA, ND); ``drop_root_terms`` drops
+    annotations to the three root terms.
     """
     frame = annotations
     keep = ~frame["qualifier"].astype(str).str.contains("NOT", na=False)
@@ -256,7 +258,22 @@ def gene_term_sets(annotations: pd.DataFrame, aspects: Iterable[str] | str | Non
     excluded = set(exclude_evidence or ())
     if excluded:
         keep &= ~frame["evidence"].isin(excluded)
-    frame = frame.loc[keep]
+    if drop_root_terms:
+        keep &= ~frame["go_id"].isin(ROOT_TERMS)
+    return frame.loc[keep]
+
+
+def gene_term_sets(annotations: pd.DataFrame, aspects: Iterable[str] | str | None = None,
+                   exclude_evidence: Iterable[str] = (), ontology: Mapping[str, GOTerm] | None = None,
+                   propagate: bool = False, relations: Iterable[str] = ("is_a", "part_of"),
+                   drop_root_terms: bool = True) -> dict[object, frozenset[str]]:
+    """Gene -> set of GO ids from an annotation table, after filters.
+
+    Rows are filtered by :func:`filter_annotations`; ``propagate`` adds every ancestor (needs
+    ``ontology``). The three root terms carry no information and are dropped (after propagation).
+    """
+    aspects = normalise_aspects(aspects)
+    frame = filter_annotations(annotations, aspects, exclude_evidence)
     sets: dict[object, set[str]] = {}
     for gene, go_id in zip(frame["gene"], frame["go_id"]):
         sets.setdefault(gene, set()).add(go_id)
@@ -275,7 +292,6 @@ def gene_term_sets(annotations: pd.DataFrame, aspects: Iterable[str] | str | Non
             sets = {g: {dag.primary(t) for t in ts} for g, ts in sets.items()}
         result = {g: frozenset(ts) for g, ts in sets.items()}
     if drop_root_terms:
-        roots = {"GO:0008150", "GO:0003674", "GO:0005575"}
-        result = {g: ts - roots for g, ts in result.items()}
+        result = {g: ts - ROOT_TERMS for g, ts in result.items()}
         result = {g: ts for g, ts in result.items() if ts}
     return result

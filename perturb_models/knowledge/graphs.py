@@ -32,7 +32,6 @@ import torch
 from scipy import sparse
 from tqdm.auto import tqdm
 
-from perturb_models.data.perturbqa import cluster_members
 from perturb_models.io import atomic_write_bytes, cache_dir
 
 log = logging.getLogger(__name__)
@@ -204,14 +203,14 @@ def vocab_term_sets(context, knowledge_root: str | None, annotations: str, aspec
                     allow_download: bool) -> tuple[list[frozenset[str] | None], dict[str, Any]]:
     """One GO term set per vocab symbol (None when unannotated).
 
-    A symbol that names a gene cluster (``<dataset>-mapping.json`` next to the data, e.g. k562_set) gets
+    A symbol that names a gene cluster (``context.clusters``, e.g. k562_set) gets
     the terms annotated to at least ``cluster_min_share`` of its annotated members: the cluster's shared
     function, not the union of everything its members do.
     """
     from perturb_models.knowledge.annotations import symbol_go_terms
 
     symbols = context.vocab.symbols
-    clusters = cluster_members(context)
+    clusters = context.clusters
     wanted = [s for s in symbols if s not in clusters] + sorted({m for ms in clusters.values() for m in ms})
     terms, report = symbol_go_terms(wanted, knowledge_root, annotations, aspects, exclude_evidence, propagate,
                                     relations, allow_download)
@@ -410,7 +409,7 @@ def graph_cache_key(kind: str, params: Mapping[str, Any], context) -> str:
             kinds.append("go_obo")
         for k in kinds:
             digest.update(json.dumps(_file_fingerprint(knowledge_file(k, root, allow))).encode())
-        mapping = cluster_members(context)
+        mapping = {k: list(v) for k, v in context.clusters.items()}
         digest.update(json.dumps(mapping, sort_keys=True).encode())
     return digest.hexdigest()
 

@@ -138,7 +138,7 @@ def build_gene_texts(symbols: Sequence[str], root: str | os.PathLike | None = No
     ``clusters`` maps cluster names to member symbols (k562_set).
     """
     from perturb_models.knowledge.gene_info import SymbolResolver, read_gene_info
-    from perturb_models.knowledge.go import read_gene2go, read_obo
+    from perturb_models.knowledge.go import filter_annotations, read_gene2go, read_obo
 
     recipe = recipe or TextRecipe()
     clusters = {k: list(v) for k, v in (clusters or {}).items() if k in set(symbols)}
@@ -154,9 +154,9 @@ def build_gene_texts(symbols: Sequence[str], root: str | os.PathLike | None = No
     if recipe.go:
         table = read_gene2go(knowledge_file("gene2go", root, allow_download))
         wanted = set(report.mapping.values())
-        table = table.loc[table["gene"].isin(wanted) & table["aspect"].isin(recipe.aspects)]
-        # NOT-qualified annotations say the gene does NOT do it: leave them out of a description.
-        table = table.loc[~table["qualifier"].str.contains("NOT", na=False)]
+        # The graphs' filter (NOT qualifiers out, aspects). Unlike the GO graph, texts keep ND evidence and
+        # the root terms: dropping them would change every text, hence every text embedding and its results.
+        table = filter_annotations(table.loc[table["gene"].isin(wanted)], recipe.aspects)
         names.update(dict(zip(table["go_id"], table["go_term"])))
         if recipe.definitions:
             ontology = read_obo(knowledge_file("go_obo", root, allow_download))

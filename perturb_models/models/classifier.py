@@ -12,11 +12,14 @@ import torch
 from torch import nn
 
 from perturb_models.data.vocab import GeneVocab
-from perturb_models.metrics import metrics_from_predictions, prediction_frame, task_scores
+from perturb_models.metrics import metrics_from_predictions, prediction_frame
+from perturb_models.models.base import check_encoder, trainable_parameters
+from perturb_models.tasks import decode_scores, get_task
 
 # Validation/test metrics are computed from predictions gathered from every rank, so each rank logs the
-# same value; Lightning's advice to all-reduce them (sync_dist=True) does not apply.
-warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/.*sync_dist=True.*")
+# same value; Lightning's advice to all-reduce them (sync_dist=True) does not apply. Silenced only while
+# this module evaluates (see _quiet_sync_advice).
+_SYNC_ADVICE = r".*self\.log\('(val|test)/.*sync_dist=True.*"
 
 RECORD_KEY = "perturb_models"
 """Checkpoint key holding what rebuilds a run: the resolved config, the vocab and the split."""
@@ -25,11 +28,13 @@ RECORD_KEY = "perturb_models"
 class PerturbationClassifier(L.LightningModule):
     """Encoder + linear head + cross-entropy, for every model of the project.
 
-    The encoder maps a batch dict (``pert``, ``gene`` index tensors, ...) to a pair representation with
-    ``encoder.output_dim`` features, or, when ``encoder.produces_logits`` is true, straight to logits.
+    The encoder (a :class:`~perturb_models.models.base.Encoder`) maps a batch dict (``pert``, ``gene``
+    index tensors, ...) to a pair representation with ``encoder.output_dim`` features, or, when
+    ``encoder.produces_logits`` is true, straight to logits. A model with trainable parameters and no
+    ``optimizer`` is an error: it would "train" without ever updating its weights.
 
     Args:
-        encoder: the model-specific ``nn.Module``.
+        encoder: the model-specific :class:`~perturb_models.models.base.Encoder`.
         vocab: the DataModule's vocabulary (to name genes in predictions).
         task: ``de``, ``dir`` or ``joint``; fixes the number of classes and how scores are read.
         optimizer: a partial ``torch.optim`` constructor (``_partial_: true`` in config).
@@ -51,18 +56,23 @@ class PerturbationClassifier(L.LightningModule):
         class_weights: list[float] | None = None,
     ):
         super().__init__()
-        from perturb_models.data.datamodule import NUM_CLASSES
-
         self.encoder = encoder
         self.vocab = vocab
         self.task = task
-        self.num_classes = NUM_CLASSES[task]
-        self.produces_logits = bool(getattr(encoder, "produces_logits", False))
+        self.num_classes = get_task(task).num_classes
+        check_encoder(encoder, self.num_classes)
+        self.produces_logits = bool(encoder.produces_logits)
         self.head = nn.Identity() if self.produces_logits else nn.Linear(encoder.output_dim, self.num_classes)
         weight = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         if weight is not None and len(weight) != self.num_classes:
             raise ValueError(f"class_weights has {len(weight)} entries, task={task} has {self.num_classes} classes")
         self.loss_fn = nn.CrossEntropyLoss(weight=weight)
+        trainable = trainable_parameters(self)
+        if trainable and optimizer is None:
+            raise ValueError(
+                f"model.optimizer is null, but {type(encoder).__name__} (+ head) has {trainable:,} trainable parameters: "
+                "they would never be updated. Give an optimizer (conf/model/_base.yaml has the default), or freeze them"
+            )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -71,13 +81,35 @@ class PerturbationClassifier(L.LightningModule):
         self.stage_metrics: dict[str, dict[str, float]] = {}
         self.stage_predictions: dict[str, pd.DataFrame] = {}
         self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
+        self._warning_scope: warnings.catch_warnings | None = None
 
     def setup(self, stage: str) -> None:
         # Encoders that precompute per-pair inputs (the LLM's tokenised prompts) do it once per split here.
-        prepare = getattr(self.encoder, "prepare_datamodule", None)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if callable(prepare) and datamodule is not None:
-            prepare(datamodule)
+        if datamodule is not None:
+            self.encoder.prepare_datamodule(datamodule)
+
+    def _quiet_sync_advice(self, on: bool) -> None:
+        # From the start of an evaluation loop to its end (after the callbacks read the metrics).
+        if on and self._warning_scope is None:
+            self._warning_scope = warnings.catch_warnings()
+            self._warning_scope.__enter__()
+            warnings.filterwarnings("ignore", message=_SYNC_ADVICE)
+        elif not on and self._warning_scope is not None:
+            self._warning_scope.__exit__(None, None, None)
+            self._warning_scope = None
+
+    def on_validation_start(self) -> None:
+        self._quiet_sync_advice(True)
+
+    def on_validation_end(self) -> None:
+        self._quiet_sync_advice(False)
+
+    def on_test_start(self) -> None:
+        self._quiet_sync_advice(True)
+
+    def on_test_end(self) -> None:
+        self._quiet_sync_advice(False)
 
     # ---- forward / loss --------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -110,10 +142,6 @@ class PerturbationClassifier(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._collect("test", batch)
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        scores = task_scores(torch.softmax(self(batch).float(), dim=-1), self.task)
-        return {"pert": batch["pert"], "gene": batch["gene"], **scores}
-
     # ---- epoch-end metrics -----------------------------------------------------------------------
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate a per-rank tensor of any length from every rank (padded for the collective)."""
@@ -145,7 +173,7 @@ class PerturbationClassifier(L.LightningModule):
         merged = {key: self._gather(value).cpu() for key, value in merged.items()}
         if len(merged["pert"]) == 0:
             return
-        scores = {k: v.double().numpy() for k, v in task_scores(merged["probs"], self.task).items()}
+        scores = {k: v.double().numpy() for k, v in decode_scores(merged["probs"], self.task).items()}
         frame = prediction_frame(
             self.vocab.decode(merged["pert"].tolist()), self.vocab.decode(merged["gene"].tolist()),
             merged["de"].numpy(), merged["dir"].numpy(), scores,
@@ -168,8 +196,8 @@ class PerturbationClassifier(L.LightningModule):
     # ---- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        if not params or self.optimizer_factory is None:
-            return None
+        if not params:
+            return None  # nothing to fit (retrieval); __init__ rejects trainable parameters without an optimizer
         optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return optimizer

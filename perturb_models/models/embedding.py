@@ -18,6 +18,7 @@ from torch import nn
 
 from perturb_models.data.datamodule import DataContext
 from perturb_models.knowledge.embeddings import full_spec, gene_embedding_table
+from perturb_models.models.base import Encoder
 from perturb_models.models.layers import PairMLP
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class GeneEmbeddings(nn.Module):
         return torch.cat([vectors, flag], dim=-1)
 
 
-class EmbeddingMLPEncoder(nn.Module):
+class EmbeddingMLPEncoder(Encoder):
     """Frozen gene embeddings of the perturbed and the downstream gene -> residual pair MLP.
 
     Args:
@@ -97,7 +98,7 @@ class EmbeddingMLPEncoder(nn.Module):
         return self.pair(self.input_dropout(torch.cat([pert, gene], dim=-1)))
 
 
-class LogRegEncoder(nn.Module):
+class LogRegEncoder(Encoder):
     """GenePT's logistic-regression baseline: logits = W [e(pert), e(gene)] + b over frozen embeddings.
 
     ``produces_logits``: the classifier uses these logits directly (softmax / cross-entropy over the

@@ -23,15 +23,20 @@ from torch_geometric.nn import GATConv, SGConv
 from perturb_models.data.datamodule import DataContext
 from perturb_models.knowledge.graphs import GeneGraph, build_graphs
 from perturb_models.knowledge.embeddings import full_spec
+from perturb_models.models.base import Encoder
 from perturb_models.models.embedding import GeneEmbeddings
 from perturb_models.models.layers import PairMLP
 
 log = logging.getLogger(__name__)
 
 
-def node_feature_spec(node_features: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+def node_feature_spec(node_features: str | Mapping[str, Any] | None,
+                      knowledge: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """``model.encoder.node_features`` as an embedding spec: null (no features), a source name
-    (``text``, ``random``) or a full spec mapping (``{source: table, path: genept.pkl}``)."""
+    (``text``, ``random``) or a full spec mapping (``{source: table, path: genept.pkl}``).
+
+    ``knowledge`` (the run's ``knowledge`` config: ``root``, ``allow_download``) fills the spec's
+    ``knowledge_root`` and ``allow_download`` where the spec does not set them."""
     if node_features is None or node_features is False:
         return None
     if isinstance(node_features, str):
@@ -41,15 +46,20 @@ def node_feature_spec(node_features: str | Mapping[str, Any] | None) -> dict[str
     if not isinstance(node_features, Mapping):
         raise ValueError(f"model.encoder.node_features={node_features!r}: expected null, a source name "
                          "(text, table, random) or a mapping like {source: table, path: FILE}")
+    node_features = dict(node_features)
+    for key, spec_key in (("root", "knowledge_root"), ("allow_download", "allow_download")):
+        if knowledge is not None and knowledge.get(key) is not None:
+            node_features.setdefault(spec_key, knowledge[key])
     try:
         return full_spec(node_features)
     except ValueError as err:
         raise ValueError(str(err).replace("model.encoder.embeddings", "model.encoder.node_features")) from None
 
 
-def build_node_features(context: DataContext, node_features: str | Mapping[str, Any] | None) -> GeneEmbeddings | None:
+def build_node_features(context: DataContext, node_features: str | Mapping[str, Any] | None,
+                        knowledge: Mapping[str, Any] | None = None) -> GeneEmbeddings | None:
     """Fixed per-gene input features (standardised, plus a missing flag) or None."""
-    spec = node_feature_spec(node_features)
+    spec = node_feature_spec(node_features, knowledge)
     if spec is None:
         return None
     features = GeneEmbeddings(context, spec, missing="learned", standardize=True, finetune=False)
@@ -110,7 +120,7 @@ def _graph_buffers(module: nn.Module, graph: GeneGraph, prefix: str) -> None:
     module.register_buffer(f"{prefix}_edge_weight", graph.edge_weight.clone().float())
 
 
-class _CachedNodeStates(nn.Module):
+class _CachedNodeStates(Encoder):
     """Caches full-graph node states in eval mode; cleared on ``train()`` and on state-dict loads."""
 
     def __init__(self):
@@ -147,19 +157,20 @@ class GATEncoder(_CachedNodeStates):
         hidden_dim: node state size; heads: attention heads (``hidden_dim`` must divide by it).
         node_features: fixed gene features projected into the node inputs: null, ``text``, ``random`` or an
             embedding spec (``{source: table, path: FILE}``); see ``node_feature_spec``.
+        knowledge: the run's ``knowledge`` config (``root``, ``allow_download``) for text node features.
     """
 
     def __init__(self, context: DataContext, graphs: Mapping[str, Mapping[str, Any]], hidden_dim: int = 64,
                  num_layers: int = 2, heads: int = 4, dropout: float = 0.1, attention_dropout: float = 0.0,
                  edge_dim: int = 16, pair_hidden_dim: int = 256, pair_blocks: int = 2,
-                 node_features: str | Mapping[str, Any] | None = None):
+                 node_features: str | Mapping[str, Any] | None = None, knowledge: Mapping[str, Any] | None = None):
         super().__init__()
         if hidden_dim % heads:
             raise ValueError(f"model.encoder.hidden_dim={hidden_dim} must be a multiple of heads={heads}")
         graph = build_graphs(graphs, context)
         self.num_genes = graph.num_genes
         self.relations = list(graph.relations)
-        self.node_features = build_node_features(context, node_features)
+        self.node_features = build_node_features(context, node_features, knowledge)
         self.nodes = NodeEmbedding(graph, hidden_dim, "gat", _feature_dim(self.node_features))
         _graph_buffers(self, graph, "graph")
         # Edge features are small (edge_dim): GATConv projects them once per edge and layer, the main cost on CPU.
@@ -239,9 +250,10 @@ class GEARSEncoder(_CachedNodeStates):
     def __init__(self, context: DataContext, pert_graphs: Mapping[str, Mapping[str, Any]],
                  gene_graphs: Mapping[str, Mapping[str, Any]], hidden_dim: int = 64, hops: int = 2,
                  dropout: float = 0.1, pair_hidden_dim: int = 256, pair_blocks: int = 2,
-                 node_features: str | Mapping[str, Any] | None = None, pert_include_self: bool = False):
+                 node_features: str | Mapping[str, Any] | None = None, pert_include_self: bool = False,
+                 knowledge: Mapping[str, Any] | None = None):
         super().__init__()
-        self.node_features = build_node_features(context, node_features)
+        self.node_features = build_node_features(context, node_features, knowledge)
         feature_dim = _feature_dim(self.node_features)
         self.pert_branch = SGBranch(build_graphs(pert_graphs, context), hidden_dim, hops, "gears perturbation graph",
                                     feature_dim, include_self=pert_include_self)

@@ -18,15 +18,16 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from scipy import sparse
-from torch import nn
 
-from perturb_models.data.datamodule import DataContext, class_labels
+from perturb_models.data.datamodule import DataContext
 from perturb_models.knowledge.graphs import build_graphs
+from perturb_models.models.base import Encoder
+from perturb_models.tasks import encode_labels
 
 log = logging.getLogger(__name__)
 
 
-class KNNEncoder(nn.Module):
+class KNNEncoder(Encoder):
     """Similarity-weighted vote of the k nearest training perturbations' labels, shrunk toward the gene's rate.
 
     Args:
@@ -58,7 +59,7 @@ class KNNEncoder(nn.Module):
         similarity.sum_duplicates()
         self.similarity = _top_k_rows(similarity, k)
         pairs = context.train_pairs
-        labels = class_labels(pairs["de"].to_numpy(), pairs["dir"].to_numpy(), context.task)
+        labels = encode_labels(pairs["de"].to_numpy(), pairs["dir"].to_numpy(), context.task)
         rows, cols = pairs["pert_idx"].to_numpy(), pairs["gene_idx"].to_numpy()
         # One pert x gene indicator matrix per class.
         self.votes = [sparse.csr_matrix((np.ones(int((labels == c).sum())), (rows[labels == c], cols[labels == c])),

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from perturb_models.io import atomic_write_bytes, cache_dir
+from perturb_models.models.base import Encoder
 from perturb_models.models.prompts import QUESTIONS, builder_from_context
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class PairTokens:
         return flat, offsets
 
 
-class LoRALlamaClassifier(nn.Module):
+class LoRALlamaClassifier(Encoder):
     """Llama LM + sequence-classification head + LoRA adapter, as a ``produces_logits`` encoder.
 
     Args:
@@ -258,6 +259,7 @@ class LoRALlamaClassifier(nn.Module):
         from peft import LoraConfig, TaskType, get_peft_model
 
         self.num_genes = len(context.vocab)
+        self.output_dim = context.num_classes
         self.symbols = list(context.vocab.symbols)
         self.max_length, self.micro_batch_size = int(max_length), int(micro_batch_size)
         self.use_token_cache = bool(token_cache)
@@ -273,7 +275,7 @@ class LoRALlamaClassifier(nn.Module):
         prompt_options.setdefault("count_tokens", TokenCounter(self.tokenizer))
         self.prompts = builder_from_context(context, **prompt_options)
         self.data_fingerprint = hashlib.sha1(
-            "|".join([context.dataset, str(context.extras.get("source")), str(len(context.train_pairs)),
+            "|".join([context.dataset, str(context.source), str(len(context.train_pairs)),
                       hashlib.sha1(context.train_pairs.loc[:, ["pert", "gene", "de", "dir"]].to_csv(index=False).encode()).hexdigest(),
                       hashlib.sha1("\n".join(self.symbols).encode()).hexdigest()]).encode()
         ).hexdigest()[:16]

@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from perturb_models.data.datamodule import DataContext
+from perturb_models.models.base import Encoder
 from perturb_models.models.layers import PairMLP
 
 
-class MLPEncoder(nn.Module):
+class MLPEncoder(Encoder):
     """``[E[pert], E[gene]]`` -> residual LayerNorm/GELU blocks -> pair representation.
 
     The embedding table is shared by the perturbation and the downstream-gene roles, so an unseen

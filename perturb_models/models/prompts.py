@@ -24,14 +24,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from perturb_models.tasks import QUESTIONS
+
 TEMPLATE_VERSION = "1"
 """Bump when the text of a template changes: token caches are keyed by it."""
 
-QUESTIONS = {
-    "de": "Question: is {gene} differentially expressed after the knockdown of {pert}? Answer:",
-    "dir": "Question: {gene} is differentially expressed after the knockdown of {pert}; does it go up or down? Answer:",
-    "joint": "Question: after the knockdown of {pert}, is {gene} unchanged, down or up? Answer:",
-}
 
 DescriptionSource = Mapping[str, str] | Callable[[str], "str | None"] | str | None
 
@@ -176,7 +173,7 @@ class PromptBuilder:
     """Text prompt of a (perturbation, downstream gene) pair for one task.
 
     Args:
-        cell_line: named in every prompt (``context.extras['cell_line']``).
+        cell_line: named in every prompt (``context.cell_line``).
         task: ``de``, ``dir`` or ``joint``.
         train_pairs: ``context.train_pairs`` (training perturbations only); used for retrieval.
         descriptions: a description source (see :func:`resolve_descriptions`).
@@ -262,7 +259,7 @@ class PromptBuilder:
 
 def builder_from_context(context, **options) -> PromptBuilder:
     """A :class:`PromptBuilder` over a DataModule's ``DataContext`` (training pairs only)."""
-    return PromptBuilder(cell_line=str(context.extras.get("cell_line", context.dataset)), task=context.task,
+    return PromptBuilder(cell_line=context.cell_line or context.dataset, task=context.task,
                          train_pairs=context.train_pairs, **options)
 
 

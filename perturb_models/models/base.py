@@ -1,0 +1,66 @@
+"""The encoder contract: what a model is, as far as the rest of the framework is concerned.
+
+A model is an ``Encoder`` subclass plus a ``conf/model/<name>.yaml`` (``encoder._target_`` names the
+class; the YAML extends ``conf/model/_base.yaml`` for the optimizer). ``PerturbationClassifier`` owns
+everything else: the head, the loss, optimisation, metrics, checkpoints and outputs.
+
+The contract:
+
+- ``__init__(self, context, **options)``: ``context`` is the DataModule's read-only
+  :class:`~perturb_models.data.datamodule.DataContext` (vocab, task, training pairs, dataset facts);
+  ``options`` are the keys of ``model.encoder`` in the config. Sizes come from ``context``, never from YAML.
+- ``forward(batch) -> Tensor``: ``batch`` is a dict of equal-length tensors (``pert``, ``gene``: vocab
+  indices; ``label``, ``de``, ``dir``); the output has one row per pair.
+- ``output_dim``: the width of that output. The classifier puts a linear head of
+  ``task.num_classes`` outputs on top, unless ``produces_logits`` is true: then the output already has
+  one logit per class (``output_dim == context.num_classes``) and the head is the identity.
+- ``prepare_datamodule(datamodule)`` (optional): called once from the classifier's ``setup`` with the
+  DataModule, for per-split precomputation (the LLM tokenises every split's prompts here).
+- Trainable parameters need an optimizer (``model.optimizer``); an encoder with none (retrieval) trains
+  for one pass that writes the checkpoint, then is validated and tested like any other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Encoder(nn.Module):
+    """Base class of every model's encoder; see the module docstring for the contract.
+
+    Subclasses call ``super().__init__()``, set ``self.output_dim`` and implement ``forward``.
+    """
+
+    produces_logits: bool = False
+    """True when ``forward`` returns one logit per class (no head is added)."""
+
+    output_dim: int
+    """Width of ``forward``'s output (the number of classes when ``produces_logits``)."""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(batch)")
+
+    def prepare_datamodule(self, datamodule: Any) -> None:
+        """Per-split precomputation, once per run; nothing by default."""
+
+
+def check_encoder(encoder: nn.Module, num_classes: int) -> None:
+    """Fail early, naming the class, when an encoder breaks the contract."""
+    name = type(encoder).__name__
+    if not isinstance(encoder, Encoder):
+        raise TypeError(f"model.encoder: {name} is not a perturb_models.models.base.Encoder; subclass it "
+                        "(see docs/architecture.md, 'Add a model')")
+    dim = getattr(encoder, "output_dim", None)
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"model.encoder: {name}.output_dim must be a positive int (the width of forward's output), "
+                         f"got {dim!r}")
+    if encoder.produces_logits and dim != num_classes:
+        raise ValueError(f"model.encoder: {name} produces logits of width {dim}, but the task has {num_classes} classes")
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    """Number of parameters an optimizer would update."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

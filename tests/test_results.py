@@ -1,0 +1,36 @@
+"""The quality tables: docs/results.md and the README's block come from benchmarks/results/quality.csv
+through one function, so neither can drift from the CSV (or from each other)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from perturb_models.results import (QUALITY_CSV, README, README_BEGIN, README_END, RESULTS_DOC, quality_table,
+                                    read_quality_rows, results_doc, with_readme_block, write_doc)
+
+
+def test_docs_results_page_is_generated_from_quality_csv():
+    assert RESULTS_DOC.read_text() == results_doc(read_quality_rows(QUALITY_CSV)), \
+        "docs/results.md differs from quality.csv: run python -m perturb_models.results"
+
+
+def test_readme_results_block_is_generated_from_quality_csv():
+    text = README.read_text()
+    assert text == with_readme_block(text, quality_table(read_quality_rows(QUALITY_CSV))), \
+        "README's results table differs from quality.csv: run python -m perturb_models.results"
+
+
+def test_rewriting_changes_only_the_marked_block(tmp_path):
+    rows = pd.DataFrame({"model": ["m", "m"], "dataset": ["k562", "k562"], "task": ["de", "de"], "seed": [0, 1],
+                         "auroc_per_gene": [0.6, 0.7]})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold table\n{README_END}\nrest\n")
+    write_doc(rows, tmp_path / "results.md", readme)
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{README_BEGIN}\n") and text.endswith(f"{README_END}\nrest\n")
+    assert "| m | 0.650 ± 0.071 (2) |" in text and "old table" not in text
+    assert "| m | 0.650 ± 0.071 (2) |" in (tmp_path / "results.md").read_text()
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no results block to rewrite"):
+        write_doc(rows, tmp_path / "results.md", readme)

@@ -1,0 +1,55 @@
+"""Task semantics (perturb_models/tasks.py): classes, label encoding, score decoding, files, metric names."""
+
+import numpy as np
+import pytest
+import torch
+
+from perturb_models.tasks import (QUESTIONS, TASKS, decode_scores, encode_labels, get_task, headline_metrics,
+                                  primary_metric)
+
+# File labels of four pairs: not DE, DE down, DE up, and not DE (direction unknown).
+DE = np.array([0, 1, 1, 0])
+DIRECTION = np.array([-1, 0, 1, -1])
+
+
+def test_joint_labels_follow_the_class_order_not_de_down_up():
+    labels = encode_labels(DE, DIRECTION, "joint")
+    assert [TASKS["joint"].classes[i] for i in labels] == ["not_de", "down", "up", "not_de"]
+    assert list(encode_labels(DE, DIRECTION, "de")) == [0, 1, 1, 0]
+    assert list(encode_labels(DE[1:3], DIRECTION[1:3], "dir")) == [0, 1]
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_a_certain_model_scores_each_pair_by_its_own_label(task):
+    """Decoding the one-hot probabilities of the encoded labels gives back the file labels as scores."""
+    keep = DE == 1 if get_task(task).de_pairs_only else np.ones(len(DE), bool)
+    labels = encode_labels(DE[keep], DIRECTION[keep], task)
+    probabilities = torch.nn.functional.one_hot(torch.as_tensor(labels), get_task(task).num_classes).float()
+    scores = decode_scores(probabilities, task)
+    assert tuple(scores) == get_task(task).scores
+    if "de" in scores:
+        assert scores["de"].tolist() == DE[keep].tolist()
+    if "dir" in scores:
+        moving = DE[keep] == 1
+        assert scores["dir"][torch.as_tensor(moving)].tolist() == DIRECTION[keep][moving].tolist()
+
+
+def test_joint_scores_give_de_and_direction():
+    probs = torch.tensor([[0.7, 0.1, 0.2], [0.1, 0.6, 0.3]])
+    scores = decode_scores(probs, "joint")
+    assert torch.allclose(scores["de"], torch.tensor([0.3, 0.9]))
+    assert torch.allclose(scores["dir"], torch.tensor([2 / 3, 1 / 3]))
+
+
+def test_files_metrics_and_questions_per_task():
+    assert get_task("de").files == ("de",) and get_task("dir").files == get_task("joint").files == ("de", "dir")
+    assert headline_metrics("joint") == ("de_auroc_per_gene", "dir_auroc_per_gene")
+    assert [primary_metric(t) for t in ("de", "dir", "joint")] == \
+        ["val/de_auroc_per_gene", "val/dir_auroc_per_gene", "val/de_auroc_per_gene"]
+    for task, question in QUESTIONS.items():
+        assert question.format(pert="P1", gene="G1").endswith("Answer:") and "P1" in question.format(pert="P1", gene="G1")
+
+
+def test_an_unknown_task_names_the_valid_ones():
+    with pytest.raises(ValueError, match="data.task must be one of de, dir, joint, got 'both'"):
+        get_task("both")
