@@ -32,9 +32,9 @@ def test_existing_files_are_not_downloaded_again(http_folder, tmp_path):
 
 def test_base_url_from_environment(http_folder, tmp_path, monkeypatch):
     served, url = http_folder
-    write(served, "hepg2-de.csv", GOOD_DE)
+    write(served, "jurkat-de.csv", GOOD_DE)
     monkeypatch.setenv("PERTURBQA_URL", url)
-    paths = ensure_task_files("hepg2", ("de",), root=tmp_path)
+    paths = ensure_task_files("jurkat", ("de",), root=tmp_path)
     assert pd.read_csv(paths["de"]).shape == (len(GOOD_DE), 4)
 
 
