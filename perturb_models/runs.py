@@ -18,13 +18,14 @@ import fcntl
 import logging
 import os
 import random
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import lightning as L
 import numpy as np
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 
 from perturb_models.errors import CheckpointError, RunFolderBusy
 
@@ -50,15 +51,29 @@ def is_launching_process() -> bool:
 # ---- lock --------------------------------------------------------------------------------------------
 
 
+_HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth (Hydra callback, then train())
+
+
 @contextmanager
 def lock_run_folder(folder: str | os.PathLike) -> Iterator[Path | None]:
-    """Hold ``<folder>/.lock`` for the duration; a second run into the folder gets ``RunFolderBusy``."""
+    """Hold ``<folder>/.lock`` for the duration; a second run into the folder gets ``RunFolderBusy``.
+
+    Re-entrant within one process: ``train()`` locks the folder that the Hydra callback already holds.
+    """
     folder = Path(folder)
     if not is_launching_process():
         yield None
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key] -= 1
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -71,9 +86,34 @@ def lock_run_folder(folder: str | os.PathLike) -> Iterator[Path | None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield path
+        _HELD[key] = 1
+        try:
+            yield path
+        finally:
+            del _HELD[key]
     finally:
         os.close(fd)  # releases the flock
+
+
+class LockRunFolder(HydraCallback):
+    """Hydra callback: take the run folder's lock before Hydra writes ``.hydra/`` and ``train.log`` into it,
+    so a refused second run leaves the first run's files untouched. (Multirun jobs are locked by
+    ``train()`` itself, each in its own folder.)"""
+
+    def __init__(self) -> None:
+        self._held: ExitStack | None = None
+
+    def on_run_start(self, config, **kwargs: Any) -> None:
+        from perturb_models.errors import cli_errors
+
+        self._held = ExitStack()
+        with cli_errors():
+            self._held.enter_context(lock_run_folder(str(config.hydra.run.dir)))
+
+    def on_run_end(self, config, **kwargs: Any) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
 
 # ---- RNG states --------------------------------------------------------------------------------------
