@@ -116,7 +116,12 @@ def build_loggers(cfg: DictConfig) -> list:
             if logger_cfg.get("offline") is None:
                 logger_cfg["offline"] = mode == "offline"
             Path(logger_cfg["save_dir"]).mkdir(parents=True, exist_ok=True)
-        loggers.append(instantiate(logger_cfg, _convert_="all"))
+        logger = instantiate(logger_cfg, _convert_="all")
+        # Lightning's WandbLogger always passes `anonymous`, which current wandb warns about on every run.
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 
@@ -193,8 +198,11 @@ def finish_wandb(loggers: list) -> None:
         offline = run is not None and getattr(run.settings, "mode", None) in ("offline", "dryrun")
         wandb.finish()
         if offline and run_dir is not None:
-            say(f"W&B ran offline (no credentials, or WANDB_MODE=offline). The run is in {run_dir}\n"
-                f"Upload it later with: wandb sync {run_dir}")
+            if os.environ.get("WANDB_SILENT", "").lower() in ("1", "true", "yes"):
+                say(f"W&B ran offline (no credentials, or WANDB_MODE=offline). The run is in {run_dir}\n"
+                    f"Upload it later with: wandb sync {run_dir}")
+            else:  # W&B has just printed the `wandb sync` command itself; say only why it ran offline
+                say("W&B ran offline (no credentials, or WANDB_MODE=offline): upload the run with the wandb sync command above")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
