@@ -8,7 +8,8 @@
   is configured, so its messages never reached ``train.log``; after Hydra configured logging they go
   through the root handlers, and Python warnings too.
 - ``quiet_known_noise``: filters for specific messages known to carry no information for a user of
-  this project (each one named; no blanket ignores).
+  this project (each one named; no blanket ignores): torch's pytree deprecation inside Lightning,
+  Lightning's product tips, transformers' load report when only the new classification head is missing.
 """
 
 from __future__ import annotations
@@ -81,9 +82,26 @@ class _DropTips(logging.Filter):
         return not any(marker in message for marker in _TIP_MARKERS)
 
 
+class _DropNewHeadReport(logging.Filter):
+    """transformers' LOAD REPORT when the only missing weights are the classification head (``score.*``),
+    which every LLM run of this project creates on purpose and trains (LoRA + head)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [line.split("|") for line in message.splitlines() if line.count("|") >= 2]
+        keys = [(cells[0].strip(), cells[1].strip()) for cells in rows if cells[0].strip() not in ("Key", "")]
+        return not keys or not all(key.startswith("score.") and status == "MISSING" for key, status in keys)
+
+
 def quiet_known_noise() -> None:
     for category, message, module in KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name in ("transformers.modeling_utils", "transformers.utils.loading_report"):
+        report = logging.getLogger(name)
+        if not any(isinstance(f, _DropNewHeadReport) for f in report.filters):
+            report.addFilter(_DropNewHeadReport())
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):

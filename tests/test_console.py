@@ -62,3 +62,18 @@ def test_redirected_run_prints_epoch_lines_and_train_log_holds_everything_includ
     proc = run_cli(["train.py", "data=synthetic", "logger=none", "ckpt_path=last", "seed=1", f"hydra.run.dir={run}"])
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert "belongs to a different run: seed: 0 -> 1" in (run / "train.log").read_text()
+
+
+def test_load_report_is_dropped_only_when_the_new_classification_head_is_all_that_is_missing():
+    from perturb_models.console import _DropNewHeadReport
+
+    def record(rows):
+        table = "Key          | Status  | \n-------------+---------+-\n" + "".join(f"{k} | {s} | \n" for k, s in rows)
+        message = f"\x1b[1mLlamaForSequenceClassification LOAD REPORT\x1b[0m from: smollm2\n{table}\nNotes: ..."
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, "", 0, message, None, None)
+
+    keep = _DropNewHeadReport().filter
+    assert not keep(record([("score.weight", "MISSING")]))
+    assert keep(record([("score.weight", "MISSING"), ("model.layers.0.mlp.up_proj.weight", "MISSING")]))
+    assert keep(record([("score.weight", "UNEXPECTED")]))
+    assert keep(logging.LogRecord("transformers.modeling_utils", logging.WARNING, "", 0, "other warning", None, None))
