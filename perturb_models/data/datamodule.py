@@ -327,10 +327,7 @@ class PerturbQADataModule(L.LightningDataModule):
             world_size=world,
             equal_shards=shuffle,
         )
-        # Its own generator: creating an iterator then draws no number from the global torch RNG, whose
-        # stream is then the model's alone (dropout), which is what makes a resumed run exact (runs.py).
-        return DataLoader(self.splits[stage], sampler=sampler, batch_size=None, num_workers=0,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(self.splits[stage], sampler=sampler, batch_size=None, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
