@@ -1,8 +1,8 @@
 """Checks of a composed config before anything runs: impossible values stop the run, naming option and value.
 
 The model section is checked by option name, so every model (and any new one) gets the same rules:
-sizes (``*_dim``, ``dim``, ``*_size``, ``heads``, ``k``, ``*_k``) are integers > 0, counts (``num_*``,
-``*_layers``) integers >= 0, dropouts in [0, 1), learning rates > 0. A size of 0 would otherwise train
+sizes (``*_dim``, ``dim``, ``*_size``, ``*_heads``, ``k``, ``top_k``) are integers > 0, counts
+(``num_*``, ``*_layers``, other ``*_k``) integers >= 0, dropouts in [0, 1), learning rates > 0. A size of 0 would otherwise train
 a model with constant predictions (AUROC exactly .5) and exit 0.
 """
 
@@ -42,11 +42,12 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_size(key: str) -> bool:
-    return key in ("dim", "heads", "k", "batch_size") or key.endswith(("_dim", "_size", "_heads", "_k"))
+    return key in ("dim", "heads", "k", "top_k", "batch_size") or key.endswith(("_dim", "_size", "_heads"))
 
 
 def _is_count(key: str) -> bool:
-    return key.startswith("num_") or key.endswith("_layers")
+    # retrieval_k=0 means "no retrieval", num_blocks=0 "no residual block": counts may be 0.
+    return key.startswith("num_") or key.endswith(("_layers", "_k"))
 
 
 def _is_dropout(key: str) -> bool:

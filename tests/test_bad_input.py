@@ -50,6 +50,11 @@ def test_every_default_model_config_passes_the_checks(synthetic_cfg, model):
     validate_config(synthetic_cfg(f"model={model}"))
 
 
+def test_counts_may_be_zero(synthetic_cfg):
+    validate_config(synthetic_cfg("model=lora_llama_tiny", "model.encoder.prompt.retrieval_k=0"))
+    validate_config(synthetic_cfg("model.encoder.num_blocks=0"))
+
+
 def test_a_zero_size_stops_the_run_before_anything_is_written(synthetic_cfg, tmp_path):
     with pytest.raises(ConfigError, match="model.encoder.hidden_dim=0"):
         train(synthetic_cfg("model.encoder.hidden_dim=0"))
