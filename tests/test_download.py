@@ -218,3 +218,12 @@ def test_invalid_csv_served_for_a_file_without_a_recorded_checksum_is_refused_be
     with pytest.raises(DownloadError, match=r"the downloaded file is not valid: jurkat-de.csv line 3: duplicate pair"):
         ensure_task_files("jurkat", ("de",), root=tmp_path, base_url=url)
     assert not list(tmp_path.iterdir())
+
+
+def test_published_file_of_another_size_than_the_official_one_is_flagged(tmp_path, caplog):
+    # e.g. a copy truncated at a row boundary: valid as a task file, but not the published data
+    write(tmp_path, "k562-de.csv", GOOD_DE)
+    load_task_tables("k562", "de", root=tmp_path, allow_download=False)
+    size = (tmp_path / "k562-de.csv").stat().st_size
+    assert f"k562-de.csv has {size} bytes, the official PerturbQA k562-de.csv has 3203066" in caplog.text
+    assert "delete it and it will be downloaded again" in caplog.text
