@@ -8,12 +8,18 @@ import hydra
 from omegaconf import DictConfig
 
 import perturb_models  # noqa: F401  (registers the config resolvers)
+from perturb_models.console import quiet_known_noise, route_library_logs
+from perturb_models.errors import cli_errors
 from perturb_models.evaluation import evaluate
+
+quiet_known_noise()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    route_library_logs()
+    with cli_errors():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

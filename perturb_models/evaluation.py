@@ -13,10 +13,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from perturb_models.errors import CheckpointError
 from perturb_models.io import atomic_write_dataframe, atomic_write_text
 from perturb_models.models.classifier import RECORD_KEY
 from perturb_models.results import find_run_dirs, markdown_table, results_grid, summarize_runs
 from perturb_models.tasks import COMPARISON_METRICS
+from perturb_models.runs import load_checkpoint
 from perturb_models.training import (build_datamodule, build_loggers, build_model, finish_wandb, git_commit,
                                      log_run_summary, print_metrics, write_outputs)
 
@@ -28,18 +30,18 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         for name in ("best.ckpt", "last.ckpt"):
             if (path / "checkpoints" / name).is_file():
                 return path / "checkpoints" / name
-        raise FileNotFoundError(f"{path} is a folder without checkpoints/best.ckpt or checkpoints/last.ckpt")
+        raise CheckpointError(f"{path} is a folder without checkpoints/best.ckpt or checkpoints/last.ckpt")
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file or run folder")
+        raise CheckpointError(f"ckpt_path={path}: no such checkpoint file or run folder")
     return path
 
 
 def load_run_record(ckpt_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checkpoint and the record that ``train`` stored in it (config, vocab, validation split)."""
-    checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(ckpt_file)
     record = checkpoint.get(RECORD_KEY)
     if not record or "config" not in record:
-        raise ValueError(f"{ckpt_file} was not written by perturb_models' train.py (no '{RECORD_KEY}' record)")
+        raise CheckpointError(f"{ckpt_file} was not written by perturb_models' train.py (no '{RECORD_KEY}' record)")
     return checkpoint, record
 
 

@@ -15,9 +15,15 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from perturb_models.config_checks import validate_config
 from perturb_models.data.datamodule import PerturbQADataModule
+from perturb_models.errors import CheckpointError, RunInterrupted
 from perturb_models.io import atomic_write_dataframe, atomic_write_json
-from perturb_models.models.classifier import PerturbationClassifier, nan_to_none
+from perturb_models.models.classifier import RECORD_KEY, PerturbationClassifier, nan_to_none
+from perturb_models.runs import ExactResume, check_resume_compatible, load_checkpoint, lock_run_folder
+from perturb_models.console import EpochLines, say, trainer_console_overrides
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +116,22 @@ def build_loggers(cfg: DictConfig) -> list:
             if logger_cfg.get("offline") is None:
                 logger_cfg["offline"] = mode == "offline"
             Path(logger_cfg["save_dir"]).mkdir(parents=True, exist_ok=True)
-        loggers.append(instantiate(logger_cfg, _convert_="all"))
+        logger = instantiate(logger_cfg, _convert_="all")
+        # Lightning's WandbLogger always passes `anonymous`, which current wandb warns about on every run.
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    configured = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    return [*configured, ExactResume(), EpochLines()]
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, **overrides: Any) -> L.Trainer:
+    overrides = {**trainer_console_overrides(cfg.trainer), **overrides}
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                        plugins=[AtomicCheckpointIO()], _convert_="all", **overrides)
 
@@ -130,14 +143,14 @@ def resolve_resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | 
     if ckpt_path == "last":
         path = output_dir / "checkpoints" / "last.ckpt"
         if not path.is_file():
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"ckpt_path=last, but there is no {path}. To resume, run in the folder of the interrupted run: "
                 f"python train.py <same overrides> hydra.run.dir=<that run folder> ckpt_path=last"
             )
         return str(path)
     path = Path(os.path.expanduser(ckpt_path))
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        raise CheckpointError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     return str(path)
 
 
@@ -162,11 +175,12 @@ def run_record(cfg: DictConfig, datamodule: PerturbQADataModule) -> dict[str, An
 
 
 def log_run_summary(loggers: list, cfg: DictConfig, metrics: dict[str, float]) -> None:
-    """Resolved config and final metrics to every logger; a metrics table to W&B."""
+    """Resolved config, the selected checkpoint's validation metrics as ``final/val/...`` (what W&B sweeps
+    optimise) and a metrics table to every logger. Test metrics were logged once already as ``test/...``."""
     rows = [[k, v] for k, v in sorted(metrics.items())]
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        logger.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+        logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if k.startswith("val/")})
         if hasattr(logger, "log_table"):
             logger.log_table(key="test/metrics_table", columns=["metric", "value"], data=rows)
         logger.save()
@@ -184,14 +198,26 @@ def finish_wandb(loggers: list) -> None:
         offline = run is not None and getattr(run.settings, "mode", None) in ("offline", "dryrun")
         wandb.finish()
         if offline and run_dir is not None:
-            print(f"W&B ran offline (no credentials, or WANDB_MODE=offline). The run is in {run_dir}\n"
-                  f"Upload it later with: wandb sync {run_dir}")
+            if os.environ.get("WANDB_SILENT", "").lower() in ("1", "true", "yes"):
+                say(f"W&B ran offline (no credentials, or WANDB_MODE=offline). The run is in {run_dir}\n"
+                    f"Upload it later with: wandb sync {run_dir}")
+            else:  # W&B has just printed the `wandb sync` command itself; say only why it ran offline
+                say("W&B ran offline (no credentials, or WANDB_MODE=offline): upload the run with the wandb sync command above")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit on train, select on validation, test the best checkpoint; return val/ and test/ metrics."""
-    started = time.time()
+    """Fit on train, select on validation, test the best checkpoint; return val/ and test/ metrics.
+
+    The config is checked first, and the run folder is locked for the whole run (see ``runs.py``).
+    """
+    validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    with lock_run_folder(output_dir):
+        return _train(cfg, output_dir)
+
+
+def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    started = time.time()
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
@@ -201,10 +227,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model.run_record = {"config": OmegaConf.to_container(cfg, resolve=True), "val_perts": list(datamodule.context.val_perts),
                         "run": record}
     resume_from = resolve_resume_checkpoint(cfg.get("ckpt_path"), output_dir)
+    if resume_from is not None:
+        check_resume_compatible(resume_from, load_checkpoint(resume_from), model.run_record, RECORD_KEY,
+                                allow_mismatch=bool(cfg.get("resume_mismatch_ok", False)))
     loggers = build_loggers(cfg)
     try:
         trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+        except SIGTERMException as exc:
+            # Lightning saved checkpoints/last.ckpt (save_on_exception) before re-raising; a scheduler must
+            # not count the run as a success, so the record says so and the exit status is non-zero.
+            record.update(status="interrupted", signal="SIGTERM", epochs=trainer.current_epoch,
+                          global_step=trainer.global_step, wall_seconds=round(time.time() - started, 2))
+            if trainer.is_global_zero:
+                atomic_write_json(output_dir / "run.json", record)
+            raise RunInterrupted(
+                f"run stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+                f"{output_dir / 'checkpoints' / 'last.ckpt'} was saved. Resume with the same options plus "
+                f"hydra.run.dir={output_dir} ckpt_path=last"
+            ) from exc
         selectors = [c for c in trainer.checkpoint_callbacks if c.monitor == cfg.get("optimized_metric")]
         best = selectors[0].best_model_path if selectors else ""
         select_from = best if best and Path(best).is_file() else None
@@ -213,7 +255,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.validate(model, datamodule=datamodule, ckpt_path=select_from, verbose=False)
         trainer.test(model, datamodule=datamodule, ckpt_path=select_from, verbose=False)
         metrics = {**model.stage_metrics.get("val", {}), **model.stage_metrics.get("test", {})}
-        record.update(best_checkpoint=select_from, wall_seconds=round(time.time() - started, 2),
+        record.update(status="completed", best_checkpoint=select_from, wall_seconds=round(time.time() - started, 2),
                       epochs=trainer.current_epoch, global_step=trainer.global_step)
         if trainer.is_global_zero:
             write_outputs(output_dir, model, record, metrics)
@@ -228,6 +270,6 @@ def print_metrics(metrics: dict[str, float], output_dir: Path | None = None) -> 
     keys = [k for k in sorted(metrics) if k.startswith("test/")]
     width = max((len(k) for k in keys), default=10)
     lines = [f"{k:<{width}}  {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k:<{width}}  {metrics[k]}" for k in keys]
-    print("\n".join(["Test metrics:"] + lines))
+    say("\n".join(["Test metrics:"] + lines))
     if output_dir is not None:
-        print(f"Outputs written to {output_dir}")
+        say(f"Outputs written to {output_dir}")

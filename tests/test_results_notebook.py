@@ -68,9 +68,23 @@ def test_results_notebook_runs_on_a_comparison_and_draws_every_figure(two_runs_a
     assert len(outputs_of(notebook, "image/png")) == 3
     assert sorted(p.name for p in figures.iterdir()) == ["per_gene_auroc.png", "per_gene_scatter.png", "roc_curves.png"]
     html = "".join(o["data"]["text/html"] for o in outputs_of(notebook, "text/html"))
-    for run in runs:
-        assert run.name in html  # the comparison table and the per-gene summary name both runs
+    for seed in (0, 1):  # runs are named by run.json (model · data-task · seed), not by their timestamp folder
+        assert f"mlp · synthetic-joint · seed {seed}" in html
     assert "genes scored" in html
+
+
+def test_documented_command_paths_are_relative_to_where_the_notebook_runs(two_runs_and_comparison, tmp_path):
+    import subprocess
+
+    # cd notebooks && RESULTS_COMPARISON_DIR=../<comparison> RESULTS_FIGURES_DIR=../<figures> jupyter-execute ...
+    base, runs = two_runs_and_comparison
+    figures = tmp_path / "figures"
+    notebook = execute({"RESULTS_COMPARISON_DIR": os.path.relpath(base / "eval", NOTEBOOK.parent), "RESULTS_RUN_DIRS": "",
+                        "RESULTS_FIGURES_DIR": os.path.relpath(figures, NOTEBOOK.parent)}, tmp_path)
+    assert len(outputs_of(notebook, "image/png")) == 3 and len(list(figures.glob("*.png"))) == 3
+    # The executed copy the docs write next to the notebook is ignored by git.
+    ignored = subprocess.run(["git", "check-ignore", "-q", "notebooks/results_executed.ipynb"], cwd=NOTEBOOK.parents[1])
+    assert ignored.returncode == 0
 
 
 def test_results_notebook_reads_run_folders_without_a_comparison(two_runs_and_comparison, tmp_path):

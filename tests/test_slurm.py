@@ -50,7 +50,8 @@ def test_slurm_launcher_composes_instantiates_and_requests_nodes_and_tasks_of_th
         launcher.launch([["seed=0"], ["seed=1"]], initial_job_idx=0)
     script = captured["executor"]._executor._make_submission_file_text("python -u -m submitit.core._submit", "0")
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --partition=gpu", "#SBATCH --job-name=train-k562-joint-mlp"):
+                 "#SBATCH --partition=gpu", "#SBATCH --job-name=train-k562-joint-mlp",
+                 "#SBATCH --signal=USR1@90"):
         assert line in script, f"{line!r} missing from the sbatch script:\n{script}"
     assert f"{tmp_path / 'multirun'}/.submitit/" in script
     assert [list(o) for o in captured["jobs"][0]] == [["seed=0"], ["seed=1"]]
@@ -78,3 +79,24 @@ def test_ddp_trainer_takes_ranks_from_slurm_environment(tmp_path, monkeypatch):
     assert type(environment).__name__ == "SLURMEnvironment" and environment.creates_processes_externally
     assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (8, 5, 1, 1)
     assert environment.main_address == "gpu07"
+
+
+def test_under_slurm_the_trainer_saves_and_requeues_on_the_signal_the_launcher_asks_for(tmp_path, monkeypatch):
+    import signal
+
+    from perturb_models.training import build_callbacks, build_trainer
+
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_NNODES": "1", "SLURM_NODELIST": "cpu01", "SLURM_JOB_NAME": "train-synthetic-joint-mlp",
+                       "SLURM_JOB_ID": "77"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_config("train", ["data=synthetic", "logger=none", "trainer.accelerator=cpu"], tmp_path)
+    trainer = build_trainer(cfg, build_callbacks(cfg), [])
+    environment = trainer._accelerator_connector.cluster_environment
+    assert type(environment).__name__ == "SLURMEnvironment"
+    # The handler Lightning installs for this signal saves hpc_ckpt_N.ckpt in default_root_dir (the run
+    # folder, where a requeued job looks for it) and runs `scontrol requeue $SLURM_JOB_ID`.
+    assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR1
+    assert trainer.default_root_dir == str(tmp_path)
+    launcher = compose_with_hydra(["hydra/launcher=slurm"]).hydra.launcher
+    assert launcher.additional_parameters.signal == f"{signal.SIGUSR1.name[3:]}@90"

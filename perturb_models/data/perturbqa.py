@@ -8,15 +8,21 @@ the perturbation: 1/0) and ``NAME-dir.csv`` (for the DE-positive pairs: does it 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from perturb_models.io import DownloadError, download, resolve_folder
+from perturb_models.errors import UserError
+from perturb_models.io import DownloadError, download, download_marker, resolve_folder
 from perturb_models.tasks import get_task
+
+log = logging.getLogger(__name__)
 
 PERTURBQA_BASE_URL = "https://raw.githubusercontent.com/Genentech/PerturbQA/main/perturbqa/datasets"
 """Public location of the PerturbQA task files (``<base>/<name>-de.csv``)."""
@@ -24,12 +30,29 @@ PERTURBQA_BASE_URL = "https://raw.githubusercontent.com/Genentech/PerturbQA/main
 PUBLISHED_DATASETS = ("k562", "rpe1", "hepg2", "jurkat", "k562_set")
 """The five datasets of the PerturbQA benchmark, downloadable by name."""
 
+OFFICIAL_FILES: dict[str, tuple[int, str]] = {
+    "k562-de.csv": (3203066, "e6ab095f3f970bb29f48427414904136785e8cd4945496f8d9a8fa6eab35ee67"),
+    "k562-dir.csv": (401361, "84a0bc9631b33b8720663ed69506a316dad0f686a51f702f277914cc722000f4"),
+    "rpe1-de.csv": (3777332, "a66a86aac5db458e0703bccf7f2d638769400a7ccb9f2615cd9421c106b748ca"),
+    "rpe1-dir.csv": (532606, "25fa0b37c7e86cd73e8135b83513ea9d96c55e5a6c3f222ffbb531b91ab0fb0c"),
+    "hepg2-de.csv": (2567354, "f94045fb44dcca4af9c69bee5c87de624590061a1123d55d9ee42a9c1ca97932"),
+    "hepg2-dir.csv": (356655, "8c642ab6e6996887dce6c774d5fc58546970ba9216a636c7547b5039062a2cc3"),
+    "k562_set-de.csv": (1078975, "d51faff9a337d111ff2f0858890bbf3207669925f26c0ba75164bc7217872c54"),
+    "k562_set-dir.csv": (587375, "3298d18708d82bd0852e9f6a91b9c5b56a000a2183375457143ccab7f218cb7f"),
+}
+"""Size and SHA-256 of the official release's files; a download must match before it is kept.
+
+jurkat-de.csv and jurkat-dir.csv have no entry: no copy of the official files was at hand to compute
+them. Their downloads are still refused when HTML, shorter than the Content-Length, or invalid as a
+task file, but a body cut at a row boundary by a server that sends no Content-Length cannot be told
+from the real file. Add their entries once a verified copy is available."""
+
 REQUIRED_COLUMNS = ("pert", "gene", "label", "split")
 SPLITS = ("train", "test")
 TASK_FILES = ("de", "dir")
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     """A task file breaks the PerturbQA format; the message names the file, the row and the value."""
 
 
@@ -66,6 +89,10 @@ def ensure_task_files(
     """
     folder = resolve_data_root(root)
     paths = {kind: folder / task_file_name(name, kind) for kind in kinds}
+    for path in paths.values():
+        if path.exists() and not path.is_file():
+            raise DataValidationError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not a task CSV file; "
+                                      "remove or rename it")
     missing = [kind for kind, path in paths.items() if not path.is_file()]
     if not missing:
         return paths
@@ -89,11 +116,46 @@ def ensure_task_files(
                 f"{paths[kind]} is missing and downloads are off (data.download=false). "
                 f"Fetch it from {url}, or " + hints[0]
             )
-        try:
-            download(url, paths[kind], what=f"PerturbQA file {task_file_name(name, kind)}", alternatives=hints)
-        except DownloadError as exc:
-            raise DownloadError(f"{exc}\n(Looked for the file in {folder} first.)") from exc
+        download_task_file(name, kind, url, paths[kind], hints)
     return paths
+
+
+def download_task_file(name: str, kind: str, url: str, dest: Path, hints) -> Path:
+    """Download one published task file, verified against ``OFFICIAL_FILES`` and validated, then kept."""
+    file_name = task_file_name(name, kind)
+    size, sha256 = OFFICIAL_FILES.get(file_name, (None, None))
+    try:
+        return download(url, dest, what=f"PerturbQA file {file_name}", alternatives=hints, size=size, sha256=sha256,
+                        check=lambda tmp: read_task_file(tmp, kind))
+    except DownloadError as exc:
+        raise DownloadError(f"{exc}\n(Looked for the file in {dest.parent} first.)") from None
+
+
+def _read_published(name: str, kind: str, path: Path, base_url: str | None, allow_download: bool) -> pd.DataFrame:
+    """Read a task file; a published file that fails validation is replaced when we downloaded it,
+    else reported with the advice to delete it (it is then downloaded again)."""
+    file_name = task_file_name(name, kind)
+    official = OFFICIAL_FILES.get(file_name)
+    if official is not None and path.stat().st_size != official[0]:
+        log.warning("%s has %d bytes, the official PerturbQA %s has %d: it is not the published file. If that is not "
+                    "intended, delete it and it will be downloaded again", path, path.stat().st_size, file_name, official[0])
+    try:
+        return read_task_file(path, kind)
+    except DataValidationError as exc:
+        if name not in PUBLISHED_DATASETS:
+            raise
+        marker = download_marker(path)
+        if marker.is_file() and allow_download:
+            aside = path.with_name(f"{path.name}.invalid-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            marker.unlink()
+            log.warning("%s (downloaded earlier) is not valid (%s); moved to %s and downloading it again", path, exc, aside)
+            url = f"{(base_url or os.environ.get('PERTURBQA_URL') or PERTURBQA_BASE_URL).rstrip('/')}/{file_name}"
+            download_task_file(name, kind, url, path, [])
+            return read_task_file(path, kind)
+        raise DataValidationError(
+            f"{exc}. If {path.name} should be the published PerturbQA file, delete it and it will be downloaded again"
+        ) from None
 
 
 def _line(index) -> int:
@@ -104,11 +166,58 @@ def _line(index) -> int:
 def read_task_file(path: str | os.PathLike, kind: str = "de") -> pd.DataFrame:
     """Read one task file and check its own rows: columns, labels, splits, duplicate pairs, empty splits."""
     path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    for magic, kind_name, tool in _COMPRESSED:
+        if head.startswith(magic):
+            raise DataValidationError(f"{path}: the file is {kind_name}-compressed, not CSV text; decompress it "
+                                      f"({tool} -c FILE > {path.name}) and try again")
     try:
-        frame = pd.read_csv(path, dtype={"pert": str, "gene": str, "split": str}, keep_default_na=False)
+        frame = pd.read_csv(path, dtype={"pert": str, "gene": str, "split": str}, keep_default_na=False,
+                            encoding="utf-8")
     except pd.errors.EmptyDataError as exc:
         raise DataValidationError(f"{path}: the file is empty; expected a header pert,gene,label,split") from exc
+    except UnicodeDecodeError as exc:
+        raise DataValidationError(f"{path}: not UTF-8 text ({_bad_byte(path, exc)}); save it as UTF-8") from None
+    except pd.errors.ParserError as exc:
+        raise DataValidationError(f"{path}: not a valid CSV file ({str(exc).strip()})") from None
     return validate_task_frame(frame, source=str(path), kind=kind)
+
+
+_COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip"), (b"PK\x03\x04", "zip", "unzip -p"), (b"BZh", "bzip2", "bunzip2"),
+               (b"\xfd7zXZ", "xz", "unxz"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"))
+
+
+def _bad_byte(path: Path, exc: UnicodeDecodeError) -> str:
+    """Where the first non-UTF-8 byte is: its value and line (pandas reports offsets inside a chunk)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as whole:
+        line = data.count(b"\n", 0, whole.start) + 1
+        return f"byte 0x{data[whole.start]:02x} on line {line}"
+    return str(exc)
+
+
+# Invisible and control characters (zero-width spaces and joiners, BOM, soft hyphen, NBSP, tabs) and
+# quotes make a symbol a different gene without anyone seeing it. A perturbation is a gene symbol, so
+# any whitespace inside it is refused too; downstream "genes" may be named clusters with single spaces
+# ("12-oxidative phosphorylation" in k562_set), so the gene column refuses only the invisible ones,
+# doubled spaces and quotes.
+_INVISIBLE = "\\x00-\\x1f\\x7f-\\x9f\\u00a0\\u00ad\\u1680\\u180e\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u2064\\u3000\\ufeff"
+_BAD_SYMBOL = {
+    "pert": re.compile(f"[\\s{_INVISIBLE}\"'`]"),
+    "gene": re.compile(f"[{_INVISIBLE}\"'`]|\\s\\s"),
+}
+
+
+def _describe_bad(value: str, column: str) -> str:
+    for char in value:
+        if char in "\"'`":
+            return f"a quote ({char})"
+        if re.match(f"[{_INVISIBLE}]", char):
+            return f"an invisible or control character (U+{ord(char):04X})"
+    return "whitespace inside the name" if column == "pert" else "two spaces in a row"
 
 
 def validate_task_frame(frame: pd.DataFrame, source: str, kind: str = "de") -> pd.DataFrame:
@@ -126,6 +235,14 @@ def validate_task_frame(frame: pd.DataFrame, source: str, kind: str = "de") -> p
         if empty.any():
             row = int(np.flatnonzero(empty.to_numpy())[0])
             raise DataValidationError(f"{source} line {_line(row)}: empty '{column}' value")
+        bad = values.str.contains(_BAD_SYMBOL[column], regex=True)
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataValidationError(
+                f"{source} line {_line(row)}: {column} {values.iloc[row]!r} contains "
+                f"{_describe_bad(values.iloc[row], column)}; gene symbols are written without them "
+                f"({int(bad.sum())} such value(s) in the column)"
+            )
         frame[column] = values
     labels = pd.to_numeric(frame["label"], errors="coerce")
     bad = ~labels.isin([0, 1])
@@ -197,10 +314,10 @@ def load_task_tables(
 ) -> TaskTables:
     """Find (or download), read and validate the files of dataset ``name`` for ``task``."""
     paths = ensure_task_files(name, get_task(task).files, root=root, base_url=base_url, allow_download=allow_download)
-    de = read_task_file(paths["de"], "de")
+    de = _read_published(name, "de", paths["de"], base_url, allow_download)
     dir_ = None
     if "dir" in paths:
-        dir_ = read_task_file(paths["dir"], "dir")
+        dir_ = _read_published(name, "dir", paths["dir"], base_url, allow_download)
         validate_dir_against_de(de, dir_, str(paths["de"]), str(paths["dir"]))
     return TaskTables(name=name, de=de, dir=dir_, source=str(paths["de"].parent), folder=paths["de"].parent)
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from perturb_models.errors import UserError
 from perturb_models.io import DownloadError, download, resolve_folder
 
 
@@ -44,7 +45,7 @@ KNOWLEDGE_FILES: dict[str, KnowledgeFile] = {
 }
 
 
-class KnowledgeFileError(FileNotFoundError):
+class KnowledgeFileError(UserError, FileNotFoundError):
     """A knowledge file is missing and could not be fetched; the message says where it was looked for."""
 
 

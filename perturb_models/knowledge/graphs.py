@@ -430,10 +430,15 @@ def build_graph(spec: Mapping[str, Any], context, name: str | None = None) -> Ge
         folder = Path(params.get("cache_dir") or cache_dir("graphs"))
         path = folder / f"{context.dataset}-{kind}-{graph_cache_key(kind, params, context)[:20]}.pt"
         if path.is_file():
-            graph = GeneGraph.from_file(path)
-            log.info("graph %s loaded from cache %s", name or kind, path)
-            _log_graph(graph, name or kind)
-            return graph
+            try:
+                graph = GeneGraph.from_file(path)
+            except Exception as exc:  # truncated, foreign or old-format file: it is only a cache, rebuild it
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                log.warning("graph cache %s is unreadable (%s); rebuilding it", path, reason[:200])
+            else:
+                log.info("graph %s loaded from cache %s", name or kind, path)
+                _log_graph(graph, name or kind)
+                return graph
     builder_params = {k: v for k, v in params.items() if k not in ("cache", "cache_dir", "kind")}
     graph = BUILDERS[kind](context, **builder_params)
     graph.info.update(kind=kind)
