@@ -26,8 +26,35 @@ sys.path.insert(0, str(REPO))
 
 from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
 
-COLUMNS = ["model", "dataset", "task", "seed", "auroc_per_gene", "genes_scored", "commit", "wall_seconds", "overrides"]
+# auroc_per_gene is the test figure (reported, never used to choose anything); val_auroc_per_gene is the
+# validation figure of the same run (the selected checkpoint), the only one selection code reads.
+COLUMNS = ["model", "dataset", "task", "seed", "auroc_per_gene", "genes_scored", "commit", "wall_seconds", "overrides",
+           "val_auroc_per_gene"]
+OPTIONAL = ("overrides", "val_auroc_per_gene", "recipe")
+LOCO_COLUMNS = ["model", "recipe", *COLUMNS[1:]]
 DEFAULT_CSV = REPO / "benchmarks" / "results" / "quality.csv"
+DEFAULT_LOCO_CSV = REPO / "benchmarks" / "results" / "loco.csv"
+LINES = ["k562", "rpe1", "hepg2", "k562_set"]
+
+# The leave-one-cell-line-out search space: a few cheap recipes per family (model.* overrides only, so an
+# ensemble can rebuild a member from its recipe), run on every line; each held-out line gets the recipe with
+# the best mean validation figure on the other three.
+LOCO_SEARCH: dict[str, dict[str, list[str]]] = {
+    "knn": {
+        "k50_s1": ["model.encoder.k=50", "model.encoder.shrinkage=1.0"],
+        "k50_s5": ["model.encoder.k=50", "model.encoder.shrinkage=5.0"],
+        "k100_s1": ["model.encoder.k=100", "model.encoder.shrinkage=1.0"],
+        "k100_s5": ["model.encoder.k=100", "model.encoder.shrinkage=5.0"],
+    },
+    "gears": {
+        "neighbours": ["model.encoder.pert_include_self=false"],
+        "self": ["model.encoder.pert_include_self=true"],
+    },
+    "embedding_mlp": {
+        "default": [],
+    },
+}
+ENSEMBLE_MEMBERS = ("knn", "gears", "embedding_mlp")
 DEFAULT_DOC = REPO / "docs" / "results.md"
 
 # Budget for a shared 2-core CPU: a few minutes a run. Larger batches cost graph models nothing extra per
@@ -56,14 +83,18 @@ PUBLISHED = {
 }
 
 
-def read_rows(path: Path) -> pd.DataFrame:
+def read_rows(path: Path, columns: list[str] = COLUMNS) -> pd.DataFrame:
+    """The rows of a results CSV; columns added since it was written (``val_auroc_per_gene``) come back empty."""
     if not path.is_file():
-        return pd.DataFrame(columns=COLUMNS)
-    frame = pd.read_csv(path)
-    missing = [c for c in COLUMNS[:-1] if c not in frame.columns]
+        return pd.DataFrame(columns=columns)
+    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    missing = [c for c in columns if c not in frame.columns and c not in OPTIONAL]
     if missing:
         raise ValueError(f"{path}: not a quality CSV (missing columns {', '.join(missing)})")
-    return frame
+    for column in columns:
+        if column not in frame.columns:
+            frame[column] = math.nan
+    return frame[columns + [c for c in frame.columns if c not in columns]]
 
 
 def done(rows: pd.DataFrame, model: str, dataset: str, seed: int, tasks: tuple[str, ...]) -> bool:
@@ -71,7 +102,8 @@ def done(rows: pd.DataFrame, model: str, dataset: str, seed: int, tasks: tuple[s
     return set(tasks) <= set(hit["task"])
 
 
-def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], runs_dir: Path) -> tuple[list[dict], float]:
+def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], runs_dir: Path,
+             run_name: str | None = None) -> tuple[list[dict], float]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
@@ -85,7 +117,7 @@ def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], r
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose(config_name="train", overrides=overrides)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(runs_dir / f"{model}-{dataset}-{task}-seed{seed}")
+        cfg.paths.output_dir = str(runs_dir / (run_name or f"{model}-{dataset}-{task}-seed{seed}"))
     started = time.time()
     metrics = train(cfg)
     wall = round(time.time() - started, 1)
@@ -96,7 +128,8 @@ def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], r
         rows.append({"model": model, "dataset": dataset, "task": t, "seed": seed,
                      "auroc_per_gene": metrics.get(f"test/{t}_auroc_per_gene", math.nan),
                      "genes_scored": metrics.get(f"test/{t}_genes_scored", math.nan),
-                     "commit": commit, "wall_seconds": wall, "overrides": " ".join(extra)})
+                     "commit": commit, "wall_seconds": wall, "overrides": " ".join(extra),
+                     "val_auroc_per_gene": metrics.get(f"val/{t}_auroc_per_gene", math.nan)})
     return rows, wall
 
 
@@ -144,11 +177,199 @@ def results_table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_doc(rows: pd.DataFrame, path: Path) -> None:
+def loco_table(rows: pd.DataFrame) -> str:
+    """Markdown: per family, the held-out line's test figure of the recipe chosen on the other lines' validation."""
+    from perturb_models.selection import loco_choices
+
+    if rows.empty:
+        return "_no rows in loco.csv yet_\n"
+    lines_present = [d for d in LINES if d in set(rows["dataset"])]
+    families = [m for m in [*LOCO_SEARCH, "ensemble"] if m in set(rows["model"])]
+    held = {}  # (family, line) -> (recipe, {task: list of test figures})
+    for family in families:
+        part = rows.loc[rows["model"] == family]
+        if family == "ensemble":
+            # Its members were chosen per held-out line already (recipe names them); one recipe per line.
+            choices = {d: r for d, r in part.groupby("dataset")["recipe"].first().items()}
+        else:
+            try:
+                choices = loco_choices(rows, family, lines_present)
+            except ValueError:
+                continue
+        for d, recipe in choices.items():
+            hit = part.loc[(part["dataset"] == d) & (part["recipe"] == recipe)]
+            held[(family, d)] = (recipe, {t: hit.loc[hit["task"] == t, "auroc_per_gene"].dropna().astype(float).tolist()
+                                          for t in ("de", "dir")})
+    out = []
+    for task, title in (("de", "DE"), ("dir", "direction")):
+        out += [f"### LOCO, {title} (held-out line's test per-gene AUROC; recipe chosen on the other lines' "
+                "validation; mean over seeds, n seeds)", "",
+                "| model | " + " | ".join(lines_present) + " |", "|---|" + "---|" * len(lines_present)]
+        best_single = {}
+        for family in families:
+            cells = []
+            for d in lines_present:
+                if (family, d) not in held or not held[(family, d)][1][task]:
+                    cells.append("–")
+                    continue
+                recipe, figures = held[(family, d)]
+                mean = sum(figures[task]) / len(figures[task])
+                if family != "ensemble":
+                    best_single[d] = max(best_single.get(d, -1.0), mean)
+                cells.append(f"{mean:.3f} ({len(figures[task])}; {recipe})")
+            out.append(f"| {family} | " + " | ".join(cells) + " |")
+        cells = [f"{PUBLISHED[(task, d)]['best'][0]:.2f} ({PUBLISHED[(task, d)]['best'][1]})" if (task, d) in PUBLISHED
+                 else "–" for d in lines_present]
+        out.append("| published best | " + " | ".join(cells) + " |")
+        goal = []
+        for d in lines_present:
+            figures = held.get(("ensemble", d), (None, {}))[1].get(task)
+            if not figures or (task, d) not in PUBLISHED or d not in best_single:
+                goal.append("–")
+                continue
+            mean = sum(figures) / len(figures)
+            above_published = mean - PUBLISHED[(task, d)]["best"][0]
+            vs_single = mean - best_single[d]
+            met = above_published >= 0.03 and vs_single >= -0.01
+            goal.append(f"{above_published:+.3f} / {vs_single:+.3f} ({'met' if met else 'not met'})")
+        out.append("| ensemble − published best / − best single LOCO model | " + " | ".join(goal) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def loco_recipes_text(rows: pd.DataFrame) -> str:
+    """Markdown: each family's recipes with their mean validation figure per line (what the choices read)."""
+    from perturb_models.selection import recipe_scores
+
+    lines_present = [d for d in LINES if d in set(rows["dataset"])]
+    out = ["| model | recipe | overrides | " + " | ".join(f"val {d}" for d in lines_present) + " |",
+           "|---|---|---|" + "---|" * len(lines_present)]
+    for family, recipes in LOCO_SEARCH.items():
+        for recipe, overrides in recipes.items():
+            cells = []
+            for d in lines_present:
+                score = recipe_scores(rows, family, [d]).get(recipe, math.nan)
+                cells.append("–" if math.isnan(score) else f"{score:.4f}")
+            out.append(f"| {family} | {recipe} | `{' '.join(overrides) or '(config default)'}` | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_doc(rows: pd.DataFrame, path: Path, loco_rows: pd.DataFrame | None = None) -> None:
     text = ("# Results on PerturbQA\n\nGenerated by `python benchmarks/quality.py --table` from "
             "`benchmarks/results/quality.csv` (each row: one test run; settings in its `overrides` column). "
             "Published numbers: PerturbQA paper, Table 1.\n\n" + results_table(rows))
+    if loco_rows is not None and not loco_rows.empty:
+        text += ("\n## Leave one cell line out\n\nFrom `benchmarks/results/loco.csv` "
+                 "(`python benchmarks/quality.py --protocol loco`). For each held-out line, each family's recipe is "
+                 "the one with the best mean validation per-gene AUROC (DE and direction, averaged per line) on the "
+                 "other three lines (`perturb_models.selection`, which reads only `val_*` columns); the cell is that "
+                 "recipe's test figure on the held-out line. The ensemble's members are the recipes chosen for that "
+                 "line; its weights are fitted on the held-out line's own validation perturbations, as a user's "
+                 "would be on their screen. This is the estimate of what a default gives on a new line.\n\n"
+                 + loco_table(loco_rows)
+                 + "\nValidation figures of every recipe (mean of DE and direction per-gene AUROC, over seeds):\n\n"
+                 + loco_recipes_text(loco_rows))
     atomic_write_text(path, text)
+
+
+def is_default_recipe(model: str, overrides: list[str]) -> bool:
+    """Whether ``overrides`` leave ``conf/model/<model>.yaml`` as it is (then a recipe's run is a default run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    import perturb_models  # noqa: F401
+
+    models = []
+    for extra in ([], overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+            cfg = compose(config_name="train", overrides=[f"model={model}", "data=synthetic", *extra])
+        models.append(OmegaConf.to_container(cfg.model, resolve=True))
+    return models[0] == models[1]
+
+
+def store_row(path: Path, new: list[dict], columns: list[str], keys: list[str]) -> pd.DataFrame:
+    """Append ``new`` to the CSV at ``path``, replacing rows with the same ``keys`` (a rerun supersedes)."""
+    rows = read_rows(path, columns)
+    fresh = pd.DataFrame(new, columns=columns)
+    if not rows.empty:
+        index = rows.set_index(keys).index
+        rows = rows.loc[~index.isin(fresh.set_index(keys).index)]
+    rows = pd.concat([rows, fresh], ignore_index=True) if not rows.empty else fresh
+    atomic_write_dataframe(path, rows)
+    return rows
+
+
+def ensemble_overrides(dataset: str, seed: int, task: str, choices: dict[str, str], runs_dir: Path) -> list[str]:
+    """The ensemble over the chosen recipes' finished runs of this line and seed (no member retrained)."""
+    extra = []
+    for family, recipe in choices.items():
+        run = runs_dir / loco_run_name(family, recipe, dataset, task, seed)
+        extra.append(f"+model.encoder.member_runs.{family}={run}")
+        # The recipe's architecture, so that the ensemble's own config rebuilds the member without its folder.
+        extra += [f"model.encoder.catalog.{family}.{o[len('model.'):]}" for o in LOCO_SEARCH[family][recipe]]
+    return extra
+
+
+def loco_run_name(model: str, recipe: str, dataset: str, task: str, seed: int) -> str:
+    return f"loco-{model}-{recipe}-{dataset}-{task}-seed{seed}"
+
+
+def run_loco(args, runs_dir: Path) -> None:
+    """Every recipe of the search space on every line and seed, then the ensemble of the LOCO choices."""
+    from perturb_models.selection import loco_choices
+
+    tasks = ("de", "dir") if args.task == "joint" else (args.task,)
+    keys = ["model", "recipe", "dataset", "task", "seed"]
+    families = [m for m in args.models if m in LOCO_SEARCH]
+    unknown = [m for m in args.models if m not in LOCO_SEARCH and m != "ensemble"]
+    if unknown:
+        raise SystemExit(f"--protocol loco: no search space for {', '.join(unknown)} (known: {', '.join(LOCO_SEARCH)}, ensemble)")
+    defaults = {(m, r): is_default_recipe(m, o) for m in families for r, o in LOCO_SEARCH[m].items()}
+    for seed in args.seeds:
+        for family in families:
+            for dataset in args.datasets:
+                for recipe, recipe_overrides in LOCO_SEARCH[family].items():
+                    rows = read_rows(args.loco_csv, LOCO_COLUMNS)
+                    hit = rows.loc[(rows["model"] == family) & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
+                                   & (rows["seed"] == seed)]
+                    if set(tasks) <= set(hit["task"]):
+                        print(f"skip {family}/{recipe} {dataset} seed {seed}: already in {args.loco_csv}")
+                        continue
+                    extra = budget_overrides(family, args.set) + recipe_overrides
+                    print(f"run {family}/{recipe} {dataset} seed {seed} ({' '.join(extra)})", flush=True)
+                    new, wall = run_cell(family, dataset, seed, args.task, extra, runs_dir,
+                                         loco_run_name(family, recipe, dataset, args.task, seed))
+                    store_row(args.loco_csv, [dict(r, recipe=recipe) for r in new], LOCO_COLUMNS, keys)
+                    if defaults[(family, recipe)]:
+                        # The recipe is the model's default config: the run is also the default's row.
+                        store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
+                    print(f"done {family}/{recipe} {dataset} seed {seed} in {wall:.0f}s: "
+                          + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
+                          flush=True)
+        if "ensemble" not in args.models:
+            continue
+        for dataset in args.datasets:
+            rows = read_rows(args.loco_csv, LOCO_COLUMNS)
+            choices = {f: loco_choices(rows, f, LINES)[dataset] for f in ENSEMBLE_MEMBERS}
+            recipe = "+".join(f"{f}:{r}" for f, r in choices.items())
+            hit = rows.loc[(rows["model"] == "ensemble") & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
+                           & (rows["seed"] == seed)]
+            if set(tasks) <= set(hit["task"]):
+                print(f"skip ensemble {dataset} seed {seed}: already in {args.loco_csv}")
+                continue
+            extra = budget_overrides("ensemble", args.set) + ensemble_overrides(dataset, seed, args.task, choices, runs_dir)
+            print(f"run ensemble {dataset} seed {seed} ({recipe})", flush=True)
+            new, wall = run_cell("ensemble", dataset, seed, args.task, extra, runs_dir,
+                                 loco_run_name("ensemble", "loco", dataset, args.task, seed))
+            store_row(args.loco_csv, [dict(r, recipe=recipe) for r in new], LOCO_COLUMNS, keys)
+            if all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items()):
+                # Members are the default recipes: this is the default ensemble's row for the line.
+                store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
+            print(f"done ensemble {dataset} seed {seed} in {wall:.0f}s: "
+                  + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
+                  flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,15 +384,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default: cache/quality_runs)")
     parser.add_argument("--table", action="store_true", help="only regenerate the markdown table")
+    parser.add_argument("--protocol", choices=["grid", "loco"], default="grid",
+                        help="grid: default configs (quality.csv); loco: the LOCO search space and the ensemble of its "
+                             "choices (loco.csv; runs of default recipes also go to quality.csv)")
+    parser.add_argument("--loco-csv", type=Path, default=DEFAULT_LOCO_CSV)
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     if args.table:
-        write_doc(read_rows(args.csv), args.doc)
+        write_doc(read_rows(args.csv), args.doc, read_rows(args.loco_csv, LOCO_COLUMNS))
         print(results_table(read_rows(args.csv)))
+        print(loco_table(read_rows(args.loco_csv, LOCO_COLUMNS)))
         return 0
     from perturb_models.io import cache_dir
 
     runs_dir = args.runs_dir or cache_dir("quality_runs")
+    if args.protocol == "loco":
+        run_loco(args, runs_dir)
+        write_doc(read_rows(args.csv), args.doc, read_rows(args.loco_csv, LOCO_COLUMNS))
+        print(loco_table(read_rows(args.loco_csv, LOCO_COLUMNS)))
+        return 0
     tasks = ("de", "dir") if args.task == "joint" else (args.task,)
     # Breadth first: every model and dataset on the first seed before the next seed.
     for seed in args.seeds:
@@ -184,11 +415,10 @@ def main(argv: list[str] | None = None) -> int:
                 extra = budget_overrides(model, args.set)
                 print(f"run {model} {dataset} seed {seed} ({' '.join(extra)})", flush=True)
                 new, wall = run_cell(model, dataset, seed, args.task, extra, runs_dir)
-                rows = pd.concat([read_rows(args.csv), pd.DataFrame(new, columns=COLUMNS)], ignore_index=True)
-                atomic_write_dataframe(args.csv, rows)
+                rows = store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
                 summary = ", ".join(f"{r['task']} {r['auroc_per_gene']:.4f} ({int(r['genes_scored'])} genes)" for r in new)
                 print(f"done {model} {dataset} seed {seed} in {wall:.0f}s: {summary}", flush=True)
-                write_doc(rows, args.doc)
+                write_doc(rows, args.doc, read_rows(args.loco_csv, LOCO_COLUMNS))
     print(results_table(read_rows(args.csv)))
     return 0
 
