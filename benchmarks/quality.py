@@ -45,6 +45,7 @@ LOCO_SEARCH: dict[str, dict[str, list[str]]] = {
         "k50_s5": ["model.encoder.k=50", "model.encoder.shrinkage=5.0"],
         "k100_s1": ["model.encoder.k=100", "model.encoder.shrinkage=1.0"],
         "k100_s5": ["model.encoder.k=100", "model.encoder.shrinkage=5.0"],
+        "k100_s20": ["model.encoder.k=100", "model.encoder.shrinkage=20.0"],
     },
     "gears": {
         "neighbours": ["model.encoder.pert_include_self=false"],
