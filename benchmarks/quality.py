@@ -13,6 +13,7 @@ the knowledge files ($PERTURB_KNOWLEDGE).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -30,8 +31,9 @@ from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa:
 # validation figure of the same run (the selected checkpoint), the only one selection code reads.
 COLUMNS = ["model", "dataset", "task", "seed", "auroc_per_gene", "genes_scored", "commit", "wall_seconds", "overrides",
            "val_auroc_per_gene"]
-OPTIONAL = ("overrides", "val_auroc_per_gene", "recipe")
-LOCO_COLUMNS = ["model", "recipe", *COLUMNS[1:]]
+OPTIONAL = ("overrides", "val_auroc_per_gene", "recipe", "weights")
+# weights: the ensemble's combination weights per member (fitted on validation), for the docs.
+LOCO_COLUMNS = ["model", "recipe", *COLUMNS[1:], "weights"]
 DEFAULT_CSV = REPO / "benchmarks" / "results" / "quality.csv"
 DEFAULT_LOCO_CSV = REPO / "benchmarks" / "results" / "loco.csv"
 LINES = ["k562", "rpe1", "hepg2", "k562_set"]
@@ -362,9 +364,11 @@ def run_loco(args, runs_dir: Path) -> None:
                 continue
             extra = budget_overrides("ensemble", args.set) + ensemble_overrides(dataset, seed, args.task, choices, runs_dir)
             print(f"run ensemble {dataset} seed {seed} ({recipe})", flush=True)
-            new, wall = run_cell("ensemble", dataset, seed, args.task, extra, runs_dir,
-                                 loco_run_name("ensemble", "loco", dataset, args.task, seed))
-            store_row(args.loco_csv, [dict(r, recipe=recipe) for r in new], LOCO_COLUMNS, keys)
+            run_name = loco_run_name("ensemble", "loco", dataset, args.task, seed)
+            new, wall = run_cell("ensemble", dataset, seed, args.task, extra, runs_dir, run_name)
+            table = json.loads((runs_dir / run_name / "ensemble_weights.json").read_text())
+            store_row(args.loco_csv, [dict(r, recipe=recipe, weights=" ".join(f"{m}={w:.3f}" for m, w in table[r["task"]].items()))
+                                      for r in new], LOCO_COLUMNS, keys)
             if all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items()):
                 # Members are the default recipes: this is the default ensemble's row for the line.
                 store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])

@@ -60,6 +60,8 @@ def test_ensemble_trains_members_into_its_run_and_checkpoints_members_and_weight
     weights = state["encoder.weights"]
     assert weights.shape == (2, 2)  # (DE, direction) x members
     assert torch.allclose(weights.sum(1), torch.ones(2, dtype=weights.dtype)) and (weights >= 0).all()
+    table = json.loads((run / "ensemble_weights.json").read_text())
+    assert table["de"]["mlp"] == pytest.approx(float(weights[0, 0]))
     for name in ("metrics.json", "predictions/test.csv", "predictions/val.csv"):
         assert (run / name).is_file()
 

@@ -232,6 +232,10 @@ class EnsembleEncoder(nn.Module):
                      ", ".join(f"{m}={v:.3f}" for m, v in zip(self.member_names, w)), len(torch.cat(labels[key])))
         self.fitted.fill_(True)
         self.train(was_training)
+        if self.run.get("output_dir"):
+            from perturb_models.io import atomic_write_json
+
+            atomic_write_json(Path(self.run["output_dir"]) / "ensemble_weights.json", self.weight_table())
 
     def weight_table(self) -> dict[str, dict[str, float]]:
         return {key: {m: float(self.weights[i, j]) for j, m in enumerate(self.member_names)}
