@@ -29,6 +29,8 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such run folder or multirun folder")
         below = sorted(p.parent for p in path.rglob("run.json") if is_run_dir(p.parent))
+        # A run inside another run (an ensemble's members/<name>) is part of that run, not a row of its own.
+        below = [r for r in below if not any(is_run_dir(a) for a in r.parents if a != path and a.is_relative_to(path))]
         if not below:
             raise FileNotFoundError(f"{path}: no finished run in or below it (no folder with both metrics.json and "
                                     "run.json); is it the folder of a finished train.py or evaluate.py run?")

@@ -66,6 +66,13 @@ def test_ensemble_trains_members_into_its_run_and_checkpoints_members_and_weight
         assert (run / name).is_file()
 
 
+def test_comparison_below_a_folder_counts_the_ensemble_once_not_its_members(ensemble_run):
+    from perturb_models.results import find_run_dirs
+
+    run, _ = ensemble_run
+    assert find_run_dirs([run.parent]) == [run]
+
+
 def test_evaluate_rebuilds_the_ensemble_from_its_checkpoint_with_identical_metrics(ensemble_run, tmp_path):
     run, metrics = ensemble_run
     cfg = compose_config("evaluate", [f"ckpt_path={run}", "trainer.enable_progress_bar=false"], tmp_path / "eval")
