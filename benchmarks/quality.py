@@ -192,8 +192,13 @@ def loco_table(rows: pd.DataFrame) -> str:
     for family in families:
         part = rows.loc[rows["model"] == family]
         if family == "ensemble":
-            # Its members were chosen per held-out line already (recipe names them); one recipe per line.
-            choices = {d: r for d, r in part.groupby("dataset")["recipe"].first().items()}
+            # The run whose members are the current LOCO choices for that line.
+            choices = {}
+            for d in lines_present:
+                try:
+                    choices[d] = ensemble_recipe(ensemble_choices(rows, d))
+                except ValueError:
+                    continue
         else:
             try:
                 choices = loco_choices(rows, family, lines_present)
@@ -381,10 +386,23 @@ def loco_run_name(model: str, recipe: str, dataset: str, task: str, seed: int) -
     return f"loco-{model}-{recipe}-{dataset}-{task}-seed{seed}"
 
 
-def run_loco(args, runs_dir: Path) -> None:
-    """Every recipe of the search space on every line and seed, then the ensemble of the LOCO choices."""
+def ensemble_choices(rows: pd.DataFrame, dataset: str) -> dict[str, str]:
+    """The members' recipes for the ensemble on ``dataset``: each family's LOCO choice for that held-out line."""
     from perturb_models.selection import loco_choices
 
+    return {f: loco_choices(rows, f, LINES)[dataset] for f in ENSEMBLE_MEMBERS}
+
+
+def ensemble_recipe(choices: dict[str, str]) -> str:
+    return "+".join(f"{f}:{r}" for f, r in choices.items())
+
+
+def run_loco(args, runs_dir: Path) -> None:
+    """Every recipe of the search space on every line and seed, and the ensemble of the LOCO choices.
+
+    Order, so that a budget cut short still leaves the useful rows: the default recipe of each family on every
+    line, the ensemble, then the other recipes, then the ensemble again where the choices changed.
+    """
     tasks = ("de", "dir") if args.task == "joint" else (args.task,)
     keys = ["model", "recipe", "dataset", "task", "seed"]
     families = [m for m in args.models if m in LOCO_SEARCH]
@@ -392,40 +410,43 @@ def run_loco(args, runs_dir: Path) -> None:
     if unknown:
         raise SystemExit(f"--protocol loco: no search space for {', '.join(unknown)} (known: {', '.join(LOCO_SEARCH)}, ensemble)")
     defaults = {(m, r): is_default_recipe(m, o) for m in families for r, o in LOCO_SEARCH[m].items()}
-    for seed in args.seeds:
-        for family in families:
+    default_recipes = [(f, r) for f in families for r in LOCO_SEARCH[f] if defaults[(f, r)]]
+    other_recipes = [(f, r) for f in families for r in LOCO_SEARCH[f] if not defaults[(f, r)]]
+
+    def run_recipes(seed: int, recipes: list[tuple[str, str]]) -> None:
+        for family, recipe in recipes:
             for dataset in args.datasets:
-                for recipe, recipe_overrides in LOCO_SEARCH[family].items():
-                    rows = read_rows(args.loco_csv, LOCO_COLUMNS)
-                    hit = rows.loc[(rows["model"] == family) & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
-                                   & (rows["seed"] == seed)]
-                    if set(tasks) <= set(hit["task"]):
-                        print(f"skip {family}/{recipe} {dataset} seed {seed}: already in {args.loco_csv}")
-                        if defaults[(family, recipe)]:
-                            promote(args.csv, hit)
-                        continue
-                    extra = budget_overrides(family, args.set) + recipe_overrides
-                    print(f"run {family}/{recipe} {dataset} seed {seed} ({' '.join(extra)})", flush=True)
-                    new, wall = run_cell(family, dataset, seed, args.task, extra, runs_dir,
-                                         loco_run_name(family, recipe, dataset, args.task, seed))
-                    store_row(args.loco_csv, [dict(r, recipe=recipe) for r in new], LOCO_COLUMNS, keys)
+                rows = read_rows(args.loco_csv, LOCO_COLUMNS)
+                hit = rows.loc[(rows["model"] == family) & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
+                               & (rows["seed"] == seed)]
+                if set(tasks) <= set(hit["task"]):
+                    print(f"skip {family}/{recipe} {dataset} seed {seed}: already in {args.loco_csv}")
                     if defaults[(family, recipe)]:
-                        # The recipe is the model's default config: the run is also the default's row.
-                        store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
-                    print(f"done {family}/{recipe} {dataset} seed {seed} in {wall:.0f}s: "
-                          + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
-                          flush=True)
-        if "ensemble" not in args.models:
-            continue
+                        promote(args.csv, hit)
+                    continue
+                extra = budget_overrides(family, args.set) + LOCO_SEARCH[family][recipe]
+                print(f"run {family}/{recipe} {dataset} seed {seed} ({' '.join(extra)})", flush=True)
+                new, wall = run_cell(family, dataset, seed, args.task, extra, runs_dir,
+                                     loco_run_name(family, recipe, dataset, args.task, seed))
+                store_row(args.loco_csv, [dict(r, recipe=recipe) for r in new], LOCO_COLUMNS, keys)
+                if defaults[(family, recipe)]:
+                    # The recipe is the model's default config: the run is also the default's row.
+                    store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
+                print(f"done {family}/{recipe} {dataset} seed {seed} in {wall:.0f}s: "
+                      + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
+                      flush=True)
+
+    def run_ensembles(seed: int) -> None:
         for dataset in args.datasets:
             rows = read_rows(args.loco_csv, LOCO_COLUMNS)
-            choices = {f: loco_choices(rows, f, LINES)[dataset] for f in ENSEMBLE_MEMBERS}
-            recipe = "+".join(f"{f}:{r}" for f, r in choices.items())
+            choices = ensemble_choices(rows, dataset)
+            recipe = ensemble_recipe(choices)
             hit = rows.loc[(rows["model"] == "ensemble") & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
                            & (rows["seed"] == seed)]
+            members_default = all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items())
             if set(tasks) <= set(hit["task"]):
                 print(f"skip ensemble {dataset} seed {seed}: already in {args.loco_csv}")
-                if all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items()):
+                if members_default:
                     promote(args.csv, hit)
                 continue
             extra = budget_overrides("ensemble", args.set) + ensemble_overrides(dataset, seed, args.task, choices, runs_dir)
@@ -435,12 +456,20 @@ def run_loco(args, runs_dir: Path) -> None:
             table = json.loads((runs_dir / run_name / "ensemble_weights.json").read_text())
             store_row(args.loco_csv, [dict(r, recipe=recipe, weights=" ".join(f"{m}={w:.3f}" for m, w in table[r["task"]].items()))
                                       for r in new], LOCO_COLUMNS, keys)
-            if all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items()):
+            if members_default:
                 # Members are the default recipes: this is the default ensemble's row for the line.
                 store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
             print(f"done ensemble {dataset} seed {seed} in {wall:.0f}s: "
                   + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
                   flush=True)
+
+    for seed in args.seeds:
+        run_recipes(seed, default_recipes)
+        if "ensemble" in args.models:
+            run_ensembles(seed)
+        run_recipes(seed, other_recipes)
+        if "ensemble" in args.models:
+            run_ensembles(seed)
 
 
 def main(argv: list[str] | None = None) -> int:
