@@ -400,8 +400,9 @@ def ensemble_recipe(choices: dict[str, str]) -> str:
 def run_loco(args, runs_dir: Path) -> None:
     """Every recipe of the search space on every line and seed, and the ensemble of the LOCO choices.
 
-    Order, so that a budget cut short still leaves the useful rows: the default recipe of each family on every
-    line, the ensemble, then the other recipes, then the ensemble again where the choices changed.
+    Order, so that a budget cut short still leaves the useful rows: line by line, each family's default recipe
+    and the ensemble of them (the default ``model=ensemble``); then the other recipes; then, per line, the
+    ensemble of the LOCO choices where they are not the defaults.
     """
     tasks = ("de", "dir") if args.task == "joint" else (args.task,)
     keys = ["model", "recipe", "dataset", "task", "seed"]
@@ -413,9 +414,9 @@ def run_loco(args, runs_dir: Path) -> None:
     default_recipes = [(f, r) for f in families for r in LOCO_SEARCH[f] if defaults[(f, r)]]
     other_recipes = [(f, r) for f in families for r in LOCO_SEARCH[f] if not defaults[(f, r)]]
 
-    def run_recipes(seed: int, recipes: list[tuple[str, str]]) -> None:
+    def run_recipes(seed: int, recipes: list[tuple[str, str]], datasets: list[str]) -> None:
         for family, recipe in recipes:
-            for dataset in args.datasets:
+            for dataset in datasets:
                 rows = read_rows(args.loco_csv, LOCO_COLUMNS)
                 hit = rows.loc[(rows["model"] == family) & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
                                & (rows["seed"] == seed)]
@@ -436,40 +437,57 @@ def run_loco(args, runs_dir: Path) -> None:
                       + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
                       flush=True)
 
-    def run_ensembles(seed: int) -> None:
-        for dataset in args.datasets:
-            rows = read_rows(args.loco_csv, LOCO_COLUMNS)
-            choices = ensemble_choices(rows, dataset)
-            recipe = ensemble_recipe(choices)
-            hit = rows.loc[(rows["model"] == "ensemble") & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
-                           & (rows["seed"] == seed)]
-            members_default = all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items())
-            if set(tasks) <= set(hit["task"]):
-                print(f"skip ensemble {dataset} seed {seed}: already in {args.loco_csv}")
-                if members_default:
-                    promote(args.csv, hit)
-                continue
-            extra = budget_overrides("ensemble", args.set) + ensemble_overrides(dataset, seed, args.task, choices, runs_dir)
-            print(f"run ensemble {dataset} seed {seed} ({recipe})", flush=True)
-            run_name = loco_run_name("ensemble", "loco", dataset, args.task, seed)
-            new, wall = run_cell("ensemble", dataset, seed, args.task, extra, runs_dir, run_name)
-            table = json.loads((runs_dir / run_name / "ensemble_weights.json").read_text())
-            store_row(args.loco_csv, [dict(r, recipe=recipe, weights=" ".join(f"{m}={w:.3f}" for m, w in table[r["task"]].items()))
-                                      for r in new], LOCO_COLUMNS, keys)
+    def run_ensemble(seed: int, dataset: str, choices: dict[str, str]) -> None:
+        rows = read_rows(args.loco_csv, LOCO_COLUMNS)
+        recipe = ensemble_recipe(choices)
+        missing = [f"{f}/{r}" for f, r in choices.items()
+                   if rows.loc[(rows["model"] == f) & (rows["recipe"] == r) & (rows["dataset"] == dataset)
+                               & (rows["seed"] == seed)].empty]
+        if missing:
+            print(f"skip ensemble {dataset} seed {seed}: no run of {', '.join(missing)} yet")
+            return
+        hit = rows.loc[(rows["model"] == "ensemble") & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
+                       & (rows["seed"] == seed)]
+        members_default = all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items())
+        if set(tasks) <= set(hit["task"]):
+            print(f"skip ensemble {dataset} seed {seed}: already in {args.loco_csv}")
             if members_default:
-                # Members are the default recipes: this is the default ensemble's row for the line.
-                store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
-            print(f"done ensemble {dataset} seed {seed} in {wall:.0f}s: "
-                  + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
-                  flush=True)
+                promote(args.csv, hit)
+            return
+        extra = budget_overrides("ensemble", args.set) + ensemble_overrides(dataset, seed, args.task, choices, runs_dir)
+        print(f"run ensemble {dataset} seed {seed} ({recipe})", flush=True)
+        run_name = loco_run_name("ensemble", recipe.replace(":", "_").replace("+", "-"), dataset, args.task, seed)
+        new, wall = run_cell("ensemble", dataset, seed, args.task, extra, runs_dir, run_name)
+        table = json.loads((runs_dir / run_name / "ensemble_weights.json").read_text())
+        store_row(args.loco_csv, [dict(r, recipe=recipe, weights=" ".join(f"{m}={w:.3f}" for m, w in table[r["task"]].items()))
+                                  for r in new], LOCO_COLUMNS, keys)
+        if members_default:
+            # Members are the default recipes: this is the default ensemble's row for the line.
+            store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
+        print(f"done ensemble {dataset} seed {seed} in {wall:.0f}s: "
+              + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
+              flush=True)
 
+    default_members = {f: next((r for r, o in LOCO_SEARCH[f].items() if is_default_recipe(f, o)), None)
+                       for f in ENSEMBLE_MEMBERS}
     for seed in args.seeds:
-        run_recipes(seed, default_recipes)
+        # Line by line: the default recipes, then the ensemble of them (the default model=ensemble).
+        for dataset in args.datasets:
+            run_recipes(seed, default_recipes, [dataset])
+            if "ensemble" in args.models and None not in default_members.values():
+                run_ensemble(seed, dataset, default_members)
+        if args.only_defaults:
+            continue
+        run_recipes(seed, other_recipes, args.datasets)
         if "ensemble" in args.models:
-            run_ensembles(seed)
-        run_recipes(seed, other_recipes)
-        if "ensemble" in args.models:
-            run_ensembles(seed)
+            # Where the LOCO choices are not the defaults, the ensemble of the choices.
+            for dataset in args.datasets:
+                try:
+                    choices = ensemble_choices(read_rows(args.loco_csv, LOCO_COLUMNS), dataset)
+                except ValueError as err:
+                    print(f"skip LOCO ensemble {dataset} seed {seed}: {err}")
+                    continue
+                run_ensemble(seed, dataset, choices)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="grid: default configs (quality.csv); loco: the LOCO search space and the ensemble of its "
                              "choices (loco.csv; runs of default recipes also go to quality.csv)")
     parser.add_argument("--loco-csv", type=Path, default=DEFAULT_LOCO_CSV)
+    parser.add_argument("--only-defaults", action="store_true",
+                        help="loco: only the default recipes and their ensemble (a budget too small for the search)")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     if args.table:
