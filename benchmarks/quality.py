@@ -296,8 +296,10 @@ Only validation figures choose anything; test figures are written and reported, 
   test labels and gets the same weights).
 - Defaults in `conf/model/`: the searched recipe with the best mean validation figure over the four lines
   (table above). Earlier choices made with test figures in view: `gears`' `pert_include_self: false` and its
-  batch 1024 / 12-epoch budget (commit 8f22f06). The LOCO search re-decides `pert_include_self` on validation
-  only; the batch/epoch budget was not re-searched (it is the CPU budget of this grid, the same for every recipe).
+  batch 1024 / 12-epoch budget (commit 8f22f06). The LOCO search space holds `pert_include_self` (true/false) so
+  that it is re-decided on validation only; where the recipe table shows `–`, that part of the search has not
+  been run and the default stands unchecked by this protocol. The batch/epoch budget is not searched (it is the
+  CPU budget of this grid, the same for every recipe).
 """
 
 ENSEMBLE_TEXT = """## The ensemble
