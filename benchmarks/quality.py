@@ -13,6 +13,7 @@ the knowledge files ($PERTURB_KNOWLEDGE).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -24,13 +25,43 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from perturb_models.io import atomic_write_dataframe  # noqa: E402
+from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
 # The tables (docs/results.md, the README block) are made by the package, one code path for both.
-from perturb_models.results import README, quality_table as results_table, write_doc  # noqa: E402
+from perturb_models.results import PUBLISHED, README, quality_table as results_table, write_doc  # noqa: E402
 
-COLUMNS = ["model", "dataset", "task", "seed", "auroc_per_gene", "genes_scored", "commit", "wall_seconds", "overrides"]
+# auroc_per_gene is the test figure (reported, never used to choose anything); val_auroc_per_gene is the
+# validation figure of the same run (the selected checkpoint), the only one selection code reads.
+COLUMNS = ["model", "dataset", "task", "seed", "auroc_per_gene", "genes_scored", "commit", "wall_seconds", "overrides",
+           "val_auroc_per_gene"]
+OPTIONAL = ("overrides", "val_auroc_per_gene", "recipe", "weights")
+# weights: the ensemble's combination weights per member (fitted on validation), for the docs.
+LOCO_COLUMNS = ["model", "recipe", *COLUMNS[1:], "weights"]
 DEFAULT_CSV = REPO / "benchmarks" / "results" / "quality.csv"
+DEFAULT_LOCO_CSV = REPO / "benchmarks" / "results" / "loco.csv"
+LINES = ["k562", "rpe1", "hepg2", "k562_set"]
+
+# The leave-one-cell-line-out search space: a few cheap recipes per family (model.* overrides only, so an
+# ensemble can rebuild a member from its recipe), run on every line; each held-out line gets the recipe with
+# the best mean validation figure on the other three.
+LOCO_SEARCH: dict[str, dict[str, list[str]]] = {
+    "knn": {
+        "k50_s1": ["model.encoder.k=50", "model.encoder.shrinkage=1.0"],
+        "k50_s5": ["model.encoder.k=50", "model.encoder.shrinkage=5.0"],
+        "k100_s1": ["model.encoder.k=100", "model.encoder.shrinkage=1.0"],
+        "k100_s5": ["model.encoder.k=100", "model.encoder.shrinkage=5.0"],
+        "k100_s20": ["model.encoder.k=100", "model.encoder.shrinkage=20.0"],
+    },
+    "gears": {
+        "neighbours": ["model.encoder.pert_include_self=false"],
+        "self": ["model.encoder.pert_include_self=true"],
+    },
+    "embedding_mlp": {
+        "default": [],
+    },
+}
+ENSEMBLE_MEMBERS = ("knn", "gears", "embedding_mlp")
 DEFAULT_DOC = REPO / "docs" / "results.md"
+DEFAULT_LOCO_DOC = REPO / "docs" / "loco.md"
 
 # Budget for a shared 2-core CPU: a few minutes a run. Larger batches cost graph models nothing extra per
 # step (one full-graph pass per step), so gat gets the largest; gears needs more optimizer steps (at batch
@@ -43,14 +74,19 @@ CPU_BUDGET = {
     "gears_text": ["data.batch_size=1024", "trainer.max_epochs=12", "callbacks.early_stopping.patience=4"],
 }
 
-def read_rows(path: Path) -> pd.DataFrame:
+def read_rows(path: Path, columns: list[str] = COLUMNS) -> pd.DataFrame:
+    """The rows of a results CSV; columns added since it was written (``val_auroc_per_gene``) come back empty."""
     if not path.is_file():
-        return pd.DataFrame(columns=COLUMNS)
-    frame = pd.read_csv(path)
-    missing = [c for c in COLUMNS[:-1] if c not in frame.columns]
+        return pd.DataFrame(columns=columns)
+    # commit hashes such as 484e152 must stay text, not become floats
+    frame = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"commit": str})
+    missing = [c for c in columns if c not in frame.columns and c not in OPTIONAL]
     if missing:
         raise ValueError(f"{path}: not a quality CSV (missing columns {', '.join(missing)})")
-    return frame
+    for column in columns:
+        if column not in frame.columns:
+            frame[column] = math.nan
+    return frame[columns + [c for c in frame.columns if c not in columns]]
 
 
 def done(rows: pd.DataFrame, model: str, dataset: str, seed: int, tasks: tuple[str, ...]) -> bool:
@@ -58,7 +94,8 @@ def done(rows: pd.DataFrame, model: str, dataset: str, seed: int, tasks: tuple[s
     return set(tasks) <= set(hit["task"])
 
 
-def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], runs_dir: Path) -> tuple[list[dict], float]:
+def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], runs_dir: Path,
+             run_name: str | None = None) -> tuple[list[dict], float]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
@@ -72,7 +109,7 @@ def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], r
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose(config_name="train", overrides=overrides)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(runs_dir / f"{model}-{dataset}-{task}-seed{seed}")
+        cfg.paths.output_dir = str(runs_dir / (run_name or f"{model}-{dataset}-{task}-seed{seed}"))
     started = time.time()
     metrics = train(cfg)
     wall = round(time.time() - started, 1)
@@ -83,7 +120,8 @@ def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], r
         rows.append({"model": model, "dataset": dataset, "task": t, "seed": seed,
                      "auroc_per_gene": metrics.get(f"test/{t}_auroc_per_gene", math.nan),
                      "genes_scored": metrics.get(f"test/{t}_genes_scored", math.nan),
-                     "commit": commit, "wall_seconds": wall, "overrides": " ".join(extra)})
+                     "commit": commit, "wall_seconds": wall, "overrides": " ".join(extra),
+                     "val_auroc_per_gene": metrics.get(f"val/{t}_auroc_per_gene", math.nan)})
     return rows, wall
 
 
@@ -100,6 +138,326 @@ def budget_overrides(model: str, sets: list[str]) -> list[str]:
     return [f"{k}={v}" for k, v in merged.items()]
 
 
+def loco_table(rows: pd.DataFrame) -> str:
+    """Markdown: per family, the held-out line's test figure of the recipe chosen on the other lines' validation."""
+    from perturb_models.selection import loco_choices
+
+    if rows.empty:
+        return "_no rows in loco.csv yet_\n"
+    lines_present = [d for d in LINES if d in set(rows["dataset"])]
+    families = [m for m in [*LOCO_SEARCH, "ensemble"] if m in set(rows["model"])]
+    held = {}  # (family, line) -> (recipe, {task: list of test figures})
+    for family in families:
+        part = rows.loc[rows["model"] == family]
+        if family == "ensemble":
+            # The run whose members are the current LOCO choices for that line.
+            choices = {}
+            for d in lines_present:
+                try:
+                    choices[d] = ensemble_recipe(ensemble_choices(rows, d))
+                except ValueError:
+                    continue
+        else:
+            try:
+                choices = loco_choices(rows, family, lines_present)
+            except ValueError:
+                continue
+        for d, recipe in choices.items():
+            hit = part.loc[(part["dataset"] == d) & (part["recipe"] == recipe)]
+            held[(family, d)] = (recipe, {t: hit.loc[hit["task"] == t, "auroc_per_gene"].dropna().astype(float).tolist()
+                                          for t in ("de", "dir")})
+    out = []
+    for task, title in (("de", "DE"), ("dir", "direction")):
+        out += [f"### LOCO, {title} (held-out line's test per-gene AUROC; recipe chosen on the other lines' "
+                "validation; mean over seeds, n seeds)", "",
+                "| model | " + " | ".join(lines_present) + " |", "|---|" + "---|" * len(lines_present)]
+        best_single = {}
+        for family in families:
+            cells = []
+            for d in lines_present:
+                if (family, d) not in held or not held[(family, d)][1][task]:
+                    cells.append("–")
+                    continue
+                recipe, figures = held[(family, d)]
+                mean = sum(figures[task]) / len(figures[task])
+                if family != "ensemble":
+                    best_single[d] = max(best_single.get(d, -1.0), mean)
+                cells.append(f"{mean:.3f} ({len(figures[task])}; {recipe})")
+            out.append(f"| {family} | " + " | ".join(cells) + " |")
+        cells = [f"{PUBLISHED[(task, d)]['best'][0]:.2f} ({PUBLISHED[(task, d)]['best'][1]})" if (task, d) in PUBLISHED
+                 else "–" for d in lines_present]
+        out.append("| published best | " + " | ".join(cells) + " |")
+        goal = []
+        for d in lines_present:
+            figures = held.get(("ensemble", d), (None, {}))[1].get(task)
+            if not figures or (task, d) not in PUBLISHED or d not in best_single:
+                goal.append("–")
+                continue
+            mean = sum(figures) / len(figures)
+            above_published = mean - PUBLISHED[(task, d)]["best"][0]
+            vs_single = mean - best_single[d]
+            met = above_published >= 0.03 and vs_single >= -0.01
+            goal.append(f"{above_published:+.3f} / {vs_single:+.3f} ({'met' if met else 'not met'})")
+        out.append("| ensemble − published best / − best single LOCO model | " + " | ".join(goal) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def loco_recipes_text(rows: pd.DataFrame) -> str:
+    """Markdown: each family's recipes with their mean validation figure per line (what the choices read)."""
+    from perturb_models.selection import recipe_scores
+
+    lines_present = [d for d in LINES if d in set(rows["dataset"])]
+    out = ["| model | recipe | overrides | " + " | ".join(f"val {d}" for d in lines_present) + " |",
+           "|---|---|---|" + "---|" * len(lines_present)]
+    for family, recipes in LOCO_SEARCH.items():
+        for recipe, overrides in recipes.items():
+            cells = []
+            for d in lines_present:
+                score = recipe_scores(rows, family, [d]).get(recipe, math.nan)
+                cells.append("–" if math.isnan(score) else f"{score:.4f}")
+            out.append(f"| {family} | {recipe} | `{' '.join(overrides) or '(config default)'}` | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def defaults_text(rows: pd.DataFrame) -> str:
+    """Markdown: per family, the recipe with the best mean validation figure over every line, and the config default."""
+    from perturb_models.selection import choose_recipe, recipe_scores
+
+    lines_present = [d for d in LINES if d in set(rows["dataset"])]
+    out = ["| model | best recipe on all lines' validation (mean) | `conf/model/` default recipe (mean) |", "|---|---|---|"]
+    for family, recipes in LOCO_SEARCH.items():
+        if family not in set(rows["model"]):
+            continue
+        scores = recipe_scores(rows, family, lines_present)
+        try:
+            best = choose_recipe(rows, family, lines_present)
+        except ValueError:
+            continue
+        default = next((r for r, o in recipes.items() if is_default_recipe(family, o)), None)
+        shown = "none of the searched recipes" if default is None else f"{default} ({scores.get(default, math.nan):.4f})"
+        out.append(f"| {family} | {best} ({scores[best]:.4f}) | {shown} |")
+    return "\n".join(out) + "\n"
+
+
+CHOICES_TEXT = """## How choices are made
+
+Only validation figures choose anything; test figures are written and reported, never read by selection code.
+
+- Checkpoint and early stopping: `optimized_metric` (validation per-gene AUROC, `conf/train.yaml`).
+- Sweeps (`conf/sweep/optuna_*.yaml`, `sweeps/wandb_*.yaml`): the objective is that validation metric
+  (`tests/test_sweep.py` checks the best value is the best trial's validation figure).
+- Recipes across cell lines: `benchmarks/quality.py --protocol loco` writes the validation figure beside the
+  test one (`val_auroc_per_gene`); `perturb_models/selection.py` keeps only the `val_*` columns before choosing
+  (`tests/test_selection.py` poisons the test figures and gets the same choices).
+- Ensemble weights: fitted on the validation perturbations of the run (`tests/test_ensemble.py` changes the
+  test labels and gets the same weights).
+- Defaults in `conf/model/`: the searched recipe with the best mean validation figure over the four lines
+  (table above). Earlier choices made with test figures in view: `gears`' `pert_include_self: false` and its
+  batch 1024 / 12-epoch budget (commit 8f22f06). The LOCO search space holds `pert_include_self` (true/false) so
+  that it is re-decided on validation only; where the recipe table shows `–`, that part of the search has not
+  been run and the default stands unchecked by this protocol. The batch/epoch budget is not searched (it is the
+  CPU budget of this grid, the same for every recipe).
+"""
+
+ENSEMBLE_TEXT = """## The ensemble
+
+`model=ensemble` (`perturb_models/models/ensemble.py`): members `knn`, `gears`, `embedding_mlp` by default,
+each trained by the project's own `train` into `<run>/members/<name>` (or loaded from a finished run of the
+same line, seed and split), frozen, then combined per task score (DE; direction on DE pairs) by convex weights
+(non-negative, summing to one) that maximise the validation log-likelihood of the mixture (EM). A convex
+weighting rather than a logistic combiner: the metric ranks within a gene, so a combiner's free scale and
+intercept buy nothing; unconstrained weights can turn negative on correlated members; and the combination has
+no hyperparameter to tune on the same validation pairs it is fitted on. A one-member ensemble is that member.
+In the LOCO rows above the members are the recipes chosen for the held-out line, loaded from their runs of
+that line and seed; `weights` in `loco.csv` are the fitted weights per task.
+"""
+
+
+def write_loco_doc(loco_rows: pd.DataFrame, path: Path) -> None:
+    """docs/loco.md: the leave-one-cell-line-out tables from loco.csv, and how every choice is made."""
+    text = "# Leave one cell line out\n\n"
+    if loco_rows is not None and not loco_rows.empty:
+        text += ("Generated by `python benchmarks/quality.py --table` from `benchmarks/results/loco.csv` "
+                 "(`python benchmarks/quality.py --protocol loco`). For each held-out line, each family's recipe is "
+                 "the one with the best mean validation per-gene AUROC (DE and direction, averaged per line) on the "
+                 "other three lines (`perturb_models.selection`, which reads only `val_*` columns); the cell is that "
+                 "recipe's test figure on the held-out line. The ensemble's members are the recipes chosen for that "
+                 "line; its weights are fitted on the held-out line's own validation perturbations, as a user's "
+                 "would be on their screen. This is the estimate of what a default gives on a new line.\n\n"
+                 + loco_table(loco_rows)
+                 + "\nValidation figures of every recipe (mean of DE and direction per-gene AUROC, over seeds):\n\n"
+                 + loco_recipes_text(loco_rows)
+                 + "\nDefaults: the recipe with the best mean validation figure over all four lines, next to the "
+                   "recipe that `conf/model/` holds now:\n\n" + defaults_text(loco_rows)
+                 + "\n" + ENSEMBLE_TEXT)
+    else:
+        text += "_no rows in loco.csv yet_\n"
+    text += "\n" + CHOICES_TEXT
+    atomic_write_text(path, text)
+
+
+def is_default_recipe(model: str, overrides: list[str]) -> bool:
+    """Whether ``overrides`` leave ``conf/model/<model>.yaml`` as it is (then a recipe's run is a default run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    import perturb_models  # noqa: F401
+
+    models = []
+    for extra in ([], overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+            cfg = compose(config_name="train", overrides=[f"model={model}", "data=synthetic", *extra])
+        models.append(OmegaConf.to_container(cfg.model, resolve=True))
+    return models[0] == models[1]
+
+
+def store_row(path: Path, new: list[dict], columns: list[str], keys: list[str]) -> pd.DataFrame:
+    """Append ``new`` to the CSV at ``path``, replacing rows with the same ``keys`` (a rerun supersedes)."""
+    rows = read_rows(path, columns)
+    fresh = pd.DataFrame(new, columns=columns)
+    if not rows.empty:
+        index = rows.set_index(keys).index
+        rows = rows.loc[~index.isin(fresh.set_index(keys).index)]
+    rows = pd.concat([rows, fresh], ignore_index=True) if not rows.empty else fresh
+    atomic_write_dataframe(path, rows)
+    return rows
+
+
+def promote(csv: Path, loco_rows: pd.DataFrame) -> None:
+    """LOCO runs of what is now the default config become the default's rows in quality.csv (after a default
+    changed, rerunning ``--protocol loco`` brings quality.csv up to date without training anything)."""
+    store_row(csv, loco_rows[COLUMNS].to_dict("records"), COLUMNS, ["model", "dataset", "task", "seed"])
+
+
+def ensemble_overrides(dataset: str, seed: int, task: str, choices: dict[str, str], runs_dir: Path) -> list[str]:
+    """The ensemble over the chosen recipes' finished runs of this line and seed (no member retrained)."""
+    extra = []
+    for family, recipe in choices.items():
+        run = runs_dir / loco_run_name(family, recipe, dataset, task, seed)
+        extra.append(f"+model.encoder.member_runs.{family}={run}")
+        # The recipe's architecture, so that the ensemble's own config rebuilds the member without its folder.
+        extra += [f"model.encoder.catalog.{family}.{o[len('model.'):]}" for o in LOCO_SEARCH[family][recipe]]
+    return extra
+
+
+def loco_run_name(model: str, recipe: str, dataset: str, task: str, seed: int) -> str:
+    return f"loco-{model}-{recipe}-{dataset}-{task}-seed{seed}"
+
+
+def ensemble_choices(rows: pd.DataFrame, dataset: str) -> dict[str, str]:
+    """The members' recipes for the ensemble on ``dataset``: each family's LOCO choice for that held-out line."""
+    from perturb_models.selection import loco_choices
+
+    return {f: loco_choices(rows, f, LINES)[dataset] for f in ENSEMBLE_MEMBERS}
+
+
+def ensemble_recipe(choices: dict[str, str]) -> str:
+    return "+".join(f"{f}:{r}" for f, r in choices.items())
+
+
+def run_loco(args, runs_dir: Path) -> None:
+    """Every recipe of the search space on every line and seed, and the ensemble of the LOCO choices.
+
+    Order, so that a budget cut short still leaves the useful rows: line by line, each family's default recipe
+    and the ensemble of them (the default ``model=ensemble``); then the other recipes; then, per line, the
+    ensemble of the LOCO choices where they are not the defaults.
+    """
+    tasks = ("de", "dir") if args.task == "joint" else (args.task,)
+    keys = ["model", "recipe", "dataset", "task", "seed"]
+    families = [m for m in args.models if m in LOCO_SEARCH]
+    unknown = [m for m in args.models if m not in LOCO_SEARCH and m != "ensemble"]
+    if unknown:
+        raise SystemExit(f"--protocol loco: no search space for {', '.join(unknown)} (known: {', '.join(LOCO_SEARCH)}, ensemble)")
+    defaults = {(m, r): is_default_recipe(m, o) for m in families for r, o in LOCO_SEARCH[m].items()}
+    default_recipes = [(f, r) for f in families for r in LOCO_SEARCH[f] if defaults[(f, r)]]
+    other_recipes = [(f, r) for f in families for r in LOCO_SEARCH[f] if not defaults[(f, r)]]
+
+    def run_recipes(seed: int, recipes: list[tuple[str, str]], datasets: list[str]) -> None:
+        for family, recipe in recipes:
+            for dataset in datasets:
+                rows = read_rows(args.loco_csv, LOCO_COLUMNS)
+                hit = rows.loc[(rows["model"] == family) & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
+                               & (rows["seed"] == seed)]
+                if set(tasks) <= set(hit["task"]):
+                    print(f"skip {family}/{recipe} {dataset} seed {seed}: already in {args.loco_csv}")
+                    if defaults[(family, recipe)]:
+                        promote(args.csv, hit)
+                    continue
+                extra = budget_overrides(family, args.set) + LOCO_SEARCH[family][recipe]
+                print(f"run {family}/{recipe} {dataset} seed {seed} ({' '.join(extra)})", flush=True)
+                new, wall = run_cell(family, dataset, seed, args.task, extra, runs_dir,
+                                     loco_run_name(family, recipe, dataset, args.task, seed))
+                store_row(args.loco_csv, [dict(r, recipe=recipe) for r in new], LOCO_COLUMNS, keys)
+                if defaults[(family, recipe)]:
+                    # The recipe is the model's default config: the run is also the default's row.
+                    store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
+                print(f"done {family}/{recipe} {dataset} seed {seed} in {wall:.0f}s: "
+                      + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
+                      flush=True)
+
+    def run_ensemble(seed: int, dataset: str, choices: dict[str, str]) -> None:
+        rows = read_rows(args.loco_csv, LOCO_COLUMNS)
+        recipe = ensemble_recipe(choices)
+        missing = [f"{f}/{r}" for f, r in choices.items()
+                   if rows.loc[(rows["model"] == f) & (rows["recipe"] == r) & (rows["dataset"] == dataset)
+                               & (rows["seed"] == seed)].empty]
+        if missing:
+            print(f"skip ensemble {dataset} seed {seed}: no run of {', '.join(missing)} yet")
+            return
+        hit = rows.loc[(rows["model"] == "ensemble") & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
+                       & (rows["seed"] == seed)]
+        members_default = all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items())
+        if set(tasks) <= set(hit["task"]):
+            print(f"skip ensemble {dataset} seed {seed}: already in {args.loco_csv}")
+            if members_default:
+                promote(args.csv, hit)
+            return
+        extra = budget_overrides("ensemble", args.set) + ensemble_overrides(dataset, seed, args.task, choices, runs_dir)
+        print(f"run ensemble {dataset} seed {seed} ({recipe})", flush=True)
+        run_name = loco_run_name("ensemble", recipe.replace(":", "_").replace("+", "-"), dataset, args.task, seed)
+        new, wall = run_cell("ensemble", dataset, seed, args.task, extra, runs_dir, run_name)
+        table = json.loads((runs_dir / run_name / "ensemble_weights.json").read_text())
+        store_row(args.loco_csv, [dict(r, recipe=recipe, weights=" ".join(f"{m}={w:.3f}" for m, w in table[r["task"]].items()))
+                                  for r in new], LOCO_COLUMNS, keys)
+        if members_default:
+            # Members are the default recipes: this is the default ensemble's row for the line.
+            store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
+        print(f"done ensemble {dataset} seed {seed} in {wall:.0f}s: "
+              + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
+              flush=True)
+
+    default_members = {f: next((r for r, o in LOCO_SEARCH[f].items() if is_default_recipe(f, o)), None)
+                       for f in ENSEMBLE_MEMBERS}
+    for seed in args.seeds:
+        # Line by line: the default recipes, then the ensemble of them (the default model=ensemble).
+        for dataset in args.datasets:
+            run_recipes(seed, default_recipes, [dataset])
+            if "ensemble" in args.models and None not in default_members.values():
+                run_ensemble(seed, dataset, default_members)
+        if args.only_defaults:
+            continue
+        run_recipes(seed, other_recipes, args.datasets)
+        if "ensemble" in args.models:
+            # Where the LOCO choices are not the defaults, the ensemble of the choices.
+            for dataset in args.datasets:
+                try:
+                    choices = ensemble_choices(read_rows(args.loco_csv, LOCO_COLUMNS), dataset)
+                except ValueError as err:
+                    print(f"skip LOCO ensemble {dataset} seed {seed}: {err}")
+                    continue
+                run_ensemble(seed, dataset, choices)
+
+
+def write_docs(args) -> None:
+    """docs/results.md and the README block (from quality.csv), and docs/loco.md (from loco.csv)."""
+    readme = README if args.doc == DEFAULT_DOC else None  # a scratch --doc leaves the README alone
+    write_doc(read_rows(args.csv), args.doc, readme)
+    write_loco_doc(read_rows(args.loco_csv, LOCO_COLUMNS), args.loco_doc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mlp", "gat", "gears", "knn"])
@@ -112,15 +470,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default: cache/quality_runs)")
     parser.add_argument("--table", action="store_true", help="only regenerate the markdown table")
+    parser.add_argument("--protocol", choices=["grid", "loco"], default="grid",
+                        help="grid: default configs (quality.csv); loco: the LOCO search space and the ensemble of its "
+                             "choices (loco.csv; runs of default recipes also go to quality.csv)")
+    parser.add_argument("--loco-csv", type=Path, default=DEFAULT_LOCO_CSV)
+    parser.add_argument("--loco-doc", type=Path, default=DEFAULT_LOCO_DOC)
+    parser.add_argument("--only-defaults", action="store_true",
+                        help="loco: only the default recipes and their ensemble (a budget too small for the search)")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     if args.table:
-        write_doc(read_rows(args.csv), args.doc, README)
+        write_docs(args)
         print(results_table(read_rows(args.csv)))
+        print(loco_table(read_rows(args.loco_csv, LOCO_COLUMNS)))
         return 0
     from perturb_models.io import cache_dir
 
     runs_dir = args.runs_dir or cache_dir("quality_runs")
+    if args.protocol == "loco":
+        run_loco(args, runs_dir)
+        write_docs(args)
+        print(loco_table(read_rows(args.loco_csv, LOCO_COLUMNS)))
+        return 0
     tasks = ("de", "dir") if args.task == "joint" else (args.task,)
     # Breadth first: every model and dataset on the first seed before the next seed.
     for seed in args.seeds:
@@ -133,11 +504,10 @@ def main(argv: list[str] | None = None) -> int:
                 extra = budget_overrides(model, args.set)
                 print(f"run {model} {dataset} seed {seed} ({' '.join(extra)})", flush=True)
                 new, wall = run_cell(model, dataset, seed, args.task, extra, runs_dir)
-                rows = pd.concat([read_rows(args.csv), pd.DataFrame(new, columns=COLUMNS)], ignore_index=True)
-                atomic_write_dataframe(args.csv, rows)
+                rows = store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
                 summary = ", ".join(f"{r['task']} {r['auroc_per_gene']:.4f} ({int(r['genes_scored'])} genes)" for r in new)
                 print(f"done {model} {dataset} seed {seed} in {wall:.0f}s: {summary}", flush=True)
-                write_doc(rows, args.doc)
+                write_docs(args)
     print(results_table(read_rows(args.csv)))
     return 0
 

