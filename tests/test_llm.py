@@ -3,6 +3,7 @@ adapter-only checkpoint that evaluate.py reloads, and the real SmolLM2 weights (
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 
@@ -14,7 +15,7 @@ pytest.importorskip("peft")
 import torch  # noqa: E402
 
 from perturb_models.evaluation import evaluate  # noqa: E402
-from perturb_models.models.prompts import PromptBuilder, builder_from_context, outcome_word  # noqa: E402
+from perturb_models.models.prompts import builder_from_context, outcome_word  # noqa: E402
 from perturb_models.training import build_datamodule, build_model, train  # noqa: E402
 
 SMALL_SYNTHETIC = ["data.synthetic.n_genes=80", "data.synthetic.n_perts=60", "data.synthetic.negatives_per_pert=12",
@@ -33,11 +34,17 @@ def _datamodule(synthetic_cfg, task="joint"):
     return cfg, build_datamodule(cfg.data)
 
 
+def _builder(cfg, context, **options):
+    """The prompt builder of the tiny config (co-response retrieval over training perturbations)."""
+    prompt = {**dict(cfg.model.encoder.prompt), **options}
+    return builder_from_context(context, graphs=dict(cfg.model.encoder.graphs), **prompt)
+
+
 @pytest.mark.parametrize("task", ["de", "dir", "joint"])
 def test_prompts_carry_no_validation_or_test_outcome(synthetic_cfg, task):
-    _, dm = _datamodule(synthetic_cfg, task)
+    cfg, dm = _datamodule(synthetic_cfg, task)
     context = dm.context
-    builder = builder_from_context(context, retrieval_k=5, retrieval_tokens=200)
+    builder = _builder(cfg, context, retrieval_k=5)
     held_out = set(context.val_perts) | set(context.test_perts)
     train_outcome = {(p, g): outcome_word(d, r, task) for p, g, d, r in
                      context.train_pairs.loc[:, ["pert", "gene", "de", "dir"]].itertuples(index=False)}
@@ -56,32 +63,54 @@ def test_prompts_carry_no_validation_or_test_outcome(synthetic_cfg, task):
 
 
 def test_prompts_do_not_change_when_held_out_labels_change(synthetic_cfg):
-    _, dm = _datamodule(synthetic_cfg, "joint")
+    cfg, dm = _datamodule(synthetic_cfg, "joint")
     context = dm.context
     pairs = dm.frames["test"].head(100)
-    before = [builder_from_context(context, retrieval_k=5)(p, g) for p, g in zip(pairs["pert"], pairs["gene"])]
+    before = [_builder(cfg, context)(p, g) for p, g in zip(pairs["pert"], pairs["gene"])]
     # Flip every validation/test label: a builder of the same context gives the same prompts.
     for stage in ("val", "test"):
         dm.frames[stage]["de"] = 1 - dm.frames[stage]["de"]
-    after = [builder_from_context(context, retrieval_k=5)(p, g) for p, g in zip(pairs["pert"], pairs["gene"])]
+    after = [_builder(cfg, context)(p, g) for p, g in zip(pairs["pert"], pairs["gene"])]
     assert before == after
     # ...while flipping training labels does change them (the check above can fail).
-    flipped = context.train_pairs.assign(de=1 - context.train_pairs["de"])
-    changed = [PromptBuilder(context.extras["cell_line"], "joint", flipped, retrieval_k=5)(p, g)
-               for p, g in zip(pairs["pert"], pairs["gene"])]
+    flipped = dataclasses.replace(context, train_pairs=context.train_pairs.assign(de=1 - context.train_pairs["de"]))
+    changed = [_builder(cfg, flipped)(p, g) for p, g in zip(pairs["pert"], pairs["gene"])]
     assert changed != before
 
 
-def test_retrieval_respects_its_token_budget(synthetic_cfg):
-    _, dm = _datamodule(synthetic_cfg, "de")
-    frame = dm.frames["test"].head(50)
-    for budget in (12, 20, 40):
-        builder = builder_from_context(dm.context, retrieval_k=50, retrieval_tokens=budget)
-        for pert, gene in zip(frame["pert"], frame["gene"]):
-            items = builder.retrieved(pert, gene)
-            if items:
-                sentence = builder._retrieval_sentence(gene, items)
-                assert builder.count_tokens(sentence) <= budget + 1  # the final "." is not budgeted
+def test_retrieval_ranks_only_perturbations_that_measured_the_gene(synthetic_cfg):
+    cfg, dm = _datamodule(synthetic_cfg, "de")
+    builder = _builder(cfg, dm.context, retrieval_k=3)
+    measured = dm.context.train_pairs.groupby("gene")["pert"].agg(set)
+    vocab, similarity = dm.context.vocab, builder.neighbours.similarity
+    beyond_top3 = 0
+    for pert, gene in zip(dm.frames["test"]["pert"].head(200), dm.frames["test"]["gene"].head(200)):
+        names, sims, _ = builder.nearest(pert, gene)
+        row = similarity[vocab.index(pert)].toarray().ravel()
+        ranked = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        ranked = [vocab.symbols[i] for i in ranked if row[i] > 0]
+        # Brute force: the 3 most similar among those that measured the gene, whatever their overall rank.
+        assert names == [p for p in ranked if p in measured.get(gene, set())][:3]
+        beyond_top3 += any(p not in ranked[:3] for p in names)
+    assert beyond_top3 > 20, "no pair needed a neighbour beyond the overall top 3: filtering order untested"
+
+
+def test_evidence_counts_the_nearest_outcomes(synthetic_cfg):
+    cfg, dm = _datamodule(synthetic_cfg, "joint")
+    builder = _builder(cfg, dm.context, retrieval_k=6, show=2)
+    checked = 0
+    for pert, gene in zip(dm.frames["test"]["pert"], dm.frames["test"]["gene"]):
+        words = [o for _, o in builder.retrieved(pert, gene)]
+        if not words:
+            continue
+        text = builder(pert, gene)
+        changed = sum(w != "unchanged" for w in words)
+        assert (f"Of the {len(words)} knockdowns most similar to {pert} that measured {gene}: {changed} changed it "
+                f"({words.count('down')} down, {words.count('up')} up), {len(words) - changed} did not.") in text
+        closest = builder.retrieved(pert, gene)[:2]
+        assert all(f"{n} " in text.split("Closest")[1] for n, _ in closest)
+        checked += 1
+    assert checked > 20
 
 
 def test_descriptions_are_pluggable_mapping_callable_or_import_path(synthetic_cfg):
@@ -97,11 +126,19 @@ def test_descriptions_are_pluggable_mapping_callable_or_import_path(synthetic_cf
         builder_from_context(dm.context, descriptions="not-a-source")
 
 
-def test_gene_info_descriptions_read_full_gene_names(knowledge_root):
-    from perturb_models.models.prompts import gene_info_descriptions
+def test_descriptions_come_from_the_embedding_models_gene_text(knowledge_root, monkeypatch):
+    from perturb_models.knowledge.text import build_gene_texts
+    from perturb_models.models.prompts import PROMPT_TEXT_RECIPE, resolve_descriptions
+    from perturb_models.knowledge.text import TextRecipe
 
-    names = gene_info_descriptions(str(knowledge_root))
-    assert names["TP53"] == "tumor protein p53"
+    describe = resolve_descriptions("knowledge", ["TP53", "NOT_A_GENE"], str(knowledge_root))
+    text = build_gene_texts(["TP53"], str(knowledge_root), TextRecipe.from_mapping(PROMPT_TEXT_RECIPE)).texts["TP53"]
+    assert describe("TP53").startswith("tumor protein p53") and describe("TP53").split(".")[0] in text
+    assert describe("NOT_A_GENE") is None
+    # auto: on when the files are there, off (symbols only) when they are not.
+    assert resolve_descriptions("auto", ["TP53"], str(knowledge_root))("TP53") == describe("TP53")
+    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(knowledge_root / "no-cache"))
+    assert resolve_descriptions("auto", ["TP53"], str(knowledge_root / "missing")) is None
 
 
 def test_prompt_cli_prints_a_pair(synthetic_cfg, capsys):
@@ -109,12 +146,13 @@ def test_prompt_cli_prints_a_pair(synthetic_cfg, capsys):
 
     from perturb_models.data.datamodule import PerturbQADataModule
 
-    dm = PerturbQADataModule(name="synthetic", task="de")  # what the CLI builds for --data synthetic
+    dm = PerturbQADataModule(name="synthetic", task="de")  # what the CLI builds for data=synthetic
     dm.setup()
     pert, gene = dm.frames["test"].iloc[0][["pert", "gene"]]
-    main(["--data", "synthetic", "--task", "de", "--pert", pert, "--gene", gene])
+    main(["--pair", pert, gene, "--first-test", "1", "data=synthetic", "data.task=de", "model=lora_llama_tiny"])
     out = capsys.readouterr().out
-    assert f"CRISPRi knockdown of {pert}" in out and "[pair is in the test split]" in out
+    assert f"CRISPRi knockdown of {pert}" in out and f"[({pert}, {gene}) is in the test split]" in out
+    assert "most similar to" in out, "--first-test prints a pair with evidence"
 
 
 def test_token_cache_is_written_once_and_reused(synthetic_cfg, cache):

@@ -97,8 +97,11 @@ def word_tokenizer(symbols: Sequence[str]):
     splitter = re.compile(r"\w+|[^\w\s]+")
     words: set[str] = set()
     fixed = " ".join(list(QUESTIONS.values()) + [
-        "Cell line: . CRISPRi knockdown of ( ). Downstream gene: Observed for after knockdown of similar genes:",
-        "DE not up down unchanged , ...", " ".join(str(d) for d in range(10))])
+        "Cell line: . CRISPRi knockdown of ( ). Downstream gene:",
+        "In training, changed went up after of the knockdowns that measured it changed it.",
+        "Of the knockdowns most similar to that measured : changed it ( down, up), did not.",
+        "Closest (similarity, outcome): No knockdown similar to measured",
+        "DE not up down unchanged changed , ...", " ".join(str(d) for d in range(10))])
     for text in [fixed, *symbols]:
         words.update(splitter.findall(str(text)))
     vocab = {"[PAD]": 0, "[UNK]": 1}
@@ -147,16 +150,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:
         text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-class TokenCounter:
-    """Number of tokens of a text under a tokenizer (picklable, unlike a lambda)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # ---- base model -------------------------------------------------------------------------------------------
@@ -237,7 +230,12 @@ class LoRALlamaClassifier(nn.Module):
         tokenizer: ``null`` (the one of ``pretrained``), ``words`` (local word-level), ``smollm2``, or an id/folder.
         llama_config: ``LlamaConfig`` fields for a random model (tiny test model, 8B-shaped benchmark).
         lora: ``r``, ``alpha``, ``dropout``, ``target_modules`` of the adapter.
+        graphs: graph specs of the retrieval (as ``model=knn``: the GO graph over training perturbations);
+            None: no evidence lines and no prior.
         prompt: options of :class:`~perturb_models.models.prompts.PromptBuilder` (descriptions, retrieval_k, ...).
+        prior: ``null``, or ``knn``: the kNN model's log-probabilities (same neighbours) are added to the
+            LLM's logits, so the LLM learns a correction of the retrieval vote.
+        prior_options: ``k``, ``shrinkage``, ``prior_strength`` of that kNN vote.
         max_length: prompts are cut to this many tokens, from the left (the question stays at the end).
         micro_batch_size: pairs per forward pass after sorting by length (padding only within a micro-batch).
         gradient_checkpointing: recompute decoder activations in backward (memory for compute).
@@ -252,7 +250,8 @@ class LoRALlamaClassifier(nn.Module):
                  llama_config: Mapping[str, Any] | None = None, lora: Mapping[str, Any] | None = None,
                  prompt: Mapping[str, Any] | None = None, max_length: int = 256, micro_batch_size: int = 16,
                  gradient_checkpointing: bool = False, dtype: str = "float32", token_cache: bool = True,
-                 init_seed: int = 0):
+                 init_seed: int = 0, graphs: Mapping[str, Mapping[str, Any]] | None = None, prior: str | None = None,
+                 prior_options: Mapping[str, Any] | None = None):
         super().__init__()
         _require_llm_extra()
         from peft import LoraConfig, TaskType, get_peft_model
@@ -270,8 +269,22 @@ class LoRALlamaClassifier(nn.Module):
         self.pad_token_id = int(self.tokenizer.pad_token_id)
         self.tokenizer_id = tokenizer_fingerprint(self.tokenizer) + f":{self.tokenizer.truncation_side}"
         prompt_options = dict(prompt or {})
-        prompt_options.setdefault("count_tokens", TokenCounter(self.tokenizer))
-        self.prompts = builder_from_context(context, **prompt_options)
+        neighbours = None
+        if graphs:
+            from perturb_models.models.knn import TrainingNeighbours
+
+            neighbours = TrainingNeighbours(context, graphs)
+        self.prompts = builder_from_context(context, neighbours=neighbours, **prompt_options)
+        self.graph_key = json.dumps(graphs or {}, sort_keys=True, default=str)
+        if prior not in (None, "none", "knn"):
+            raise ValueError(f"model.encoder.prior must be null or knn, got {prior!r}")
+        self.prior = None
+        if prior == "knn":
+            if neighbours is None:
+                raise ValueError("model.encoder.prior=knn needs model.encoder.graphs (the retrieval's neighbours)")
+            from perturb_models.models.knn import KNNEncoder
+
+            self.prior = KNNEncoder(context, neighbours=neighbours, **dict(prior_options or {}))
         self.data_fingerprint = hashlib.sha1(
             "|".join([context.dataset, str(context.extras.get("source")), str(len(context.train_pairs)),
                       hashlib.sha1(context.train_pairs.loc[:, ["pert", "gene", "de", "dir"]].to_csv(index=False).encode()).hexdigest(),
@@ -305,7 +318,7 @@ class LoRALlamaClassifier(nn.Module):
     # ---- tokens -----------------------------------------------------------------------------------------
     def cache_key(self, pairs_fingerprint: str) -> str:
         settings = {k: v for k, v in self.prompts.settings().items()}
-        parts = json.dumps({"tokenizer": self.tokenizer_id, "prompt": settings,
+        parts = json.dumps({"tokenizer": self.tokenizer_id, "prompt": settings, "graphs": self.graph_key,
                             "max_length": self.max_length, "data": self.data_fingerprint, "pairs": pairs_fingerprint},
                            sort_keys=True)
         return hashlib.sha1(parts.encode()).hexdigest()[:20]
@@ -356,6 +369,39 @@ class LoRALlamaClassifier(nn.Module):
         """Tokenise every split of the DataModule once (called from the classifier's ``setup``)."""
         for stage, frame in getattr(datamodule, "frames", {}).items():
             self.tokenise_split(frame["pert_idx"].to_numpy(), frame["gene_idx"].to_numpy(), stage)
+        if getattr(datamodule, "frames", None) and next(self.parameters()).device.type == "cpu":
+            print(self.estimate_times(datamodule), flush=True)
+
+    def split_tokens(self, frame) -> int:
+        return sum(len(r) for r in self.batch_tokens(torch.as_tensor(frame["pert_idx"].to_numpy()),
+                                                     torch.as_tensor(frame["gene_idx"].to_numpy())))
+
+    def estimate_times(self, datamodule, pairs: int = 8) -> str:
+        """Estimated CPU time of one training epoch, one validation and the test, from one timed training
+        step and one timed inference pass over ``pairs`` real training prompts (printed before training)."""
+        import time
+
+        frame = datamodule.frames["train"].head(pairs)
+        batch = {"pert": torch.as_tensor(frame["pert_idx"].to_numpy()), "gene": torch.as_tensor(frame["gene_idx"].to_numpy())}
+        tokens = self.split_tokens(frame)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        saved = [None if p.grad is None else p.grad.clone() for p in trainable]
+        with torch.random.fork_rng(devices=[]):
+            started = time.perf_counter()
+            self(batch).float().logsumexp(-1).sum().backward()
+            train_rate = tokens / (time.perf_counter() - started)
+            started = time.perf_counter()
+            with torch.no_grad():
+                self(batch)
+            eval_rate = tokens / (time.perf_counter() - started)
+        for p, grad in zip(trainable, saved):
+            p.grad = grad
+        split = {stage: self.split_tokens(f) for stage, f in datamodule.frames.items()}
+        minutes = {stage: split[stage] / (train_rate if stage == "train" else eval_rate) / 60 for stage in split}
+        sizes = ", ".join(f"{stage} {len(f):,} pairs / {split[stage]:,} tokens" for stage, f in datamodule.frames.items())
+        return (f"[lora_llama] estimated CPU time: training epoch ~{minutes.get('train', 0):.1f} min, validation "
+                f"~{minutes.get('val', 0):.1f} min, test ~{minutes.get('test', 0):.1f} min ({sizes}; measured "
+                f"{train_rate:.0f} training / {eval_rate:.0f} inference tokens/s on {torch.get_num_threads()} threads)")
 
     def batch_tokens(self, pert: torch.Tensor, gene: torch.Tensor) -> list[torch.Tensor]:
         """Token ids per pair of a batch; pairs never seen before are tokenised now (kept in memory)."""
@@ -386,7 +432,10 @@ class LoRALlamaClassifier(nn.Module):
         logits = torch.cat(outputs)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-        return logits[inverse.to(logits.device)]
+        logits = logits[inverse.to(logits.device)]
+        if self.prior is not None:
+            logits = logits.float() + self.prior(batch)
+        return logits
 
 
 def _drop_frozen_weights(module: LoRALlamaClassifier, state_dict, prefix: str, local_metadata) -> None:
