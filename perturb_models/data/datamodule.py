@@ -193,6 +193,8 @@ class PerturbQADataModule(L.LightningDataModule):
             with all their pairs, drawn among the genes whose per-gene AUROC is defined for the task (both
             classes; for ``joint`` both DE classes and both directions). Not the official figure: the full
             test split (null, the default) is.
+        subset_seed: seed of those subsets, apart from ``seed`` so that runs of several seeds (and models)
+            score the same genes (paired comparisons).
     """
 
     def __init__(
@@ -214,6 +216,7 @@ class PerturbQADataModule(L.LightningDataModule):
         max_train_perts: int | None = None,
         test_genes: int | None = None,
         val_genes: int | None = None,
+        subset_seed: int = 0,
     ):
         super().__init__()
         if task not in TASKS:
@@ -232,6 +235,7 @@ class PerturbQADataModule(L.LightningDataModule):
         self.max_train_perts = int(max_train_perts) if max_train_perts is not None else None
         self.subset_genes = {"test": int(test_genes) if test_genes is not None else None,
                              "val": int(val_genes) if val_genes is not None else None}
+        self.subset_seed = int(subset_seed)
         self.subset_notes: dict[str, str] = {}
         self.splits: dict[str, PairTensors] = {}
         self.frames: dict[str, pd.DataFrame] = {}
@@ -327,7 +331,7 @@ class PerturbQADataModule(L.LightningDataModule):
 
     def _subset(self, stage: str, frame: pd.DataFrame) -> pd.DataFrame:
         """The CPU-sized subsets: training perturbations, or validation/test genes with all their pairs."""
-        rng = np.random.default_rng(self.seed + {"train": 0, "val": 1, "test": 2}[stage])
+        rng = np.random.default_rng([self.subset_seed, {"train": 0, "val": 1, "test": 2}[stage]])
         if stage == "train" and self.max_train_perts is not None:
             perts = np.array(sorted(frame["pert"].unique()))
             if self.max_train_perts < len(perts):
