@@ -9,6 +9,7 @@ test genes. One ``joint`` run per model and seed gives both the ``de`` and the `
 
     python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --data k562 \\
         --seeds 0 1 2 --prior-seeds 0 --test-genes 100 --baselines knn gears
+    python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --table   # the table of docs/llm.md
 
 Rows (``model,dataset,task,seed,auroc_per_gene,genes_scored,commit,wall_seconds,overrides``) are appended
 to ``--csv`` (required: the tracked results file is only written when named); ``lora_llama`` with
@@ -50,9 +51,22 @@ def append(path: Path, rows: list[dict]) -> None:
     print(f"appended {len(rows)} rows to {path}", flush=True)
 
 
+def table(path: Path, data: str, test_genes: int) -> str:
+    """Markdown table of the paired rows in ``path``: mean and spread per model and task, seeds listed."""
+    rows = pd.read_csv(path)
+    rows = rows.loc[(rows["dataset"] == data) & rows["overrides"].fillna("").str.contains(f"data.test_genes={test_genes} ")]
+    lines = ["| model | task | seeds | per-gene AUROC (mean) | per seed | genes scored |", "| --- | --- | --- | --- | --- | --- |"]
+    for (model, task), group in rows.groupby(["model", "task"], sort=False):
+        values = ", ".join(f"{v:.3f}" for v in group["auroc_per_gene"])
+        lines.append(f"| {model} | {task} | {', '.join(str(s) for s in group['seed'])} | {group['auroc_per_gene'].mean():.3f} "
+                     f"| {values} | {', '.join(sorted({str(int(g)) for g in group['genes_scored']}))} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", required=True, help="results file to append to (e.g. benchmarks/results/quality.csv)")
+    parser.add_argument("--table", action="store_true", help="only print the markdown table of the paired rows in --csv")
     parser.add_argument("--data", default="k562")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="lora_llama seeds without the prior")
     parser.add_argument("--prior-seeds", nargs="*", type=int, default=[0], help="lora_llama seeds with prior=knn")
@@ -69,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs-dir", default=str(REPO / "outputs" / "llm_quality"))
     parser.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for the LLM runs")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(Path(args.csv), args.data, args.test_genes))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     csv, runs = Path(args.csv), Path(args.runs_dir)
     shared = [f"data.test_genes={args.test_genes}", "data.subset_seed=0"]
