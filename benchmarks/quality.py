@@ -66,7 +66,14 @@ def read_rows(path: Path) -> pd.DataFrame:
     return frame
 
 
+def full_test(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows scored on the whole test split: subset rows (``data.test_genes=``, from llm_quality.py) are
+    reported in docs/llm.md, never averaged with full-test figures nor taken as a grid cell done."""
+    return rows.loc[~rows["overrides"].fillna("").str.contains("data.test_genes=")]
+
+
 def done(rows: pd.DataFrame, model: str, dataset: str, seed: int, tasks: tuple[str, ...]) -> bool:
+    rows = full_test(rows)
     hit = rows.loc[(rows["model"] == model) & (rows["dataset"] == dataset) & (rows["seed"] == seed)]
     return set(tasks) <= set(hit["task"])
 
@@ -115,6 +122,7 @@ def budget_overrides(model: str, sets: list[str]) -> list[str]:
 
 def results_table(rows: pd.DataFrame) -> str:
     """Markdown: mean (sd, n seeds) per model x column, with the published numbers beside them."""
+    rows = full_test(rows)
     if rows.empty:
         return "_no rows in quality.csv yet_\n"
     datasets = [d for d in ["k562", "rpe1", "hepg2", "jurkat", "k562_set"] if d in set(rows["dataset"])]
