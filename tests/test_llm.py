@@ -155,10 +155,13 @@ def test_prompt_cli_prints_a_pair(synthetic_cfg, capsys):
     assert "most similar to" in out, "--first-test prints a pair with evidence"
 
 
-def test_token_cache_is_written_once_and_reused(synthetic_cfg, cache):
+def test_token_cache_is_written_once_and_reused(synthetic_cfg, cache, capsys):
     cfg, dm = _datamodule(synthetic_cfg, "de")
     model = build_model(cfg, dm)
     model.encoder.prepare_datamodule(dm)
+    # On CPU the time estimate is printed before any training step.
+    assert re.search(r"estimated CPU time: training epoch ~[\d.]+ min, validation ~[\d.]+ min, test ~[\d.]+ min",
+                     capsys.readouterr().out)
     files = sorted((cache / "llm_tokens").glob("*.pt"))
     assert len(files) == 3  # train, val, test
     stamps = {f: f.stat().st_mtime_ns for f in files}
@@ -196,9 +199,12 @@ def test_dynamic_padding_gives_the_same_logits_as_one_by_one(synthetic_cfg, cach
 def test_tiny_llama_trains_and_evaluate_reloads_the_adapter_only_checkpoint(synthetic_cfg, tmp_path, cache):
     run = tmp_path / "run"
     # Activation (gradient) checkpointing on: the adapter-only checkpoint must still save and reload strictly.
-    cfg = synthetic_cfg(*TINY, "data.task=joint", "trainer.max_epochs=1", "model.encoder.gradient_checkpointing=true")
+    # A test-gene subset: the metrics say so, and evaluate.py rebuilds the same subset from the record.
+    cfg = synthetic_cfg(*TINY, "data.task=joint", "trainer.max_epochs=1", "model.encoder.gradient_checkpointing=true",
+                        "data.test_genes=10")
     metrics = train(cfg)
     assert 0.0 <= metrics["test/de_auroc_per_gene"] <= 1.0
+    assert metrics["test/genes_subset"] == 10 and metrics["test/de_genes_scored"] == 10
     ckpt = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     keys = [k for k in ckpt["state_dict"] if not k.endswith("_extra_state")]
     assert keys and all("lora_" in k or "score" in k for k in keys), keys

@@ -205,7 +205,7 @@ class PerturbationClassifier(L.LightningModule):
         note = getattr(getattr(self.trainer, "datamodule", None), "subset_notes", {}).get("test")
         if note and "test" in self.stage_metrics:
             # A subset's AUROC must not pass for the official full-test figure.
-            self.stage_metrics["test"]["test/genes_subset"] = float(self.trainer.datamodule.subset_genes["test"])
+            self.stage_metrics["test"]["test/genes_subset"] = float(self.trainer.datamodule.frames["test"]["gene"].nunique())
             log.warning("test metrics scored on a gene subset: %s", note)
 
     # ---- optimisation ----------------------------------------------------------------------------
