@@ -89,10 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     csv, runs = Path(args.csv), Path(args.runs_dir)
     shared = [f"data.test_genes={args.test_genes}", "data.subset_seed=0"]
-    # One LLM run of each kind first (a failure shows early), then the baselines, then the other seeds.
+    # The first LLM seed and the (cheap) baselines first, so that the first rows written are already a
+    # paired comparison; then the prior, then the other seeds.
     plain = [("lora_llama", s, False) for s in args.seeds]
-    cells = plain[:1] + [("lora_llama", s, True) for s in args.prior_seeds]
-    cells += [(b, args.baseline_seed, False) for b in args.baselines] + plain[1:]
+    cells = plain[:1] + [(b, args.baseline_seed, False) for b in args.baselines]
+    cells += [("lora_llama", s, True) for s in args.prior_seeds] + plain[1:]
     for model, seed, prior in cells:
         extra = shared + (llm_overrides(args, prior) if model == "lora_llama" else budget_overrides(model, []))
         rows, wall = run_cell(model, args.data, seed, "joint", extra, runs / ("prior" if prior else "plain"))
