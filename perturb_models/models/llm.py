@@ -2,12 +2,16 @@
 
 The DataModule yields ``pert``/``gene`` vocab indices, like for every model. This encoder turns each pair
 into a prompt (:mod:`perturb_models.models.prompts`), tokenises every split once (cached on disk, keyed by
-tokenizer, template version, prompt settings and data), and in ``forward`` pads each batch dynamically:
-pairs are sorted by length and cut into micro-batches, each padded only to its own longest prompt.
+tokenizer, template version, prompt settings and data), and pads each batch dynamically: pairs are
+sorted by length and cut into micro-batches of at most ``micro_batch_tokens`` padded tokens, each padded
+only to its own longest prompt. In training each micro-batch is backward-ed as soon as it is computed
+(:meth:`LoRALlamaClassifier.accumulate`, driven by the classifier's manual optimisation), so memory holds
+one micro-batch's activations whatever the batch size.
 
 Checkpoints hold the adapter only (LoRA matrices + score head): the frozen base weights are left out of
 ``state_dict`` and come back from ``pretrained`` (or from the seeded random init of a tiny config) when a
-checkpoint is loaded, so ``evaluate.py ckpt_path=...`` rebuilds base + adapter.
+checkpoint is loaded, so ``evaluate.py ckpt_path=...`` rebuilds base + adapter; the checkpoint records
+which base (id or path, sha256) and refuses to load into another.
 """
 
 from __future__ import annotations
