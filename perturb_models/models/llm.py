@@ -105,7 +105,9 @@ def word_tokenizer(symbols: Sequence[str]):
         "In training, changed went up after of the knockdowns that measured it changed it.",
         "Of the knockdowns most similar to that measured : changed it ( down, up), did not.",
         "Closest (similarity, outcome): No knockdown similar to measured",
-        "DE not up down unchanged changed , ...", " ".join(str(d) for d in range(10))])
+        "DE not up down unchanged changed , ...",
+        # The evidence's counts and two-decimal similarities ("0.15" splits into 0 . 15).
+        " ".join(str(d) for d in range(1000)), " ".join(f"{d:02d}" for d in range(100))])
     for text in [fixed, *symbols]:
         words.update(splitter.findall(str(text)))
     vocab = {"[PAD]": 0, "[UNK]": 1}
