@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--csv", required=True, help="results file to append to (e.g. benchmarks/results/quality.csv)")
     parser.add_argument("--table", action="store_true", help="only print the markdown table of the paired rows in --csv")
     parser.add_argument("--data", default="k562")
+    parser.add_argument("--model", default="lora_llama", help="the LLM config (lora_llama_tiny for a quick check)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="lora_llama seeds without the prior")
     parser.add_argument("--prior-seeds", nargs="*", type=int, default=[0], help="lora_llama seeds with prior=knn")
     parser.add_argument("--baselines", nargs="*", default=["knn", "gears"], help="scored on the same test genes")
@@ -91,16 +92,16 @@ def main(argv: list[str] | None = None) -> None:
     shared = [f"data.test_genes={args.test_genes}", "data.subset_seed=0"]
     # The first LLM seed and the (cheap) baselines first, so that the first rows written are already a
     # paired comparison; then the prior, then the other seeds.
-    plain = [("lora_llama", s, False) for s in args.seeds]
+    plain = [(args.model, s, False) for s in args.seeds]
     cells = plain[:1] + [(b, args.baseline_seed, False) for b in args.baselines]
-    cells += [("lora_llama", s, True) for s in args.prior_seeds] + plain[1:]
+    cells += [(args.model, s, True) for s in args.prior_seeds] + plain[1:]
     for model, seed, prior in cells:
-        extra = shared + (llm_overrides(args, prior) if model == "lora_llama" else budget_overrides(model, []))
+        extra = shared + (llm_overrides(args, prior) if model == args.model else budget_overrides(model, []))
         rows, wall = run_cell(model, args.data, seed, "joint", extra, runs / ("prior" if prior else "plain"))
         for row in rows:
             row["overrides"] = "data.task=joint " + row["overrides"]
             if prior:
-                row["model"] = "lora_llama_prior"
+                row["model"] = f"{model}_prior"
             print(f"{row['model']} {row['task']} seed {seed}: per-gene AUROC {row['auroc_per_gene']:.4f} over "
                   f"{row['genes_scored']:.0f} genes ({wall:.0f} s)", flush=True)
         append(csv, rows)
