@@ -149,8 +149,9 @@ def test_prompt_cli_prints_a_pair(synthetic_cfg, capsys):
     dm = PerturbQADataModule(name="synthetic", task="de")  # what the CLI builds for data=synthetic
     dm.setup()
     pert, gene = dm.frames["test"].iloc[0][["pert", "gene"]]
-    main(["--pair", pert, gene, "--first-test", "1", "data=synthetic", "data.task=de", "model=lora_llama_tiny"])
+    main(["--pair", pert, gene, "--first-test", "1", "--coverage", "data=synthetic", "data.task=de", "model=lora_llama_tiny"])
     out = capsys.readouterr().out
+    assert re.search(r"test pairs with retrieved neighbours: [\d,]+ of [\d,]+", out)
     assert f"CRISPRi knockdown of {pert}" in out and f"[({pert}, {gene}) is in the test split]" in out
     assert "most similar to" in out, "--first-test prints a pair with evidence"
 

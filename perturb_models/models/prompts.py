@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pair", nargs=2, action="append", metavar=("PERT", "GENE"), default=[],
                         help="a pair to print (repeatable)")
     parser.add_argument("--first-test", type=int, default=0, help="also print the first N test pairs that have evidence")
+    parser.add_argument("--coverage", action="store_true",
+                        help="also print the share of test pairs whose prompt carries retrieved neighbours")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of train.py, e.g. data=k562 data.task=joint")
     args = parser.parse_args(argv)
 
@@ -285,6 +287,12 @@ def main(argv: list[str] | None = None) -> None:
                 break
             if builder.retrieved(pert, gene):
                 pairs.append((pert, gene))
+    if args.coverage:
+        test = datamodule.frames["test"]
+        found = [len(builder.retrieved(p, g)) for p, g in zip(test["pert"], test["gene"])]
+        with_evidence = sum(1 for n in found if n)
+        print(f"test pairs with retrieved neighbours: {with_evidence:,} of {len(found):,} ({with_evidence / len(found):.1%}); "
+              f"{sum(found) / len(found):.1f} neighbours per pair on average (retrieval_k={builder.retrieval_k})\n")
     for pert, gene in pairs:
         stage = next((s for s, f in datamodule.frames.items() if ((f["pert"] == pert) & (f["gene"] == gene)).any()), None)
         print(builder(pert, gene))
