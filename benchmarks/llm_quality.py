@@ -1,15 +1,20 @@
-"""Quality of model=lora_llama on a CPU-sized subsample of a PerturbQA dataset; rows for quality.csv.
+"""Quality of model=lora_llama on the documented CPU path, paired with knn and gears on the same test genes.
 
-Fine-tuning a 135M-parameter LM on all 134k K562 training pairs and scoring 23k test pairs takes hours on
-CPU, so this script trains on a seeded subsample of training pairs (half DE, half not, for the DE task)
-and scores a seeded subsample of test genes (all their test pairs, genes with both classes only, so the
-official per-gene AUROC is defined for each). Retrieval context still uses every training pair. The
-sizes are printed and written next to the rows; the figure is a noisy small-sample estimate.
+Every run of one invocation uses the same seeded subset of test genes (``data.test_genes``, all their
+test pairs, genes whose per-gene AUROC is defined; ``data.subset_seed`` fixed), so the rows compare
+models gene for gene. The LLM fits on a subsample of training perturbations (``data.max_train_perts``)
+for ``--max-steps`` steps and selects on a small validation gene subset (``data.val_genes``); knn and
+gears train as in the quality grid (``benchmarks/quality.py``'s CPU budget) and are scored on the same
+test genes. One ``joint`` run per model and seed gives both the ``de`` and the ``dir`` row.
 
-    nice python benchmarks/llm_quality.py --data k562 --tasks de dir --train-pairs 384 --test-pairs 600
+    python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --data k562 \\
+        --seeds 0 1 2 --prior-seeds 0 --test-genes 100 --baselines knn gears
+    python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --table   # the table of docs/llm.md
 
-Appends ``model,dataset,task,seed,auroc_per_gene,genes_scored,commit,wall_seconds`` rows to
-``benchmarks/results/quality.csv`` and the same rows with the subsample sizes to ``llm_quality_runs.csv``.
+Rows (``model,dataset,task,seed,auroc_per_gene,genes_scored,commit,wall_seconds,overrides``) are appended
+to ``--csv`` (required: the tracked results file is only written when named); ``lora_llama`` with
+``model.encoder.prior=knn`` is written as model ``lora_llama_prior``. The ``overrides`` column records
+every setting, the test-gene subset included, so a row is never mistaken for a full-test figure.
 """
 
 from __future__ import annotations
@@ -17,117 +22,89 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
-import lightning as L
-import numpy as np
 import pandas as pd
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-
-import perturb_models  # noqa: E402,F401
-from perturb_models.data.datamodule import PairTensors  # noqa: E402
 from perturb_models.io import atomic_write_dataframe  # noqa: E402
-from perturb_models.training import build_datamodule, build_model, git_commit  # noqa: E402
-
-COLUMNS = ["model", "dataset", "task", "seed", "auroc_per_gene", "genes_scored", "commit", "wall_seconds", "overrides"]
+from quality import COLUMNS, budget_overrides, run_cell  # noqa: E402
 
 
-def subsample(datamodule, stage: str, rows: np.ndarray) -> None:
-    frame = datamodule.frames[stage].iloc[np.sort(rows)].reset_index(drop=True)
-    datamodule.frames[stage] = frame
-    datamodule.splits[stage] = PairTensors({
-        key: torch.as_tensor(frame[col].to_numpy(), dtype=torch.long)
-        for key, col in (("pert", "pert_idx"), ("gene", "gene_idx"), ("label", "label"), ("de", "de"), ("dir", "dir"))
-    })
+def llm_overrides(args: argparse.Namespace, prior: bool) -> list[str]:
+    out = [f"data.max_train_perts={args.max_train_perts}", f"data.val_genes={args.val_genes}",
+           f"data.batch_size={args.batch_size}", f"data.eval_batch_size={args.eval_batch_size}",
+           "trainer.max_epochs=1", f"trainer.limit_train_batches={args.max_steps}", "trainer.num_sanity_val_steps=0",
+           f"model.encoder.max_length={args.max_length}", f"model.optimizer.lr={args.lr}"]
+    if prior:
+        out.append("model.encoder.prior=knn")
+    return out + list(args.set)
 
 
-def train_rows(frame: pd.DataFrame, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Balanced classes (the DE task has ~12% positives: a tiny random sample would hold a handful)."""
-    per_class = n // frame["label"].nunique()
-    picks = [rng.choice(np.flatnonzero(frame["label"].to_numpy() == c), size=min(per_class, int((frame["label"] == c).sum())),
-                        replace=False) for c in sorted(frame["label"].unique())]
-    return np.concatenate(picks)
+def append(path: Path, rows: list[dict]) -> None:
+    new = pd.DataFrame(rows)[COLUMNS]
+    table = pd.concat([pd.read_csv(path), new], ignore_index=True) if path.is_file() else new
+    atomic_write_dataframe(path, table)
+    print(f"appended {len(rows)} rows to {path}", flush=True)
 
 
-def test_rows(frame: pd.DataFrame, n: int, rng: np.random.Generator) -> np.ndarray:
-    """All test pairs of randomly drawn genes that have both classes, until about ``n`` pairs."""
-    both = frame.groupby("gene")["label"].nunique()
-    genes = rng.permutation(both.index[both == 2].to_numpy())
-    chosen, total = [], 0
-    sizes = frame.groupby("gene").size()
-    for gene in genes:
-        if total >= n:
-            break
-        chosen.append(gene)
-        total += int(sizes[gene])
-    return np.flatnonzero(frame["gene"].isin(set(chosen)).to_numpy())
+def table(path: Path, data: str, test_genes: int) -> str:
+    """Markdown table of the paired rows in ``path``: mean and spread per model and task, seeds listed."""
+    rows = pd.read_csv(path)
+    rows = rows.loc[(rows["dataset"] == data) & rows["overrides"].fillna("").str.contains(f"data.test_genes={test_genes} ")]
+    lines = ["| model | task | seeds | per-gene AUROC (mean) | per seed | genes scored |", "| --- | --- | --- | --- | --- | --- |"]
+    for (model, task), group in rows.groupby(["model", "task"], sort=False):
+        values = ", ".join(f"{v:.3f}" for v in group["auroc_per_gene"])
+        lines.append(f"| {model} | {task} | {', '.join(str(s) for s in group['seed'])} | {group['auroc_per_gene'].mean():.3f} "
+                     f"| {values} | {', '.join(sorted({str(int(g)) for g in group['genes_scored']}))} |")
+    return "\n".join(lines)
 
 
-def run(task: str, args: argparse.Namespace) -> dict:
-    started = time.time()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("train", [f"data={args.data}", f"data.task={task}", f"model={args.model}", f"seed={args.seed}",
-                                f"model.encoder.max_length={args.max_length}", f"data.batch_size={args.batch_size}",
-                                f"data.eval_batch_size={args.batch_size * 4}", *args.overrides])
-    L.seed_everything(args.seed, workers=True)
-    datamodule = build_datamodule(cfg.data)
-    rng = np.random.default_rng(args.seed)
-    subsample(datamodule, "train", train_rows(datamodule.frames["train"], args.train_pairs, rng))
-    subsample(datamodule, "test", test_rows(datamodule.frames["test"], args.test_pairs, rng))
-    # Validation is not run (no model selection on a run this short): skip tokenising its prompts.
-    subsample(datamodule, "val", np.arange(min(16, len(datamodule.frames["val"]))))
-    n_train, n_test = len(datamodule.frames["train"]), len(datamodule.frames["test"])
-    print(f"[{task}] training pairs {n_train} (balanced subsample), test pairs {n_test} "
-          f"over {datamodule.frames['test']['gene'].nunique()} genes", flush=True)
-    model = build_model(cfg, datamodule)
-    trainer = L.Trainer(accelerator="auto", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
-                        enable_model_summary=False, use_distributed_sampler=False)
-    trainer.fit(model, datamodule=datamodule)
-    trainer.test(model, datamodule=datamodule, verbose=False)
-    metrics = model.stage_metrics["test"]
-    score_task = "de" if task == "de" else "dir"
-    row = {"model": cfg.model.name, "dataset": args.data, "task": task, "seed": args.seed,
-           "auroc_per_gene": metrics[f"test/{score_task}_auroc_per_gene"],
-           "genes_scored": int(metrics[f"test/{score_task}_genes_scored"]), "commit": git_commit(),
-           "wall_seconds": round(time.time() - started, 1),
-           "overrides": f"llm_quality.py CPU subsample: {n_train} train pairs, {n_test} test pairs, {args.epochs} epoch(s)",
-           "train_pairs": n_train, "test_pairs": n_test, "epochs": args.epochs}
-    print(row, flush=True)
-    return row
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--csv", required=True, help="results file to append to (e.g. benchmarks/results/quality.csv)")
+    parser.add_argument("--table", action="store_true", help="only print the markdown table of the paired rows in --csv")
     parser.add_argument("--data", default="k562")
-    parser.add_argument("--tasks", nargs="+", default=["de", "dir"])
-    parser.add_argument("--model", default="lora_llama")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-pairs", type=int, default=384)
-    parser.add_argument("--test-pairs", type=int, default=600)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--model", default="lora_llama", help="the LLM config (lora_llama_tiny for a quick check)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="lora_llama seeds without the prior")
+    parser.add_argument("--prior-seeds", nargs="*", type=int, default=[0], help="lora_llama seeds with prior=knn")
+    parser.add_argument("--baselines", nargs="*", default=["knn", "gears"], help="scored on the same test genes")
+    parser.add_argument("--baseline-seed", type=int, default=0)
+    parser.add_argument("--test-genes", type=int, default=100)
+    parser.add_argument("--val-genes", type=int, default=8)
+    parser.add_argument("--max-train-perts", type=int, default=100)
+    parser.add_argument("--max-steps", type=int, default=40, help="training steps (batches) of the one epoch")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality.csv"))
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. model.encoder.prompt.retrieval_k=3")
-    args = parser.parse_args()
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--runs-dir", default=str(REPO / "outputs" / "llm_quality"))
+    parser.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for the LLM runs")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(Path(args.csv), args.data, args.test_genes))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for task in args.tasks:
-        row = run(task, args)
-        # quality.csv keeps the columns every model shares; the subsample sizes go to a sidecar file.
-        for out, columns in ((Path(args.out), COLUMNS), (Path(args.out).with_name("llm_quality_runs.csv"), list(row))):
-            new = pd.DataFrame([row])[columns]
-            table = pd.concat([pd.read_csv(out), new], ignore_index=True) if out.is_file() else new
-            atomic_write_dataframe(out, table)
-            print(f"appended to {out}", flush=True)
+    csv, runs = Path(args.csv), Path(args.runs_dir)
+    shared = [f"data.test_genes={args.test_genes}", "data.subset_seed=0"]
+    # The first LLM seed and the (cheap) baselines first, so that the first rows written are already a
+    # paired comparison; then the prior, then the other seeds.
+    plain = [(args.model, s, False) for s in args.seeds]
+    cells = plain[:1] + [(b, args.baseline_seed, False) for b in args.baselines]
+    cells += [(args.model, s, True) for s in args.prior_seeds] + plain[1:]
+    for model, seed, prior in cells:
+        extra = shared + (llm_overrides(args, prior) if model == args.model else budget_overrides(model, []))
+        rows, wall = run_cell(model, args.data, seed, "joint", extra, runs / ("prior" if prior else "plain"))
+        for row in rows:
+            row["overrides"] = "data.task=joint " + row["overrides"]
+            if prior:
+                row["model"] = f"{model}_prior"
+            print(f"{row['model']} {row['task']} seed {seed}: per-gene AUROC {row['auroc_per_gene']:.4f} over "
+                  f"{row['genes_scored']:.0f} genes ({wall:.0f} s)", flush=True)
+        append(csv, rows)
 
 
 if __name__ == "__main__":

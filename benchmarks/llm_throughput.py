@@ -5,9 +5,12 @@ Models (random weights of the real shapes: speed does not depend on the values):
   smollm2    SmolLM2-135M (30 layers, hidden 576, 9 heads / 3 KV heads, MLP 1536, vocab 49,152)
   llama3-8b  Llama-3-8B (32 layers, hidden 4096, 32 heads / 8 KV heads, MLP 14336, vocab 128,256); GPU only
 
-Each step is a full LoRA training step (forward, backward, AdamW on the adapter + score head) on a batch
-of ``--batch-size`` sequences of ``--seq-len`` tokens, as ``LoRALlamaClassifier`` runs it. On CUDA the base
-weights are bf16 and the step runs under bf16 autocast (``trainer=gpu``); on CPU everything is float32.
+Each step is the project's own training step: ``LoRALlamaClassifier.accumulate`` (token-budget
+micro-batches, each forward + backward as it goes, the classifier's loss) then AdamW on the adapter + score
+head, on ``--batch-size`` pairs whose prompt lengths are drawn from 256 real ``model=lora_llama`` training
+prompts of ``--lengths-from`` (default K562, descriptions and evidence included; token ids random). Tokens
+counted are prompt tokens (padding excluded). On CUDA the base weights are bf16 (LoRA + head float32) under
+bf16 autocast (``trainer=gpu``); on CPU everything is float32 and MFU is not computed.
 
 Model FLOPs per token (the PaLM convention, adapted to frozen weights): a frozen weight matrix costs
 2 FLOPs per parameter forward and 2 backward (input gradient only, no weight gradient): 4 * N_frozen;
@@ -16,7 +19,8 @@ trainable LoRA/score weights cost 6 * N_trainable; attention scores and values 1
 gradient checkpointing is not counted (model FLOPs, not hardware FLOPs).
 
     python benchmarks/llm_throughput.py                      # GPU: all three; CPU: tiny + smollm2
-    python benchmarks/llm_throughput.py --models llama3-8b --batch-size 16 --gradient-checkpointing
+    python benchmarks/llm_throughput.py --models smollm2 --batch-size 8 --steps 2
+    python benchmarks/llm_throughput.py --models llama3-8b --batch-size 64 --gradient-checkpointing
 """
 
 from __future__ import annotations
@@ -61,23 +65,47 @@ def gpu_peak_tflops(name: str) -> float | None:
     return None
 
 
-def build(shape: str, lora_r: int, targets: list[str], device: torch.device, gradient_checkpointing: bool):
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+def real_prompt_lengths(data: str, count: int, seed: int = 0) -> list[int]:
+    """Token lengths of ``count`` random training prompts of ``model=lora_llama`` on ``data`` (its default
+    prompt settings, descriptions and evidence included), counted with the SmolLM2 tokenizer."""
+    import numpy as np
+    from hydra import compose, initialize_config_dir
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = LlamaConfig(**SHAPES[shape], num_labels=3, pad_token_id=0, max_position_embeddings=4096)
+    import perturb_models  # noqa: F401
+    from perturb_models.models.llm import load_tokenizer
+    from perturb_models.models.prompts import builder_from_context
+    from perturb_models.training import build_datamodule
+
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    with initialize_config_dir(version_base="1.3", config_dir=conf):
+        cfg = compose("train", ["model=lora_llama", f"data={data}", "data.task=joint"])
+    datamodule = build_datamodule(cfg.data)
+    builder = builder_from_context(datamodule.context, graphs=cfg.model.encoder.graphs, **cfg.model.encoder.prompt)
+    tokenizer = load_tokenizer("smollm2")
+    frame = datamodule.frames["train"].sample(count, random_state=seed)
+    return [len(tokenizer(builder(p, g))["input_ids"]) for p, g in zip(frame["pert"], frame["gene"])]
+
+
+def build(shape: str, args: argparse.Namespace, device: torch.device):
+    """The project's ``LoRALlamaClassifier`` with random weights of ``shape`` (on the synthetic data's vocab)."""
+    from perturb_models.data.datamodule import PerturbQADataModule
+    from perturb_models.models.llm import LoRALlamaClassifier
+
+    datamodule = PerturbQADataModule(name="synthetic", task="joint", synthetic={"n_genes": 400, "n_perts": 300})
+    datamodule.setup()
+    config = dict(SHAPES[shape], max_position_embeddings=4096)
     with torch.device(device):
-        base = LlamaForSequenceClassification(config).to(dtype)
-    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=2 * lora_r,
-                                            lora_dropout=0.0, target_modules=targets))
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    return model, config
+        encoder = LoRALlamaClassifier(
+            datamodule.context, pretrained=None, tokenizer="words", llama_config=config,
+            lora={"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0, "target_modules": args.targets},
+            prompt={"descriptions": None, "retrieval_k": 0}, max_length=max(args.lengths),
+            micro_batch_tokens=args.micro_batch_tokens, gradient_checkpointing=args.gradient_checkpointing,
+            dtype="bfloat16" if device.type == "cuda" else "float32", token_cache=False)
+    encoder.to(device).train()
+    return encoder, datamodule
 
 
-def flops_per_token(model, config, seq_len: int) -> float:
+def flops_per_token(model, config, seq_len: float) -> float:
     embed = model.get_base_model().get_input_embeddings().weight.numel()
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) - embed
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -85,51 +113,67 @@ def flops_per_token(model, config, seq_len: int) -> float:
 
 
 def measure(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
+    import random
+
     torch.manual_seed(0)
-    model, config = build(shape, args.lora_r, args.targets, device, args.gradient_checkpointing)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    batch, seq = args.batch_size, args.seq_len
-    ids = torch.randint(1, config.vocab_size, (batch, seq), device=device)  # no pad id inside: full length
-    mask = torch.ones_like(ids)
-    labels = torch.randint(0, 3, (batch,), device=device)
+    encoder, datamodule = build(shape, args, device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    from perturb_models.models.llm import adamw
+
+    optimizer = adamw(params, lr=1e-4)
+    config = encoder.model.get_base_model().config
+    rng = random.Random(0)
+    train = datamodule.splits["train"]
+    batches = []
+    for step in range(args.warmup + args.steps):
+        batch = train[torch.arange(step * args.batch_size, (step + 1) * args.batch_size) % len(train)]
+        keys = encoder.tokens.keys(batch["pert"], batch["gene"])
+        # Token ids of the real prompt lengths (the values do not change the speed); never the pad id.
+        rows = [[rng.randrange(1, config.vocab_size) for _ in range(rng.choice(args.lengths))] for _ in keys]
+        encoder.tokens.row_of = {k: i for i, k in enumerate(keys)}
+        encoder.tokens.rows = [torch.tensor(r, dtype=torch.int32) for r in rows]
+        batches.append(({k: v.to(device) for k, v in batch.items()}, dict(encoder.tokens.row_of), list(encoder.tokens.rows)))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def step():
-        with autocast:
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        loss.backward()
-        optimizer.step()
+    def step(batch, row_of, rows) -> int:
+        encoder.tokens.row_of, encoder.tokens.rows = row_of, rows
         optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            encoder.accumulate(batch, loss_fn, lambda loss: loss.backward())  # the classifier's training step
+        optimizer.step()
+        return sum(len(r) for r in rows)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
-        step()
+    for item in batches[: args.warmup]:
+        step(*item)
     sync()
     started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    tokens = sum(step(*item) for item in batches[args.warmup:])
     sync()
     seconds = time.perf_counter() - started
-    tokens_per_s = batch * seq * args.steps / seconds
+    tokens_per_s = tokens / seconds
+    mean_len = sum(args.lengths) / len(args.lengths)
     result = {
-        "model": shape, "device": device_name(device), "batch_size": batch, "seq_len": seq, "steps": args.steps,
-        "lora_r": args.lora_r, "gradient_checkpointing": args.gradient_checkpointing,
-        "params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in params),
-        "tokens_per_s": round(tokens_per_s, 1), "step_seconds": round(seconds / args.steps, 4),
+        "model": shape, "device": device_name(device), "batch_size": args.batch_size,
+        "prompt_tokens_mean": round(mean_len, 1), "prompt_tokens_max": max(args.lengths), "lengths_from": args.lengths_from,
+        "micro_batch_tokens": args.micro_batch_tokens, "steps": args.steps, "lora_r": args.lora_r,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "params": sum(p.numel() for p in encoder.parameters()), "trainable": sum(p.numel() for p in params),
+        "tokens_per_s": round(tokens_per_s, 1), "pairs_per_s": round(args.batch_size * args.steps / seconds, 2),
+        "step_seconds": round(seconds / args.steps, 4),
     }
     if device.type == "cuda":
-        achieved = tokens_per_s * flops_per_token(model, config, seq)
+        achieved = tokens_per_s * flops_per_token(encoder.model, config, mean_len)
         peak = gpu_peak_tflops(torch.cuda.get_device_name(device))
         result["model_tflops"] = round(achieved / 1e12, 1)
         result["mfu"] = round(achieved / (peak * 1e12), 4) if peak else None
         result["bf16_peak_tflops"] = peak
         result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
-    del model, optimizer
+    del encoder, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -148,7 +192,11 @@ def main() -> None:
                         help="default: all on GPU, tiny and smollm2 on CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on GPU, 2 on CPU")
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lengths-from", default="k562",
+                        help="dataset whose real lora_llama prompts give the lengths (needs $PERTURBQA_DATA and "
+                             "$PERTURB_KNOWLEDGE), or 'fixed' to use --seq-len for every prompt")
+    parser.add_argument("--seq-len", type=int, default=256, help="prompt length with --lengths-from fixed")
+    parser.add_argument("--micro-batch-tokens", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--lora-r", type=int, default=16)
@@ -159,8 +207,10 @@ def main() -> None:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.models = args.models or (["tiny", "smollm2", "llama3-8b"] if gpu else ["tiny", "smollm2"])
-    args.batch_size = args.batch_size or (16 if gpu else 2)
+    args.batch_size = args.batch_size or (64 if gpu else 8)
     args.steps = args.steps or (20 if gpu else 3)
+    args.lengths = ([args.seq_len] if args.lengths_from == "fixed"
+                    else real_prompt_lengths(args.lengths_from, 256))
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     if not gpu and "llama3-8b" in args.models:
         parser.error("llama3-8b needs a GPU (32 GB of float32 weights; too slow to be meaningful on CPU)")
@@ -168,9 +218,11 @@ def main() -> None:
     for shape in args.models:
         row = measure(shape, args, device)
         rows.append(row)
-        mfu = f"  MFU {100 * row['mfu']:.1f}% of {row['bf16_peak_tflops']:.0f} TFLOP/s bf16" if row.get("mfu") else ""
-        print(f"{shape:10s} {row['device']}: {row['tokens_per_s']:,.0f} training tokens/s "
-              f"(batch {row['batch_size']} x {row['seq_len']}, LoRA r={row['lora_r']}){mfu}", flush=True)
+        mfu = (f"  MFU {100 * row['mfu']:.1f}% of {row['bf16_peak_tflops']:.0f} TFLOP/s bf16" if row.get("mfu")
+               else "  (MFU: GPU only)")
+        print(f"{shape:10s} {row['device']}: {row['tokens_per_s']:,.0f} training tokens/s, {row['pairs_per_s']} pairs/s "
+              f"(batch {row['batch_size']}, prompts of {row['prompt_tokens_mean']:.0f} tokens on average from "
+              f"{row['lengths_from']}, LoRA r={row['lora_r']}){mfu}", flush=True)
     if os.environ.get("PERTURB_MODELS_BENCH_LOAD") != "0" and hasattr(os, "getloadavg"):
         print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(json.dumps(rows, indent=1))

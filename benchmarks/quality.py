@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
 # The tables (docs/results.md, the README block) are made by the package, one code path for both.
-from perturb_models.results import PUBLISHED, README, quality_table as results_table, write_doc  # noqa: E402
+from perturb_models.results import PUBLISHED, README, full_test, quality_table as results_table, write_doc  # noqa: E402
 
 # auroc_per_gene is the test figure (reported, never used to choose anything); val_auroc_per_gene is the
 # validation figure of the same run (the selected checkpoint), the only one selection code reads.
@@ -90,6 +90,7 @@ def read_rows(path: Path, columns: list[str] = COLUMNS) -> pd.DataFrame:
 
 
 def done(rows: pd.DataFrame, model: str, dataset: str, seed: int, tasks: tuple[str, ...]) -> bool:
+    rows = full_test(rows)
     hit = rows.loc[(rows["model"] == model) & (rows["dataset"] == dataset) & (rows["seed"] == seed)]
     return set(tasks) <= set(hit["task"])
 

@@ -116,8 +116,17 @@ PUBLISHED = {
 }
 
 
+def full_test(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows scored on the whole test split: subset rows (``data.test_genes=``, from llm_quality.py) are
+    reported in docs/llm.md, never averaged with full-test figures nor taken as a grid cell done."""
+    if "overrides" not in rows.columns:
+        return rows
+    return rows.loc[~rows["overrides"].fillna("").astype(str).str.contains("data.test_genes=")]
+
+
 def quality_table(rows: pd.DataFrame) -> str:
     """Markdown: mean (sd, n seeds) per model x column, with the published numbers beside them."""
+    rows = full_test(rows)
     if rows.empty:
         return "_no rows in quality.csv yet_\n"
     datasets = [d for d in DATASET_ORDER if d in set(rows["dataset"])]

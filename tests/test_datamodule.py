@@ -104,3 +104,45 @@ def test_bad_task_and_val_fraction_are_rejected():
         PerturbQADataModule(name="synthetic", task="both")
     with pytest.raises(ValueError, match=r"data.val_fraction must be in \(0, 1\)"):
         synthetic_dm(val_fraction=0.0)
+
+
+@pytest.mark.parametrize("task", ["de", "dir", "joint"])
+def test_test_gene_subset_keeps_every_pair_of_seeded_scorable_genes(task):
+    full = PerturbQADataModule(name="synthetic", task=task)
+    full.setup()
+    dm = PerturbQADataModule(name="synthetic", task=task, test_genes=7, val_genes=3, seed=5)
+    dm.setup()
+    test, whole = dm.frames["test"], full.frames["test"]
+    genes = set(test["gene"])
+    assert len(genes) == 7 and len(dm.frames["val"]["gene"].unique()) == 3
+    # Every test pair of a chosen gene, nothing else.
+    assert len(test) == int(whole["gene"].isin(genes).sum()) and len(dm.splits["test"]) == len(test)
+    for gene in genes:  # per-gene AUROC defined for each chosen gene
+        rows = test.loc[test["gene"] == gene]
+        if task in ("de", "joint"):
+            assert rows["de"].nunique() == 2
+        if task in ("dir", "joint"):
+            assert rows.loc[rows["de"] == 1, "dir"].nunique() == 2
+    # The subset depends on subset_seed, not on the run seed: every seed scores the same genes.
+    again = PerturbQADataModule(name="synthetic", task=task, test_genes=7, val_genes=3, seed=6)
+    again.setup()
+    assert set(again.frames["test"]["gene"]) == genes
+    other = PerturbQADataModule(name="synthetic", task=task, test_genes=7, subset_seed=1)
+    other.setup()
+    assert set(other.frames["test"]["gene"]) != genes
+    assert "NOT the official full-test figure" in dm.subset_notes["test"]
+
+
+def test_max_train_perts_subsamples_fitting_pairs_but_not_the_context():
+    full = PerturbQADataModule(name="synthetic", task="de")
+    full.setup()
+    dm = PerturbQADataModule(name="synthetic", task="de", max_train_perts=5)
+    dm.setup()
+    assert dm.frames["train"]["pert"].nunique() == 5
+    kept = set(dm.frames["train"]["pert"])
+    assert len(dm.frames["train"]) == int(full.frames["train"]["pert"].isin(kept).sum())
+    # Graphs and retrieval still see every training pair.
+    assert len(dm.context.train_pairs) == len(full.frames["train"])
+    assert dm.frames["test"].equals(full.frames["test"])
+    with pytest.raises(ValueError, match="data.test_genes"):
+        PerturbQADataModule(name="synthetic", task="de", test_genes=0)

@@ -180,3 +180,21 @@ def test_knn_vote_is_similarity_weighted_and_shrunk_toward_the_gene_rate(monkeyp
     assert probs[1] == pytest.approx([1.0, 0.0])
     out = knn({"pert": torch.tensor([2]), "gene": torch.tensor([3])})
     assert torch.allclose(out.exp(), torch.tensor([[0.375, 0.625]]))
+
+
+def test_knn_drops_perturbations_that_did_not_measure_the_gene_before_taking_the_k_nearest(monkeypatch):
+    symbols = ["A", "B", "C", "G1"]
+    vocab = GeneVocab(symbols)
+    # A is C's closest neighbour but never measured G1; B did (DE).
+    pairs = pd.DataFrame([("B", "G1", 1, 1), ("A", "C", 0, -1)], columns=["pert", "gene", "de", "dir"])
+    pairs["pert_idx"], pairs["gene_idx"] = vocab.encode(pairs["pert"]), vocab.encode(pairs["gene"])
+    context = SimpleNamespace(num_classes=2, num_genes=4, vocab=vocab, train_perts=("A", "B"), train_pairs=pairs,
+                              task="de", dataset="tiny", extras={})
+    from perturb_models.knowledge.graphs import GeneGraph
+    graph = GeneGraph(4, torch.tensor([[0, 1], [2, 2]]), torch.zeros(2, dtype=torch.long), torch.tensor([0.9, 0.2]))
+    monkeypatch.setattr("perturb_models.models.knn.build_graphs", lambda specs, ctx: graph)
+    knn = KNNEncoder(context, graphs={"x": {}}, k=1, shrinkage=1.0, prior_strength=0.0)
+    # k=1: B votes (A is skipped, not counted): (0.2 * [0, 1] + 1 * [0, 1]) / 1.2.
+    assert knn.probabilities(np.array([2]), np.array([3]))[0] == pytest.approx([0.0, 1.0])
+    names, sims, codes = knn.neighbours.nearest(2, 3, 5)
+    assert names.tolist() == [1] and sims.tolist() == pytest.approx([0.2]) and codes.tolist() == [2]

@@ -66,7 +66,7 @@ def test_model_config_trains_one_step_writes_outputs_and_reloads_through_evaluat
         require_module("peft", f"model={model} is a LoRA Llama")
         if probe["encoder"].get("llama_config") is None:
             tiny = ",".join(f"{k}:{v}" for k, v in TINY_LLAMA.items())
-            overrides += [f"model.encoder.llama_config={{{tiny}}}", "model.encoder.micro_batch_size=64"]
+            overrides += [f"model.encoder.llama_config={{{tiny}}}", "model.encoder.micro_batch_tokens=4096"]
     run = tmp_path / "run"
     cfg = compose_config("train", overrides, run)
 

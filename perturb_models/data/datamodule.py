@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from perturb_models.data.synthetic import make_synthetic_tables
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.io import atomic_write_json
 from perturb_models.tasks import encode_labels, get_task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,17 @@ def carve_validation_perts(train_perts: Sequence[str], val_fraction: float, seed
         raise ValueError(f"data.val_fraction={val_fraction} leaves no training perturbation ({len(perts)} in train)")
     rng = np.random.default_rng(seed)
     return sorted(rng.choice(perts, size=n_val, replace=False).tolist())
+
+
+def scorable_genes(frame: pd.DataFrame, task: str) -> np.ndarray:
+    """Genes (sorted) whose per-gene AUROC is defined: both DE classes (de), both directions among DE
+    pairs (dir), both (joint)."""
+    de_ok = frame.groupby("gene")["de"].nunique() == 2
+    moving = frame.loc[frame["de"] == 1]
+    dir_ok = moving.loc[moving["dir"] >= 0].groupby("gene")["dir"].nunique() == 2
+    de_genes, dir_genes = set(de_ok.index[de_ok]), set(dir_ok.index[dir_ok])
+    genes = de_genes if task == "de" else dir_genes if task == "dir" else de_genes & dir_genes
+    return np.array(sorted(genes), dtype=object)
 
 
 class PairTensors(Dataset):
@@ -167,6 +181,14 @@ class PerturbQADataModule(L.LightningDataModule):
         split_file: a ``split.json`` written by an earlier run; reuses its validation perturbations.
         synthetic: generator options when ``name == 'synthetic'``.
         vocab / val_perts: restore an exact earlier setup (used when rebuilding from a checkpoint).
+        max_train_perts: fit on a seeded subset of at most this many training perturbations (all their
+            pairs); ``context.train_pairs`` (what graphs and retrieval read) keeps every training pair.
+        test_genes / val_genes: score a seeded subset of this many genes of the test / validation split,
+            with all their pairs, drawn among the genes whose per-gene AUROC is defined for the task (both
+            classes; for ``joint`` both DE classes and both directions). Not the official figure: the full
+            test split (null, the default) is.
+        subset_seed: seed of those subsets, apart from ``seed`` so that runs of several seeds (and models)
+            score the same genes (paired comparisons).
     """
 
     def __init__(
@@ -185,6 +207,10 @@ class PerturbQADataModule(L.LightningDataModule):
         vocab: Sequence[str] | None = None,
         val_perts: Sequence[str] | None = None,
         cell_line: str | None = None,
+        max_train_perts: int | None = None,
+        test_genes: int | None = None,
+        val_genes: int | None = None,
+        subset_seed: int = 0,
     ):
         super().__init__()
         get_task(task)  # an unknown task fails here, naming the valid ones
@@ -196,6 +222,14 @@ class PerturbQADataModule(L.LightningDataModule):
         self.cell_line = cell_line or name
         self._fixed_vocab = list(vocab) if vocab is not None else None
         self._fixed_val_perts = list(val_perts) if val_perts is not None else None
+        for option, value in (("max_train_perts", max_train_perts), ("test_genes", test_genes), ("val_genes", val_genes)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"data.{option} must be a positive number or null, got {value}")
+        self.max_train_perts = int(max_train_perts) if max_train_perts is not None else None
+        self.subset_genes = {"test": int(test_genes) if test_genes is not None else None,
+                             "val": int(val_genes) if val_genes is not None else None}
+        self.subset_seed = int(subset_seed)
+        self.subset_notes: dict[str, str] = {}
         self.splits: dict[str, PairTensors] = {}
         self.frames: dict[str, pd.DataFrame] = {}
         self.context: DataContext | None = None
@@ -256,10 +290,12 @@ class PerturbQADataModule(L.LightningDataModule):
         stage_of = np.where(pairs["split"] == "test", "test", np.where(pairs["pert"].isin(val_set), "val", "train"))
         pairs = pairs.assign(stage=stage_of, pert_idx=vocab.encode(pairs["pert"]), gene_idx=vocab.encode(pairs["gene"]))
         pairs["label"] = encode_labels(pairs["de"].to_numpy(), pairs["dir"].to_numpy(), self.task)
+        context_train = pairs.loc[pairs["stage"] == "train"].reset_index(drop=True)
         for stage_name in ("train", "val", "test"):
             frame = pairs.loc[pairs["stage"] == stage_name].reset_index(drop=True)
             if frame.empty:
                 raise DataValidationError(f"{self.name}: the {stage_name} split is empty for task={self.task}")
+            frame = self._subset(stage_name, frame)
             self.frames[stage_name] = frame
             self.splits[stage_name] = PairTensors({
                 "pert": torch.as_tensor(frame["pert_idx"].to_numpy(), dtype=torch.long),
@@ -268,7 +304,7 @@ class PerturbQADataModule(L.LightningDataModule):
                 "de": torch.as_tensor(frame["de"].to_numpy(), dtype=torch.long),
                 "dir": torch.as_tensor(frame["dir"].to_numpy(), dtype=torch.long),
             })
-        train = self.frames["train"]
+        train = context_train
         mapping = read_cluster_mapping(tables.folder, self.name) if tables.folder is not None else {}
         self.context = DataContext(
             dataset=self.name,
@@ -277,11 +313,39 @@ class PerturbQADataModule(L.LightningDataModule):
             train_pairs=train.loc[:, ["pert", "gene", "pert_idx", "gene_idx", "de", "dir"]].copy(),
             train_perts=tuple(sorted(train["pert"].unique())),
             val_perts=tuple(val_perts),
-            test_perts=tuple(sorted(self.frames["test"]["pert"].unique())),
+            test_perts=tuple(sorted(pairs.loc[pairs["stage"] == "test", "pert"].unique())),
             cell_line=self.cell_line,
             clusters={k: v for k, v in mapping.items() if k in vocab},
             source=tables.source,
         )
+        for note in self.subset_notes.values():
+            log.warning(note)
+
+    def _subset(self, stage: str, frame: pd.DataFrame) -> pd.DataFrame:
+        """The CPU-sized subsets: training perturbations, or validation/test genes with all their pairs."""
+        rng = np.random.default_rng([self.subset_seed, {"train": 0, "val": 1, "test": 2}[stage]])
+        if stage == "train" and self.max_train_perts is not None:
+            perts = np.array(sorted(frame["pert"].unique()))
+            if self.max_train_perts < len(perts):
+                keep = set(rng.choice(perts, size=self.max_train_perts, replace=False).tolist())
+                frame = frame.loc[frame["pert"].isin(keep)].reset_index(drop=True)
+                self.subset_notes[stage] = (f"data.max_train_perts={self.max_train_perts}: fitting on {len(frame):,} pairs "
+                                            f"of {len(keep)} of the {len(perts)} training perturbations")
+            return frame
+        wanted = self.subset_genes.get(stage)
+        if wanted is None:
+            return frame
+        scorable = scorable_genes(frame, self.task)
+        if len(scorable) == 0:
+            raise DataValidationError(f"data.{stage}_genes={wanted}: no {stage} gene of {self.name} has a defined "
+                                      f"per-gene AUROC for task={self.task}")
+        chosen = set(rng.choice(scorable, size=min(wanted, len(scorable)), replace=False).tolist())
+        subset = frame.loc[frame["gene"].isin(chosen)].reset_index(drop=True)
+        self.subset_notes[stage] = (f"data.{stage}_genes={wanted}: {stage} split cut to {len(chosen)} seeded genes of "
+                                    f"{frame['gene'].nunique():,} ({len(subset):,} of {len(frame):,} pairs, all pairs of each "
+                                    f"gene), drawn among the {len(scorable)} with a defined per-gene AUROC"
+                                    + (": NOT the official full-test figure" if stage == "test" else ""))
+        return subset
 
     def split_record(self) -> dict[str, Any]:
         """What is needed to reload this exact split (written as ``split.json`` next to the run)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any, Callable
@@ -15,6 +16,8 @@ from perturb_models.data.vocab import GeneVocab
 from perturb_models.metrics import metrics_from_predictions, prediction_frame
 from perturb_models.models.base import check_encoder, trainable_parameters
 from perturb_models.tasks import decode_scores, get_task
+
+log = logging.getLogger(__name__)
 
 # Validation/test metrics are computed from predictions gathered from every rank, so each rank logs the
 # same value; Lightning's advice to all-reduce them (sync_dist=True) does not apply. Silenced only while
@@ -77,6 +80,8 @@ class PerturbationClassifier(L.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.monitor = monitor
+        # Encoders that backward each micro-batch as they go (the LLM) drive the step themselves.
+        self.automatic_optimization = not getattr(encoder, "accumulates_gradients", False)
         self.run_record: dict[str, Any] = {}
         self.stage_metrics: dict[str, dict[str, float]] = {}
         self.stage_predictions: dict[str, pd.DataFrame] = {}
@@ -116,6 +121,8 @@ class PerturbationClassifier(L.LightningModule):
         return self.head(self.encoder(batch))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if not self.automatic_optimization:
+            return self._accumulating_step(batch)
         logits = self(batch)
         loss = self.loss_fn(logits.float(), batch["label"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["label"]))
@@ -123,7 +130,38 @@ class PerturbationClassifier(L.LightningModule):
             return None  # an encoder with nothing to fit (retrieval): no backward pass
         return loss
 
+    def _accumulating_step(self, batch: dict[str, torch.Tensor]) -> None:
+        """Manual optimisation: the encoder runs forward and backward per micro-batch (memory of one
+        micro-batch), then one optimizer step. Under DDP the gradients are averaged once per step here,
+        because ranks may cut their batches into different numbers of micro-batches."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.encoder.accumulate(batch, self.loss_fn, self.manual_backward)
+        if self.trainer.world_size > 1:
+            for param in (p for p in self.parameters() if p.requires_grad):
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                torch.distributed.all_reduce(param.grad)
+                param.grad /= self.trainer.world_size
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and self.scheduler_interval == "step":
+            scheduler.step()
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["label"]))
+
+    def on_train_start(self) -> None:
+        # Manual optimisation averages gradients itself (see _accumulating_step): DDP's reducer must not
+        # wait for a matching number of backward passes on every rank.
+        ddp = getattr(self.trainer.strategy, "model", None)
+        if not self.automatic_optimization and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            ddp.require_backward_grad_sync = False
+
     def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization:
+            scheduler = self.lr_schedulers()
+            if scheduler is not None and self.scheduler_interval == "epoch":
+                metric = self.trainer.callback_metrics.get(self.monitor) if self.monitor else None
+                scheduler.step(metric) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
         # Nothing trainable: one pass writes the checkpoint; further epochs would repeat it exactly.
         if self.trainer is not None and not any(p.requires_grad for p in self.parameters()):
             self.trainer.should_stop = True
@@ -192,6 +230,11 @@ class PerturbationClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._finish_epoch("test")
+        note = getattr(getattr(self.trainer, "datamodule", None), "subset_notes", {}).get("test")
+        if note and "test" in self.stage_metrics:
+            # A subset's AUROC must not pass for the official full-test figure.
+            self.stage_metrics["test"]["test/genes_subset"] = float(self.trainer.datamodule.frames["test"]["gene"].nunique())
+            log.warning("test metrics scored on a gene subset: %s", note)
 
     # ---- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):

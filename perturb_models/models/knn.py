@@ -1,13 +1,17 @@
-"""The retrieval baseline ("Retrieval, no LLM" in PerturbQA): a similarity-weighted vote of training labels.
+"""The retrieval baseline ("Retrieval, no LLM" in PerturbQA): a similarity-weighted vote of training labels,
+and the neighbour machinery the LLM prompts share with it.
 
-For a pair (p, g): the training perturbations p' most similar to p in the chosen graph vote with the
-label of (p', g), weighted by their similarity, and the vote is shrunk toward g's training class rates:
+For a pair (p, g): among the training perturbations p' that measured g, the ``k`` most similar to p in
+the chosen graph vote with the label of (p', g), weighted by their similarity, and the vote is shrunk
+toward g's training class rates:
 
-    P(c | p, g) = (sum_p' w(p, p') [label(p', g) = c] + s * rate_g(c)) / (sum_p' w(p, p') [(p', g) measured] + s)
+    P(c | p, g) = (sum_p' w(p, p') [label(p', g) = c] + s * rate_g(c)) / (sum_p' w(p, p') + s)
 
-Nothing is fitted by gradient: the encoder has no parameters, ``produces_logits`` is true and it
-returns log-probabilities, so the shared classifier's metrics, checkpoints and predictions apply as for
-any model. A perturbation never votes for itself (training pairs are scored leave-self-out).
+Perturbations that did not measure g are dropped *before* the k nearest are taken, so every one of the
+k neighbours has an outcome for g. Nothing is fitted by gradient: the encoder has no parameters,
+``produces_logits`` is true and it returns log-probabilities, so the shared classifier's metrics,
+checkpoints and predictions apply as for any model. A perturbation never votes for itself (training
+pairs are scored leave-self-out).
 """
 
 from __future__ import annotations
@@ -18,34 +22,51 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from scipy import sparse
+from torch import nn
 
 from perturb_models.data.datamodule import DataContext
 from perturb_models.knowledge.graphs import build_graphs
 from perturb_models.models.base import Encoder
-from perturb_models.tasks import encode_labels
 
 log = logging.getLogger(__name__)
 
+# Outcome codes of a training pair, whatever the task: what the prompts say and what each task's label is.
+NOT_DE, DOWN, UP, DE_UNKNOWN_DIRECTION = 0, 1, 2, 3
 
-class KNNEncoder(Encoder):
-    """Similarity-weighted vote of the k nearest training perturbations' labels, shrunk toward the gene's rate.
+
+def outcome_codes(de: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """0 not DE, 1 down, 2 up, 3 DE with no direction known (task ``de`` reads no direction file)."""
+    de, direction = np.asarray(de), np.asarray(direction)
+    return np.where(de != 1, NOT_DE, np.where(direction == 1, UP, np.where(direction == 0, DOWN, DE_UNKNOWN_DIRECTION)))
+
+
+def code_to_class(task: str) -> np.ndarray:
+    """Class label of each outcome code under ``task`` (de: DE or not; dir: down/up; joint: not DE/down/up)."""
+    if task == "de":
+        return np.array([0, 1, 1, 1])
+    if task == "dir":
+        return np.array([-1, 0, 1, -1])  # dir training pairs are all DE with a direction
+    return np.array([0, 1, 2, -1])
+
+
+class TrainingNeighbours:
+    """For a (perturbation, downstream gene) pair, the training perturbations most similar to the
+    perturbation among those that measured the gene, with their similarity and observed outcome.
+
+    Built from ``context.train_pairs`` only (validation and test perturbations are never candidates, and
+    their labels are never read). Similarity comes from graph specs (an edge p' -> p with weight w makes
+    the training perturbation p' a neighbour of p); use ``candidates: train_perts`` in the spec so that
+    each gene's top neighbours are training perturbations.
 
     Args:
-        graphs: named graph specs; an edge p' -> p with weight w makes p' a neighbour of p
-            (use ``candidates: train_perts`` in the spec so that every neighbour has labels).
-        k: neighbours kept per perturbation (the most similar ones).
-        shrinkage: weight ``s`` of the gene's training rate in the vote (pseudo-count).
-        prior_strength: pseudo-count of the global class rates in each gene's rate.
-        power: similarities are raised to this power before voting (sharper for > 1).
+        context: the DataModule's ``DataContext``.
+        graphs: named graph specs (``build_graphs``).
+        power: similarities are raised to this power (sharper for > 1).
     """
 
-    produces_logits = True
-
-    def __init__(self, context: DataContext, graphs: Mapping[str, Mapping[str, Any]], k: int = 20,
-                 shrinkage: float = 1.0, prior_strength: float = 5.0, power: float = 1.0):
-        super().__init__()
-        self.num_classes = context.num_classes
+    def __init__(self, context: DataContext, graphs: Mapping[str, Mapping[str, Any]], power: float = 1.0):
         n = context.num_genes
+        self.num_genes = n
         graph = build_graphs(graphs, context)
         ei = graph.edge_index.numpy()
         genes_only = (ei[0] < n) & (ei[1] < n)
@@ -57,13 +78,69 @@ class KNNEncoder(Encoder):
         # Several relations may link the same pair: their weights add up.
         similarity = sparse.csr_matrix((weight[keep], (dst[keep], src[keep])), shape=(n, n))
         similarity.sum_duplicates()
-        self.similarity = _top_k_rows(similarity, k)
+        similarity.sort_indices()
+        self.similarity = similarity
         pairs = context.train_pairs
-        labels = encode_labels(pairs["de"].to_numpy(), pairs["dir"].to_numpy(), context.task)
-        rows, cols = pairs["pert_idx"].to_numpy(), pairs["gene_idx"].to_numpy()
-        # One pert x gene indicator matrix per class.
-        self.votes = [sparse.csr_matrix((np.ones(int((labels == c).sum())), (rows[labels == c], cols[labels == c])),
-                                        shape=(n, n)).T.tocsr() for c in range(self.num_classes)]
+        codes = outcome_codes(pairs["de"].to_numpy(), pairs["dir"].to_numpy())
+        # gene x pert, stored as code + 1 so that 0 means "not measured".
+        outcome = sparse.csr_matrix((codes + 1, (pairs["gene_idx"].to_numpy(), pairs["pert_idx"].to_numpy())),
+                                    shape=(n, n), dtype=np.int8)
+        outcome.sort_indices()
+        self.outcome = outcome
+        self.measured_count = np.diff(outcome.indptr)
+        self.changed_count = np.bincount(pairs["gene_idx"].to_numpy()[codes != NOT_DE], minlength=n)
+        has_neighbour = np.diff(similarity.indptr) > 0
+        log.info("retrieval: %d of %d genes have at least one training perturbation as graph neighbour",
+                 int(has_neighbour.sum()), n)
+
+    def nearest(self, pert: int, gene: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(perturbation indices, similarities, outcome codes)`` of the ``k`` training perturbations most
+        similar to ``pert`` that measured ``gene``, most similar first (ties: lower index first)."""
+        s, e = self.similarity.indptr[pert], self.similarity.indptr[pert + 1]
+        cols, sims = self.similarity.indices[s:e], self.similarity.data[s:e]
+        ls, le = self.outcome.indptr[gene], self.outcome.indptr[gene + 1]
+        measured, codes = self.outcome.indices[ls:le], self.outcome.data[ls:le]
+        if len(cols) == 0 or len(measured) == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, np.zeros(0), empty
+        at = np.minimum(np.searchsorted(measured, cols), len(measured) - 1)
+        hit = measured[at] == cols
+        cols, sims, found = cols[hit], sims[hit], codes[at[hit]].astype(np.int64) - 1
+        order = np.lexsort((cols, -sims))[:k]
+        return cols[order].astype(np.int64), sims[order], found[order]
+
+
+class KNNEncoder(Encoder):
+    """Similarity-weighted vote of the k nearest training perturbations' labels, shrunk toward the gene's rate.
+
+    Args:
+        graphs: named graph specs (see :class:`TrainingNeighbours`).
+        k: neighbours voting per pair: the most similar training perturbations that measured the gene.
+        shrinkage: weight ``s`` of the gene's training rate in the vote (pseudo-count).
+        prior_strength: pseudo-count of the global class rates in each gene's rate.
+        power: similarities are raised to this power before voting (sharper for > 1).
+        neighbours: an already built :class:`TrainingNeighbours` (the LLM shares its own); ``graphs`` and
+            ``power`` are then ignored.
+    """
+
+    produces_logits = True
+
+    def __init__(self, context: DataContext, graphs: Mapping[str, Mapping[str, Any]] | None = None, k: int = 20,
+                 shrinkage: float = 1.0, prior_strength: float = 5.0, power: float = 1.0,
+                 neighbours: TrainingNeighbours | None = None):
+        super().__init__()
+        if neighbours is None:
+            if graphs is None:
+                raise ValueError("KNNEncoder needs graphs (model.encoder.graphs) or prebuilt neighbours")
+            neighbours = TrainingNeighbours(context, graphs, power)
+        self.neighbours = neighbours
+        self.num_classes = context.num_classes
+        self.k = int(k)
+        self.classes = code_to_class(context.task)
+        n = context.num_genes
+        pairs = context.train_pairs
+        labels = self.classes[outcome_codes(pairs["de"].to_numpy(), pairs["dir"].to_numpy())]
+        cols = pairs["gene_idx"].to_numpy()
         counts = np.stack([np.bincount(cols[labels == c], minlength=n) for c in range(self.num_classes)], axis=1)
         global_rate = (counts.sum(0) + 1.0) / (counts.sum() + self.num_classes)
         denominator = counts.sum(1, keepdims=True) + prior_strength
@@ -71,14 +148,16 @@ class KNNEncoder(Encoder):
         self.gene_rate = np.where(denominator > 0, (counts + prior_strength * global_rate) / np.maximum(denominator, 1e-12),
                                   global_rate[None, :])
         self.shrinkage = float(shrinkage)
-        has_neighbour = np.diff(self.similarity.indptr) > 0
-        log.info("knn: %d of %d genes have at least one training perturbation as neighbour (k=%d); the others "
-                 "get their downstream gene's training rate", int(has_neighbour.sum()), n, k)
         self.output_dim = self.num_classes
 
     def probabilities(self, pert: np.ndarray, gene: np.ndarray) -> np.ndarray:
-        weights = self.similarity[pert]  # (B, n): similarity of each pair's perturbation to training perts
-        votes = np.stack([np.asarray(weights.multiply(v[gene]).sum(axis=1)).ravel() for v in self.votes], axis=1)
+        votes = np.zeros((len(pert), self.num_classes))
+        for i, (p, g) in enumerate(zip(np.asarray(pert).tolist(), np.asarray(gene).tolist())):
+            _, sims, codes = self.neighbours.nearest(p, g, self.k)
+            if len(sims):
+                labels = self.classes[codes]
+                usable = labels >= 0
+                votes[i] = np.bincount(labels[usable], weights=sims[usable], minlength=self.num_classes)
         prior = self.gene_rate[gene]
         return (votes + self.shrinkage * prior) / (votes.sum(axis=1, keepdims=True) + self.shrinkage)
 
@@ -87,19 +166,3 @@ class KNNEncoder(Encoder):
         gene = batch["gene"].detach().cpu().numpy()
         probs = self.probabilities(pert, gene)
         return torch.as_tensor(np.log(np.clip(probs, 1e-9, 1.0)), dtype=torch.float32, device=batch["pert"].device)
-
-
-def _top_k_rows(matrix: sparse.csr_matrix, k: int) -> sparse.csr_matrix:
-    """Keep the ``k`` largest entries of each row (ties: lower column first)."""
-    matrix = matrix.tocsr()
-    rows, cols, vals = [], [], []
-    for r in range(matrix.shape[0]):
-        start, end = matrix.indptr[r], matrix.indptr[r + 1]
-        if start == end:
-            continue
-        c, v = matrix.indices[start:end], matrix.data[start:end]
-        order = np.lexsort((c, -v))[:k]
-        rows.extend([r] * len(order))
-        cols.extend(c[order])
-        vals.extend(v[order])
-    return sparse.csr_matrix((vals, (rows, cols)), shape=matrix.shape)

@@ -2,12 +2,16 @@
 
 The DataModule yields ``pert``/``gene`` vocab indices, like for every model. This encoder turns each pair
 into a prompt (:mod:`perturb_models.models.prompts`), tokenises every split once (cached on disk, keyed by
-tokenizer, template version, prompt settings and data), and in ``forward`` pads each batch dynamically:
-pairs are sorted by length and cut into micro-batches, each padded only to its own longest prompt.
+tokenizer, template version, prompt settings and data), and pads each batch dynamically: pairs are
+sorted by length and cut into micro-batches of at most ``micro_batch_tokens`` padded tokens, each padded
+only to its own longest prompt. In training each micro-batch is backward-ed as soon as it is computed
+(:meth:`LoRALlamaClassifier.accumulate`, driven by the classifier's manual optimisation), so memory holds
+one micro-batch's activations whatever the batch size.
 
 Checkpoints hold the adapter only (LoRA matrices + score head): the frozen base weights are left out of
 ``state_dict`` and come back from ``pretrained`` (or from the seeded random init of a tiny config) when a
-checkpoint is loaded, so ``evaluate.py ckpt_path=...`` rebuilds base + adapter.
+checkpoint is loaded, so ``evaluate.py ckpt_path=...`` rebuilds base + adapter; the checkpoint records
+which base (id or path, sha256) and refuses to load into another.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -98,8 +102,13 @@ def word_tokenizer(symbols: Sequence[str]):
     splitter = re.compile(r"\w+|[^\w\s]+")
     words: set[str] = set()
     fixed = " ".join(list(QUESTIONS.values()) + [
-        "Cell line: . CRISPRi knockdown of ( ). Downstream gene: Observed for after knockdown of similar genes:",
-        "DE not up down unchanged , ...", " ".join(str(d) for d in range(10))])
+        "Cell line: . CRISPRi knockdown of ( ). Downstream gene:",
+        "In training, changed went up after of the knockdowns that measured it changed it.",
+        "Of the knockdowns most similar to that measured : changed it ( down, up), did not.",
+        "Closest (similarity, outcome): No knockdown similar to measured",
+        "DE not up down unchanged changed , ...",
+        # The evidence's counts and two-decimal similarities ("0.15" splits into 0 . 15).
+        " ".join(str(d) for d in range(1000)), " ".join(f"{d:02d}" for d in range(100))])
     for text in [fixed, *symbols]:
         words.update(splitter.findall(str(text)))
     vocab = {"[PAD]": 0, "[UNK]": 1}
@@ -148,16 +157,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:
         text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-class TokenCounter:
-    """Number of tokens of a text under a tokenizer (picklable, unlike a lambda)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # ---- base model -------------------------------------------------------------------------------------------
@@ -238,11 +237,20 @@ class LoRALlamaClassifier(Encoder):
         tokenizer: ``null`` (the one of ``pretrained``), ``words`` (local word-level), ``smollm2``, or an id/folder.
         llama_config: ``LlamaConfig`` fields for a random model (tiny test model, 8B-shaped benchmark).
         lora: ``r``, ``alpha``, ``dropout``, ``target_modules`` of the adapter.
+        graphs: graph specs of the retrieval (as ``model=knn``: the GO graph over training perturbations);
+            None: no evidence lines and no prior.
         prompt: options of :class:`~perturb_models.models.prompts.PromptBuilder` (descriptions, retrieval_k, ...).
+        prior: ``null``, or ``knn``: the kNN model's log-probabilities (same neighbours) are added to the
+            LLM's logits, so the LLM learns a correction of the retrieval vote.
+        prior_options: ``k``, ``shrinkage``, ``prior_strength`` of that kNN vote.
         max_length: prompts are cut to this many tokens, from the left (the question stays at the end).
-        micro_batch_size: pairs per forward pass after sorting by length (padding only within a micro-batch).
+        micro_batch_tokens: token budget of one forward pass: a batch is sorted by prompt length and cut into
+            micro-batches of at most this many padded tokens (padding only within a micro-batch). In
+            training each micro-batch is backward-ed as soon as it is computed (:meth:`accumulate`), so
+            activation memory is bounded by one micro-batch whatever ``data.batch_size`` is.
         gradient_checkpointing: recompute decoder activations in backward (memory for compute).
-        dtype: dtype of the frozen base weights (``bfloat16`` halves memory for 8B models on GPU).
+        dtype: dtype of the frozen base weights (``bfloat16`` halves memory for 8B models on GPU); the
+            trainable weights (LoRA, score head) are always float32.
         token_cache: keep tokenised splits on disk (user cache folder).
         init_seed: seed of the random parts of the base (the tiny model, the fresh score head).
     """
@@ -251,9 +259,10 @@ class LoRALlamaClassifier(Encoder):
 
     def __init__(self, context, pretrained: str | None = "smollm2", tokenizer: str | None = None,
                  llama_config: Mapping[str, Any] | None = None, lora: Mapping[str, Any] | None = None,
-                 prompt: Mapping[str, Any] | None = None, max_length: int = 256, micro_batch_size: int = 16,
+                 prompt: Mapping[str, Any] | None = None, max_length: int = 256, micro_batch_tokens: int = 4096,
                  gradient_checkpointing: bool = False, dtype: str = "float32", token_cache: bool = True,
-                 init_seed: int = 0):
+                 init_seed: int = 0, graphs: Mapping[str, Mapping[str, Any]] | None = None, prior: str | None = None,
+                 prior_options: Mapping[str, Any] | None = None):
         super().__init__()
         _require_llm_extra()
         from peft import LoraConfig, TaskType, get_peft_model
@@ -261,7 +270,10 @@ class LoRALlamaClassifier(Encoder):
         self.num_genes = len(context.vocab)
         self.output_dim = context.num_classes
         self.symbols = list(context.vocab.symbols)
-        self.max_length, self.micro_batch_size = int(max_length), int(micro_batch_size)
+        self.max_length, self.micro_batch_tokens = int(max_length), int(micro_batch_tokens)
+        if self.micro_batch_tokens < self.max_length:
+            raise ValueError(f"model.encoder.micro_batch_tokens={micro_batch_tokens} must be >= max_length={max_length} "
+                             "(one prompt must fit in a micro-batch)")
         self.use_token_cache = bool(token_cache)
         tokenizer_source = tokenizer or (pretrained if llama_config is None else "words")
         self.tokenizer = load_tokenizer(tokenizer_source, self.symbols)
@@ -272,8 +284,22 @@ class LoRALlamaClassifier(Encoder):
         self.pad_token_id = int(self.tokenizer.pad_token_id)
         self.tokenizer_id = tokenizer_fingerprint(self.tokenizer) + f":{self.tokenizer.truncation_side}"
         prompt_options = dict(prompt or {})
-        prompt_options.setdefault("count_tokens", TokenCounter(self.tokenizer))
-        self.prompts = builder_from_context(context, **prompt_options)
+        neighbours = None
+        if graphs:
+            from perturb_models.models.knn import TrainingNeighbours
+
+            neighbours = TrainingNeighbours(context, graphs)
+        self.prompts = builder_from_context(context, neighbours=neighbours, **prompt_options)
+        self.graph_key = json.dumps(graphs or {}, sort_keys=True, default=str)
+        if prior not in (None, "none", "knn"):
+            raise ValueError(f"model.encoder.prior must be null or knn, got {prior!r}")
+        self.prior = None
+        if prior == "knn":
+            if neighbours is None:
+                raise ValueError("model.encoder.prior=knn needs model.encoder.graphs (the retrieval's neighbours)")
+            from perturb_models.models.knn import KNNEncoder
+
+            self.prior = KNNEncoder(context, neighbours=neighbours, **dict(prior_options or {}))
         self.data_fingerprint = hashlib.sha1(
             "|".join([context.dataset, str(context.source), str(len(context.train_pairs)),
                       hashlib.sha1(context.train_pairs.loc[:, ["pert", "gene", "de", "dir"]].to_csv(index=False).encode()).hexdigest(),
@@ -285,11 +311,21 @@ class LoRALlamaClassifier(Encoder):
         if base.get_input_embeddings().num_embeddings < len(self.tokenizer):
             raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, the model's embedding only "
                              f"{base.get_input_embeddings().num_embeddings}")
+        self.base_record = base_weights_record(pretrained, llama_config, init_seed, base)  # before LoRA is injected
         lora = dict(lora or {})
         config = LoraConfig(task_type=TaskType.SEQ_CLS, r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
                             lora_dropout=float(lora.get("dropout", 0.05)),
                             target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])))
         self.model = get_peft_model(base, config)  # SEQ_CLS: the score head is trained and saved with the adapter
+        # Trainable weights in float32 over a (possibly bf16) frozen base: optimizer updates of a few
+        # 1e-4 would vanish in bf16's 8-bit mantissa. LoRA casts its input itself; the head needs a hook.
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear) and name.split(".")[-1] == "score" or name.endswith("modules_to_save.default"):
+                if isinstance(module, nn.Linear) and module.weight.requires_grad:
+                    module.register_forward_pre_hook(_cast_input_to_weight_dtype)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
@@ -307,7 +343,7 @@ class LoRALlamaClassifier(Encoder):
     # ---- tokens -----------------------------------------------------------------------------------------
     def cache_key(self, pairs_fingerprint: str) -> str:
         settings = {k: v for k, v in self.prompts.settings().items()}
-        parts = json.dumps({"tokenizer": self.tokenizer_id, "prompt": settings,
+        parts = json.dumps({"tokenizer": self.tokenizer_id, "prompt": settings, "graphs": self.graph_key,
                             "max_length": self.max_length, "data": self.data_fingerprint, "pairs": pairs_fingerprint},
                            sort_keys=True)
         return hashlib.sha1(parts.encode()).hexdigest()[:20]
@@ -358,6 +394,39 @@ class LoRALlamaClassifier(Encoder):
         """Tokenise every split of the DataModule once (called from the classifier's ``setup``)."""
         for stage, frame in getattr(datamodule, "frames", {}).items():
             self.tokenise_split(frame["pert_idx"].to_numpy(), frame["gene_idx"].to_numpy(), stage)
+        if getattr(datamodule, "frames", None) and next(self.parameters()).device.type == "cpu":
+            print(self.estimate_times(datamodule), flush=True)
+
+    def split_tokens(self, frame) -> int:
+        return sum(len(r) for r in self.batch_tokens(torch.as_tensor(frame["pert_idx"].to_numpy()),
+                                                     torch.as_tensor(frame["gene_idx"].to_numpy())))
+
+    def estimate_times(self, datamodule, pairs: int = 8) -> str:
+        """Estimated CPU time of one training epoch, one validation and the test, from one timed training
+        step and one timed inference pass over ``pairs`` real training prompts (printed before training)."""
+        import time
+
+        frame = datamodule.frames["train"].head(pairs)
+        batch = {"pert": torch.as_tensor(frame["pert_idx"].to_numpy()), "gene": torch.as_tensor(frame["gene_idx"].to_numpy())}
+        tokens = self.split_tokens(frame)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        saved = [None if p.grad is None else p.grad.clone() for p in trainable]
+        with torch.random.fork_rng(devices=[]):
+            started = time.perf_counter()
+            self(batch).float().logsumexp(-1).sum().backward()
+            train_rate = tokens / (time.perf_counter() - started)
+            started = time.perf_counter()
+            with torch.no_grad():
+                self(batch)
+            eval_rate = tokens / (time.perf_counter() - started)
+        for p, grad in zip(trainable, saved):
+            p.grad = grad
+        split = {stage: self.split_tokens(f) for stage, f in datamodule.frames.items()}
+        minutes = {stage: split[stage] / (train_rate if stage == "train" else eval_rate) / 60 for stage in split}
+        sizes = ", ".join(f"{stage} {len(f):,} pairs / {split[stage]:,} tokens" for stage, f in datamodule.frames.items())
+        return (f"[lora_llama] estimated CPU time: training epoch ~{minutes.get('train', 0):.1f} min, validation "
+                f"~{minutes.get('val', 0):.1f} min, test ~{minutes.get('test', 0):.1f} min ({sizes}; measured "
+                f"{train_rate:.0f} training / {eval_rate:.0f} inference tokens/s on {torch.get_num_threads()} threads)")
 
     def batch_tokens(self, pert: torch.Tensor, gene: torch.Tensor) -> list[torch.Tensor]:
         """Token ids per pair of a batch; pairs never seen before are tokenised now (kept in memory)."""
@@ -370,25 +439,122 @@ class LoRALlamaClassifier(Encoder):
         return [self.tokens.rows[self.tokens.row_of[k]] for k in keys]
 
     # ---- forward ----------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = self.batch_tokens(batch["pert"], batch["gene"])
-        device = batch["pert"].device
+    # ---- checkpoint record of the base -------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {"base_weights": self.base_record}
+
+    def set_extra_state(self, state: dict) -> None:
+        saved = (state or {}).get("base_weights", {})
+        if saved.get("sha256") and self.base_record.get("sha256") and saved["sha256"] != self.base_record["sha256"]:
+            raise ValueError(f"this adapter was trained on base weights {saved.get('pretrained') or 'random'} "
+                             f"(sha256 {saved['sha256'][:12]}), but the base loaded now is "
+                             f"{self.base_record.get('pretrained') or 'random'} (sha256 {self.base_record['sha256'][:12]})")
+
+    def micro_batches(self, rows: Sequence[torch.Tensor]) -> list[list[int]]:
+        """Positions of the rows per micro-batch: longest first, each at most ``micro_batch_tokens`` padded tokens."""
         lengths = torch.tensor([len(r) for r in rows])
         order = torch.argsort(lengths, descending=True, stable=True).tolist()
-        outputs: list[torch.Tensor] = []
-        for start in range(0, len(order), self.micro_batch_size):
-            chunk = order[start:start + self.micro_batch_size]
-            width = int(lengths[chunk[0]])
-            ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, r in enumerate(chunk):  # right padding: positions 0..n-1 are the prompt, pooling reads token n-1
-                ids[i, : len(rows[r])] = rows[r]
-                mask[i, : len(rows[r])] = 1
-            outputs.append(self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits)
-        logits = torch.cat(outputs)
+        chunks: list[list[int]] = []
+        for position in order:
+            # Rows come longest first: the chunk's width is its first row's length.
+            if chunks and (len(chunks[-1]) + 1) * int(lengths[chunks[-1][0]]) <= self.micro_batch_tokens:
+                chunks[-1].append(position)
+            else:
+                chunks.append([position])
+        return chunks
+
+    def _logits(self, rows: Sequence[torch.Tensor], chunk: list[int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = batch["pert"].device
+        width = max(len(rows[r]) for r in chunk)
+        ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):  # right padding: positions 0..n-1 are the prompt, pooling reads token n-1
+            ids[i, : len(rows[r])] = rows[r]
+            mask[i, : len(rows[r])] = 1
+        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        if self.prior is not None:
+            index = torch.tensor(chunk, device=device)
+            logits = logits + self.prior({"pert": batch["pert"][index], "gene": batch["gene"][index]})
+        return logits
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = self.batch_tokens(batch["pert"], batch["gene"])
+        chunks = self.micro_batches(rows)
+        logits = torch.cat([self._logits(rows, chunk, batch) for chunk in chunks])
+        order = torch.tensor([r for chunk in chunks for r in chunk])
         inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
+        inverse[order] = torch.arange(len(order))
         return logits[inverse.to(logits.device)]
+
+    accumulates_gradients = True
+    """The classifier trains this encoder with :meth:`accumulate` (manual optimisation) instead of one backward."""
+
+    def accumulate(self, batch: dict[str, torch.Tensor], loss_fn: nn.CrossEntropyLoss,
+                   backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """Forward and backward one micro-batch at a time; gradients sum to those of the batch's mean loss.
+
+        ``loss_fn``'s class weights are honoured (the mean is weighted, as in ``CrossEntropyLoss``). Only one
+        micro-batch's activations are alive at any time. Returns the batch's loss (detached).
+        """
+        rows = self.batch_tokens(batch["pert"], batch["gene"])
+        labels = batch["label"]
+        weight = loss_fn.weight
+        total_weight = float(weight[labels].sum()) if weight is not None else float(len(labels))
+        total = torch.zeros((), device=labels.device)
+        for chunk in self.micro_batches(rows):
+            index = torch.tensor(chunk, device=labels.device)
+            logits = self._logits(rows, chunk, batch)
+            loss = nn.functional.cross_entropy(logits, labels[index], weight=weight, reduction="sum") / total_weight
+            backward(loss)
+            total += loss.detach()
+        return total
+
+
+def _cast_input_to_weight_dtype(module: nn.Linear, args):
+    return tuple(a.to(module.weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a weights file, cached in the user cache by path, size and mtime (an 8B model is 16 GB)."""
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+    memo = cache_dir("weight_hashes", f"{key}.txt")
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    atomic_write_bytes(memo, digest.hexdigest().encode())
+    return digest.hexdigest()
+
+
+def base_weights_record(pretrained: str | None, llama_config: Mapping[str, Any] | None, init_seed: int, base) -> dict:
+    """What the frozen base was: ``pretrained`` and where it was read from, with a sha256 of its weight
+    files; for a random base, its config and seed with a sha256 of the weights themselves."""
+    if llama_config is not None or pretrained is None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(base.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return {"pretrained": None, "llama_config": dict(llama_config or {}), "init_seed": int(init_seed),
+                "sha256": digest.hexdigest()}
+    location, kwargs = _source_kwargs(pretrained)
+    folder = Path(location)
+    if "gguf_file" in kwargs:
+        files = [folder / kwargs["gguf_file"]]
+    elif folder.is_dir():
+        files = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")])
+    else:  # a hub id: the files of the cached snapshot transformers read
+        name_or_path = getattr(base.config, "_name_or_path", "")
+        snapshot = Path(name_or_path) if name_or_path and Path(name_or_path).is_dir() else None
+        files = sorted(snapshot.glob("*.safetensors")) if snapshot else []
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(_file_sha256(path).encode())
+    return {"pretrained": pretrained, "location": str(folder), "files": [p.name for p in files],
+            "sha256": digest.hexdigest() if files else None}
 
 
 def _drop_frozen_weights(module: LoRALlamaClassifier, state_dict, prefix: str, local_metadata) -> None:
@@ -406,16 +572,27 @@ def _allow_missing_frozen_weights(module: LoRALlamaClassifier, incompatible_keys
             missing.remove(key)
 
 
-def llama_fsdp_strategy(sharding_strategy: str = "FULL_SHARD", activation_checkpointing: bool = True,
-                        cpu_offload: bool = False, state_dict_type: str = "full", **kwargs: Any):
-    """Lightning ``FSDPStrategy`` for 8B-class Llama LoRA runs: one FSDP unit per decoder layer.
+def adamw(params, lr: float = 2e-4, weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999),
+          fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) when every parameter is on a CUDA device and ``fused``
+    is not false; the fused kernel does not exist on CPU."""
+    params = list(params)
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=bool(fused))
 
-    ``use_orig_params=True`` lets frozen base weights and trainable LoRA weights share flat parameters.
-    """
-    from lightning.pytorch.strategies import FSDPStrategy
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    return FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer},
-                        activation_checkpointing_policy={LlamaDecoderLayer} if activation_checkpointing else None,
-                        sharding_strategy=sharding_strategy, cpu_offload=cpu_offload, use_orig_params=True,
-                        state_dict_type=state_dict_type, **kwargs)
+def warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int = 50, decay: str = "inverse_sqrt"):
+    """Linear warmup over ``warmup_steps`` optimizer steps, then ``inverse_sqrt`` decay (lr * sqrt(warmup /
+    step)) or ``constant``. Needs no total step count, so it suits runs cut by time or by limit_train_batches."""
+    warmup = max(1, int(warmup_steps))
+    if decay not in ("inverse_sqrt", "constant"):
+        raise ValueError(f"model.scheduler.decay must be inverse_sqrt or constant, got {decay!r}")
+
+    def factor(step: int) -> float:
+        step += 1
+        if step <= warmup:
+            return step / warmup
+        return (warmup / step) ** 0.5 if decay == "inverse_sqrt" else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,34 +1,41 @@
-"""Prompts for the LLM classifiers: one template per task, optional gene descriptions, optional retrieval.
+"""Prompts for the LLM classifiers: one template per task, gene descriptions, and retrieved evidence.
 
-A prompt names the cell line, the perturbed gene and the downstream gene (with a short description when a
-description source is given), and optionally, in the style of SUMMER, lists observed *training* outcomes
-for the same downstream gene under the training perturbations most similar to the perturbed gene.
+A prompt names the cell line, the perturbed gene and the downstream gene (each with a short description
+from the project's gene text, :mod:`perturb_models.knowledge.text`, when the knowledge files exist), then
+gives numbers a small model can read, from the same neighbour machinery as ``model=knn``
+(:class:`~perturb_models.models.knn.TrainingNeighbours`): how often the downstream gene changed in
+training, how many of the k knockdowns most similar to the perturbed gene (among those that measured the
+downstream gene) changed it and which way, and the closest of them with their similarity.
 
-Leakage guard: a :class:`PromptBuilder` only ever sees ``context.train_pairs`` (training perturbations,
-validation and test removed), and never lists the pair's own perturbation, so a training prompt does not
-contain its own label either.
+Leakage guard: the neighbours are built from ``context.train_pairs`` only (training perturbations,
+validation and test removed), and a perturbation is never its own neighbour, so a training prompt does
+not contain its own label either.
 
-Inspect any pair from the command line::
+Print the prompts of pairs from the command line (any Hydra override of ``train.py`` applies)::
 
-    python -m perturb_models.models.prompts --data k562 --task de --pert AARS --gene ACTB
+    python -m perturb_models.models.prompts data=k562 data.task=joint --pair AARS2 AAK1 --pair ...
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
-from typing import Callable, Iterable, Mapping
+import logging
+import re
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
 from perturb_models.tasks import QUESTIONS
 
-TEMPLATE_VERSION = "1"
+log = logging.getLogger(__name__)
+
+TEMPLATE_VERSION = "2"
 """Bump when the text of a template changes: token caches are keyed by it."""
 
+
+# Shorter than the embedding models' text: a small model reads the name and a few GO processes.
+PROMPT_TEXT_RECIPE = {"synonyms": False, "go": True, "aspects": ["P", "F"], "max_terms_per_aspect": 2, "max_chars": 130}
 
 DescriptionSource = Mapping[str, str] | Callable[[str], "str | None"] | str | None
 
@@ -38,47 +45,70 @@ def count_words(text: str) -> int:
     return len(text.replace(",", " ,").split())
 
 
-class MemoisedCount:
-    """A token counter with a memo: retrieval asks for the cost of the same short strings over and over.
-
-    A class rather than ``functools.lru_cache`` so that the encoder stays picklable (DDP spawn).
-    """
-
-    def __init__(self, count: Callable[[str], int], max_items: int = 200_000):
-        self.count, self.max_items, self.memo = count, max_items, {}
-
-    def __call__(self, text: str) -> int:
-        value = self.memo.get(text)
-        if value is None:
-            value = int(self.count(text))
-            if len(self.memo) < self.max_items:
-                self.memo[text] = value
-        return value
+OUTCOME_WORDS = {0: "unchanged", 1: "down", 2: "up", 3: "changed"}
 
 
 def outcome_word(de: int, direction: int, task: str) -> str:
-    """The observed outcome of a training pair in the words of the task's question."""
-    if task == "de":
-        return "DE" if de == 1 else "not DE"
-    if de != 1:
-        return "unchanged"
-    return "up" if direction == 1 else "down"
+    """The observed outcome of a training pair, as the prompts write it."""
+    from perturb_models.models.knn import outcome_codes
+
+    return OUTCOME_WORDS[int(outcome_codes(np.array([de]), np.array([direction]))[0])]
 
 
-def resolve_descriptions(source: DescriptionSource) -> Callable[[str], str | None] | None:
+class KnowledgeDescriptions:
+    """``symbol -> description`` from the gene text of :mod:`perturb_models.knowledge.text` (the embedding
+    models' source), without its leading ``Gene SYMBOL:``. Symbols not in gene_info get none.
+
+    Built lazily and picklable (spawned DDP workers rebuild nothing: the table travels with it).
+    """
+
+    def __init__(self, symbols: Sequence[str], root: str | None = None, recipe: Mapping[str, Any] | None = None,
+                 allow_download: bool = False):
+        from perturb_models.knowledge.text import TextRecipe, build_gene_texts
+
+        self.recipe = TextRecipe.from_mapping(recipe or PROMPT_TEXT_RECIPE)
+        texts = build_gene_texts(list(symbols), root, self.recipe, allow_download=allow_download)
+        self.table: dict[str, str] = {}
+        for symbol, text in texts.texts.items():
+            if texts.has_knowledge[symbol]:
+                text = re.sub(r"^Gene [^:.]*[:.]\s*", "", text)
+                # The gene type is "protein coding" for almost every gene: tokens with nothing to tell.
+                self.table[symbol] = re.sub(r"\s*Type: [^.]*\.", "", text).strip()
+
+    def __call__(self, symbol: str) -> str | None:
+        return self.table.get(symbol)
+
+
+def knowledge_available(root: str | None = None) -> bool:
+    """Whether the gene_info file is already on disk (``root``, ``$PERTURB_KNOWLEDGE`` or the cache)."""
+    from perturb_models.knowledge.files import KnowledgeFileError, knowledge_file
+
+    try:
+        knowledge_file("gene_info", root, allow_download=False)
+        return True
+    except KnowledgeFileError:
+        return False
+
+
+def resolve_descriptions(source: DescriptionSource, symbols: Sequence[str] = (),
+                         knowledge_root: str | None = None) -> Callable[[str], str | None] | None:
     """Any description source as a ``symbol -> text or None`` callable.
 
-    ``source`` may be None (no descriptions), a mapping, a callable, ``"gene_info"`` (full gene names from
-    the NCBI gene_info file, see :func:`gene_info_descriptions`), or ``"package.module:attribute"``
-    naming a mapping, a callable, or a zero-argument factory returning either (how another gene-text
-    provider plugs in without changing this module).
+    ``source`` may be None / ``none`` (no descriptions); ``auto`` (the gene text of
+    :mod:`perturb_models.knowledge.text` when the knowledge files are on disk, else none); ``knowledge``
+    (the same, an error when the files are missing); a mapping; a callable; or
+    ``"package.module:attribute"`` naming a mapping, a callable, or a zero-argument factory of either.
     """
     if source is None or source == "" or source == "none":
         return None
     if isinstance(source, str):
-        if source == "gene_info":
-            source = gene_info_descriptions()
-        elif ":" in source:
+        if source in ("auto", "knowledge"):
+            if source == "auto" and not knowledge_available(knowledge_root):
+                log.warning("prompt descriptions: no gene_info file in the knowledge folder ($PERTURB_KNOWLEDGE); "
+                            "prompts carry gene symbols only")
+                return None
+            return KnowledgeDescriptions(symbols, knowledge_root, allow_download=source == "knowledge")
+        if ":" in source:
             module_name, _, attribute = source.partition(":")
             try:
                 target = getattr(importlib.import_module(module_name), attribute)
@@ -93,7 +123,7 @@ def resolve_descriptions(source: DescriptionSource) -> Callable[[str], str | Non
                     target = produced
             source = target
         else:
-            raise ValueError(f"descriptions={source!r}: expected null, 'gene_info' or 'package.module:attribute'")
+            raise ValueError(f"descriptions={source!r}: expected null, auto, knowledge or 'package.module:attribute'")
     if isinstance(source, Mapping):
         table = dict(source)
         return table.get
@@ -102,194 +132,168 @@ def resolve_descriptions(source: DescriptionSource) -> Callable[[str], str | Non
     raise TypeError(f"descriptions must be a mapping, a callable or a string, got {type(source).__name__}")
 
 
-# ---- optional, separate path: full gene names from NCBI gene_info -------------------------------------
-def gene_info_descriptions(root: str | os.PathLike | None = None) -> dict[str, str]:
-    """``symbol -> full gene name`` from NCBI ``gene_info`` (found like every knowledge file: ``root``,
-    else ``$PERTURB_KNOWLEDGE``, else the cache, downloaded when missing). Official symbols win over synonyms.
-
-    A minimal description source until richer gene text (GO terms, summaries) is wired in.
-    """
-    from perturb_models.knowledge.files import knowledge_file
-    from perturb_models.knowledge.gene_info import read_gene_info
-
-    genes = read_gene_info(knowledge_file("gene_info", root))
-    names: dict[str, str] = {}
-    for synonyms, description in zip(genes["synonyms"], genes["description"]):
-        if description:
-            for synonym in synonyms:
-                names.setdefault(synonym, description)
-    for symbol, description in zip(genes["symbol"], genes["description"]):
-        if description:
-            names[symbol] = description
-    return names
-
-
-# ---- retrieval: co-response similarity over training perturbations ------------------------------------
-class CoResponseNeighbours:
-    """Training perturbations most similar to a gene, by co-response in the training pairs.
-
-    Each gene X gets a profile over the training perturbations: 1 where X is DE after that knockdown.
-    Similarity of a (possibly unseen) perturbed gene P to a training perturbation Q is the cosine of their
-    profiles, so P needs to have been measured as a downstream gene in training. Built from
-    ``train_pairs`` only.
-    """
-
-    def __init__(self, train_pairs: pd.DataFrame, max_neighbours: int = 50):
-        self.max_neighbours = max_neighbours
-        perts = sorted(train_pairs["pert"].unique())
-        genes = sorted(set(train_pairs["gene"]) | set(perts))
-        self.pert_index = {p: i for i, p in enumerate(perts)}
-        self.gene_index = {g: i for i, g in enumerate(genes)}
-        self.perts = perts
-        de = train_pairs.loc[train_pairs["de"] == 1]
-        rows = de["gene"].map(self.gene_index).to_numpy()
-        cols = de["pert"].map(self.pert_index).to_numpy()
-        profiles = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(genes), len(perts)))
-        norms = np.sqrt(np.asarray(profiles.multiply(profiles).sum(axis=1)).ravel())
-        norms[norms == 0] = 1.0
-        self.profiles = sp.csr_matrix(sp.diags(1.0 / norms) @ profiles)
-        # Profiles of the training perturbations in their downstream-gene role, for the cosine.
-        self.pert_rows = np.array([self.gene_index[p] for p in perts])
-        self._cache: dict[str, list[tuple[str, float]]] = {}
-
-    def __call__(self, pert: str) -> list[tuple[str, float]]:
-        """Up to ``max_neighbours`` training perturbations (not ``pert`` itself), most similar first."""
-        if pert in self._cache:
-            return self._cache[pert]
-        row = self.gene_index.get(pert)
-        result: list[tuple[str, float]] = []
-        if row is not None and self.profiles[row].nnz:
-            sims = np.asarray((self.profiles[self.pert_rows] @ self.profiles[row].T).todense()).ravel()
-            own = self.pert_index.get(pert)
-            if own is not None:
-                sims[own] = 0.0
-            top = np.argsort(-sims, kind="stable")[: self.max_neighbours]
-            result = [(self.perts[i], float(sims[i])) for i in top if sims[i] > 0]
-        self._cache[pert] = result
-        return result
-
-
 class PromptBuilder:
     """Text prompt of a (perturbation, downstream gene) pair for one task.
 
     Args:
         cell_line: named in every prompt (``context.cell_line``).
         task: ``de``, ``dir`` or ``joint``.
-        train_pairs: ``context.train_pairs`` (training perturbations only); used for retrieval.
+        vocab: the DataModule's vocabulary (symbols <-> indices of the neighbours).
+        neighbours: a :class:`~perturb_models.models.knn.TrainingNeighbours` (None: no evidence lines).
         descriptions: a description source (see :func:`resolve_descriptions`).
-        retrieval_k: at most this many similar training perturbations listed (0: no retrieval).
-        retrieval_tokens: token budget of the retrieval sentence.
-        count_tokens: ``text -> number of tokens`` (the model's tokenizer); default: words + punctuation.
+        retrieval_k: the evidence counts outcomes over this many nearest knockdowns (0: no evidence).
+        show: this many of the closest are named, with similarity and outcome.
         max_description_chars: descriptions are cut to this many characters.
     """
 
-    def __init__(self, cell_line: str, task: str, train_pairs: pd.DataFrame | None = None,
-                 descriptions: DescriptionSource = None, retrieval_k: int = 0, retrieval_tokens: int = 64,
-                 count_tokens: Callable[[str], int] | None = None, max_description_chars: int = 120):
+    def __init__(self, cell_line: str, task: str, vocab=None, neighbours=None, descriptions: DescriptionSource = None,
+                 retrieval_k: int = 20, show: int = 3, max_description_chars: int = 160, knowledge_root: str | None = None,
+                 description_setting: str | None = None):
         if task not in QUESTIONS:
             raise ValueError(f"task must be one of {', '.join(QUESTIONS)}, got {task!r}")
         self.cell_line, self.task = cell_line, task
-        self.describe = resolve_descriptions(descriptions)
-        self.retrieval_k, self.retrieval_tokens = int(retrieval_k), int(retrieval_tokens)
-        self.count_tokens = MemoisedCount(count_tokens or count_words)
+        self.vocab = vocab
+        symbols = list(vocab.symbols) if vocab is not None else []
+        self.describe = resolve_descriptions(descriptions, symbols, knowledge_root)
+        self.description_setting = description_setting or (descriptions if isinstance(descriptions, str) else
+                                                           type(descriptions).__name__)
+        self.retrieval_k, self.show = int(retrieval_k), int(show)
         self.max_description_chars = int(max_description_chars)
-        self.neighbours: CoResponseNeighbours | None = None
-        self.outcomes: dict[tuple[str, str], tuple[int, int]] = {}
-        if self.retrieval_k > 0:
-            if train_pairs is None:
-                raise ValueError("retrieval_k > 0 needs train_pairs")
-            self.neighbours = CoResponseNeighbours(train_pairs)
-            self.outcomes = {(p, g): (int(d), int(r)) for p, g, d, r in
-                             train_pairs.loc[:, ["pert", "gene", "de", "dir"]].itertuples(index=False)}
+        self.neighbours = neighbours if self.retrieval_k > 0 else None
+        if self.neighbours is not None and vocab is None:
+            raise ValueError("retrieval needs the vocabulary (vocab=context.vocab)")
 
     def settings(self) -> dict:
         """What changes the text besides the pair (part of the token cache key)."""
         return {"template": TEMPLATE_VERSION, "task": self.task, "cell_line": self.cell_line,
-                "descriptions": self.describe is not None, "retrieval_k": self.retrieval_k,
-                "retrieval_tokens": self.retrieval_tokens, "max_description_chars": self.max_description_chars}
+                "descriptions": self.description_setting if self.describe is not None else None,
+                "recipe": getattr(getattr(self.describe, "recipe", None), "version", None),
+                "retrieval_k": self.retrieval_k if self.neighbours is not None else 0, "show": self.show,
+                "max_description_chars": self.max_description_chars}
 
     def _named(self, symbol: str) -> str:
         text = self.describe(symbol) if self.describe is not None else None
         if not text:
             return symbol
-        text = str(text).strip()
+        text = str(text).strip().rstrip(".")
         if len(text) > self.max_description_chars:
             text = text[: self.max_description_chars].rsplit(" ", 1)[0] + "..."
         return f"{symbol} ({text})"
 
-    def retrieved(self, pert: str, gene: str) -> list[tuple[str, str]]:
-        """``(training perturbation, outcome)`` for ``gene``, most similar perturbations first, within budget."""
-        if self.neighbours is None:
-            return []
-        found: list[tuple[str, str]] = []
-        used = self.count_tokens(self._retrieval_sentence(gene, []))
-        for neighbour, _ in self.neighbours(pert):
-            if neighbour == pert:
-                continue
-            outcome = self.outcomes.get((neighbour, gene))
-            if outcome is None:
-                continue
-            item = (neighbour, outcome_word(outcome[0], outcome[1], self.task))
-            cost = self.count_tokens(f" {item[0]} {item[1]},")
-            if used + cost > self.retrieval_tokens:
-                break
-            found.append(item)
-            used += cost
-            if len(found) >= self.retrieval_k:
-                break
-        return found
+    def nearest(self, pert: str, gene: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """``(training perturbations, similarities, outcome codes)`` behind the evidence of a pair."""
+        if self.neighbours is None or pert not in self.vocab or gene not in self.vocab:
+            return [], np.zeros(0), np.zeros(0, dtype=np.int64)
+        idx, sims, codes = self.neighbours.nearest(self.vocab.index(pert), self.vocab.index(gene), self.retrieval_k)
+        return self.vocab.decode(idx.tolist()), sims, codes
 
-    @staticmethod
-    def _retrieval_sentence(gene: str, items: Iterable[tuple[str, str]]) -> str:
-        listed = ", ".join(f"{p} {o}" for p, o in items)
-        return f"Observed for {gene} after knockdown of similar genes: {listed}."
+    def retrieved(self, pert: str, gene: str) -> list[tuple[str, str]]:
+        """``(training perturbation, outcome word)`` of the k nearest knockdowns that measured ``gene``."""
+        names, _, codes = self.nearest(pert, gene)
+        return [(name, OUTCOME_WORDS[int(code)]) for name, code in zip(names, codes)]
+
+    def evidence(self, pert: str, gene: str) -> list[str]:
+        """The lines of numbers: the gene's training rate, the k nearest knockdowns' outcomes, the closest."""
+        if self.neighbours is None or gene not in self.vocab:
+            return []
+        g = self.vocab.index(gene)
+        measured = int(self.neighbours.measured_count[g])
+        lines = []
+        if measured:
+            if self.task == "dir":
+                up = int(self.neighbours.outcome[g].data.tolist().count(3))
+                lines.append(f"In training, {gene} went up after {up} of the {measured} knockdowns that changed it.")
+            else:
+                lines.append(f"In training, {gene} changed after {int(self.neighbours.changed_count[g])} of the "
+                             f"{measured} knockdowns that measured it.")
+        names, sims, codes = self.nearest(pert, gene)
+        if len(names):
+            down, up = int((codes == 1).sum()), int((codes == 2).sum())
+            changed = int((codes != 0).sum())
+            if self.task == "dir":
+                counts = f"{down} down, {up} up"
+            elif changed == down + up:
+                counts = f"{changed} changed it ({down} down, {up} up), {len(names) - changed} did not"
+            else:
+                counts = f"{changed} changed it, {len(names) - changed} did not"
+            lines.append(f"Of the {len(names)} knockdowns most similar to {pert} that measured {gene}: {counts}.")
+            closest = ", ".join(f"{n} {s:.2f} {OUTCOME_WORDS[int(c)]}" for n, s, c in
+                                zip(names[: self.show], sims[: self.show], codes[: self.show]))
+            if closest:
+                lines.append(f"Closest (similarity, outcome): {closest}.")
+        elif measured:
+            lines.append(f"No knockdown similar to {pert} measured {gene}.")
+        return lines
 
     def __call__(self, pert: str, gene: str) -> str:
         lines = [
             f"Cell line: {self.cell_line}.",
             f"CRISPRi knockdown of {self._named(pert)}.",
             f"Downstream gene: {self._named(gene)}.",
+            *self.evidence(pert, gene),
+            QUESTIONS[self.task].format(pert=pert, gene=gene),
         ]
-        items = self.retrieved(pert, gene)
-        if items:
-            lines.append(self._retrieval_sentence(gene, items))
-        lines.append(QUESTIONS[self.task].format(pert=pert, gene=gene))
         return "\n".join(lines)
 
 
-def builder_from_context(context, **options) -> PromptBuilder:
-    """A :class:`PromptBuilder` over a DataModule's ``DataContext`` (training pairs only)."""
+def builder_from_context(context, graphs: Mapping[str, Mapping[str, Any]] | None = None, neighbours=None,
+                         power: float = 1.0, **options) -> PromptBuilder:
+    """A :class:`PromptBuilder` over a DataModule's ``DataContext`` (training pairs only).
+
+    The neighbours are ``neighbours`` when given, else built from ``graphs`` (the ``model=knn`` machinery).
+    """
+    if neighbours is None and graphs and int(options.get("retrieval_k", 20)) > 0:
+        from perturb_models.models.knn import TrainingNeighbours
+
+        neighbours = TrainingNeighbours(context, graphs, power)
     return PromptBuilder(cell_line=context.cell_line or context.dataset, task=context.task,
-                         train_pairs=context.train_pairs, **options)
+                         vocab=context.vocab, neighbours=neighbours, **options)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Print the LLM prompt of one (perturbation, gene) pair.")
-    parser.add_argument("--data", default="k562", help="dataset name (k562, rpe1, hepg2, jurkat, k562_set, synthetic)")
-    parser.add_argument("--task", default="de", choices=sorted(QUESTIONS))
-    parser.add_argument("--pert", required=True)
-    parser.add_argument("--gene", required=True)
-    parser.add_argument("--root", default=None, help="folder of the PerturbQA CSVs (default: $PERTURBQA_DATA)")
-    parser.add_argument("--cell-line", default=None)
-    parser.add_argument("--descriptions", default=None, help="null, gene_info, or package.module:attribute")
-    parser.add_argument("--retrieval-k", type=int, default=5)
-    parser.add_argument("--retrieval-tokens", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    parser = argparse.ArgumentParser(
+        description="Print the LLM prompts of (perturbation, gene) pairs as model=lora_llama builds them.")
+    parser.add_argument("--pair", nargs=2, action="append", metavar=("PERT", "GENE"), default=[],
+                        help="a pair to print (repeatable)")
+    parser.add_argument("--first-test", type=int, default=0, help="also print the first N test pairs that have evidence")
+    parser.add_argument("--coverage", action="store_true",
+                        help="also print the share of test pairs whose prompt carries retrieved neighbours")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of train.py, e.g. data=k562 data.task=joint")
     args = parser.parse_args(argv)
 
-    from perturb_models.data.datamodule import PerturbQADataModule
+    from pathlib import Path
 
-    cell_lines = {"k562": "K562", "rpe1": "RPE1", "hepg2": "HepG2", "jurkat": "Jurkat", "k562_set": "K562"}
-    datamodule = PerturbQADataModule(name=args.data, task=args.task, root=args.root, seed=args.seed,
-                                     cell_line=args.cell_line or cell_lines.get(args.data, args.data))
-    datamodule.prepare_data()
-    datamodule.setup()
-    builder = builder_from_context(datamodule.context, descriptions=args.descriptions,
-                                   retrieval_k=args.retrieval_k, retrieval_tokens=args.retrieval_tokens)
-    stage = next((s for s, f in datamodule.frames.items()
-                  if ((f["pert"] == args.pert) & (f["gene"] == args.gene)).any()), None)
-    print(builder(args.pert, args.gene))
-    print(f"\n[pair is in the {stage} split]" if stage else "\n[pair is not in any split of this dataset]")
+    from hydra import compose, initialize_config_dir
+
+    import perturb_models  # noqa: F401  (config resolvers)
+    from perturb_models.training import build_datamodule
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
+        model = [] if any(o.startswith("model=") for o in args.overrides) else ["model=lora_llama"]
+        cfg = compose("train", [*model, *args.overrides])
+    datamodule = build_datamodule(cfg.data)
+    encoder_cfg = cfg.model.encoder
+    prompt = dict(encoder_cfg.get("prompt") or {})
+    builder = builder_from_context(datamodule.context, graphs=encoder_cfg.get("graphs"), **prompt)
+    pairs = [tuple(p) for p in args.pair]
+    if args.first_test:
+        test = datamodule.frames["test"]
+        for pert, gene in zip(test["pert"], test["gene"]):
+            if len(pairs) >= len(args.pair) + args.first_test:
+                break
+            if builder.retrieved(pert, gene):
+                pairs.append((pert, gene))
+    if args.coverage:
+        test = datamodule.frames["test"]
+        found = [len(builder.retrieved(p, g)) for p, g in zip(test["pert"], test["gene"])]
+        with_evidence = sum(1 for n in found if n)
+        print(f"test pairs with retrieved neighbours: {with_evidence:,} of {len(found):,} ({with_evidence / len(found):.1%}); "
+              f"{sum(found) / len(found):.1f} neighbours per pair on average (retrieval_k={builder.retrieval_k})\n")
+    for pert, gene in pairs:
+        stage = next((s for s, f in datamodule.frames.items() if ((f["pert"] == pert) & (f["gene"] == gene)).any()), None)
+        print(builder(pert, gene))
+        print(f"[({pert}, {gene}) is in the {stage} split]\n" if stage else f"[({pert}, {gene}) is in no split]\n")
 
 
 if __name__ == "__main__":

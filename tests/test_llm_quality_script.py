@@ -1,0 +1,37 @@
+"""benchmarks/llm_quality.py: LLM runs with and without the prior and a baseline, all on one test-gene subset."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("peft")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_llm_quality_rows_are_paired_on_one_test_gene_subset(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import llm_quality
+
+    csv = tmp_path / "q.csv"
+    llm_quality.main(["--csv", str(csv), "--data", "synthetic", "--model", "lora_llama_tiny", "--seeds", "0",
+                      "--prior-seeds", "0", "--baselines", "knn", "--test-genes", "8", "--val-genes", "3",
+                      "--max-train-perts", "10", "--max-steps", "2", "--runs-dir", str(tmp_path / "runs"),
+                      "--set", "model.scheduler.warmup_steps=1",
+                      # knn on synthetic genes: the co-response graph (no GO annotations for SYN genes)
+                      ])
+    rows = pd.read_csv(csv)
+    assert set(rows["model"]) == {"lora_llama_tiny", "lora_llama_tiny_prior", "knn"}
+    assert set(rows["task"]) == {"de", "dir"}
+    assert rows["overrides"].str.contains("data.test_genes=8 ").all()
+    assert (rows.loc[rows["task"] == "de", "genes_scored"] == 8).all()
+    table = llm_quality.table(csv, "synthetic", 8)
+    assert "| lora_llama_tiny_prior | de |" in table and "| knn | dir |" in table
+    with pytest.raises(SystemExit):
+        llm_quality.main(["--data", "synthetic"])  # --csv is required: the tracked file is never a default
+    sys.modules.pop("llm_quality", None)
