@@ -6,7 +6,10 @@ __version__ = "0.1.0"
 
 
 def primary_metric(task: str) -> str:
-    """The validation metric a run selects on by default: DE per-gene AUROC, direction's for task=dir."""
+    """The validation metric a run selects on by default: DE per-gene AUROC, direction's for task=dir,
+    ROUGE-1 recall on held-out GO terms for gene set enrichment (task=gse)."""
+    if task == "gse":
+        return "val/rouge1_recall"
     return "val/dir_auroc_per_gene" if task == "dir" else "val/de_auroc_per_gene"
 
 

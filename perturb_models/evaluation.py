@@ -49,6 +49,8 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, output_dir: Path, trainer_
     """Rebuild data and model from the checkpoint alone, test, and write metrics and predictions."""
     ckpt_file = find_checkpoint(ckpt_path)
     checkpoint, record = load_run_record(ckpt_file)
+    if record["config"].get("data", {}).get("task") == "gse":  # gene set enrichment: perturb_models.gse
+        from perturb_models.gse.runner import evaluate_gse; return evaluate_gse(checkpoint, record, ckpt_file, output_dir, trainer_cfg, data_root)  # noqa: E501,E702
     cfg = OmegaConf.create(record["config"])
     overrides: dict[str, Any] = {"vocab": record["vocab"], "val_perts": record["val_perts"]}
     if data_root:

@@ -190,6 +190,8 @@ def finish_wandb(loggers: list) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit on train, select on validation, test the best checkpoint; return val/ and test/ metrics."""
+    if cfg.data.get("task") == "gse":  # gene set enrichment generates text: its own runner
+        from perturb_models.gse.runner import train_gse; return train_gse(cfg)  # noqa: E702
     started = time.time()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

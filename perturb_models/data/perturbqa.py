@@ -75,23 +75,30 @@ def ensure_task_files(
             f"NAME-de.csv and NAME-dir.csv (python -m perturb_models.data.perturbseq build INPUT.h5ad DIR) "
             f"and train with data=custom data.name=NAME data.root=DIR."
         )
+    fetch_published_files({paths[kind].name: paths[kind] for kind in missing}, folder, base_url, allow_download)
+    return paths
+
+
+def fetch_published_files(paths: dict[str, Path], folder: Path, base_url: str | None = None,
+                          allow_download: bool = True) -> None:
+    """Download each ``file name -> local path`` from the PerturbQA repository (``base_url``, else
+    ``$PERTURBQA_URL``, else the public one); one mechanism for every published file."""
     base_url = (base_url or os.environ.get("PERTURBQA_URL") or PERTURBQA_BASE_URL).rstrip("/")
     hints = [
         "point the project at a folder that holds the files: data.root=/path/to/folder or PERTURBQA_DATA=/path/to/folder",
-        f"or place {', '.join(task_file_name(name, k) for k in missing)} in {folder}",
+        f"or place {', '.join(paths)} in {folder}",
     ]
-    for kind in missing:
-        url = f"{base_url}/{task_file_name(name, kind)}"
+    for name, path in paths.items():
+        url = f"{base_url}/{name}"
         if not allow_download:
             raise DataValidationError(
-                f"{paths[kind]} is missing and downloads are off (data.download=false). "
+                f"{path} is missing and downloads are off (data.download=false). "
                 f"Fetch it from {url}, or " + hints[0]
             )
         try:
-            download(url, paths[kind], what=f"PerturbQA file {task_file_name(name, kind)}", alternatives=hints)
+            download(url, path, what=f"PerturbQA file {name}", alternatives=hints)
         except DownloadError as exc:
             raise DownloadError(f"{exc}\n(Looked for the file in {folder} first.)") from exc
-    return paths
 
 
 def _line(index) -> int:
