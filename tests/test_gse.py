@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy.stats import hypergeom
 
 from perturb_models.data.gse import GSEDataModule, read_gse_file
@@ -121,3 +122,75 @@ def test_go_enrichment_run_names_clusters_and_evaluate_reproduces(gse_world, tmp
     again = evaluate(compose_config("evaluate", [f"ckpt_path={run}"], tmp_path / "eval"))
     assert again == pytest.approx(metrics)
     assert pd.read_csv(tmp_path / "eval" / "predictions" / "test.csv")["answer"].tolist() == predictions["answer"].tolist()
+
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+
+def test_tiny_llama_namer_trains_generates_and_evaluate_reloads_the_same_answers(gse_world, tmp_path):
+    from perturb_models.evaluation import evaluate
+    from perturb_models.training import train
+
+    cfg = gse_cfg(tmp_path, "model=lora_llama_gse_tiny", "data.bertscore_model=null", "trainer.max_epochs=2")
+    metrics = train(cfg)
+    run = tmp_path / "run"
+    assert "val/rouge1_recall" in metrics and "test/rouge1_recall" in metrics
+    predictions = pd.read_csv(run / "predictions" / "test.csv", keep_default_na=False)
+    assert len(predictions) == 3 and predictions["answer"].str.len().gt(0).any()
+    info = json.loads((run / "run.json").read_text())
+    assert info["train_examples"] > 0 and info["go_terms_excluded"] >= 2
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"]), "adapter-only checkpoint"
+    again = evaluate(compose_config("evaluate", [f"ckpt_path={run}"], tmp_path / "eval"))
+    assert again["test/rouge1_recall"] == pytest.approx(metrics["test/rouge1_recall"])
+    reloaded = pd.read_csv(tmp_path / "eval" / "predictions" / "test.csv", keep_default_na=False)
+    assert reloaded["answer"].tolist() == predictions["answer"].tolist()
+    np.testing.assert_allclose(reloaded["score"], predictions["score"], rtol=1e-4)
+
+
+def _assert_no_example_holds_a_cluster(examples, clusters, max_cover=0.5):
+    for example in examples:
+        genes = set(example["genes"])
+        for cluster in clusters:
+            cluster = set(cluster)
+            assert not cluster <= genes, f"training example of {example['term']} contains a cluster's gene set"
+            assert len(cluster & genes) <= max_cover * len(cluster)
+
+
+def test_go_term_training_set_never_contains_a_scored_cluster(gse_world, tmp_path):
+    from perturb_models.gse.runner import build_gse_datamodule
+    from perturb_models.training import build_model  # noqa: F401  (the classifier path stays importable)
+    from hydra.utils import instantiate
+
+    cfg = gse_cfg(tmp_path, "model=lora_llama_gse_tiny", "model.namer.train_examples=200", "model.namer.val_examples=2")
+    dm = build_gse_datamodule(cfg.data)
+    namer = instantiate(cfg.model.namer, _convert_="all")
+    namer.setup_knowledge(dm.context)
+    train, val = namer.build_examples(seed=0)
+    clusters = [c for kind in ("gene", "pert") for c in dm.context.all_clusters[kind]]
+    # The two clusters that are exactly a term's genes take their terms out of training and validation.
+    used = {e["term"] for e in train + val}
+    assert "GO:1000000" not in used and "GO:1000003" not in used
+    assert used == {f"GO:10000{t:02d}" for t in range(5, 12)}  # terms 0-4 overlap some cluster (Jaccard > 0.2)
+    assert {e["target"] for e in train} <= set(namer.sets.names.values())
+    _assert_no_example_holds_a_cluster(train + val, clusters)
+    assert not {e["term"] for e in train} & {e["term"] for e in val}, "validation terms are held out of training"
+
+
+def test_real_go_training_set_never_contains_a_scored_cluster(perturbqa_root, knowledge_root):
+    import random
+
+    from perturb_models.data.gse import GSEDataModule
+    from perturb_models.gse.enrichment import load_go_sets
+    from perturb_models.gse.namer import eligible_terms, sample_examples
+
+    dm = GSEDataModule(root=str(perturbqa_root))
+    dm.setup()
+    sets = load_go_sets(dm.context.background, str(knowledge_root))
+    clusters = [c for kind in ("gene", "pert") for c in dm.context.all_clusters[kind]]
+    terms, excluded = eligible_terms(sets, clusters, 5, 200, 0.2)
+    assert excluded and len(terms) > 1000
+    examples = sample_examples(sets, terms, 300, clusters, 4, 16, 0.2, 0.5, random.Random(0))
+    assert len(examples) == 300
+    _assert_no_example_holds_a_cluster(examples, clusters)

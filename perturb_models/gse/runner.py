@@ -103,8 +103,8 @@ def train_gse(cfg: DictConfig) -> dict[str, float]:
         if not getattr(namer, "trainable", False):
             # Nothing learned: the checkpoint is the record that evaluate.py rebuilds the run from.
             save_gse_checkpoint(best, run_record, namer.state())
-        record.update(best_checkpoint=str(best), wall_seconds=round(time.time() - started, 2),
-                      **getattr(namer, "fit_info", {}))
+        record.update(getattr(namer, "fit_info", {}))
+        record.update(best_checkpoint=str(best), wall_seconds=round(time.time() - started, 2))
         write_gse_outputs(output_dir, predictions, record, metrics)
         log_run_summary(loggers, cfg, metrics)
         print_metrics(metrics, output_dir)
