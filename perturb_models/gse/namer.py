@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from typing import Any, Mapping, Sequence
 
 import lightning as L
@@ -140,7 +141,7 @@ class LoRALlamaNamer(L.LightningModule):
                  described_genes: int = 6, max_description_chars: int = 40, max_prompt_genes: int = 20,
                  evidence_k: int = 3, go: Mapping[str, Any] | None = None, knowledge_root: str | None = None,
                  max_length: int = 192, max_new_tokens: int = 12, batch_size: int = 8, eval_batch_size: int = 16,
-                 max_epochs: int | None = 2, lr: float = 3e-4, weight_decay: float = 0.0, dtype: str = "float32",
+                 max_epochs: int | None = 1, lr: float = 1e-3, weight_decay: float = 0.0, dtype: str = "float32",
                  init_seed: int = 0, data_seed: int = 0):
         super().__init__()
         _require_llm_extra()
@@ -289,17 +290,22 @@ class LoRALlamaNamer(L.LightningModule):
         tokens = sum(len(p) + len(a) for p, a in self.train_items)
         self.fit_info.update(train_tokens_per_epoch=tokens)
         log.info("lora_llama_gse: %s; %d training tokens per epoch", self.fit_info, tokens)
-        overrides = {"max_epochs": int(self.max_epochs)} if self.max_epochs else {}
+        # Every validation pass generates: no sanity pass (the first epoch's end validates anyway).
+        overrides = {"num_sanity_val_steps": 0, **({"max_epochs": int(self.max_epochs)} if self.max_epochs else {})}
         trainer = build_trainer(cfg, build_callbacks(cfg), list(loggers), **overrides)
+        started = time.time()
         trainer.fit(self)
+        self.fit_info.update(fit_seconds=round(time.time() - started, 1),
+                             train_tokens_per_second=round(tokens * trainer.current_epoch / max(time.time() - started, 1e-9), 1))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         selectors = [c for c in trainer.checkpoint_callbacks if c.monitor == cfg.get("optimized_metric")]
         best = selectors[0].best_model_path if selectors else ""
         if best:
             state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
             self.load_state_dict(state)
-        trainer.validate(self, verbose=False)
+            metrics[selectors[0].monitor] = float(selectors[0].best_model_score)
         self.fit_info.update(best_checkpoint=best or None, epochs=trainer.current_epoch, global_step=trainer.global_step)
-        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        return metrics
 
     def train_dataloader(self):
         generator = torch.Generator().manual_seed(self.data_seed)
