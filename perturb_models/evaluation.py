@@ -19,7 +19,8 @@ from perturb_models.results import find_run_dirs, results_grid, summarize_runs
 from perturb_models.training import build_datamodule, build_model, git_commit, print_metrics, write_outputs
 
 TABLE_METRICS = ("de_auroc_per_gene", "de_genes_scored", "dir_auroc_per_gene", "dir_genes_scored",
-                 "de_auroc", "de_auprc", "dir_auroc", "dir_auprc")
+                 "de_auroc", "de_auprc", "dir_auroc", "dir_auprc",
+                 "rouge1_recall", "bertscore_f1")
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:

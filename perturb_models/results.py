@@ -11,7 +11,7 @@ import pandas as pd
 
 # Which test metric a cell of the table reports, per task (joint runs give both).
 TASK_METRICS = {"de": ("de_auroc_per_gene",), "dir": ("dir_auroc_per_gene",),
-                "joint": ("de_auroc_per_gene", "dir_auroc_per_gene")}
+                "joint": ("de_auroc_per_gene", "dir_auroc_per_gene"), "gse": ("rouge1_recall", "bertscore_f1")}
 
 
 def is_run_dir(path: Path) -> bool:

@@ -122,6 +122,9 @@ def test_go_enrichment_run_names_clusters_and_evaluate_reproduces(gse_world, tmp
     again = evaluate(compose_config("evaluate", [f"ckpt_path={run}"], tmp_path / "eval"))
     assert again == pytest.approx(metrics)
     assert pd.read_csv(tmp_path / "eval" / "predictions" / "test.csv")["answer"].tolist() == predictions["answer"].tolist()
+    # The comparison table of evaluate.py runs='[...]' carries the gene-set metric.
+    table = evaluate(compose_config("evaluate", [f"runs=[{run},{tmp_path / 'eval'}]"], tmp_path / "cmp"))
+    assert table["rouge1_recall"].tolist() == pytest.approx([metrics["test/rouge1_recall"]] * 2)
 
 
 pytest.importorskip("transformers")
