@@ -13,8 +13,8 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, ListConfig
 
 from perturb_models.errors import ConfigError
+from perturb_models.tasks import GSE_TASK, TASK_NAMES
 
-TASKS = ("de", "dir", "joint")
 
 
 def _walk(node: Any, prefix: str) -> Iterator[tuple[str, str, Any]]:
@@ -79,8 +79,9 @@ def validate_config(cfg: DictConfig) -> None:
     data = cfg.get("data")
     if data is not None:
         task = data.get("task")
-        if task is not None and task not in TASKS:
-            raise ConfigError(f"data.task={task}: must be one of {', '.join(TASKS)}")
+        known = (*TASK_NAMES, GSE_TASK)
+        if task is not None and task not in known:
+            raise ConfigError(f"data.task={task}: must be one of {', '.join(known)}")
         val_fraction = data.get("val_fraction")
         if val_fraction is not None and (not _is_number(val_fraction) or not 0.0 < float(val_fraction) < 1.0):
             raise ConfigError(f"data.val_fraction={val_fraction}: must be a number in (0, 1)")

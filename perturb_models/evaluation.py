@@ -17,7 +17,7 @@ from perturb_models.errors import CheckpointError
 from perturb_models.io import atomic_write_dataframe, atomic_write_text
 from perturb_models.models.classifier import RECORD_KEY
 from perturb_models.results import find_run_dirs, markdown_table, results_grid, summarize_runs
-from perturb_models.tasks import COMPARISON_METRICS
+from perturb_models.tasks import COMPARISON_METRICS, GSE_TASK
 from perturb_models.runs import load_checkpoint
 from perturb_models.training import (build_datamodule, build_loggers, build_model, finish_wandb, git_commit,
                                      log_run_summary, print_metrics, write_outputs)
@@ -54,6 +54,10 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, output_dir: Path, trainer_
     """
     ckpt_file = find_checkpoint(ckpt_path)
     checkpoint, record = load_run_record(ckpt_file)
+    if record["config"].get("data", {}).get("task") == GSE_TASK:  # gene set enrichment: perturb_models.gse
+        from perturb_models.gse.runner import evaluate_gse
+
+        return evaluate_gse(checkpoint, record, ckpt_file, output_dir, trainer_cfg, data_root)
     cfg = OmegaConf.create(record["config"])
     overrides: dict[str, Any] = {"vocab": record["vocab"], "val_perts": record["val_perts"]}
     if data_root:

@@ -103,11 +103,21 @@ COMPARISON_METRICS = tuple(f"{t}_{m}" for t in BENCHMARK_TASKS for m in ("auroc_
 """Test metrics of a run's row in a comparison table, in column order."""
 
 
+GSE_TASK = "gse"
+"""Gene set enrichment (data=k562_gse): name a cluster of genes; a generation task with its own runner
+(perturb_models/gse), scored by ROUGE-1 recall of the label and BERTScore."""
+GSE_METRICS = ("rouge1_recall", "bertscore_f1")
+COMPARISON_METRICS = COMPARISON_METRICS + GSE_METRICS
+
+
 def headline_metrics(task: str) -> tuple[str, ...]:
     """The headline metric names a run of ``task`` reports, e.g. ``("de_auroc_per_gene", "dir_auroc_per_gene")``."""
+    if task == GSE_TASK:
+        return GSE_METRICS
     return tuple(f"{scored}_{HEADLINE_METRIC}" for scored in get_task(task).scores)
 
 
 def primary_metric(task: str) -> str:
-    """The validation metric a run selects on by default: DE per-gene AUROC, direction's for task=dir."""
+    """The validation metric a run selects on by default: DE per-gene AUROC, direction's for task=dir,
+    ROUGE-1 recall for gene set enrichment (task=gse)."""
     return f"val/{headline_metrics(task)[0]}"

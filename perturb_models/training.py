@@ -21,6 +21,7 @@ from perturb_models.config_checks import validate_config
 from perturb_models.data.datamodule import PerturbQADataModule
 from perturb_models.errors import CheckpointError, RunInterrupted
 from perturb_models.io import atomic_write_dataframe, atomic_write_json
+from perturb_models.tasks import GSE_TASK
 from perturb_models.models.classifier import RECORD_KEY, PerturbationClassifier, nan_to_none
 from perturb_models.runs import ExactResume, check_resume_compatible, load_checkpoint, lock_run_folder
 from perturb_models.console import EpochLines, say, trainer_console_overrides
@@ -213,6 +214,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     with lock_run_folder(output_dir):
+        if cfg.data.get("task") == GSE_TASK:  # gene set enrichment generates text: its own runner
+            from perturb_models.gse.runner import train_gse
+
+            return train_gse(cfg)
         return _train(cfg, output_dir)
 
 

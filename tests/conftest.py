@@ -184,3 +184,56 @@ def module_word_knowledge(folder: Path, go_noise: bool = False) -> Path:
         annotations = [(i + 1, f"GO:20000{t:02d}", "IDA", "Function")
                        for i in range(N_SYNTHETIC_GENES) for t in rng.choice(40, 2, replace=False)]
     return write_knowledge(folder, genes, annotations)
+
+
+GSE_TERM_NAMES = ["ribosome assembly", "proteasome complex", "spliceosome activity", "mitochondrial translation",
+                  "kinetochore organization", "nucleolus function", "golgi transport", "lysosome acidification",
+                  "histone acetylation", "DNA repair", "cell cycle", "unfolded protein response"]
+
+
+def write_gse_world(folder: Path) -> dict:
+    """A small gene-set world in the real file formats: 96 genes G000.., 12 named GO terms of 8 genes each
+    (under one root), gene_info, gene2go, go-basic.obo, both ``k562_*-gse.json`` files and the background
+    mapping. Cluster 0 of each file *is* a term's gene set (the training set must leave that term out)."""
+    import gzip
+    import json
+
+    from tests.knowledge_files import gene2go_text, gene_info_text
+
+    knowledge, data = folder / "knowledge", folder / "data"
+    knowledge.mkdir(parents=True, exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)
+    genes = [(i + 1, f"G{i:03d}", "", f"{GSE_TERM_NAMES[i % 12].split()[0]} protein {i}") for i in range(96)]
+    terms = {f"GO:10000{t:02d}": name for t, name in enumerate(GSE_TERM_NAMES)}
+    members = {go: [i for i in range(96) if i % 12 == t] for t, go in enumerate(terms)}
+    rows = [(i + 1, go, "IDA", "Process") for go, ids in members.items() for i in ids]
+    obo = ["format-version: 1.2", "ontology: go", "", "[Term]", "id: GO:0008150", "name: biological_process",
+           "namespace: biological_process", ""]
+    for go, name in terms.items():
+        obo += ["[Term]", f"id: {go}", f"name: {name}", "namespace: biological_process", "is_a: GO:0008150", ""]
+    with gzip.open(knowledge / "Homo_sapiens.gene_info.gz", "wt") as h:
+        h.write(gene_info_text(genes))
+    with gzip.open(knowledge / "gene2go.gz", "wt") as h:
+        h.write(gene2go_text(rows))
+    with gzip.open(knowledge / "go-basic.obo.gz", "wt") as h:
+        h.write("\n".join(obo) + "\n")
+    symbol = [g[1] for g in genes]
+    gene_clusters = [{"genes": [symbol[i] for i in members["GO:1000000"]], "label": "ribosome assembly"},
+                     {"genes": [symbol[i] for i in members["GO:1000001"][:5]] + ["G013"], "label": "proteasome"},
+                     {"genes": ["G002", "G014", "G026"], "label": None}]
+    pert_clusters = [{"genes": [symbol[i] for i in members["GO:1000003"]], "label": "mitochondrial translation"},
+                     {"genes": ["G004", "G016", "G028", "G040"], "label": "kinetochore"}]
+    (data / "k562_gene-gse.json").write_text(json.dumps(gene_clusters))
+    (data / "k562_pert-gse.json").write_text(json.dumps(pert_clusters))
+    (data / "k562_gw_mapping_full.json").write_text(json.dumps({s: f"ENSG{i:011d}" for i, s in enumerate(symbol)}))
+    return {"knowledge": knowledge, "data": data, "terms": terms, "members": {go: [symbol[i] for i in ids] for go, ids in members.items()}}
+
+
+@pytest.fixture
+def gse_world(tmp_path, monkeypatch):
+    """``write_gse_world`` in ``tmp_path``, with PERTURBQA_DATA / PERTURB_KNOWLEDGE / the cache pointed at it."""
+    world = write_gse_world(tmp_path / "world")
+    monkeypatch.setenv("PERTURBQA_DATA", str(world["data"]))
+    monkeypatch.setenv("PERTURB_KNOWLEDGE", str(world["knowledge"]))
+    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
+    return world

@@ -104,25 +104,46 @@ def ensure_task_files(
             f"NAME-de.csv and NAME-dir.csv (python -m perturb_models.data.perturbseq build INPUT.h5ad DIR) "
             f"and train with data=custom data.name=NAME data.root=DIR."
         )
-    base_url = (base_url or os.environ.get("PERTURBQA_URL") or PERTURBQA_BASE_URL).rstrip("/")
-    hints = [
-        "point the project at a folder that holds the files: data.root=/path/to/folder or PERTURBQA_DATA=/path/to/folder",
-        f"or place {', '.join(task_file_name(name, k) for k in missing)} in {folder}",
-    ]
-    for kind in missing:
-        url = f"{base_url}/{task_file_name(name, kind)}"
-        if not allow_download:
-            raise DataValidationError(
-                f"{paths[kind]} is missing and downloads are off (data.download=false). "
-                f"Fetch it from {url}, or " + hints[0]
-            )
-        download_task_file(name, kind, url, paths[kind], hints)
+    fetch_published_files({paths[kind].name: paths[kind] for kind in missing}, folder, base_url, allow_download)
     return paths
 
 
-def download_task_file(name: str, kind: str, url: str, dest: Path, hints) -> Path:
+def fetch_published_files(paths: dict[str, Path], folder: Path, base_url: str | None = None,
+                          allow_download: bool = True) -> None:
+    """Download each ``file name -> local path`` from the PerturbQA repository (``base_url``, else
+    ``$PERTURBQA_URL``, else the public one); one mechanism for every published file."""
+    base_url = (base_url or os.environ.get("PERTURBQA_URL") or PERTURBQA_BASE_URL).rstrip("/")
+    hints = [
+        "point the project at a folder that holds the files: data.root=/path/to/folder or PERTURBQA_DATA=/path/to/folder",
+        f"or place {', '.join(paths)} in {folder}",
+    ]
+    for name, path in paths.items():
+        url = f"{base_url}/{name}"
+        if not allow_download:
+            raise DataValidationError(
+                f"{path} is missing and downloads are off (data.download=false). "
+                f"Fetch it from {url}, or " + hints[0]
+            )
+        kind = _task_kind(name)
+        if kind is not None:
+            download_task_file(name, kind, url, path, hints)
+            continue
+        # not a task table (a gene-set JSON): its own reader validates it; the checksum where one is recorded
+        size, sha256 = OFFICIAL_FILES.get(name, (None, None))
+        try:
+            download(url, path, what=f"PerturbQA file {name}", alternatives=hints, size=size, sha256=sha256)
+        except DownloadError as exc:
+            raise DownloadError(f"{exc}\n(Looked for the file in {folder} first.)") from None
+
+
+def _task_kind(file_name: str) -> str | None:
+    """``de`` or ``dir`` for a task table's file name (``k562-de.csv``), else None."""
+    match = re.search(r"-(de|dir)\.csv$", file_name)
+    return match.group(1) if match else None
+
+
+def download_task_file(file_name: str, kind: str, url: str, dest: Path, hints) -> Path:
     """Download one published task file, verified against ``OFFICIAL_FILES`` and validated, then kept."""
-    file_name = task_file_name(name, kind)
     size, sha256 = OFFICIAL_FILES.get(file_name, (None, None))
     try:
         return download(url, dest, what=f"PerturbQA file {file_name}", alternatives=hints, size=size, sha256=sha256,
@@ -151,7 +172,7 @@ def _read_published(name: str, kind: str, path: Path, base_url: str | None, allo
             marker.unlink()
             log.warning("%s (downloaded earlier) is not valid (%s); moved to %s and downloading it again", path, exc, aside)
             url = f"{(base_url or os.environ.get('PERTURBQA_URL') or PERTURBQA_BASE_URL).rstrip('/')}/{file_name}"
-            download_task_file(name, kind, url, path, [])
+            download_task_file(file_name, kind, url, path, [])
             return read_task_file(path, kind)
         raise DataValidationError(
             f"{exc}. If {path.name} should be the published PerturbQA file, delete it and it will be downloaded again"
