@@ -199,3 +199,18 @@ def test_real_go_training_set_never_contains_a_scored_cluster(perturbqa_root, kn
     examples = sample_examples(sets, terms, 300, clusters, 4, 16, 0.2, 0.5, random.Random(0))
     assert len(examples) == 300
     _assert_no_example_holds_a_cluster(examples, clusters)
+
+
+def test_namer_prompts_describe_genes_with_the_project_gene_texts(gse_world, tmp_path):
+    """descriptions=gene_info reads the one gene-text source (knowledge/text.py), as the classifier prompts do."""
+    from hydra.utils import instantiate
+
+    from perturb_models.gse.runner import build_gse_datamodule
+
+    cfg = gse_cfg(tmp_path, "model=lora_llama_gse_tiny", "model.namer.descriptions=gene_info")
+    dm = build_gse_datamodule(cfg.data)
+    namer = instantiate(cfg.model.namer, _convert_="all")
+    namer.setup_knowledge(dm.context)
+    assert namer.describe, "no gene got a description from the knowledge files"
+    gene, text = next(iter(namer.describe.items()))
+    assert text[:20] in namer.prompt([gene])

