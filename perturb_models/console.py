@@ -70,6 +70,9 @@ KNOWN_NOISE: tuple[tuple[type[Warning], str, str], ...] = (
     # torch 2.13 deprecates the pytree LeafSpec check that Lightning 2.6 still makes, 3-5 times a run;
     # nothing a user can change.
     (Warning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
+    # transformers 5 renames gradient checkpointing; peft and transformers' own forward still call the old
+    # property on every step of a checkpointed LLM run (our code calls the new name where it exists).
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),
 )
 
 # Lightning's rank_zero_info tips about its cloud products, printed on every run.

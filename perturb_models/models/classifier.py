@@ -245,7 +245,8 @@ class PerturbationClassifier(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": self.scheduler_interval}
-        if self.monitor:
+        if self.monitor and self.automatic_optimization:
+            # Manual optimisation (the LLM) steps its scheduler itself and reads the monitor there.
             scheduler["monitor"] = self.monitor
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 

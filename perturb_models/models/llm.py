@@ -327,7 +327,11 @@ class LoRALlamaClassifier(Encoder):
                 if isinstance(module, nn.Linear) and module.weight.requires_grad:
                     module.register_forward_pre_hook(_cast_input_to_weight_dtype)
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 names it activation checkpointing (the old name warns); older releases only have the old one
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
         self.tokens = PairTokens(self.num_genes)
         # from_pretrained returns the model in eval mode; Lightning keeps submodule modes as they are.
