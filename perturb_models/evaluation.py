@@ -20,7 +20,7 @@ from perturb_models.results import find_run_dirs, markdown_table, results_grid, 
 from perturb_models.tasks import COMPARISON_METRICS, GSE_TASK
 from perturb_models.runs import load_checkpoint
 from perturb_models.training import (build_datamodule, build_loggers, build_model, finish_wandb, git_commit,
-                                     log_run_summary, print_metrics, write_outputs)
+                                     publish_run)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -79,9 +79,7 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, output_dir: Path, trainer_
         metrics = dict(model.stage_metrics["test"])
         run = dict(record.get("run", {}), checkpoint=str(ckpt_file), evaluated_with_commit=git_commit())
         if trainer.is_global_zero:
-            write_outputs(output_dir, model, run, metrics)
-            log_run_summary(loggers, logged_cfg, metrics)
-            print_metrics(metrics, output_dir)
+            publish_run(output_dir, model, run, metrics, loggers, logged_cfg)
         return metrics
     finally:
         finish_wandb(loggers)

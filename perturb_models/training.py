@@ -164,6 +164,14 @@ def write_outputs(output_dir: Path, model: PerturbationClassifier, record: dict[
     atomic_write_json(output_dir / "run.json", record)
 
 
+def publish_run(output_dir: Path, model: PerturbationClassifier, record: dict[str, Any], metrics: dict[str, float],
+                loggers: list, cfg: DictConfig) -> None:
+    """The end of every classifier run (train and evaluate): outputs, the loggers' summary, the console table."""
+    write_outputs(output_dir, model, record, metrics)
+    log_run_summary(loggers, cfg, metrics)
+    print_metrics(metrics, output_dir)
+
+
 def run_record(cfg: DictConfig, datamodule: PerturbQADataModule) -> dict[str, Any]:
     return {
         "model": cfg.model.get("name", "model"),
@@ -263,9 +271,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         record.update(status="completed", best_checkpoint=select_from, wall_seconds=round(time.time() - started, 2),
                       epochs=trainer.current_epoch, global_step=trainer.global_step)
         if trainer.is_global_zero:
-            write_outputs(output_dir, model, record, metrics)
-            log_run_summary(loggers, cfg, metrics)
-            print_metrics(metrics, output_dir)
+            publish_run(output_dir, model, record, metrics, loggers, cfg)
         return metrics
     finally:
         finish_wandb(loggers)
