@@ -26,15 +26,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
-
-import perturb_models  # noqa: E402,F401
+from perturb_models.config import compose_config  # noqa: E402
 from perturb_models.evaluation import find_checkpoint, load_run_record  # noqa: E402
 from perturb_models.gse.runner import evaluate_gse  # noqa: E402
 from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
-from perturb_models.training import git_commit, train  # noqa: E402
+from perturb_models.outputs import git_commit  # noqa: E402
+from perturb_models.training import train  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "gse_quality.csv"
 # Predictions of each run, kept next to the CSV (small) so that the docs' examples are regenerated from them.
@@ -44,15 +41,6 @@ COLUMNS = ["method", "kind", "seed", "rouge1_recall", "bertscore_f1", "clusters_
            "wall_seconds", "run", "overrides"]
 TABLE_START, TABLE_END = "<!-- gse_quality table: start -->", "<!-- gse_quality table: end -->"
 EXAMPLES_START, EXAMPLES_END = "<!-- gse_quality examples: start -->", "<!-- gse_quality examples: end -->"
-
-
-def compose_cfg(overrides: list[str], output_dir: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
 
 
 def append_rows(rows: list[dict]) -> None:
@@ -65,7 +53,7 @@ def run_method(method: str, seed: int, extra: list[str], out_root: Path) -> list
     run = out_root / f"{method}-gene-seed{seed}"
     overrides = ["data=k562_gse", "data.gse_kind=gene", f"model={method}", f"seed={seed}", "logger=csv",
                  "trainer.enable_progress_bar=false", *extra]
-    cfg = compose_cfg(overrides, run)
+    cfg = compose_config("train", overrides, run)
     started = time.time()
     metrics = train(cfg)
     rows = [row(method, "gene", seed, metrics, cfg, time.time() - started, run, extra)]

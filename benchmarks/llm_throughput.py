@@ -68,17 +68,12 @@ def gpu_peak_tflops(name: str) -> float | None:
 def real_prompt_lengths(data: str, count: int, seed: int = 0) -> list[int]:
     """Token lengths of ``count`` random training prompts of ``model=lora_llama`` on ``data`` (its default
     prompt settings, descriptions and evidence included), counted with the SmolLM2 tokenizer."""
-    import numpy as np
-    from hydra import compose, initialize_config_dir
-
-    import perturb_models  # noqa: F401
+    from perturb_models.builders import build_datamodule
+    from perturb_models.config import compose_config
     from perturb_models.models.llm import load_tokenizer
     from perturb_models.models.prompts import builder_from_context
-    from perturb_models.training import build_datamodule
 
-    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    with initialize_config_dir(version_base="1.3", config_dir=conf):
-        cfg = compose("train", ["model=lora_llama", f"data={data}", "data.task=joint"])
+    cfg = compose_config("train", ["model=lora_llama", f"data={data}", "data.task=joint"])
     datamodule = build_datamodule(cfg.data)
     builder = builder_from_context(datamodule.context, graphs=cfg.model.encoder.graphs, **cfg.model.encoder.prompt)
     tokenizer = load_tokenizer("smollm2")

@@ -165,7 +165,7 @@ def _assert_no_example_holds_a_cluster(examples, clusters, max_cover=0.5):
 
 def test_go_term_training_set_never_contains_a_scored_cluster(gse_world, tmp_path):
     from perturb_models.gse.runner import build_gse_datamodule
-    from perturb_models.training import build_model  # noqa: F401  (the classifier path stays importable)
+    from perturb_models.builders import build_model  # noqa: F401  (the classifier path stays importable)
     from hydra.utils import instantiate
 
     cfg = gse_cfg(tmp_path, "model=lora_llama_gse_tiny", "model.namer.train_examples=200", "model.namer.val_examples=2")

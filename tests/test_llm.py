@@ -16,7 +16,8 @@ import torch  # noqa: E402
 
 from perturb_models.evaluation import evaluate  # noqa: E402
 from perturb_models.models.prompts import builder_from_context, outcome_word  # noqa: E402
-from perturb_models.training import build_datamodule, build_model, train  # noqa: E402
+from perturb_models.builders import build_datamodule, build_model  # noqa: E402
+from perturb_models.training import train  # noqa: E402
 
 SMALL_SYNTHETIC = ["data.synthetic.n_genes=80", "data.synthetic.n_perts=60", "data.synthetic.negatives_per_pert=12",
                    "data.batch_size=64", "data.eval_batch_size=256"]

@@ -280,7 +280,7 @@ class LoRALlamaNamer(L.LightningModule):
 
     # ---- training --------------------------------------------------------------------------------
     def fit(self, context, cfg=None, loggers=(), output_dir=None, run_record=None) -> dict[str, float]:
-        from perturb_models.training import build_callbacks, build_trainer
+        from perturb_models.builders import build_callbacks, build_trainer
 
         self.run_record = dict(run_record or {})
         train, val = self.build_examples(self.data_seed)

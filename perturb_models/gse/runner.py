@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from perturb_models.data.gse import GSEDataModule, describe_clusters, join_genes
 from perturb_models.io import atomic_write_bytes, atomic_write_dataframe, atomic_write_json
 from perturb_models.models.classifier import RECORD_KEY, nan_to_none
-from perturb_models.training import build_loggers, finish_wandb, git_commit, log_run_summary, print_metrics
+from perturb_models.builders import build_loggers, finish_wandb
+from perturb_models.outputs import git_commit, log_run_summary, print_metrics
 
 from perturb_models.gse.scoring import score_answers
 
