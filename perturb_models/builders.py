@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def build_datamodule(data_cfg: DictConfig, **overrides: Any) -> PerturbQADataModule:
-    """Instantiate the DataModule of ``cfg.data`` and run its setup (files are fetched and validated)."""
+    """Instantiate the DataModule of ``cfg.data`` (the pair tasks' ``PerturbQADataModule``, or the gene-set
+    task's ``GSEDataModule``) and run its setup: files are fetched and validated."""
     datamodule = instantiate(data_cfg, _convert_="all", **overrides)
     datamodule.prepare_data()
     datamodule.setup()

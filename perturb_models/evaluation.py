@@ -78,7 +78,7 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, output_dir: Path, trainer_
         metrics = dict(model.stage_metrics["test"])
         run = dict(record.get("run", {}), checkpoint=str(ckpt_file), evaluated_with_commit=git_commit())
         if trainer.is_global_zero:
-            publish_run(output_dir, model, run, metrics, loggers, logged_cfg)
+            publish_run(output_dir, model.stage_predictions, run, metrics, loggers, logged_cfg)
         return metrics
     finally:
         finish_wandb(loggers)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+import pandas as pd
 
 from omegaconf import DictConfig, OmegaConf
 
 from perturb_models.console import say
 from perturb_models.data.datamodule import PerturbQADataModule
 from perturb_models.io import atomic_write_dataframe, atomic_write_json
-from perturb_models.models.classifier import PerturbationClassifier, nan_to_none
+from perturb_models.models.classifier import nan_to_none
 
 
 def git_commit() -> str | None:
@@ -25,19 +27,20 @@ def git_commit() -> str | None:
         return None
 
 
-def write_outputs(output_dir: Path, model: PerturbationClassifier, record: dict[str, Any],
+def write_outputs(output_dir: Path, predictions: Mapping[str, pd.DataFrame], record: dict[str, Any],
                   metrics: dict[str, float]) -> None:
     """``metrics.json``, ``predictions/<stage>.csv`` and ``run.json``, each written atomically."""
-    for stage, frame in model.stage_predictions.items():
+    for stage, frame in predictions.items():
         atomic_write_dataframe(output_dir / "predictions" / f"{stage}.csv", frame)
     atomic_write_json(output_dir / "metrics.json", nan_to_none(metrics))
     atomic_write_json(output_dir / "run.json", record)
 
 
-def publish_run(output_dir: Path, model: PerturbationClassifier, record: dict[str, Any], metrics: dict[str, float],
-                loggers: list, cfg: DictConfig) -> None:
-    """The end of every classifier run (train and evaluate): outputs, the loggers' summary, the console table."""
-    write_outputs(output_dir, model, record, metrics)
+def publish_run(output_dir: Path, predictions: Mapping[str, pd.DataFrame], record: dict[str, Any],
+                metrics: dict[str, float], loggers: list, cfg: DictConfig) -> None:
+    """The end of every run (train and evaluate, classifiers and gene-set namers): the run's files, the
+    loggers' summary, the console table. ``predictions`` maps a stage (``val``, ``test``) to its table."""
+    write_outputs(output_dir, predictions, record, metrics)
     log_run_summary(loggers, cfg, metrics)
     print_metrics(metrics, output_dir)
 

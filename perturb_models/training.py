@@ -82,7 +82,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         record.update(status="completed", best_checkpoint=select_from, wall_seconds=round(time.time() - started, 2),
                       epochs=trainer.current_epoch, global_step=trainer.global_step)
         if trainer.is_global_zero:
-            publish_run(output_dir, model, record, metrics, loggers, cfg)
+            publish_run(output_dir, model.stage_predictions, record, metrics, loggers, cfg)
         return metrics
     finally:
         finish_wandb(loggers)

