@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from perturb_models.results import (QUALITY_CSV, README, README_BEGIN, README_END, RESULTS_DOC, quality_table,
-                                    read_quality_rows, results_doc, with_readme_block, write_doc)
+from perturb_models.results import (LLM_DOC, QUALITY_CSV, README, README_BEGIN, README_END, RESULTS_DOC, quality_table,
+                                    read_quality_rows, results_doc, with_llm_block, with_readme_block, write_doc)
 
 
 def test_docs_results_page_is_generated_from_quality_csv():
@@ -19,6 +19,13 @@ def test_readme_results_block_is_generated_from_quality_csv():
     text = README.read_text()
     assert text == with_readme_block(text, quality_table(read_quality_rows(QUALITY_CSV))), \
         "README's results table differs from quality.csv: run python -m perturb_models.results"
+
+
+def test_llm_page_table_is_generated_from_quality_csv():
+    text = LLM_DOC.read_text()
+    assert text == with_llm_block(text, read_quality_rows(QUALITY_CSV)), \
+        "docs/llm.md's quality table differs from quality.csv: run python benchmarks/llm_quality.py --csv " \
+        "benchmarks/results/quality.csv --table"
 
 
 def test_rewriting_changes_only_the_marked_block(tmp_path):
