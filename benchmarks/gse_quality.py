@@ -30,6 +30,7 @@ from perturb_models.config import compose_config  # noqa: E402
 from perturb_models.evaluation import find_checkpoint, load_run_record  # noqa: E402
 from perturb_models.gse.runner import evaluate_gse  # noqa: E402
 from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
+from perturb_models.results import replace_block  # noqa: E402
 from perturb_models.outputs import git_commit  # noqa: E402
 from perturb_models.training import train  # noqa: E402
 
@@ -133,22 +134,14 @@ def examples(results: pd.DataFrame, per_kind: int = 8) -> str:
     return "\n".join(out).rstrip()
 
 
-def replace_between(text: str, start: str, end: str, body: str) -> str:
-    if start not in text or end not in text:
-        raise ValueError(f"{DOC} lacks the markers {start} ... {end}")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{start}\n{body}\n{end}{tail}"
-
-
 def write_doc() -> None:
     results = pd.read_csv(RESULTS)
     counts = verbatim_counts()
     verbatim = ", ".join(f"{kind} clusters {n} of {total}" for kind, (n, total) in counts.items())
     text = DOC.read_text()
-    text = replace_between(text, TABLE_START, TABLE_END,
-                           table(results) + f"\n\nTest labels that are verbatim GO term names (case-insensitive): {verbatim}.")
-    text = replace_between(text, EXAMPLES_START, EXAMPLES_END, examples(results))
+    text = replace_block(text, table(results) + f"\n\nTest labels that are verbatim GO term names (case-insensitive): {verbatim}.",
+                         TABLE_START, TABLE_END, DOC)
+    text = replace_block(text, examples(results), EXAMPLES_START, EXAMPLES_END, DOC)
     atomic_write_text(DOC, text)
     print(table(results))
     print(f"{DOC} updated")
