@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
-
 from omegaconf import DictConfig, OmegaConf
 
 from perturb_models.console import say
@@ -46,6 +45,7 @@ def publish_run(output_dir: Path, predictions: Mapping[str, pd.DataFrame], recor
 
 
 def run_record(cfg: DictConfig, datamodule: PerturbQADataModule) -> dict[str, Any]:
+    """``run.json``'s identity of a classifier run: model, dataset, task, seed, commit, selection metric."""
     return {
         "model": cfg.model.get("name", "model"),
         "dataset": datamodule.name,
@@ -69,6 +69,7 @@ def log_run_summary(loggers: list, cfg: DictConfig, metrics: dict[str, float]) -
 
 
 def print_metrics(metrics: dict[str, float], output_dir: Path | None = None) -> None:
+    """The test metrics as an aligned console table (and train.log), then where the outputs are."""
     keys = [k for k in sorted(metrics) if k.startswith("test/")]
     width = max((len(k) for k in keys), default=10)
     lines = [f"{k:<{width}}  {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k:<{width}}  {metrics[k]}" for k in keys]
