@@ -156,6 +156,21 @@ def test_prompt_cli_prints_a_pair(synthetic_cfg, capsys):
     assert "most similar to" in out, "--first-test prints a pair with evidence"
 
 
+def test_time_estimate_counts_only_the_training_batches_the_run_takes(synthetic_cfg, cache):
+    import math
+    from types import SimpleNamespace
+
+    cfg, dm = _datamodule(synthetic_cfg, "de")
+    encoder = build_model(cfg, dm).encoder
+    batches = math.ceil(len(dm.frames["train"]) / dm.batch_size)
+    assert batches > 2
+    dm.trainer = SimpleNamespace(limit_train_batches=2)  # what Lightning attaches; trainer.limit_train_batches=2
+    assert re.search(rf"training ~[\d.]+ min \(2 of {batches} batches an epoch; the full epoch ~[\d.]+ min\)",
+                     encoder.estimate_times(dm))
+    dm.trainer = SimpleNamespace(limit_train_batches=1.0)
+    assert "estimated CPU time: training epoch ~" in encoder.estimate_times(dm)
+
+
 def test_token_cache_is_written_once_and_reused(synthetic_cfg, cache, capsys):
     cfg, dm = _datamodule(synthetic_cfg, "de")
     model = build_model(cfg, dm)

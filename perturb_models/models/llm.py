@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -234,6 +235,18 @@ class PairTokens:
         return flat, offsets
 
 
+def train_batches(datamodule) -> tuple[int, int]:
+    """Training batches of a full epoch, and how many this run takes (``trainer.limit_train_batches``)."""
+    frame = datamodule.frames["train"]
+    batches = max(1, math.ceil(len(frame) / max(1, int(getattr(datamodule, "batch_size", len(frame)) or len(frame)))))
+    limit = getattr(getattr(datamodule, "trainer", None), "limit_train_batches", None)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return batches, min(batches, limit)
+    if isinstance(limit, float) and 0 <= limit < 1:
+        return batches, max(1, int(batches * limit))
+    return batches, batches
+
+
 class LoRALlamaClassifier(Encoder):
     """Llama LM + sequence-classification head + LoRA adapter, as a ``produces_logits`` encoder.
 
@@ -435,9 +448,14 @@ class LoRALlamaClassifier(Encoder):
         split = {stage: self.split_tokens(f) for stage, f in datamodule.frames.items()}
         minutes = {stage: split[stage] / (train_rate if stage == "train" else eval_rate) / 60 for stage in split}
         sizes = ", ".join(f"{stage} {len(f):,} pairs / {split[stage]:,} tokens" for stage, f in datamodule.frames.items())
-        return (f"[lora_llama] estimated CPU time: training epoch ~{minutes.get('train', 0):.1f} min, validation "
-                f"~{minutes.get('val', 0):.1f} min, test ~{minutes.get('test', 0):.1f} min ({sizes}; measured "
-                f"{train_rate:.0f} training / {eval_rate:.0f} inference tokens/s on {torch.get_num_threads()} threads)")
+        training = f"training epoch ~{minutes.get('train', 0):.1f} min"
+        batches, run_batches = train_batches(datamodule)
+        if run_batches < batches:  # trainer.limit_train_batches cuts the epoch: say what this run will take
+            training = (f"training ~{minutes.get('train', 0) * run_batches / batches:.1f} min ({run_batches} of "
+                        f"{batches} batches an epoch; the full epoch ~{minutes.get('train', 0):.1f} min)")
+        return (f"[lora_llama] estimated CPU time: {training}, validation ~{minutes.get('val', 0):.1f} min, test "
+                f"~{minutes.get('test', 0):.1f} min ({sizes}; measured {train_rate:.0f} training / {eval_rate:.0f} "
+                f"inference tokens/s on {torch.get_num_threads()} threads)")
 
     def batch_tokens(self, pert: torch.Tensor, gene: torch.Tensor) -> list[torch.Tensor]:
         """Token ids per pair of a batch; pairs never seen before are tokenised now (kept in memory)."""
