@@ -100,13 +100,14 @@ def verbatim_counts() -> dict[str, tuple[int, int]]:
 
 
 def table(results: pd.DataFrame) -> str:
-    lines = ["| method | kind | ROUGE-1 recall | BERTScore F1 (MiniLM) | clusters | seeds |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | kind | ROUGE-1 recall | BERTScore F1 (MiniLM) | clusters | seeds | wall time (min, mean) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     grouped = results.groupby(["method", "kind"], sort=False)
     for (method, kind), g in grouped:
         r, b = g["rouge1_recall"], g["bertscore_f1"]
         spread = f" ± {r.std(ddof=0):.3f}" if len(g) > 1 else ""
         lines.append(f"| `{method}` | {kind} | {r.mean():.3f}{spread} | {b.mean():.3f} | {int(g['clusters_scored'].iloc[0])} | "
-                     f"{', '.join(str(s) for s in g['seed'])} |")
+                     f"{', '.join(str(s) for s in g['seed'])} | {g['wall_seconds'].mean() / 60:.1f} |")
     return "\n".join(lines)
 
 
