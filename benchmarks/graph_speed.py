@@ -21,14 +21,9 @@ sys.path.insert(0, str(REPO))
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from perturb_models.config import compose_config
 
-    import perturb_models  # noqa: F401
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        return hydra_compose(config_name="train", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
     from perturb_models.knowledge.graphs import build_graph
-    from perturb_models.training import build_datamodule, build_model
+    from perturb_models.builders import build_datamodule, build_model
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default="k562")

@@ -26,15 +26,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
-
-import perturb_models  # noqa: E402,F401
+from perturb_models.config import compose_config  # noqa: E402
 from perturb_models.evaluation import find_checkpoint, load_run_record  # noqa: E402
 from perturb_models.gse.runner import evaluate_gse  # noqa: E402
 from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
-from perturb_models.training import git_commit, train  # noqa: E402
+from perturb_models.results import replace_block  # noqa: E402
+from perturb_models.outputs import git_commit  # noqa: E402
+from perturb_models.training import train  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "gse_quality.csv"
 # Predictions of each run, kept next to the CSV (small) so that the docs' examples are regenerated from them.
@@ -44,15 +42,6 @@ COLUMNS = ["method", "kind", "seed", "rouge1_recall", "bertscore_f1", "clusters_
            "wall_seconds", "run", "overrides"]
 TABLE_START, TABLE_END = "<!-- gse_quality table: start -->", "<!-- gse_quality table: end -->"
 EXAMPLES_START, EXAMPLES_END = "<!-- gse_quality examples: start -->", "<!-- gse_quality examples: end -->"
-
-
-def compose_cfg(overrides: list[str], output_dir: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
 
 
 def append_rows(rows: list[dict]) -> None:
@@ -65,7 +54,7 @@ def run_method(method: str, seed: int, extra: list[str], out_root: Path) -> list
     run = out_root / f"{method}-gene-seed{seed}"
     overrides = ["data=k562_gse", "data.gse_kind=gene", f"model={method}", f"seed={seed}", "logger=csv",
                  "trainer.enable_progress_bar=false", *extra]
-    cfg = compose_cfg(overrides, run)
+    cfg = compose_config("train", overrides, run)
     started = time.time()
     metrics = train(cfg)
     rows = [row(method, "gene", seed, metrics, cfg, time.time() - started, run, extra)]
@@ -111,13 +100,14 @@ def verbatim_counts() -> dict[str, tuple[int, int]]:
 
 
 def table(results: pd.DataFrame) -> str:
-    lines = ["| method | kind | ROUGE-1 recall | BERTScore F1 (MiniLM) | clusters | seeds |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | kind | ROUGE-1 recall | BERTScore F1 (MiniLM) | clusters | seeds | wall time (min, mean) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     grouped = results.groupby(["method", "kind"], sort=False)
     for (method, kind), g in grouped:
         r, b = g["rouge1_recall"], g["bertscore_f1"]
         spread = f" ± {r.std(ddof=0):.3f}" if len(g) > 1 else ""
         lines.append(f"| `{method}` | {kind} | {r.mean():.3f}{spread} | {b.mean():.3f} | {int(g['clusters_scored'].iloc[0])} | "
-                     f"{', '.join(str(s) for s in g['seed'])} |")
+                     f"{', '.join(str(s) for s in g['seed'])} | {g['wall_seconds'].mean() / 60:.1f} |")
     return "\n".join(lines)
 
 
@@ -145,22 +135,14 @@ def examples(results: pd.DataFrame, per_kind: int = 8) -> str:
     return "\n".join(out).rstrip()
 
 
-def replace_between(text: str, start: str, end: str, body: str) -> str:
-    if start not in text or end not in text:
-        raise ValueError(f"{DOC} lacks the markers {start} ... {end}")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{start}\n{body}\n{end}{tail}"
-
-
 def write_doc() -> None:
     results = pd.read_csv(RESULTS)
     counts = verbatim_counts()
     verbatim = ", ".join(f"{kind} clusters {n} of {total}" for kind, (n, total) in counts.items())
     text = DOC.read_text()
-    text = replace_between(text, TABLE_START, TABLE_END,
-                           table(results) + f"\n\nTest labels that are verbatim GO term names (case-insensitive): {verbatim}.")
-    text = replace_between(text, EXAMPLES_START, EXAMPLES_END, examples(results))
+    text = replace_block(text, table(results) + f"\n\nTest labels that are verbatim GO term names (case-insensitive): {verbatim}.",
+                         TABLE_START, TABLE_END, DOC)
+    text = replace_block(text, examples(results), EXAMPLES_START, EXAMPLES_END, DOC)
     atomic_write_text(DOC, text)
     print(table(results))
     print(f"{DOC} updated")

@@ -9,7 +9,7 @@ test genes. One ``joint`` run per model and seed gives both the ``de`` and the `
 
     python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --data k562 \\
         --seeds 0 1 2 --prior-seeds 0 --test-genes 100 --baselines knn gears
-    python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --table   # the table of docs/llm.md
+    python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --table   # rewrites docs/llm.md's table
 
 Rows (``model,dataset,task,seed,auroc_per_gene,genes_scored,commit,wall_seconds,overrides``) are appended
 to ``--csv`` (required: the tracked results file is only written when named); ``lora_llama`` with
@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from perturb_models.io import atomic_write_dataframe  # noqa: E402
+from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
+from perturb_models.results import LLM_DOC, read_quality_rows, subset_table, with_llm_block  # noqa: E402
 from quality import COLUMNS, budget_overrides, run_cell  # noqa: E402
 
 
@@ -51,22 +52,12 @@ def append(path: Path, rows: list[dict]) -> None:
     print(f"appended {len(rows)} rows to {path}", flush=True)
 
 
-def table(path: Path, data: str, test_genes: int) -> str:
-    """Markdown table of the paired rows in ``path``: mean and spread per model and task, seeds listed."""
-    rows = pd.read_csv(path)
-    rows = rows.loc[(rows["dataset"] == data) & rows["overrides"].fillna("").str.contains(f"data.test_genes={test_genes} ")]
-    lines = ["| model | task | seeds | per-gene AUROC (mean) | per seed | genes scored |", "| --- | --- | --- | --- | --- | --- |"]
-    for (model, task), group in rows.groupby(["model", "task"], sort=False):
-        values = ", ".join(f"{v:.3f}" for v in group["auroc_per_gene"])
-        lines.append(f"| {model} | {task} | {', '.join(str(s) for s in group['seed'])} | {group['auroc_per_gene'].mean():.3f} "
-                     f"| {values} | {', '.join(sorted({str(int(g)) for g in group['genes_scored']}))} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", required=True, help="results file to append to (e.g. benchmarks/results/quality.csv)")
-    parser.add_argument("--table", action="store_true", help="only print the markdown table of the paired rows in --csv")
+    parser.add_argument("--table", action="store_true",
+                        help="only print the markdown table of the paired rows in --csv (with --data k562 and "
+                             "--test-genes 100 also rewrite the table of docs/llm.md)")
     parser.add_argument("--data", default="k562")
     parser.add_argument("--model", default="lora_llama", help="the LLM config (lora_llama_tiny for a quick check)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="lora_llama seeds without the prior")
@@ -85,7 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for the LLM runs")
     args = parser.parse_args(argv)
     if args.table:
-        print(table(Path(args.csv), args.data, args.test_genes))
+        rows = read_quality_rows(Path(args.csv))
+        print(subset_table(rows, args.data, args.test_genes))
+        if (args.data, args.test_genes) == ("k562", 100):
+            atomic_write_text(LLM_DOC, with_llm_block(LLM_DOC.read_text(), rows))
+            print(f"{LLM_DOC} updated")
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     csv, runs = Path(args.csv), Path(args.runs_dir)

@@ -68,17 +68,12 @@ def gpu_peak_tflops(name: str) -> float | None:
 def real_prompt_lengths(data: str, count: int, seed: int = 0) -> list[int]:
     """Token lengths of ``count`` random training prompts of ``model=lora_llama`` on ``data`` (its default
     prompt settings, descriptions and evidence included), counted with the SmolLM2 tokenizer."""
-    import numpy as np
-    from hydra import compose, initialize_config_dir
-
-    import perturb_models  # noqa: F401
+    from perturb_models.builders import build_datamodule
+    from perturb_models.config import compose_config
     from perturb_models.models.llm import load_tokenizer
     from perturb_models.models.prompts import builder_from_context
-    from perturb_models.training import build_datamodule
 
-    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    with initialize_config_dir(version_base="1.3", config_dir=conf):
-        cfg = compose("train", ["model=lora_llama", f"data={data}", "data.task=joint"])
+    cfg = compose_config("train", ["model=lora_llama", f"data={data}", "data.task=joint"])
     datamodule = build_datamodule(cfg.data)
     builder = builder_from_context(datamodule.context, graphs=cfg.model.encoder.graphs, **cfg.model.encoder.prompt)
     tokenizer = load_tokenizer("smollm2")
@@ -203,7 +198,14 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--record", action="store_true",
+                        help="merge the results into benchmarks/results/llm_throughput.json (a row per model shape "
+                             "and device replaces the older one) and rewrite docs/llm.md's speed table")
+    parser.add_argument("--table", action="store_true", help="only rewrite docs/llm.md's speed table from the JSON")
     args = parser.parse_args()
+    if args.table:
+        write_speed_table()
+        return
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.models = args.models or (["tiny", "smollm2", "llama3-8b"] if gpu else ["tiny", "smollm2"])
@@ -223,13 +225,34 @@ def main() -> None:
         print(f"{shape:10s} {row['device']}: {row['tokens_per_s']:,.0f} training tokens/s, {row['pairs_per_s']} pairs/s "
               f"(batch {row['batch_size']}, prompts of {row['prompt_tokens_mean']:.0f} tokens on average from "
               f"{row['lengths_from']}, LoRA r={row['lora_r']}){mfu}", flush=True)
-    if os.environ.get("PERTURB_MODELS_BENCH_LOAD") != "0" and hasattr(os, "getloadavg"):
-        print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    if hasattr(os, "getloadavg"):
+        # Other jobs on the machine slow a CPU figure down: the row says how busy the machine was.
+        load = round(os.getloadavg()[0], 1)
+        print(f"load average during the run: {load} on {os.cpu_count()} CPUs")
+        for row in rows:
+            row["load_average"] = load
     print(json.dumps(rows, indent=1))
-    if args.json:
-        from perturb_models.io import atomic_write_json
+    from perturb_models.io import atomic_write_json
 
+    if args.json:
         atomic_write_json(args.json, rows)
+    if args.record:
+        from perturb_models.results import LLM_SPEED_JSON, read_throughput_rows
+
+        key = lambda r: (r["model"], r["device"], r["batch_size"])  # noqa: E731
+        fresh = {key(r) for r in rows}
+        atomic_write_json(LLM_SPEED_JSON, [r for r in read_throughput_rows() if key(r) not in fresh] + rows)
+        write_speed_table()
+
+
+def write_speed_table() -> None:
+    from perturb_models.io import atomic_write_text
+    from perturb_models.results import LLM_DOC, read_throughput_rows, throughput_table, with_llm_speed_block
+
+    rows = read_throughput_rows()
+    atomic_write_text(LLM_DOC, with_llm_speed_block(LLM_DOC.read_text(), rows))
+    print(throughput_table(rows))
+    print(f"{LLM_DOC} updated")
 
 
 if __name__ == "__main__":

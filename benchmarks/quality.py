@@ -97,20 +97,13 @@ def done(rows: pd.DataFrame, model: str, dataset: str, seed: int, tasks: tuple[s
 
 def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], runs_dir: Path,
              run_name: str | None = None) -> tuple[list[dict], float]:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
-    import perturb_models  # noqa: F401  (config resolvers)
-    from perturb_models.training import git_commit, train
+    from perturb_models.config import compose_config
+    from perturb_models.outputs import git_commit
+    from perturb_models.training import train
 
     overrides = [f"model={model}", f"data={dataset}", f"seed={seed}", f"data.task={task}", "logger=none",
                  "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *extra]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(runs_dir / (run_name or f"{model}-{dataset}-{task}-seed{seed}"))
+    cfg = compose_config("train", overrides, runs_dir / (run_name or f"{model}-{dataset}-{task}-seed{seed}"))
     started = time.time()
     metrics = train(cfg)
     wall = round(time.time() - started, 1)
@@ -300,17 +293,13 @@ def write_loco_doc(loco_rows: pd.DataFrame, path: Path) -> None:
 
 def is_default_recipe(model: str, overrides: list[str]) -> bool:
     """Whether ``overrides`` leave ``conf/model/<model>.yaml`` as it is (then a recipe's run is a default run)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    import perturb_models  # noqa: F401
+    from perturb_models.config import compose_config
 
     models = []
     for extra in ([], overrides):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-            cfg = compose(config_name="train", overrides=[f"model={model}", "data=synthetic", *extra])
+        cfg = compose_config("train", [f"model={model}", "data=synthetic", *extra])
         models.append(OmegaConf.to_container(cfg.model, resolve=True))
     return models[0] == models[1]
 

@@ -24,11 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-import perturb_models  # noqa: E402,F401
+from perturb_models.config import compose_config  # noqa: E402
 from perturb_models.data.datamodule import SplitBatchSampler  # noqa: E402
-from perturb_models.training import build_datamodule, build_model, build_trainer  # noqa: E402
+from perturb_models.builders import build_datamodule, build_model, build_trainer  # noqa: E402
 
 
 class PairCounter(L.Callback):
@@ -89,10 +87,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="steps excluded from timing")
     args = parser.parse_args()
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
-        cfg = compose("train", [f"data={args.dataset}", "model=mlp", "logger=none", "trainer.accelerator=cpu",
-                                "paths.output_dir=/tmp/perturb_models_throughput"])
+    cfg = compose_config("train", [f"data={args.dataset}", "model=mlp", "logger=none", "trainer.accelerator=cpu",
+                            "paths.output_dir=/tmp/perturb_models_throughput"])
     L.seed_everything(0)
     datamodule = build_datamodule(cfg.data)
     template = build_model(cfg, datamodule)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,9 +17,9 @@ from perturb_models.io import atomic_write_dataframe, atomic_write_text
 from perturb_models.models.classifier import RECORD_KEY
 from perturb_models.results import find_run_dirs, markdown_table, results_grid, summarize_runs
 from perturb_models.tasks import COMPARISON_METRICS, GSE_TASK
+from perturb_models.builders import build_datamodule, build_loggers, build_model, finish_wandb
+from perturb_models.outputs import git_commit, publish_run
 from perturb_models.runs import load_checkpoint
-from perturb_models.training import (build_datamodule, build_loggers, build_model, finish_wandb, git_commit,
-                                     publish_run)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -79,7 +78,7 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, output_dir: Path, trainer_
         metrics = dict(model.stage_metrics["test"])
         run = dict(record.get("run", {}), checkpoint=str(ckpt_file), evaluated_with_commit=git_commit())
         if trainer.is_global_zero:
-            publish_run(output_dir, model, run, metrics, loggers, logged_cfg)
+            publish_run(output_dir, model.stage_predictions, run, metrics, loggers, logged_cfg)
         return metrics
     finally:
         finish_wandb(loggers)

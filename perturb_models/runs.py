@@ -9,6 +9,8 @@
   ``last.ckpt`` draws the same dropout masks as the uninterrupted run; runs that are not resumed draw
   exactly what they drew before. (Batch order needs nothing: the DataModule's sampler is a pure
   function of ``seed`` and the epoch.)
+- ``AtomicCheckpointIO``: Lightning writes checkpoints through ``io.atomic_writer`` (never a torn file).
+- ``resolve_resume_checkpoint``: ``ckpt_path=last`` or a path, checked, with a one-line error.
 - ``load_checkpoint`` / ``check_resume_compatible``: read a checkpoint with a one-line error when it is
   not one, and refuse to resume a run whose data, task, seed, validation split or model differ.
 """
@@ -27,13 +29,45 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.experimental.callback import Callback as HydraCallback
+from lightning.fabric.plugins import TorchCheckpointIO
 
 from perturb_models.errors import CheckpointError, RunFolderBusy
+from perturb_models.io import atomic_writer
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 RNG_KEY = "perturb_models_rng"
+
+# ---- checkpoint files ----------------------------------------------------------------------------
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO through ``io.atomic_writer``: a crash or a kill while saving leaves the
+    previous ``last.ckpt`` intact instead of a torn file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        with atomic_writer(path) as handle:
+            torch.save(checkpoint, handle)
+
+
+def resolve_resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``last`` means the ``checkpoints/last.ckpt`` of this run folder; anything else is a path."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        path = output_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise CheckpointError(
+                f"ckpt_path=last, but there is no {path}. To resume, run in the folder of the interrupted run: "
+                f"python train.py <same overrides> hydra.run.dir=<that run folder> ckpt_path=last"
+            )
+        return str(path)
+    path = Path(os.path.expanduser(ckpt_path))
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    return str(path)
+
+
 
 # ---- ranks -------------------------------------------------------------------------------------------
 

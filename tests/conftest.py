@@ -7,29 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-import perturb_models  # noqa: F401  (registers the config resolvers)
+from perturb_models.config import CONF_DIR as CONF, compose_config  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
-
-
-def compose_config(config_name: str = "train", overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:
-    """The real config of ``conf/``, composed as train.py would, with the run folder set to ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(config_name=config_name, overrides=list(overrides or []))
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-    return cfg
 
 
 FAST_CPU = [

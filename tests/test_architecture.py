@@ -36,3 +36,17 @@ def test_add_a_model_example_trains_and_reloads(tmp_path, monkeypatch):
     assert (run / "predictions" / "test.csv").is_file() and metrics["test/de_genes_scored"] > 0
     again = evaluate_checkpoint(run, tmp_path / "eval", compose_config("evaluate", FAST_CPU[1:], tmp_path / "eval").trainer)
     assert again["test/de_auroc_per_gene"] == metrics["test/de_auroc_per_gene"]
+
+
+def python_sources() -> list:
+    return [p for folder in ("perturb_models", "benchmarks") for p in (REPO / folder).rglob("*.py")] + [REPO / "train.py", REPO / "evaluate.py"]
+
+
+def test_hydra_compose_and_the_trainer_are_built_in_one_place_each():
+    """Benchmarks, helper CLIs and the package compose through config.compose_config and build Trainers
+    through builders.build_trainer, so a run built anywhere is the run train.py builds."""
+    composing = sorted(str(p.relative_to(REPO)) for p in python_sources() if "initialize_config_dir" in p.read_text())
+    assert composing == ["perturb_models/config.py"]
+    trainers = sorted(str(p.relative_to(REPO)) for p in python_sources()
+                      if re.search(r"\b(L|pl|lightning)\.Trainer\(|\bTrainer\(", p.read_text()))
+    assert trainers == [], f"Trainer built outside builders.build_trainer: {trainers}"

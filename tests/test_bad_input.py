@@ -177,6 +177,17 @@ def test_created_files_follow_the_umask(tmp_path, umask, mode):
     assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
+def test_checkpoints_follow_the_umask_too(tmp_path):
+    from perturb_models.runs import AtomicCheckpointIO
+
+    previous = os.umask(0o002)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "checkpoints" / "last.ckpt")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "checkpoints" / "last.ckpt").stat().st_mode) == 0o664
+
+
 # ---- the command line --------------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ def test_embedding_mlp_learns_unseen_perturbations_from_a_planted_table(syntheti
 
 
 def test_embedding_mlp_with_a_trained_projection_keeps_the_table_frozen(synthetic_cfg, planted_table):
-    from perturb_models.training import build_datamodule, build_model
+    from perturb_models.builders import build_datamodule, build_model
 
     cfg = synthetic_cfg("model=embedding_mlp", "model.encoder.embeddings.source=table",
                         f"model.encoder.embeddings.path={planted_table}", "model.encoder.projection_dim=16")
@@ -45,7 +45,7 @@ def test_embedding_mlp_with_a_trained_projection_keeps_the_table_frozen(syntheti
 
 
 def test_random_embedding_control_is_seeded_by_the_run_seed(synthetic_cfg):
-    from perturb_models.training import build_datamodule, build_model
+    from perturb_models.builders import build_datamodule, build_model
 
     tables = []
     for seed in (0, 0, 1):
@@ -60,7 +60,7 @@ def test_random_embedding_control_is_seeded_by_the_run_seed(synthetic_cfg):
 
 
 def test_logreg_is_one_linear_layer_producing_logits_and_learns(synthetic_cfg, planted_table):
-    from perturb_models.training import build_datamodule, build_model
+    from perturb_models.builders import build_datamodule, build_model
 
     cfg = synthetic_cfg("model=logreg", "trainer.max_epochs=3", "model.encoder.embeddings.source=table",
                         f"model.encoder.embeddings.path={planted_table}")

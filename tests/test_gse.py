@@ -164,12 +164,11 @@ def _assert_no_example_holds_a_cluster(examples, clusters, max_cover=0.5):
 
 
 def test_go_term_training_set_never_contains_a_scored_cluster(gse_world, tmp_path):
-    from perturb_models.gse.runner import build_gse_datamodule
-    from perturb_models.training import build_model  # noqa: F401  (the classifier path stays importable)
+    from perturb_models.builders import build_datamodule
     from hydra.utils import instantiate
 
     cfg = gse_cfg(tmp_path, "model=lora_llama_gse_tiny", "model.namer.train_examples=200", "model.namer.val_examples=2")
-    dm = build_gse_datamodule(cfg.data)
+    dm = build_datamodule(cfg.data)
     namer = instantiate(cfg.model.namer, _convert_="all")
     namer.setup_knowledge(dm.context)
     train, val = namer.build_examples(seed=0)
@@ -205,10 +204,10 @@ def test_namer_prompts_describe_genes_with_the_project_gene_texts(gse_world, tmp
     """descriptions=gene_info reads the one gene-text source (knowledge/text.py), as the classifier prompts do."""
     from hydra.utils import instantiate
 
-    from perturb_models.gse.runner import build_gse_datamodule
+    from perturb_models.builders import build_datamodule
 
     cfg = gse_cfg(tmp_path, "model=lora_llama_gse_tiny", "model.namer.descriptions=gene_info")
-    dm = build_gse_datamodule(cfg.data)
+    dm = build_datamodule(cfg.data)
     namer = instantiate(cfg.model.namer, _convert_="all")
     namer.setup_knowledge(dm.context)
     assert namer.describe, "no gene got a description from the knowledge files"

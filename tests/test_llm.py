@@ -16,7 +16,8 @@ import torch  # noqa: E402
 
 from perturb_models.evaluation import evaluate  # noqa: E402
 from perturb_models.models.prompts import builder_from_context, outcome_word  # noqa: E402
-from perturb_models.training import build_datamodule, build_model, train  # noqa: E402
+from perturb_models.builders import build_datamodule, build_model  # noqa: E402
+from perturb_models.training import train  # noqa: E402
 
 SMALL_SYNTHETIC = ["data.synthetic.n_genes=80", "data.synthetic.n_perts=60", "data.synthetic.negatives_per_pert=12",
                    "data.batch_size=64", "data.eval_batch_size=256"]
@@ -153,6 +154,21 @@ def test_prompt_cli_prints_a_pair(synthetic_cfg, capsys):
     assert re.search(r"test pairs with retrieved neighbours: [\d,]+ of [\d,]+", out)
     assert f"CRISPRi knockdown of {pert}" in out and f"[({pert}, {gene}) is in the test split]" in out
     assert "most similar to" in out, "--first-test prints a pair with evidence"
+
+
+def test_time_estimate_counts_only_the_training_batches_the_run_takes(synthetic_cfg, cache):
+    import math
+    from types import SimpleNamespace
+
+    cfg, dm = _datamodule(synthetic_cfg, "de")
+    encoder = build_model(cfg, dm).encoder
+    batches = math.ceil(len(dm.frames["train"]) / dm.batch_size)
+    assert batches > 2
+    dm.trainer = SimpleNamespace(limit_train_batches=2)  # what Lightning attaches; trainer.limit_train_batches=2
+    assert re.search(rf"training ~[\d.]+ min \(2 of {batches} batches an epoch; the full epoch ~[\d.]+ min\)",
+                     encoder.estimate_times(dm))
+    dm.trainer = SimpleNamespace(limit_train_batches=1.0)
+    assert "estimated CPU time: training epoch ~" in encoder.estimate_times(dm)
 
 
 def test_token_cache_is_written_once_and_reused(synthetic_cfg, cache, capsys):

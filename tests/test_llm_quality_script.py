@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from perturb_models.results import subset_table
+
 pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +32,9 @@ def test_llm_quality_rows_are_paired_on_one_test_gene_subset(tmp_path, monkeypat
     assert set(rows["task"]) == {"de", "dir"}
     assert rows["overrides"].str.contains("data.test_genes=8 ").all()
     assert (rows.loc[rows["task"] == "de", "genes_scored"] == 8).all()
-    table = llm_quality.table(csv, "synthetic", 8)
+    table = subset_table(rows, "synthetic", 8)
     assert "| lora_llama_tiny_prior | de |" in table and "| knn | dir |" in table
+    assert subset_table(rows, "synthetic", 9).startswith("_no synthetic rows")
     with pytest.raises(SystemExit):
         llm_quality.main(["--data", "synthetic"])  # --csv is required: the tracked file is never a default
     sys.modules.pop("llm_quality", None)

@@ -1,6 +1,7 @@
 """Loggers: W&B offline without credentials (and always finished), CSV, none."""
 
-from perturb_models.training import train, wandb_mode
+from perturb_models.builders import wandb_mode
+from perturb_models.training import train
 
 
 def test_wandb_runs_offline_without_credentials_and_says_how_to_sync(synthetic_cfg, tmp_path, monkeypatch, capsys):

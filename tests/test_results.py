@@ -6,8 +6,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from perturb_models.results import (QUALITY_CSV, README, README_BEGIN, README_END, RESULTS_DOC, quality_table,
-                                    read_quality_rows, results_doc, with_readme_block, write_doc)
+from perturb_models.results import (LLM_DOC, QUALITY_CSV, README, README_BEGIN, README_END, RESULTS_DOC, quality_table,
+                                    read_quality_rows, read_throughput_rows, results_doc, throughput_table, with_llm_block,
+                                    with_llm_speed_block, with_readme_block, write_doc)
 
 
 def test_docs_results_page_is_generated_from_quality_csv():
@@ -19,6 +20,27 @@ def test_readme_results_block_is_generated_from_quality_csv():
     text = README.read_text()
     assert text == with_readme_block(text, quality_table(read_quality_rows(QUALITY_CSV))), \
         "README's results table differs from quality.csv: run python -m perturb_models.results"
+
+
+def test_llm_page_table_is_generated_from_quality_csv():
+    text = LLM_DOC.read_text()
+    assert text == with_llm_block(text, read_quality_rows(QUALITY_CSV)), \
+        "docs/llm.md's quality table differs from quality.csv: run python benchmarks/llm_quality.py --csv " \
+        "benchmarks/results/quality.csv --table"
+
+
+def test_llm_page_speed_table_is_generated_from_the_throughput_json():
+    text = LLM_DOC.read_text()
+    assert text == with_llm_speed_block(text, read_throughput_rows()), \
+        "docs/llm.md's speed table differs from benchmarks/results/llm_throughput.json: run python benchmarks/llm_throughput.py --table"
+
+
+def test_throughput_table_shows_load_and_gpu_only_columns():
+    row = {"model": "smollm2", "device": "CPU x2 threads", "batch_size": 8, "prompt_tokens_mean": 175.2,
+           "tokens_per_s": 1234.5, "pairs_per_s": 0.5, "load_average": 1.04}
+    table = throughput_table([row, {**row, "device": "H200", "mfu": 0.123, "max_memory_gib": 3.0, "load_average": None}])
+    assert "| smollm2 | CPU x2 threads | 1.0 | 8 | 175 | 1,234 | 0.5 | – | – |" in table
+    assert "| smollm2 | H200 | – | 8 | 175 | 1,234 | 0.5 | 12.3% | 3.0 |" in table
 
 
 def test_rewriting_changes_only_the_marked_block(tmp_path):

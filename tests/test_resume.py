@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from perturb_models.errors import CheckpointError
-from perturb_models.runs import RNG_KEY
-from perturb_models.training import AtomicCheckpointIO, train
+from perturb_models.runs import RNG_KEY, AtomicCheckpointIO
+from perturb_models.training import train
 
 # The default mlp config (dropout 0.1); early stopping far away so both runs train every epoch.
 NO_EARLY_STOP = ["callbacks.early_stopping.patience=100"]

@@ -6,19 +6,15 @@ import os
 
 import pytest
 import submitit
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from tests.conftest import CONF, compose_config
+from tests.conftest import compose_config
 
 SLURM_DDP = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
 
 
 def compose_with_hydra(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    return compose_config("train", overrides, return_hydra_config=True)
 
 
 class Submitted(Exception):
@@ -84,7 +80,7 @@ def test_ddp_trainer_takes_ranks_from_slurm_environment(tmp_path, monkeypatch):
 def test_under_slurm_the_trainer_saves_and_requeues_on_the_signal_the_launcher_asks_for(tmp_path, monkeypatch):
     import signal
 
-    from perturb_models.training import build_callbacks, build_trainer
+    from perturb_models.builders import build_callbacks, build_trainer
 
     for key, value in {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
                        "SLURM_NNODES": "1", "SLURM_NODELIST": "cpu01", "SLURM_JOB_NAME": "train-synthetic-joint-mlp",

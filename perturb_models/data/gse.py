@@ -13,15 +13,14 @@ cluster is a subset of its background.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import pandas as pd
 
-from perturb_models.data.perturbqa import DataValidationError, fetch_published_files, resolve_data_root
+from perturb_models.data.perturbqa import DataValidationError, fetch_published_files, read_json_file, resolve_data_root
 
 GSE_KINDS = ("gene", "pert")
 
@@ -46,12 +45,7 @@ def read_gse_file(path: str | os.PathLike) -> pd.DataFrame:
     """Read and validate a ``*-gse.json`` file: columns ``cluster`` (entry index), ``genes`` (tuple of
     symbols), ``label`` (str or None). Errors name the file and the entry index."""
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataValidationError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(entries, list) or not entries:
-        raise DataValidationError(f"{path}: expected a non-empty JSON list of {{\"genes\": [...], \"label\": str or null}}")
+    entries = read_json_file(path, list, 'a non-empty JSON list of {"genes": [...], "label": str or null}')
     rows = []
     for index, entry in enumerate(entries):
         where = f"{path} entry {index}"
@@ -75,13 +69,7 @@ def read_gse_file(path: str | os.PathLike) -> pd.DataFrame:
 
 def read_background(path: str | os.PathLike) -> list[str]:
     """Gene symbols of the genome-wide screen's ``symbol -> Ensembl id`` mapping."""
-    path = Path(path)
-    try:
-        mapping = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataValidationError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(mapping, dict) or not mapping:
-        raise DataValidationError(f"{path}: expected a non-empty JSON object gene symbol -> Ensembl id")
+    mapping = read_json_file(Path(path), dict, "a non-empty JSON object gene symbol -> Ensembl id")
     return [str(k) for k in mapping]
 
 

@@ -352,6 +352,18 @@ def validate_tables(name: str, de: pd.DataFrame, dir_: pd.DataFrame | None, sour
     return TaskTables(name=name, de=de, dir=dir_, source=source)
 
 
+def read_json_file(path: Path, expected: type, what: str):
+    """A JSON file whose top level is a non-empty ``expected`` (list or dict); a one-line error naming the
+    file and ``what`` was expected otherwise."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataValidationError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(value, expected) or not value:
+        raise DataValidationError(f"{path}: expected {what}")
+    return value
+
+
 def read_cluster_mapping(folder: str | os.PathLike, name: str) -> dict[str, tuple[str, ...]]:
     """Cluster name -> member symbols for datasets whose downstream "genes" are gene clusters (k562_set).
 
@@ -360,8 +372,8 @@ def read_cluster_mapping(folder: str | os.PathLike, name: str) -> dict[str, tupl
     path = Path(folder) / f"{name}-mapping.json"
     if not path.is_file():
         return {}
-    mapping = json.loads(path.read_text())
-    if not isinstance(mapping, dict) or not all(isinstance(v, list) for v in mapping.values()):
+    mapping = read_json_file(path, dict, "a JSON object cluster name -> list of gene symbols")
+    if not all(isinstance(v, list) for v in mapping.values()):
         raise DataValidationError(f"{path}: expected a JSON object cluster name -> list of gene symbols")
     return {str(k): tuple(str(s) for s in v) for k, v in mapping.items()}
 

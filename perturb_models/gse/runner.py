@@ -27,21 +27,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from perturb_models.builders import build_datamodule, build_loggers, finish_wandb
 from perturb_models.data.gse import GSEDataModule, describe_clusters, join_genes
-from perturb_models.io import atomic_write_bytes, atomic_write_dataframe, atomic_write_json
-from perturb_models.models.classifier import RECORD_KEY, nan_to_none
-from perturb_models.training import build_loggers, finish_wandb, git_commit, log_run_summary, print_metrics
-
 from perturb_models.gse.scoring import score_answers
+from perturb_models.io import atomic_write_bytes
+from perturb_models.models.classifier import RECORD_KEY
+from perturb_models.outputs import git_commit, print_metrics, publish_run, write_outputs
 
 log = logging.getLogger(__name__)
-
-
-def build_gse_datamodule(data_cfg: DictConfig, **overrides: Any) -> GSEDataModule:
-    datamodule = instantiate(data_cfg, _convert_="all", **overrides)
-    datamodule.prepare_data()
-    datamodule.setup()
-    return datamodule
 
 
 def predict_and_score(namer, datamodule: GSEDataModule) -> tuple[dict[str, float], pd.DataFrame]:
@@ -67,13 +60,6 @@ def predict_and_score(namer, datamodule: GSEDataModule) -> tuple[dict[str, float
     return {f"test/{k}": v for k, v in means.items()}, frame
 
 
-def write_gse_outputs(output_dir: Path, predictions: pd.DataFrame, record: dict[str, Any],
-                      metrics: dict[str, float]) -> None:
-    atomic_write_dataframe(output_dir / "predictions" / "test.csv", predictions)
-    atomic_write_json(output_dir / "metrics.json", nan_to_none(metrics))
-    atomic_write_json(output_dir / "run.json", record)
-
-
 def save_gse_checkpoint(path: Path, run_record: dict[str, Any], state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save({RECORD_KEY: run_record, "state_dict": state}, buffer)
@@ -86,7 +72,7 @@ def train_gse(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_gse_datamodule(cfg.data)
+    datamodule = build_datamodule(cfg.data)
     namer = instantiate(cfg.model.namer, _convert_="all")
     record = {"model": cfg.model.get("name", "model"), "dataset": datamodule.name, "task": "gse",
               "gse_kind": datamodule.kind, "seed": int(cfg.seed), "commit": git_commit(),
@@ -105,9 +91,7 @@ def train_gse(cfg: DictConfig) -> dict[str, float]:
             save_gse_checkpoint(best, run_record, namer.state())
         record.update(getattr(namer, "fit_info", {}))
         record.update(best_checkpoint=str(best), wall_seconds=round(time.time() - started, 2))
-        write_gse_outputs(output_dir, predictions, record, metrics)
-        log_run_summary(loggers, cfg, metrics)
-        print_metrics(metrics, output_dir)
+        publish_run(output_dir, {"test": predictions}, record, metrics, loggers, cfg)
         return metrics
     finally:
         finish_wandb(loggers)
@@ -117,7 +101,7 @@ def evaluate_gse(checkpoint: dict[str, Any], record: dict[str, Any], ckpt_file: 
                  trainer_cfg: DictConfig | None = None, data_root: str | None = None) -> dict[str, float]:
     """Rebuild data and namer from a GSE checkpoint's record, answer, score and write the outputs."""
     cfg = OmegaConf.create(record["config"])
-    datamodule = build_gse_datamodule(cfg.data, **({"root": data_root} if data_root else {}))
+    datamodule = build_datamodule(cfg.data, **({"root": data_root} if data_root else {}))
     namer = instantiate(cfg.model.namer, _convert_="all")
     namer.setup(datamodule.context)
     namer.load_state(checkpoint.get("state_dict") or {})
@@ -126,6 +110,6 @@ def evaluate_gse(checkpoint: dict[str, Any], record: dict[str, Any], ckpt_file: 
         namer.to("cuda")
     metrics, predictions = predict_and_score(namer, datamodule)
     run = dict(record.get("run", {}), checkpoint=str(ckpt_file), evaluated_with_commit=git_commit())
-    write_gse_outputs(output_dir, predictions, run, metrics)
+    write_outputs(output_dir, {"test": predictions}, run, metrics)
     print_metrics(metrics, output_dir)
     return metrics

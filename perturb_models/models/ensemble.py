@@ -97,7 +97,7 @@ class EnsembleEncoder(Encoder):
                  member_runs: Mapping[str, str] | None = None, member_overrides: Mapping[str, Any] | None = None,
                  run: Mapping[str, Any] | None = None):
         super().__init__()
-        from perturb_models.training import build_model
+        from perturb_models.builders import build_model
 
         members, catalog = list(_plain(members) or []), _plain(catalog) or {}
         if not members:

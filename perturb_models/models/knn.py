@@ -22,7 +22,6 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from scipy import sparse
-from torch import nn
 
 from perturb_models.data.datamodule import DataContext
 from perturb_models.knowledge.graphs import build_graphs

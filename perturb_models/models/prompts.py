@@ -261,17 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of train.py, e.g. data=k562 data.task=joint")
     args = parser.parse_args(argv)
 
-    from pathlib import Path
+    from perturb_models.builders import build_datamodule
+    from perturb_models.config import compose_config
 
-    from hydra import compose, initialize_config_dir
-
-    import perturb_models  # noqa: F401  (config resolvers)
-    from perturb_models.training import build_datamodule
-
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
-        model = [] if any(o.startswith("model=") for o in args.overrides) else ["model=lora_llama"]
-        cfg = compose("train", [*model, *args.overrides])
+    model = [] if any(o.startswith("model=") for o in args.overrides) else ["model=lora_llama"]
+    cfg = compose_config("train", [*model, *args.overrides])
     datamodule = build_datamodule(cfg.data)
     encoder_cfg = cfg.model.encoder
     prompt = dict(encoder_cfg.get("prompt") or {})
