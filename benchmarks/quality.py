@@ -304,13 +304,20 @@ def is_default_recipe(model: str, overrides: list[str]) -> bool:
     return models[0] == models[1]
 
 
+def row_scope(rows: pd.DataFrame) -> pd.Series:
+    """What a row's test figure covers: ``""`` for the full test split, else its ``data.test_genes=N`` subset."""
+    overrides = rows["overrides"] if "overrides" in rows.columns else pd.Series("", index=rows.index)
+    return overrides.fillna("").astype(str).str.extract(r"(data\.test_genes=\S+)", expand=False).fillna("")
+
+
 def store_row(path: Path, new: list[dict], columns: list[str], keys: list[str]) -> pd.DataFrame:
-    """Append ``new`` to the CSV at ``path``, replacing rows with the same ``keys`` (a rerun supersedes)."""
+    """Append ``new`` to the CSV at ``path``, replacing rows with the same ``keys`` and the same test scope
+    (a rerun supersedes; a full-test row never replaces a test-gene-subset row of llm_quality.py, nor back)."""
     rows = read_rows(path, columns)
     fresh = pd.DataFrame(new, columns=columns)
     if not rows.empty:
-        index = rows.set_index(keys).index
-        rows = rows.loc[~index.isin(fresh.set_index(keys).index)]
+        index = pd.MultiIndex.from_frame(rows[keys].assign(_scope=row_scope(rows)))
+        rows = rows.loc[~index.isin(pd.MultiIndex.from_frame(fresh[keys].assign(_scope=row_scope(fresh))))]
     rows = pd.concat([rows, fresh], ignore_index=True) if not rows.empty else fresh
     atomic_write_dataframe(path, rows)
     return rows

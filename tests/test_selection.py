@@ -85,6 +85,19 @@ def test_old_quality_csv_reads_with_an_empty_validation_column(tmp_path):
     assert len(stored) == 1 and stored.loc[0, "val_auroc_per_gene"] == 0.6  # a rerun replaces the old row
 
 
+def test_a_full_test_rerun_never_replaces_a_test_gene_subset_row(tmp_path):
+    quality = load_quality()
+    csv = tmp_path / "quality.csv"
+    row = {c: None for c in quality.COLUMNS} | {"model": "knn", "dataset": "k562", "task": "de", "seed": 0}
+    keys = ["model", "dataset", "task", "seed"]
+    quality.store_row(csv, [row | {"auroc_per_gene": 0.68, "overrides": "data.task=joint data.test_genes=100 x=1"}],
+                      quality.COLUMNS, keys)
+    stored = quality.store_row(csv, [row | {"auroc_per_gene": 0.65, "overrides": "trainer.max_epochs=8"}], quality.COLUMNS, keys)
+    assert sorted(stored["auroc_per_gene"]) == [0.65, 0.68]
+    stored = quality.store_row(csv, [row | {"auroc_per_gene": 0.64, "overrides": "trainer.max_epochs=8"}], quality.COLUMNS, keys)
+    assert sorted(stored["auroc_per_gene"]) == [0.64, 0.68]  # the full-test row is replaced, the subset row kept
+
+
 def test_loco_table_reports_the_held_out_test_figure_of_the_validation_choice():
     quality = load_quality()
     rows = result_rows()
