@@ -160,19 +160,26 @@ def test_knn_needs_no_training_and_round_trips_through_evaluate(synthetic_cfg, t
     assert again["test/de_auroc_per_gene"] == pytest.approx(metrics["test/de_auroc_per_gene"])
 
 
-def test_knn_vote_is_similarity_weighted_and_shrunk_toward_the_gene_rate(monkeypatch):
-    symbols = ["A", "B", "C", "G1", "G2"]
+def tiny_knn(monkeypatch, symbols, rows, similarities, k):
+    """A KNNEncoder over ``symbols`` (A and B the training perturbations) whose only graph edges are
+    A -> C and B -> C with ``similarities``; ``rows`` are the training pairs (pert, gene, de, dir)."""
+    from perturb_models.knowledge.graphs import GeneGraph
+
     vocab = GeneVocab(symbols)
-    rows = [("A", "G1", 1, 1), ("B", "G1", 0, -1), ("A", "G2", 0, -1), ("B", "G2", 0, -1)]
     pairs = pd.DataFrame(rows, columns=["pert", "gene", "de", "dir"])
     pairs["pert_idx"], pairs["gene_idx"] = vocab.encode(pairs["pert"]), vocab.encode(pairs["gene"])
-    context = SimpleNamespace(num_classes=2, num_genes=5, vocab=vocab, train_perts=("A", "B"), train_pairs=pairs,
-                              task="de", dataset="tiny", clusters={})
-    from perturb_models.knowledge.graphs import GeneGraph
-    # C's neighbours: A (0.75) and B (0.25).
-    graph = GeneGraph(5, torch.tensor([[0, 1], [2, 2]]), torch.zeros(2, dtype=torch.long), torch.tensor([0.75, 0.25]))
+    context = SimpleNamespace(num_classes=2, num_genes=len(symbols), vocab=vocab, train_perts=("A", "B"),
+                              train_pairs=pairs, task="de", dataset="tiny", clusters={})
+    graph = GeneGraph(len(symbols), torch.tensor([[0, 1], [2, 2]]), torch.zeros(2, dtype=torch.long),
+                      torch.tensor(similarities))
     monkeypatch.setattr("perturb_models.models.knn.build_graphs", lambda specs, ctx: graph)
-    knn = KNNEncoder(context, graphs={"x": {}}, k=5, shrinkage=1.0, prior_strength=0.0)
+    return KNNEncoder(context, graphs={"x": {}}, k=k, shrinkage=1.0, prior_strength=0.0)
+
+
+def test_knn_vote_is_similarity_weighted_and_shrunk_toward_the_gene_rate(monkeypatch):
+    rows = [("A", "G1", 1, 1), ("B", "G1", 0, -1), ("A", "G2", 0, -1), ("B", "G2", 0, -1)]
+    # C's neighbours: A (0.75) and B (0.25).
+    knn = tiny_knn(monkeypatch, ["A", "B", "C", "G1", "G2"], rows, [0.75, 0.25], k=5)
     probs = knn.probabilities(np.array([2, 2]), np.array([3, 4]))
     # G1: votes DE 0.75, not DE 0.25; G1's training rate 1/2 each -> (0.75 + 0.5) / (1 + 1).
     assert probs[0] == pytest.approx([0.75 / 2, 1.25 / 2])
@@ -183,17 +190,8 @@ def test_knn_vote_is_similarity_weighted_and_shrunk_toward_the_gene_rate(monkeyp
 
 
 def test_knn_drops_perturbations_that_did_not_measure_the_gene_before_taking_the_k_nearest(monkeypatch):
-    symbols = ["A", "B", "C", "G1"]
-    vocab = GeneVocab(symbols)
     # A is C's closest neighbour but never measured G1; B did (DE).
-    pairs = pd.DataFrame([("B", "G1", 1, 1), ("A", "C", 0, -1)], columns=["pert", "gene", "de", "dir"])
-    pairs["pert_idx"], pairs["gene_idx"] = vocab.encode(pairs["pert"]), vocab.encode(pairs["gene"])
-    context = SimpleNamespace(num_classes=2, num_genes=4, vocab=vocab, train_perts=("A", "B"), train_pairs=pairs,
-                              task="de", dataset="tiny", extras={})
-    from perturb_models.knowledge.graphs import GeneGraph
-    graph = GeneGraph(4, torch.tensor([[0, 1], [2, 2]]), torch.zeros(2, dtype=torch.long), torch.tensor([0.9, 0.2]))
-    monkeypatch.setattr("perturb_models.models.knn.build_graphs", lambda specs, ctx: graph)
-    knn = KNNEncoder(context, graphs={"x": {}}, k=1, shrinkage=1.0, prior_strength=0.0)
+    knn = tiny_knn(monkeypatch, ["A", "B", "C", "G1"], [("B", "G1", 1, 1), ("A", "C", 0, -1)], [0.9, 0.2], k=1)
     # k=1: B votes (A is skipped, not counted): (0.2 * [0, 1] + 1 * [0, 1]) / 1.2.
     assert knn.probabilities(np.array([2]), np.array([3]))[0] == pytest.approx([0.0, 1.0])
     names, sims, codes = knn.neighbours.nearest(2, 3, 5)
