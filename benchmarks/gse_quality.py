@@ -295,6 +295,16 @@ def run_recipe(method: str, recipe: str, seed: int, extra: list[str], out: Path)
     print(json.dumps(rows, indent=1, default=str), flush=True)
 
 
+def searched_choice(seed: int = 0) -> str:
+    """The recipe the search chose on validation (every searched recipe with a row at ``seed``)."""
+    rows = read_results()
+    searched = sorted(r for r in set(rows.loc[(rows["method"] == "lora_llama_gse") & (rows["seed"] == seed), "recipe"])
+                      if r.partition("_x")[0] in SEARCH_STAGE1)
+    if not searched:
+        raise SystemExit("no recipe-search rows yet: run python benchmarks/gse_quality.py --search first")
+    return choose(rows, searched)
+
+
 def search(seed: int, out: Path) -> str:
     """Stage 1 (share of hidden-answer training examples), then the stage-1 choice at SCALE x the examples;
     returns the recipe with the best validation figure."""
@@ -319,6 +329,9 @@ def main(argv=None) -> None:
     parser.add_argument("--table", action="store_true", help="only rewrite docs/gene_sets.md from the CSV")
     parser.add_argument("--copy-baseline", action="store_true",
                         help=f"measure how much the top evidence term recalls on validation examples -> {COPY_BASELINE.name}")
+    parser.add_argument("--recipe", default=None,
+                        help="lora_llama_gse: run this searched recipe (hide50, hide50_x4, ...; 'chosen': the search's "
+                             "validation choice) instead of the config's own")
     parser.add_argument("--search", action="store_true",
                         help="the namer's recipe search on the first of --seeds (chosen on validation)")
     args = parser.parse_args(argv)
@@ -334,12 +347,15 @@ def main(argv=None) -> None:
         search(args.seeds[0], out)
         return
     for method in args.methods:
-        recipe = default_recipe(method)
+        recipe, extra = default_recipe(method), list(args.override)
+        if args.recipe and method == "lora_llama_gse":
+            recipe = args.recipe if args.recipe != "chosen" else searched_choice()
+            extra = namer_overrides(recipe) + extra
         if args.override:  # not a searched recipe: the row says what it ran
             recipe = "+".join([recipe, *args.override])
         # The baseline has no randomness: one run stands for every seed.
         for seed in (args.seeds[:1] if method == "go_enrichment" else args.seeds):
-            run_recipe(method, recipe, seed, list(args.override), out)
+            run_recipe(method, recipe, seed, extra, out)
 
 
 if __name__ == "__main__":
