@@ -5,11 +5,18 @@ training excludes GO terms near the clusters of *both* kinds, so one training pe
 ``pert`` clusters: its checkpoint is evaluated there through ``evaluate_gse`` (no second training).
 
     python benchmarks/gse_quality.py --methods go_enrichment lora_llama_gse --seeds 0 1 2
+    python benchmarks/gse_quality.py --search     # the namer's recipe search (seed 0), chosen on validation
     python benchmarks/gse_quality.py --table      # docs/gene_sets.md tables and examples from the CSV
 
-Appends ``method,kind,seed,rouge1_recall,bertscore_f1,clusters_scored,bertscore_model,commit,wall_seconds,run``
-rows to ``benchmarks/results/gse_quality.csv``; run folders stay under ``outputs/gse_quality/``, their
-``predictions/test.csv`` copied to ``benchmarks/results/gse_predictions/`` (the ``run`` column).
+Stores ``method,recipe,kind,seed,val_rouge1_recall,rouge1_recall,bertscore_f1,...`` rows in
+``benchmarks/results/gse_quality.csv`` (a rerun of the same method, recipe, kind and seed replaces its row);
+run folders stay under ``outputs/gse_quality/``, their ``predictions/test.csv`` copied to
+``benchmarks/results/gse_predictions/`` (the ``run`` column).
+
+Recipe search (``--search``, seed 0): stage 1 runs each share of training examples shown evidence without
+their answer (``SEARCH_STAGE1``); stage 2 runs the stage-1 choice with four times the training examples.
+The choice of each stage is the recipe with the best ``val_rouge1_recall`` (GO-term validation examples whose
+evidence hides the answer), through ``perturb_models.selection``, which never reads a test figure.
 """
 
 from __future__ import annotations
@@ -35,50 +42,113 @@ from perturb_models.outputs import git_commit  # noqa: E402
 from perturb_models.training import train  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "gse_quality.csv"
+COPY_BASELINE = REPO / "benchmarks" / "results" / "gse_copy_baseline.json"
 # Predictions of each run, kept next to the CSV (small) so that the docs' examples are regenerated from them.
 PREDICTIONS = REPO / "benchmarks" / "results" / "gse_predictions"
 DOC = REPO / "docs" / "gene_sets.md"
-COLUMNS = ["method", "kind", "seed", "rouge1_recall", "bertscore_f1", "clusters_scored", "bertscore_model", "commit",
-           "wall_seconds", "run", "overrides"]
+COLUMNS = ["method", "recipe", "kind", "seed", "val_rouge1_recall", "rouge1_recall", "bertscore_f1", "clusters_scored",
+           "bertscore_model", "commit", "wall_seconds", "run", "overrides"]
+ROW_KEYS = ["method", "recipe", "kind", "seed"]
+# The namer's search space: the share of training examples shown evidence without their answer (stage 1),
+# then the stage-1 choice with SCALE times the default training examples (stage 2).
+SEARCH_STAGE1 = {
+    "hide0": ["model.namer.hide_answer_train=0.0"],
+    "hide50": ["model.namer.hide_answer_train=0.5"],
+    "hide100": ["model.namer.hide_answer_train=1.0"],
+}
+SCALE = 4
 TABLE_START, TABLE_END = "<!-- gse_quality table: start -->", "<!-- gse_quality table: end -->"
 EXAMPLES_START, EXAMPLES_END = "<!-- gse_quality examples: start -->", "<!-- gse_quality examples: end -->"
+SEARCH_START, SEARCH_END = "<!-- gse_quality search: start -->", "<!-- gse_quality search: end -->"
+COPY_START, COPY_END = "<!-- gse_quality copy baseline: start -->", "<!-- gse_quality copy baseline: end -->"
 
 
-def append_rows(rows: list[dict]) -> None:
-    old = pd.read_csv(RESULTS) if RESULTS.is_file() else pd.DataFrame(columns=COLUMNS)
+def read_results() -> pd.DataFrame:
+    return pd.read_csv(RESULTS) if RESULTS.is_file() else pd.DataFrame(columns=COLUMNS)
+
+
+def store_rows(rows: list[dict]) -> None:
+    """Add ``rows``; a row with the same method, recipe, kind and seed is replaced (a rerun supersedes)."""
+    old = read_results()
     new = pd.DataFrame(rows, columns=COLUMNS)
+    if len(old):
+        index = pd.MultiIndex.from_frame(old[ROW_KEYS].astype(str))
+        old = old.loc[~index.isin(pd.MultiIndex.from_frame(new[ROW_KEYS].astype(str)))]
     atomic_write_dataframe(RESULTS, pd.concat([old, new], ignore_index=True) if len(old) else new)
 
 
-def run_method(method: str, seed: int, extra: list[str], out_root: Path) -> list[dict]:
-    run = out_root / f"{method}-gene-seed{seed}"
+def namer_overrides(recipe: str) -> list[str]:
+    """The overrides of a searched recipe: ``hide50`` (stage 1) or ``hide50_x4`` (stage 2)."""
+    base, _, scale = recipe.partition("_x")
+    if base not in SEARCH_STAGE1 or (scale and not scale.isdigit()):
+        raise SystemExit(f"unknown recipe {recipe!r} (known: {', '.join(SEARCH_STAGE1)}, each optionally _x{SCALE})")
+    extra = list(SEARCH_STAGE1[base])
+    if scale:
+        from omegaconf import OmegaConf
+
+        default = OmegaConf.load(REPO / "conf" / "model" / "lora_llama_gse.yaml").namer.train_examples
+        extra.append(f"model.namer.train_examples={int(scale) * int(default)}")
+    return extra
+
+
+def default_recipe(method: str) -> str:
+    """The searched recipe that ``conf/model/<method>.yaml`` holds now ("default" for a method without search)."""
+    if method != "lora_llama_gse":
+        return "default"
+    from omegaconf import OmegaConf
+
+    def namer(extra: list[str]) -> dict:
+        cfg = compose_config("train", ["data=k562_gse", f"model={method}", *extra])
+        return OmegaConf.to_container(cfg.model, resolve=True)
+
+    current = namer([])
+    for recipe in [*SEARCH_STAGE1, *(f"{r}_x{SCALE}" for r in SEARCH_STAGE1)]:
+        if namer(namer_overrides(recipe)) == current:
+            return recipe
+    return "default"
+
+
+def choose(rows: pd.DataFrame, recipes: list[str]) -> str:
+    """The recipe of ``recipes`` with the best validation ROUGE-1 recall (selection sees no test figure)."""
+    from perturb_models.selection import choose_recipe
+
+    view = rows.loc[(rows["method"] == "lora_llama_gse") & (rows["kind"] == "gene") & rows["recipe"].isin(recipes)]
+    view = view.rename(columns={"method": "model"}).assign(dataset="k562_gse", task="gse")
+    return choose_recipe(view, "lora_llama_gse", ["k562_gse"], metric="val_rouge1_recall")
+
+
+def run_method(method: str, seed: int, extra: list[str], out_root: Path, recipe: str = "default") -> list[dict]:
+    run = out_root / f"{method}-{recipe}-gene-seed{seed}"
     overrides = ["data=k562_gse", "data.gse_kind=gene", f"model={method}", f"seed={seed}", "logger=csv",
                  "trainer.enable_progress_bar=false", *extra]
     cfg = compose_config("train", overrides, run)
     started = time.time()
     metrics = train(cfg)
-    rows = [row(method, "gene", seed, metrics, cfg, time.time() - started, run, extra)]
+    rows = [row(method, recipe, "gene", seed, metrics, cfg, time.time() - started, run, extra)]
     # The same model (trained once, on knowledge only) answers the other cluster kind.
     started = time.time()
     checkpoint, record = load_run_record(find_checkpoint(run))
     record["config"]["data"].update(gse_kind="pert", name="k562_pert")
     record["run"].update(gse_kind="pert", dataset="k562_pert")
-    other = out_root / f"{method}-pert-seed{seed}"
+    other = out_root / f"{method}-{recipe}-pert-seed{seed}"
+    val = rows[0]["val_rouge1_recall"]
     metrics = evaluate_gse(checkpoint, record, find_checkpoint(run), other, cfg.trainer)
-    rows.append(row(method, "pert", seed, metrics, cfg, time.time() - started, other, extra))
+    rows.append(row(method, recipe, "pert", seed, {**metrics, "val/rouge1_recall": val}, cfg,
+                    time.time() - started, other, extra))
     return rows
 
 
-def row(method, kind, seed, metrics, cfg, seconds, run, extra) -> dict:
-    return {"method": method, "kind": kind, "seed": seed, "rouge1_recall": metrics["test/rouge1_recall"],
+def row(method, recipe, kind, seed, metrics, cfg, seconds, run, extra) -> dict:
+    return {"method": method, "recipe": recipe, "kind": kind, "seed": seed,
+            "val_rouge1_recall": metrics.get("val/rouge1_recall"), "rouge1_recall": metrics["test/rouge1_recall"],
             "bertscore_f1": metrics.get("test/bertscore_f1"), "clusters_scored": metrics["test/clusters_scored"],
             "bertscore_model": cfg.data.bertscore_model, "commit": git_commit(), "wall_seconds": round(seconds, 1),
-            "run": save_predictions(run, method, kind, seed),
+            "run": save_predictions(run, method, recipe, kind, seed),
             "overrides": " ".join(extra)}
 
 
-def save_predictions(run: Path, method: str, kind: str, seed: int) -> str:
-    target = PREDICTIONS / f"{method}-{kind}-seed{seed}.csv"
+def save_predictions(run: Path, method: str, recipe: str, kind: str, seed: int) -> str:
+    target = PREDICTIONS / f"{method}-{recipe}-{kind}-seed{seed}.csv"
     atomic_write_text(target, (Path(run) / "predictions" / "test.csv").read_text())
     return str(target.relative_to(REPO))
 
@@ -111,6 +181,57 @@ def table(results: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def copy_baseline(examples: int = 200, seed: int = 0) -> dict:
+    """How much of a GO-term validation example's answer the top evidence term already holds, with the
+    evidence shown as is and with the answer hidden (the default namer's GO sets and sampling, no model)."""
+    import numpy as np
+    from hydra.utils import instantiate
+
+    from perturb_models.builders import build_datamodule
+    from perturb_models.gse.scoring import rouge1_recall
+
+    cfg = compose_config("train", ["data=k562_gse", "model=lora_llama_gse", f"seed={seed}",
+                                   f"model.namer.val_examples={examples}"])
+    namer = instantiate(cfg.model.namer, _convert_="all")
+    namer.setup_knowledge(build_datamodule(cfg.data).context)
+    _, val = namer.build_examples(seed)
+    targets = [e["target"] for e in val]
+    out = {"val_examples": len(val), "seed": seed, "hide_jaccard": namer.hide_jaccard}
+    for label, hide in (("shown", False), ("hidden", True)):
+        top = [(namer.evidence(e["genes"], e["term"] if hide else None) or [""])[0] for e in val]
+        out[f"top_term_recall_answer_{label}"] = round(float(np.mean(rouge1_recall(top, targets))), 4)
+    atomic_write_text(COPY_BASELINE, json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def default_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """Each method's rows of the recipe its config holds now."""
+    keep = pd.concat([results.loc[(results["method"] == m) & (results["recipe"] == default_recipe(m))]
+                      for m in results["method"].unique()])
+    return keep.sort_index()
+
+
+def search_table(results: pd.DataFrame) -> str:
+    """The recipe search (seed 0): validation ROUGE-1 recall (what chooses) beside the test figures (reported)."""
+    rows = results.loc[(results["method"] == "lora_llama_gse") & (results["seed"] == 0)]
+    stage1 = [r for r in SEARCH_STAGE1 if r in set(rows["recipe"])]
+    if not stage1:
+        return "_no recipe-search rows yet (`python benchmarks/gse_quality.py --search`)_"
+    stage2 = sorted(r for r in set(rows["recipe"]) if r.partition("_x")[0] in SEARCH_STAGE1 and "_x" in r)
+    choice1 = choose(results, stage1)
+    final = choose(results, stage1 + stage2)
+    lines = ["| recipe | overrides | val ROUGE-1 recall | test gene | test pert | wall time (min, gene) | |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for recipe in stage1 + stage2:
+        part = rows.loc[rows["recipe"] == recipe].set_index("kind")
+        marks = [m for m, hit in (("stage-1 choice", recipe == choice1), ("chosen", recipe == final)) if hit]
+        lines.append(f"| {recipe} | `{' '.join(namer_overrides(recipe))}` | {part.loc['gene', 'val_rouge1_recall']:.3f} | "
+                     f"{part.loc['gene', 'rouge1_recall']:.3f} | "
+                     f"{part.loc['pert', 'rouge1_recall'] if 'pert' in part.index else float('nan'):.3f} | "
+                     f"{part.loc['gene', 'wall_seconds'] / 60:.1f} | {', '.join(marks)} |")
+    return "\n".join(lines)
+
+
 def examples(results: pd.DataFrame, per_kind: int = 8) -> str:
     """Labels next to both methods' answers (seed 0 runs), the first ``per_kind`` labelled clusters."""
     out = []
@@ -136,16 +257,67 @@ def examples(results: pd.DataFrame, per_kind: int = 8) -> str:
 
 
 def write_doc() -> None:
-    results = pd.read_csv(RESULTS)
+    results = read_results()
     counts = verbatim_counts()
     verbatim = ", ".join(f"{kind} clusters {n} of {total}" for kind, (n, total) in counts.items())
     text = DOC.read_text()
-    text = replace_block(text, table(results) + f"\n\nTest labels that are verbatim GO term names (case-insensitive): {verbatim}.",
+    defaults = default_rows(results)
+    text = replace_block(text, table(defaults) + f"\n\nTest labels that are verbatim GO term names (case-insensitive): {verbatim}.",
                          TABLE_START, TABLE_END, DOC)
-    text = replace_block(text, examples(results), EXAMPLES_START, EXAMPLES_END, DOC)
+    text = replace_block(text, search_table(results), SEARCH_START, SEARCH_END, DOC)
+    if COPY_BASELINE.is_file():
+        copy = json.loads(COPY_BASELINE.read_text())
+        text = replace_block(text, (f"Answering with the top evidence term recalls {copy['top_term_recall_answer_shown']:.2f} "
+                                    f"of a GO-term validation example's answer when the evidence is shown as is, "
+                                    f"{copy['top_term_recall_answer_hidden']:.2f} when the answer and its near-duplicates "
+                                    f"are hidden ({copy['val_examples']} examples, seed {copy['seed']}; "
+                                    f"`python benchmarks/gse_quality.py --copy-baseline`)."),
+                             COPY_START, COPY_END, DOC)
+    text = replace_block(text, examples(defaults), EXAMPLES_START, EXAMPLES_END, DOC)
     atomic_write_text(DOC, text)
-    print(table(results))
+    print(table(defaults))
+    print(search_table(results))
     print(f"{DOC} updated")
+
+
+def has_row(method: str, recipe: str, seed: int) -> bool:
+    rows = read_results()
+    return bool(len(rows.loc[(rows["method"] == method) & (rows["recipe"] == recipe) & (rows["seed"] == seed)]))
+
+
+def run_recipe(method: str, recipe: str, seed: int, extra: list[str], out: Path) -> None:
+    """One training (gene clusters) and its answers on both kinds, unless its rows are stored already."""
+    if has_row(method, recipe, seed):
+        print(f"skip {method}/{recipe} seed {seed}: already in {RESULTS.name}", flush=True)
+        return
+    rows = run_method(method, seed, extra, out, recipe)
+    store_rows(rows)
+    print(json.dumps(rows, indent=1, default=str), flush=True)
+
+
+def searched_choice(seed: int = 0) -> str:
+    """The recipe the search chose on validation (every searched recipe with a row at ``seed``)."""
+    rows = read_results()
+    searched = sorted(r for r in set(rows.loc[(rows["method"] == "lora_llama_gse") & (rows["seed"] == seed), "recipe"])
+                      if r.partition("_x")[0] in SEARCH_STAGE1)
+    if not searched:
+        raise SystemExit("no recipe-search rows yet: run python benchmarks/gse_quality.py --search first")
+    return choose(rows, searched)
+
+
+def search(seed: int, out: Path) -> str:
+    """Stage 1 (share of hidden-answer training examples), then the stage-1 choice at SCALE x the examples;
+    returns the recipe with the best validation figure."""
+    for recipe in SEARCH_STAGE1:
+        run_recipe("lora_llama_gse", recipe, seed, namer_overrides(recipe), out)
+    choice = choose(read_results(), list(SEARCH_STAGE1))
+    scaled = f"{choice}_x{SCALE}"
+    run_recipe("lora_llama_gse", scaled, seed, namer_overrides(scaled), out)
+    final = choose(read_results(), [*SEARCH_STAGE1, scaled])
+    current = default_recipe("lora_llama_gse")
+    print(f"recipe chosen on validation: {final} ({' '.join(namer_overrides(final))}); conf/model/lora_llama_gse.yaml "
+          + ("holds it" if final == current else f"holds {current}: set it there"), flush=True)
+    return final
 
 
 def main(argv=None) -> None:
@@ -155,17 +327,35 @@ def main(argv=None) -> None:
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
     parser.add_argument("--out", default=str(REPO / "outputs" / "gse_quality"))
     parser.add_argument("--table", action="store_true", help="only rewrite docs/gene_sets.md from the CSV")
+    parser.add_argument("--copy-baseline", action="store_true",
+                        help=f"measure how much the top evidence term recalls on validation examples -> {COPY_BASELINE.name}")
+    parser.add_argument("--recipe", default=None,
+                        help="lora_llama_gse: run this searched recipe (hide50, hide50_x4, ...; 'chosen': the search's "
+                             "validation choice) instead of the config's own")
+    parser.add_argument("--search", action="store_true",
+                        help="the namer's recipe search on the first of --seeds (chosen on validation)")
     args = parser.parse_args(argv)
     if args.table:
         write_doc()
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out)
+    if args.copy_baseline:
+        print(json.dumps(copy_baseline(), indent=1))
+        return
+    if args.search:
+        search(args.seeds[0], out)
+        return
     for method in args.methods:
+        recipe, extra = default_recipe(method), list(args.override)
+        if args.recipe and method == "lora_llama_gse":
+            recipe = args.recipe if args.recipe != "chosen" else searched_choice()
+            extra = namer_overrides(recipe) + extra
+        if args.override:  # not a searched recipe: the row says what it ran
+            recipe = "+".join([recipe, *args.override])
         # The baseline has no randomness: one run stands for every seed.
         for seed in (args.seeds[:1] if method == "go_enrichment" else args.seeds):
-            rows = run_method(method, seed, list(args.override), Path(args.out))
-            append_rows(rows)
-            print(json.dumps(rows, indent=1, default=str), flush=True)
+            run_recipe(method, recipe, seed, extra, out)
 
 
 if __name__ == "__main__":

@@ -383,17 +383,20 @@ def run_loco(args, runs_dir: Path) -> None:
                     if defaults[(family, recipe)]:
                         promote(args.csv, hit)
                     continue
-                extra = budget_overrides(family, args.set) + LOCO_SEARCH[family][recipe]
-                print(f"run {family}/{recipe} {dataset} seed {seed} ({' '.join(extra)})", flush=True)
-                new, wall = run_cell(family, dataset, seed, args.task, extra, runs_dir,
-                                     loco_run_name(family, recipe, dataset, args.task, seed))
-                store_row(args.loco_csv, [dict(r, recipe=recipe) for r in new], LOCO_COLUMNS, keys)
-                if defaults[(family, recipe)]:
-                    # The recipe is the model's default config: the run is also the default's row.
-                    store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
-                print(f"done {family}/{recipe} {dataset} seed {seed} in {wall:.0f}s: "
-                      + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
-                      flush=True)
+                train_recipe(seed, family, recipe, dataset)
+
+    def train_recipe(seed: int, family: str, recipe: str, dataset: str) -> None:
+        extra = budget_overrides(family, args.set) + LOCO_SEARCH[family][recipe]
+        print(f"run {family}/{recipe} {dataset} seed {seed} ({' '.join(extra)})", flush=True)
+        new, wall = run_cell(family, dataset, seed, args.task, extra, runs_dir,
+                             loco_run_name(family, recipe, dataset, args.task, seed))
+        store_row(args.loco_csv, [dict(r, recipe=recipe) for r in new], LOCO_COLUMNS, keys)
+        if is_default_recipe(family, LOCO_SEARCH[family][recipe]):
+            # The recipe is the model's default config: the run is also the default's row.
+            store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
+        print(f"done {family}/{recipe} {dataset} seed {seed} in {wall:.0f}s: "
+              + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
+              flush=True)
 
     def run_ensemble(seed: int, dataset: str, choices: dict[str, str]) -> None:
         rows = read_rows(args.loco_csv, LOCO_COLUMNS)
@@ -412,6 +415,11 @@ def run_loco(args, runs_dir: Path) -> None:
             if members_default:
                 promote(args.csv, hit)
             return
+        for family, member in choices.items():
+            if not (runs_dir / loco_run_name(family, member, dataset, args.task, seed) / "checkpoints").is_dir():
+                # The row is stored but the run folder is gone (another machine, a cleaned cache): retrain it, so
+                # the ensemble combines the very runs its members' rows report.
+                train_recipe(seed, family, member, dataset)
         extra = budget_overrides("ensemble", args.set) + ensemble_overrides(dataset, seed, args.task, choices, runs_dir)
         print(f"run ensemble {dataset} seed {seed} ({recipe})", flush=True)
         run_name = loco_run_name("ensemble", recipe.replace(":", "_").replace("+", "-"), dataset, args.task, seed)

@@ -213,3 +213,38 @@ def test_namer_prompts_describe_genes_with_the_project_gene_texts(gse_world, tmp
     assert namer.describe, "no gene got a description from the knowledge files"
     gene, text = next(iter(namer.describe.items()))
     assert text[:20] in namer.prompt([gene])
+
+
+def test_validation_evidence_hides_the_answer_and_its_near_duplicates(gse_world, tmp_path):
+    """Validation examples (and the hide_answer_train share of training ones) are shown evidence without their
+    own GO term or any term whose genes overlap it with Jaccard >= hide_jaccard; other prompts are unchanged."""
+    from hydra.utils import instantiate
+
+    from perturb_models.builders import build_datamodule
+    from perturb_models.gse.namer import jaccard
+
+    cfg = gse_cfg(tmp_path, "model=lora_llama_gse_tiny", "model.namer.train_examples=40", "model.namer.val_examples=3",
+                  "model.namer.hide_answer_train=1.0", "model.namer.evidence_k=20")
+    dm = build_datamodule(cfg.data)
+    namer = instantiate(cfg.model.namer, _convert_="all")
+    namer.setup_knowledge(dm.context)
+    train, val = namer.build_examples(seed=0)
+    assert all(e["hide"] == e["term"] for e in train + val)
+    for example in train + val:
+        source = namer.sets.term_genes[example["term"]]
+        shown = namer.evidence(example["genes"])
+        assert namer.sets.names[example["term"]] in shown, "unhidden, the source term is among the evidence"
+        hidden = namer.evidence(example["genes"], example["hide"])
+        kept = {t for t in namer.sets.term_genes if namer.sets.names[t] in hidden}
+        assert all(jaccard(namer.sets.term_genes[t], source) < namer.hide_jaccard for t in kept)
+        assert hidden == [n for n in shown if n in hidden], "hiding keeps the enrichment order of the rest"
+        assert namer.sets.names[example["term"]] not in namer.prompt(example["genes"], example["hide"])
+    off = instantiate(cfg.model.namer, hide_answer_train=0.0, hide_answer_val=False, _convert_="all")
+    off.setup_knowledge(dm.context)
+    train_off, val_off = off.build_examples(seed=0)
+    assert all(e["hide"] is None for e in train_off + val_off)
+    assert [e["genes"] for e in train_off] == [e["genes"] for e in train], "the share hidden does not change the samples"
+    from perturb_models.gse.namer import LoRALlamaNamer
+
+    with pytest.raises(ValueError, match="hide_answer_train must be a share"):
+        LoRALlamaNamer(hide_answer_train=1.5)

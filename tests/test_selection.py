@@ -106,3 +106,19 @@ def test_loco_table_reports_the_held_out_test_figure_of_the_validation_choice():
     knn_row = next(line for line in de.splitlines() if line.startswith("| knn |"))
     # k562 held out: recipe b chosen, its k562 test figure is 1 - 0.60.
     assert "0.400 (1; b)" in knn_row and "0.500 (1; a)" in knn_row
+
+
+def test_gene_set_namer_recipe_is_chosen_on_validation_rouge_only():
+    spec = importlib.util.spec_from_file_location("gse_bench", REPO / "benchmarks" / "gse_quality.py")
+    gse = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gse)
+    rows = pd.DataFrame([{"method": "lora_llama_gse", "recipe": recipe, "kind": kind, "seed": 0,
+                          "val_rouge1_recall": val, "rouge1_recall": 1.0 - val}
+                         for recipe, val in (("hide0", 0.40), ("hide50", 0.55), ("hide100", 0.50)) for kind in ("gene", "pert")])
+    assert gse.choose(rows, list(gse.SEARCH_STAGE1)) == "hide50"
+    poisoned = rows.assign(rouge1_recall=np.where(rows["recipe"] == "hide0", 1.0, 0.0))
+    assert gse.choose(poisoned, list(gse.SEARCH_STAGE1)) == "hide50"
+    assert gse.namer_overrides("hide50_x4")[-1].startswith("model.namer.train_examples=")
+    with pytest.raises(ValueError, match="not a validation column"):
+        choose_recipe(rows.rename(columns={"method": "model"}).assign(dataset="k562_gse", task="gse"),
+                      "lora_llama_gse", ["k562_gse"], metric="rouge1_recall")

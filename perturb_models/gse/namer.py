@@ -7,6 +7,13 @@ cluster of either kind are left out (Jaccard of the term's genes with the cluste
 cluster's genes, so no training example contains a cluster's gene set. Validation examples are sampled
 the same way from other terms (checkpoint selection on ``val/rouge1_recall``).
 
+A GO-term example's own term is the top enriched term of its genes, so with the evidence shown unchanged
+the name to answer is written in the prompt; on the scored clusters it rarely is (their labels are
+human-written). ``hide_answer_val`` (default on) hides, from a validation example's evidence, the source
+term and every term whose genes overlap it with Jaccard >= ``hide_jaccard`` (its near-duplicates), so that
+validation measures naming rather than copying; ``hide_answer_train`` is the share of training examples
+treated the same way.
+
 The prompt lists the genes (the first ``described_genes`` with the project's gene texts from
 :mod:`perturb_models.knowledge.text`, when ``descriptions=gene_info``) and optionally, as evidence, the ``evidence_k`` most over-represented GO
 terms of the set (:mod:`perturb_models.gse.enrichment`, the baseline's own ranking).
@@ -108,7 +115,8 @@ class LoRALlamaNamer(L.LightningModule):
                  llama_config: Mapping[str, Any] | None = None, lora: Mapping[str, Any] | None = None,
                  train_examples: int = 200, val_examples: int = 24, min_genes: int = 4, max_genes: int = 16,
                  noise: float = 0.2, term_min_size: int = 5, term_max_size: int = 200, exclude_jaccard: float = 0.2,
-                 max_cluster_cover: float = 0.5, descriptions: str | Mapping[str, str] | None = None,
+                 max_cluster_cover: float = 0.5, hide_answer_train: float = 0.0, hide_answer_val: bool = True,
+                 hide_jaccard: float = 0.5, descriptions: str | Mapping[str, str] | None = None,
                  described_genes: int = 6, max_description_chars: int = 40, max_prompt_genes: int = 20,
                  evidence_k: int = 3, go: Mapping[str, Any] | None = None, knowledge_root: str | None = None,
                  max_length: int = 192, max_new_tokens: int = 12, batch_size: int = 8, eval_batch_size: int = 16,
@@ -122,6 +130,10 @@ class LoRALlamaNamer(L.LightningModule):
         self.min_genes, self.max_genes, self.noise = int(min_genes), int(max_genes), float(noise)
         self.term_min_size, self.term_max_size = int(term_min_size), int(term_max_size)
         self.exclude_jaccard, self.max_cluster_cover = float(exclude_jaccard), float(max_cluster_cover)
+        if not 0.0 <= float(hide_answer_train) <= 1.0:
+            raise ValueError(f"model.namer.hide_answer_train must be a share in [0, 1], got {hide_answer_train}")
+        self.hide_answer_train, self.hide_answer_val = float(hide_answer_train), bool(hide_answer_val)
+        self.hide_jaccard = float(hide_jaccard)
         self.descriptions_source = descriptions
         self.described_genes, self.max_description_chars = int(described_genes), int(max_description_chars)
         self.max_prompt_genes, self.evidence_k = int(max_prompt_genes), int(evidence_k)
@@ -159,18 +171,30 @@ class LoRALlamaNamer(L.LightningModule):
             text = text[: self.max_description_chars].rsplit(" ", 1)[0] + "..."
         return f"{symbol} ({text})"
 
-    def evidence(self, genes: Sequence[str]) -> list[str]:
+    def evidence(self, genes: Sequence[str], hide: str | None = None) -> list[str]:
+        """The ``evidence_k`` most enriched GO term names of ``genes``; with ``hide`` (a GO id), that term and
+        its near-duplicates (Jaccard of genes >= ``hide_jaccard``) are left out."""
         if self.evidence_k <= 0:
             return []
         table = enrich(genes, self.sets)
-        return list(table["name"].head(self.evidence_k))
+        if hide is None:
+            return list(table["name"].head(self.evidence_k))
+        hidden = self.sets.term_genes[hide]
+        names: list[str] = []
+        for term, name in zip(table["go_id"], table["name"]):
+            if term == hide or jaccard(self.sets.term_genes[term], hidden) >= self.hide_jaccard:
+                continue
+            names.append(name)
+            if len(names) == self.evidence_k:
+                break
+        return names
 
-    def prompt(self, genes: Sequence[str]) -> str:
+    def prompt(self, genes: Sequence[str], hide: str | None = None) -> str:
         shown = list(genes)[: self.max_prompt_genes]
         named = [self._short(g) if i < self.described_genes else g for i, g in enumerate(shown)]
         more = f" and {len(genes) - len(shown)} more" if len(genes) > len(shown) else ""
         lines = [f"{PROMPT_HEAD} {', '.join(named)}{more}."]
-        evidence = self.evidence(genes)
+        evidence = self.evidence(genes, hide)
         if evidence:
             lines.append(f"{EVIDENCE_HEAD} {'; '.join(evidence)}.")
         lines.append(QUESTION)
@@ -186,8 +210,14 @@ class LoRALlamaNamer(L.LightningModule):
         train_terms = shuffled[self.val_examples:]
         common = dict(clusters=self.clusters, min_genes=self.min_genes, max_genes=self.max_genes, noise=self.noise,
                       max_cluster_cover=self.max_cluster_cover)
-        train = sample_examples(self.sets, train_terms, self.train_examples, rng=rng, **common)
+        # Validation first: its examples stay the same whatever the number of training examples.
         val = sample_examples(self.sets, val_terms, self.val_examples, rng=rng, **common)
+        train = sample_examples(self.sets, train_terms, self.train_examples, rng=rng, **common)
+        # Which examples show their evidence without the answer (see the module docstring).
+        for example in train:
+            example["hide"] = example["term"] if rng.random() < self.hide_answer_train else None
+        for example in val:
+            example["hide"] = example["term"] if self.hide_answer_val else None
         self.fit_info.update(go_terms_eligible=len(terms), go_terms_excluded=len(excluded),
                              train_examples=len(train), val_examples=len(val))
         return train, val
@@ -231,8 +261,9 @@ class LoRALlamaNamer(L.LightningModule):
         self.register_state_dict_post_hook(_drop_frozen_weights)
         self.register_load_state_dict_post_hook(_allow_missing_frozen_weights)
 
-    def encode(self, genes: Sequence[str], target: str | None = None) -> tuple[list[int], list[int]]:
-        prompt = self.tokenizer(self.prompt(genes), add_special_tokens=False)["input_ids"]
+    def encode(self, genes: Sequence[str], target: str | None = None,
+               hide: str | None = None) -> tuple[list[int], list[int]]:
+        prompt = self.tokenizer(self.prompt(genes, hide), add_special_tokens=False)["input_ids"]
         answer = [] if target is None else self.tokenizer(" " + target, add_special_tokens=False)["input_ids"][: self.max_new_tokens] + [self.eos_id]
         room = self.max_length - len(answer)
         return prompt[-room:], answer  # cut from the left: the question stays at the end
@@ -255,7 +286,7 @@ class LoRALlamaNamer(L.LightningModule):
 
         self.run_record = dict(run_record or {})
         train, val = self.build_examples(self.data_seed)
-        self.train_items = [self.encode(e["genes"], e["target"]) for e in train]
+        self.train_items = [self.encode(e["genes"], e["target"], e["hide"]) for e in train]
         self.val_set = val
         tokens = sum(len(p) + len(a) for p, a in self.train_items)
         self.fit_info.update(train_tokens_per_epoch=tokens)
@@ -296,10 +327,10 @@ class LoRALlamaNamer(L.LightningModule):
 
     def validation_step(self, idx, batch_idx):
         examples = [self.val_set[i] for i in idx]
-        items = [self.encode(e["genes"], e["target"]) for e in examples]
+        items = [self.encode(e["genes"], e["target"], e["hide"]) for e in examples]
         batch = {k: v.to(self.device) for k, v in self._collate_train(items).items()}
         self.log("val/loss", self.model(**batch).loss, batch_size=len(items))
-        answers = self.generate([e["genes"] for e in examples])
+        answers = self.generate([e["genes"] for e in examples], [e["hide"] for e in examples])
         self._val_rows.extend((a["answer"], e["target"]) for a, e in zip(answers, examples))
 
     def on_validation_epoch_end(self) -> None:
@@ -316,11 +347,14 @@ class LoRALlamaNamer(L.LightningModule):
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, clusters: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
-        """Greedy answers; ``score`` is the mean log-probability of the answer's tokens."""
+    def generate(self, clusters: Sequence[Sequence[str]],
+                 hide: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
+        """Greedy answers; ``score`` is the mean log-probability of the answer's tokens. ``hide``: per cluster,
+        a GO id left out of its evidence (validation examples only)."""
         was_training = self.model.training
         self.model.eval()
-        prompts = [self.encode(g)[0] for g in clusters]
+        hide = list(hide) if hide is not None else [None] * len(clusters)
+        prompts = [self.encode(g, hide=h)[0] for g, h in zip(clusters, hide)]
         out: list[dict[str, Any]] = []
         for start in range(0, len(prompts), self.eval_batch_size):
             chunk = prompts[start:start + self.eval_batch_size]
