@@ -14,8 +14,8 @@ run folders stay under ``outputs/gse_quality/``, their ``predictions/test.csv`` 
 ``benchmarks/results/gse_predictions/`` (the ``run`` column).
 
 Recipe search (``--search``, seed 0): stage 1 runs each share of training examples shown evidence without
-their answer (``SEARCH_STAGE1``); stage 2 runs the stage-1 choice with four times the training examples.
-The choice of each stage is the recipe with the best ``val_rouge1_recall`` (GO-term validation examples whose
+their answer (``SEARCH_STAGE1``); stage 2 runs the stage-1 choice with four times the training examples;
+stage 3 runs the stage-2 choice with each change of ``SEARCH_STAGE3`` (longer answers). The choice of each stage is the recipe with the best ``val_rouge1_recall`` (GO-term validation examples whose
 evidence hides the answer), through ``perturb_models.selection``, which never reads a test figure.
 """
 
@@ -50,13 +50,20 @@ COLUMNS = ["method", "recipe", "kind", "seed", "val_rouge1_recall", "rouge1_reca
            "bertscore_model", "commit", "wall_seconds", "run", "overrides"]
 ROW_KEYS = ["method", "recipe", "kind", "seed"]
 # The namer's search space: the share of training examples shown evidence without their answer (stage 1),
-# then the stage-1 choice with SCALE times the default training examples (stage 2).
+# then the stage-1 choice with SCALE times the default training examples (stage 2), then the stage-2 choice
+# with each stage-3 change (recipe names: hide0, hide0_x4, hide0_x4_tok24, ...).
 SEARCH_STAGE1 = {
-    "hide0": ["model.namer.hide_answer_train=0.0"],
-    "hide50": ["model.namer.hide_answer_train=0.5"],
-    "hide100": ["model.namer.hide_answer_train=1.0"],
+    "hide0": {"hide_answer_train": 0.0},
+    "hide50": {"hide_answer_train": 0.5},
+    "hide100": {"hide_answer_train": 1.0},
 }
 SCALE = 4
+SEARCH_STAGE3 = {
+    # 12 tokens cut 17% of GO names (the training targets) mid-word; 24 cut 2%.
+    "tok24": {"max_new_tokens": 24},
+}
+# What a recipe runs with where it says nothing (the stage-1 runs' settings).
+SEARCH_BASE = {"train_examples": 200, "max_new_tokens": 12}
 TABLE_START, TABLE_END = "<!-- gse_quality table: start -->", "<!-- gse_quality table: end -->"
 EXAMPLES_START, EXAMPLES_END = "<!-- gse_quality examples: start -->", "<!-- gse_quality examples: end -->"
 SEARCH_START, SEARCH_END = "<!-- gse_quality search: start -->", "<!-- gse_quality search: end -->"
@@ -78,17 +85,39 @@ def store_rows(rows: list[dict]) -> None:
 
 
 def namer_overrides(recipe: str) -> list[str]:
-    """The overrides of a searched recipe: ``hide50`` (stage 1) or ``hide50_x4`` (stage 2)."""
-    base, _, scale = recipe.partition("_x")
-    if base not in SEARCH_STAGE1 or (scale and not scale.isdigit()):
-        raise SystemExit(f"unknown recipe {recipe!r} (known: {', '.join(SEARCH_STAGE1)}, each optionally _x{SCALE})")
-    extra = list(SEARCH_STAGE1[base])
-    if scale:
-        from omegaconf import OmegaConf
+    """The overrides of a searched recipe: ``hide50`` (stage 1), ``hide50_x4`` (stage 2), ``hide50_x4_tok24``
+    (stage 3). Every searched option is written out (``SEARCH_BASE`` where the recipe leaves it), so a recipe
+    stays the same runs whatever the config's defaults become."""
+    base, *changes = recipe.split("_")
+    known = f"known: {', '.join(SEARCH_STAGE1)}, then optionally _x{SCALE}, then optionally _{' or _'.join(SEARCH_STAGE3)}"
+    if base not in SEARCH_STAGE1:
+        raise SystemExit(f"unknown recipe {recipe!r} ({known})")
+    options = {**SEARCH_STAGE1[base], **SEARCH_BASE}
+    for change in changes:
+        if change[:1] == "x" and change[1:].isdigit():
+            options["train_examples"] = int(change[1:]) * SEARCH_BASE["train_examples"]
+        elif change in SEARCH_STAGE3:
+            options.update(SEARCH_STAGE3[change])
+        else:
+            raise SystemExit(f"unknown recipe {recipe!r} ({known})")
+    return [f"model.namer.{key}={value}" for key, value in options.items()]
 
-        default = OmegaConf.load(REPO / "conf" / "model" / "lora_llama_gse.yaml").namer.train_examples
-        extra.append(f"model.namer.train_examples={int(scale) * int(default)}")
-    return extra
+
+def is_searched(recipe: str) -> bool:
+    try:
+        namer_overrides(recipe)
+    except SystemExit:
+        return False
+    return True
+
+
+def search_stages(recipes) -> list[list[str]]:
+    """``recipes`` (searched ones) grouped by stage, each in search order."""
+    searched = [r for r in dict.fromkeys(recipes) if is_searched(r)]
+    stage1 = [r for r in SEARCH_STAGE1 if r in searched]
+    stage2 = sorted(r for r in searched if r.count("_") == 1 and "_x" in r)
+    stage3 = sorted(r for r in searched if r not in stage1 and r not in stage2)
+    return [stage1, stage2, stage3]
 
 
 def default_recipe(method: str) -> str:
@@ -102,7 +131,9 @@ def default_recipe(method: str) -> str:
         return OmegaConf.to_container(cfg.model, resolve=True)
 
     current = namer([])
-    for recipe in [*SEARCH_STAGE1, *(f"{r}_x{SCALE}" for r in SEARCH_STAGE1)]:
+    scaled = [f"{r}_x{SCALE}" for r in SEARCH_STAGE1]
+    changed = [f"{r}_{c}" for r in [*SEARCH_STAGE1, *scaled] for c in SEARCH_STAGE3]
+    for recipe in [*SEARCH_STAGE1, *scaled, *changed]:
         if namer(namer_overrides(recipe)) == current:
             return recipe
     return "default"
@@ -218,21 +249,23 @@ def default_rows(results: pd.DataFrame) -> pd.DataFrame:
 def search_table(results: pd.DataFrame) -> str:
     """The recipe search (seed 0): validation ROUGE-1 recall (what chooses) beside the test figures (reported)."""
     rows = results.loc[(results["method"] == "lora_llama_gse") & (results["seed"] == 0)]
-    stage1 = [r for r in SEARCH_STAGE1 if r in set(rows["recipe"])]
-    if not stage1:
+    stages = search_stages(rows["recipe"])
+    if not stages[0]:
         return "_no recipe-search rows yet (`python benchmarks/gse_quality.py --search`)_"
-    stage2 = sorted(r for r in set(rows["recipe"]) if r.partition("_x")[0] in SEARCH_STAGE1 and "_x" in r)
-    choice1 = choose(results, stage1)
-    final = choose(results, stage1 + stage2)
-    lines = ["| recipe | overrides | val ROUGE-1 recall | test gene | test pert | wall time (min, gene) | |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for recipe in stage1 + stage2:
-        part = rows.loc[rows["recipe"] == recipe].set_index("kind")
-        marks = [m for m, hit in (("stage-1 choice", recipe == choice1), ("chosen", recipe == final)) if hit]
-        lines.append(f"| {recipe} | `{' '.join(namer_overrides(recipe))}` | {part.loc['gene', 'val_rouge1_recall']:.3f} | "
-                     f"{part.loc['gene', 'rouge1_recall']:.3f} | "
-                     f"{part.loc['pert', 'rouge1_recall'] if 'pert' in part.index else float('nan'):.3f} | "
-                     f"{part.loc['gene', 'wall_seconds'] / 60:.1f} | {', '.join(marks)} |")
+    # The choice after each stage: the best validation figure among that stage's recipes and all before.
+    choices = [choose(results, sum(stages[: i + 1], [])) for i, stage in enumerate(stages) if stage]
+    final = choices[-1]
+    lines = ["| stage | recipe | overrides | val ROUGE-1 recall | test gene | test pert | wall time (min, gene) | |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for number, stage in enumerate(stages, 1):
+        for recipe in stage:
+            part = rows.loc[rows["recipe"] == recipe].set_index("kind")
+            marks = [f"stage-{number} choice"] if recipe == choices[number - 1] and number < len(choices) else []
+            marks += ["chosen"] if recipe == final else []
+            pert = part.loc["pert", "rouge1_recall"] if "pert" in part.index else float("nan")
+            lines.append(f"| {number} | {recipe} | `{' '.join(namer_overrides(recipe))}` | "
+                         f"{part.loc['gene', 'val_rouge1_recall']:.3f} | {part.loc['gene', 'rouge1_recall']:.3f} | "
+                         f"{pert:.3f} | {part.loc['gene', 'wall_seconds'] / 60:.1f} | {', '.join(marks)} |")
     return "\n".join(lines)
 
 
@@ -302,22 +335,29 @@ def run_recipe(method: str, recipe: str, seed: int, extra: list[str], out: Path)
 def searched_choice(seed: int = 0) -> str:
     """The recipe the search chose on validation (every searched recipe with a row at ``seed``)."""
     rows = read_results()
-    searched = sorted(r for r in set(rows.loc[(rows["method"] == "lora_llama_gse") & (rows["seed"] == seed), "recipe"])
-                      if r.partition("_x")[0] in SEARCH_STAGE1)
+    searched = sum(search_stages(rows.loc[(rows["method"] == "lora_llama_gse") & (rows["seed"] == seed), "recipe"]), [])
     if not searched:
         raise SystemExit("no recipe-search rows yet: run python benchmarks/gse_quality.py --search first")
     return choose(rows, searched)
 
 
 def search(seed: int, out: Path) -> str:
-    """Stage 1 (share of hidden-answer training examples), then the stage-1 choice at SCALE x the examples;
-    returns the recipe with the best validation figure."""
+    """Stage 1 (share of hidden-answer training examples), stage 2 (the stage-1 choice at SCALE x the examples),
+    stage 3 (the stage-2 choice with each SEARCH_STAGE3 change); each choice is the best validation figure so
+    far. Returns the final choice."""
     for recipe in SEARCH_STAGE1:
         run_recipe("lora_llama_gse", recipe, seed, namer_overrides(recipe), out)
-    choice = choose(read_results(), list(SEARCH_STAGE1))
+    tried = list(SEARCH_STAGE1)
+    choice = choose(read_results(), tried)
     scaled = f"{choice}_x{SCALE}"
     run_recipe("lora_llama_gse", scaled, seed, namer_overrides(scaled), out)
-    final = choose(read_results(), [*SEARCH_STAGE1, scaled])
+    tried.append(scaled)
+    choice = choose(read_results(), tried)
+    for change in SEARCH_STAGE3:
+        recipe = f"{choice}_{change}"
+        run_recipe("lora_llama_gse", recipe, seed, namer_overrides(recipe), out)
+        tried.append(recipe)
+    final = choose(read_results(), tried)
     current = default_recipe("lora_llama_gse")
     print(f"recipe chosen on validation: {final} ({' '.join(namer_overrides(final))}); conf/model/lora_llama_gse.yaml "
           + ("holds it" if final == current else f"holds {current}: set it there"), flush=True)
@@ -334,7 +374,7 @@ def main(argv=None) -> None:
     parser.add_argument("--copy-baseline", action="store_true",
                         help=f"measure how much the top evidence term recalls on validation examples -> {COPY_BASELINE.name}")
     parser.add_argument("--recipe", default=None,
-                        help="lora_llama_gse: run this searched recipe (hide50, hide50_x4, ...; 'chosen': the search's "
+                        help="lora_llama_gse: run this searched recipe (hide50, hide50_x4, hide0_x4_tok24, ...; 'chosen': the search's "
                              "validation choice) instead of the config's own")
     parser.add_argument("--search", action="store_true",
                         help="the namer's recipe search on the first of --seeds (chosen on validation)")
