@@ -15,7 +15,7 @@ run folders stay under ``outputs/gse_quality/``, their ``predictions/test.csv`` 
 
 Recipe search (``--search``, seed 0): stage 1 runs each share of training examples shown evidence without
 their answer (``SEARCH_STAGE1``); stage 2 runs the stage-1 choice with four times the training examples;
-stage 3 runs the stage-2 choice with each change of ``SEARCH_STAGE3`` (longer answers). The choice of each stage is the recipe with the best ``val_rouge1_recall`` (GO-term validation examples whose
+stage 3 runs the stage-2 choice with each change of ``SEARCH_STAGE3`` (longer answers; gene descriptions). The choice of each stage is the recipe with the best ``val_rouge1_recall`` (GO-term validation examples whose
 evidence hides the answer), through ``perturb_models.selection``, which never reads a test figure.
 """
 
@@ -61,9 +61,11 @@ SCALE = 4
 SEARCH_STAGE3 = {
     # 12 tokens cut 17% of GO names (the training targets) mid-word; 24 cut 2%.
     "tok24": {"max_new_tokens": 24},
+    # The project's gene texts (NCBI full names) for the first 6 genes of the prompt.
+    "desc": {"descriptions": "gene_info"},
 }
 # What a recipe runs with where it says nothing (the stage-1 runs' settings).
-SEARCH_BASE = {"train_examples": 200, "max_new_tokens": 12}
+SEARCH_BASE = {"train_examples": 200, "max_new_tokens": 12, "descriptions": "null"}
 TABLE_START, TABLE_END = "<!-- gse_quality table: start -->", "<!-- gse_quality table: end -->"
 EXAMPLES_START, EXAMPLES_END = "<!-- gse_quality examples: start -->", "<!-- gse_quality examples: end -->"
 SEARCH_START, SEARCH_END = "<!-- gse_quality search: start -->", "<!-- gse_quality search: end -->"

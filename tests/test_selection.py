@@ -120,8 +120,8 @@ def test_gene_set_namer_recipe_is_chosen_on_validation_rouge_only():
     assert gse.choose(poisoned, list(gse.SEARCH_STAGE1)) == "hide50"
     # A recipe writes out every searched option, so it names the same runs whatever the config's defaults.
     assert gse.namer_overrides("hide50_x4") == ["model.namer.hide_answer_train=0.5", "model.namer.train_examples=800",
-                                                "model.namer.max_new_tokens=12"]
-    assert gse.namer_overrides("hide0_x4_tok24")[1:] == ["model.namer.train_examples=800", "model.namer.max_new_tokens=24"]
+                                                "model.namer.max_new_tokens=12", "model.namer.descriptions=null"]
+    assert gse.namer_overrides("hide0_x4_tok24")[1:3] == ["model.namer.train_examples=800", "model.namer.max_new_tokens=24"]
     assert gse.search_stages(["v1", "hide0_x4_tok24", "hide50", "hide0", "hide0_x4"]) == [
         ["hide0", "hide50"], ["hide0_x4"], ["hide0_x4_tok24"]]
     with pytest.raises(SystemExit, match="unknown recipe 'hide0_x4_tok99'"):
