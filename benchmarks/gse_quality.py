@@ -145,11 +145,14 @@ def default_recipe(method: str) -> str:
     return "default"
 
 
-def choose(rows: pd.DataFrame, recipes: list[str]) -> str:
-    """The recipe of ``recipes`` with the best validation ROUGE-1 recall (selection sees no test figure)."""
+def choose(rows: pd.DataFrame, recipes: list[str], seed: int = 0) -> str:
+    """The recipe of ``recipes`` with the best validation ROUGE-1 recall at ``seed`` (selection sees no test
+    figure). One seed only: each seed draws its own validation examples, so figures of different seeds
+    (the default's extra seeds) are not comparable."""
     from perturb_models.selection import choose_recipe
 
-    view = rows.loc[(rows["method"] == "lora_llama_gse") & (rows["kind"] == "gene") & rows["recipe"].isin(recipes)]
+    view = rows.loc[(rows["method"] == "lora_llama_gse") & (rows["kind"] == "gene") & (rows["seed"] == seed)
+                    & rows["recipe"].isin(recipes)]
     view = view.rename(columns={"method": "model"}).assign(dataset="k562_gse", task="gse")
     return choose_recipe(view, "lora_llama_gse", ["k562_gse"], metric="val_rouge1_recall")
 
@@ -159,7 +162,7 @@ def near_best(rows: pd.DataFrame, recipes: list[str], seed: int = 0) -> list[str
     validation examples do not tell those apart, and more training examples may."""
     view = rows.loc[(rows["method"] == "lora_llama_gse") & (rows["kind"] == "gene") & (rows["seed"] == seed)
                     & rows["recipe"].isin(recipes)].set_index("recipe")["val_rouge1_recall"]
-    best = choose(rows, recipes)
+    best = choose(rows, recipes, seed)
     return [best, *(r for r in recipes if r != best and r in view.index and view[r] >= view[best] - NEAR)]
 
 
@@ -275,7 +278,7 @@ def search_table(results: pd.DataFrame) -> str:
     for number, stage in enumerate(stages, 1):
         for recipe in stage:
             part = rows.loc[rows["recipe"] == recipe].set_index("kind")
-            marks = [f"stage-{number} choice"] if recipe == choices[number - 1] and number < len(choices) else []
+            marks = [f"stage-{i} choice" for i, choice in enumerate(choices[:-1], 1) if choice == recipe]
             marks += ["chosen"] if recipe == final else []
             pert = part.loc["pert", "rouge1_recall"] if "pert" in part.index else float("nan")
             lines.append(f"| {number} | {recipe} | `{' '.join(namer_overrides(recipe))}` | "
@@ -353,7 +356,7 @@ def searched_choice(seed: int = 0) -> str:
     searched = sum(search_stages(rows.loc[(rows["method"] == "lora_llama_gse") & (rows["seed"] == seed), "recipe"]), [])
     if not searched:
         raise SystemExit("no recipe-search rows yet: run python benchmarks/gse_quality.py --search first")
-    return choose(rows, searched)
+    return choose(rows, searched, seed)
 
 
 def search(seed: int, out: Path) -> str:
@@ -363,16 +366,16 @@ def search(seed: int, out: Path) -> str:
     for recipe in SEARCH_STAGE1:
         run_recipe("lora_llama_gse", recipe, seed, namer_overrides(recipe), out)
     tried = list(SEARCH_STAGE1)
-    for recipe in near_best(read_results(), tried):
+    for recipe in near_best(read_results(), tried, seed):
         scaled = f"{recipe}_x{SCALE}"
         run_recipe("lora_llama_gse", scaled, seed, namer_overrides(scaled), out)
         tried.append(scaled)
-    choice = choose(read_results(), tried)
+    choice = choose(read_results(), tried, seed)
     for change in SEARCH_STAGE3:
         recipe = f"{choice}_{change}"
         run_recipe("lora_llama_gse", recipe, seed, namer_overrides(recipe), out)
         tried.append(recipe)
-    final = choose(read_results(), tried)
+    final = choose(read_results(), tried, seed)
     current = default_recipe("lora_llama_gse")
     print(f"recipe chosen on validation: {final} ({' '.join(namer_overrides(final))}); conf/model/lora_llama_gse.yaml "
           + ("holds it" if final == current else f"holds {current}: set it there"), flush=True)

@@ -124,6 +124,9 @@ def test_gene_set_namer_recipe_is_chosen_on_validation_rouge_only():
     assert gse.namer_overrides("hide0_x4_tok24")[1:3] == ["model.namer.train_examples=800", "model.namer.max_new_tokens=24"]
     assert gse.search_stages(["v1", "hide0_x4_tok24", "hide50", "hide0", "hide0_x4"]) == [
         ["hide0", "hide50"], ["hide0_x4"], ["hide0_x4_tok24"]]
+    # Each seed draws its own validation examples: another seed's figure (here a high one) never sways the choice.
+    other_seed = pd.concat([rows, rows.loc[rows["recipe"] == "hide0"].assign(seed=1, val_rouge1_recall=0.99)])
+    assert gse.choose(other_seed, list(gse.SEARCH_STAGE1)) == "hide50"
     # Stage 2 scales the stage-1 recipes that 64 validation examples cannot tell from the best.
     close = rows.assign(val_rouge1_recall=rows["recipe"].map({"hide0": 0.395, "hide50": 0.40, "hide100": 0.30}))
     assert gse.near_best(close, list(gse.SEARCH_STAGE1)) == ["hide50", "hide0"]
