@@ -52,8 +52,8 @@ COLUMNS = ["method", "recipe", "kind", "seed", "val_rouge1_recall", "rouge1_reca
            "bertscore_model", "commit", "wall_seconds", "run", "overrides"]
 ROW_KEYS = ["method", "recipe", "kind", "seed"]
 # The namer's search space: the share of training examples shown evidence without their answer (stage 1),
-# then the stage-1 choice with SCALE times the default training examples (stage 2), then the stage-2 choice
-# with each stage-3 change (recipe names: hide0, hide0_x4, hide0_x4_tok24, ...).
+# then the stage-1 recipes near the best with SCALE times the base training examples (stage 2), then the
+# stage-2 choice with each stage-3 change (recipe names: hide0, hide0_x4, hide0_x4_tok24, ...).
 SEARCH_STAGE1 = {
     "hide0": {"hide_answer_train": 0.0},
     "hide50": {"hide_answer_train": 0.5},
@@ -65,7 +65,7 @@ NEAR = 0.01
 SEARCH_STAGE3 = {
     # 12 tokens cut 17% of GO names (the training targets) mid-word; 24 cut 2%.
     "tok24": {"max_new_tokens": 24},
-    # The project's gene texts (NCBI full names) for the first 6 genes of the prompt.
+    # The project's gene texts (knowledge/text.py, cut to max_description_chars) for the first 6 genes.
     "desc": {"descriptions": "gene_info"},
 }
 # What a recipe runs with where it says nothing (the stage-1 runs' settings).
