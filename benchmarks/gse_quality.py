@@ -24,6 +24,7 @@ name, so the smaller recipe), through ``perturb_models.selection``, which never 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -90,14 +91,12 @@ def store_rows(rows: list[dict]) -> None:
     atomic_write_dataframe(RESULTS, pd.concat([old, new], ignore_index=True) if len(old) else new)
 
 
-def namer_overrides(recipe: str) -> list[str]:
-    """The overrides of a searched recipe: ``hide50`` (stage 1), ``hide50_x4`` (stage 2), ``hide50_x4_tok24``
-    (stage 3). Every searched option is written out (``SEARCH_BASE`` where the recipe leaves it), so a recipe
-    stays the same runs whatever the config's defaults become."""
+def recipe_options(recipe: str) -> dict | None:
+    """The namer options of a searched recipe (``hide50``, ``hide50_x4``, ``hide50_x4_tok24``), every searched
+    option written out (``SEARCH_BASE`` where the recipe leaves it); None for a name outside the search."""
     base, *changes = recipe.split("_")
-    known = f"known: {', '.join(SEARCH_STAGE1)}, then optionally _x{SCALE}, then optionally _{' or _'.join(SEARCH_STAGE3)}"
     if base not in SEARCH_STAGE1:
-        raise SystemExit(f"unknown recipe {recipe!r} ({known})")
+        return None
     options = {**SEARCH_STAGE1[base], **SEARCH_BASE}
     for change in changes:
         if change[:1] == "x" and change[1:].isdigit():
@@ -105,27 +104,29 @@ def namer_overrides(recipe: str) -> list[str]:
         elif change in SEARCH_STAGE3:
             options.update(SEARCH_STAGE3[change])
         else:
-            raise SystemExit(f"unknown recipe {recipe!r} ({known})")
+            return None
+    return options
+
+
+def namer_overrides(recipe: str) -> list[str]:
+    """The overrides of a searched recipe, so that it stays the same runs whatever the config's defaults become."""
+    options = recipe_options(recipe)
+    if options is None:
+        known = f"{', '.join(SEARCH_STAGE1)}, then optionally _x{SCALE}, then optionally _{' or _'.join(SEARCH_STAGE3)}"
+        raise SystemExit(f"unknown recipe {recipe!r} (known: {known})")
     return [f"model.namer.{key}={value}" for key, value in options.items()]
-
-
-def is_searched(recipe: str) -> bool:
-    try:
-        namer_overrides(recipe)
-    except SystemExit:
-        return False
-    return True
 
 
 def search_stages(recipes) -> list[list[str]]:
     """``recipes`` (searched ones) grouped by stage, each in search order."""
-    searched = [r for r in dict.fromkeys(recipes) if is_searched(r)]
+    searched = [r for r in dict.fromkeys(recipes) if recipe_options(r) is not None]
     stage1 = [r for r in SEARCH_STAGE1 if r in searched]
     stage2 = sorted(r for r in searched if r.count("_") == 1 and "_x" in r)
     stage3 = sorted(r for r in searched if r not in stage1 and r not in stage2)
     return [stage1, stage2, stage3]
 
 
+@functools.lru_cache(maxsize=None)
 def default_recipe(method: str) -> str:
     """The searched recipe that ``conf/model/<method>.yaml`` holds now ("default" for a method without search)."""
     if method != "lora_llama_gse":
@@ -145,25 +146,28 @@ def default_recipe(method: str) -> str:
     return "default"
 
 
+def search_rows(rows: pd.DataFrame, recipes: list[str], seed: int) -> pd.DataFrame:
+    """The namer's gene-kind rows (one per recipe and seed, the validation figure on it) of ``recipes`` at ``seed``."""
+    return rows.loc[(rows["method"] == "lora_llama_gse") & (rows["kind"] == "gene") & (rows["seed"] == seed)
+                    & rows["recipe"].isin(recipes)]
+
+
 def choose(rows: pd.DataFrame, recipes: list[str], seed: int = 0) -> str:
     """The recipe of ``recipes`` with the best validation ROUGE-1 recall at ``seed`` (selection sees no test
     figure). One seed only: each seed draws its own validation examples, so figures of different seeds
     (the default's extra seeds) are not comparable."""
     from perturb_models.selection import choose_recipe
 
-    view = rows.loc[(rows["method"] == "lora_llama_gse") & (rows["kind"] == "gene") & (rows["seed"] == seed)
-                    & rows["recipe"].isin(recipes)]
-    view = view.rename(columns={"method": "model"}).assign(dataset="k562_gse", task="gse")
+    view = search_rows(rows, recipes, seed).rename(columns={"method": "model"}).assign(dataset="k562_gse", task="gse")
     return choose_recipe(view, "lora_llama_gse", ["k562_gse"], metric="val_rouge1_recall")
 
 
 def near_best(rows: pd.DataFrame, recipes: list[str], seed: int = 0) -> list[str]:
     """The recipes of ``recipes`` within NEAR of the best validation figure (stage 1's choice first): 64
     validation examples do not tell those apart, and more training examples may."""
-    view = rows.loc[(rows["method"] == "lora_llama_gse") & (rows["kind"] == "gene") & (rows["seed"] == seed)
-                    & rows["recipe"].isin(recipes)].set_index("recipe")["val_rouge1_recall"]
+    figures = search_rows(rows, recipes, seed).set_index("recipe")["val_rouge1_recall"]
     best = choose(rows, recipes, seed)
-    return [best, *(r for r in recipes if r != best and r in view.index and view[r] >= view[best] - NEAR)]
+    return [best, *(r for r in recipes if r != best and r in figures.index and figures[r] >= figures[best] - NEAR)]
 
 
 def run_method(method: str, seed: int, extra: list[str], out_root: Path, recipe: str = "default") -> list[dict]:
@@ -317,9 +321,10 @@ def write_doc() -> None:
     verbatim = ", ".join(f"{kind} clusters {n} of {total}" for kind, (n, total) in counts.items())
     text = DOC.read_text()
     defaults = default_rows(results)
-    text = replace_block(text, table(results) + f"\n\nTest labels that are verbatim GO term names (case-insensitive): {verbatim}.",
+    results_table, searched = table(results), search_table(results)
+    text = replace_block(text, results_table + f"\n\nTest labels that are verbatim GO term names (case-insensitive): {verbatim}.",
                          TABLE_START, TABLE_END, DOC)
-    text = replace_block(text, search_table(results), SEARCH_START, SEARCH_END, DOC)
+    text = replace_block(text, searched, SEARCH_START, SEARCH_END, DOC)
     if COPY_BASELINE.is_file():
         copy = json.loads(COPY_BASELINE.read_text())
         text = replace_block(text, (f"Answering with the top evidence term recalls {copy['top_term_recall_answer_shown']:.2f} "
@@ -330,8 +335,8 @@ def write_doc() -> None:
                              COPY_START, COPY_END, DOC)
     text = replace_block(text, examples(defaults), EXAMPLES_START, EXAMPLES_END, DOC)
     atomic_write_text(DOC, text)
-    print(table(results))
-    print(search_table(results))
+    print(results_table)
+    print(searched)
     print(f"{DOC} updated")
 
 

@@ -253,7 +253,7 @@ def test_validation_evidence_hides_the_answer_and_its_near_duplicates(gse_world,
 @pytest.mark.llm
 def test_smollm2_namer_loads_offline_learns_and_names(smollm2_installed, gse_world, tmp_path, monkeypatch):
     """The default namer's own path with the real SmolLM2 weights: the prompt carries gene texts and evidence,
-    one LoRA step lowers the loss of a GO-term example, and generation returns text with a finite score."""
+    three LoRA steps lower the loss of a GO-term example, and generation returns text with a finite score."""
     from hydra.utils import instantiate
 
     from perturb_models.builders import build_datamodule
