@@ -163,10 +163,11 @@ def measure(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
     }
     if device.type == "cuda":
         achieved = tokens_per_s * flops_per_token(encoder.model, config, mean_len)
-        peak = gpu_peak_tflops(torch.cuda.get_device_name(device))
+        peak = args.peak_tflops or gpu_peak_tflops(torch.cuda.get_device_name(device))
         result["model_tflops"] = round(achieved / 1e12, 1)
         result["mfu"] = round(achieved / (peak * 1e12), 4) if peak else None
         result["bf16_peak_tflops"] = peak
+        result["peak_source"] = args.peak_source if args.peak_tflops else "data sheet (dense bf16)"
         result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
     del encoder, optimizer
     if device.type == "cuda":
@@ -189,8 +190,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on GPU, 2 on CPU")
     parser.add_argument("--lengths-from", default="k562",
                         help="dataset whose real lora_llama prompts give the lengths (needs $PERTURBQA_DATA and "
-                             "$PERTURB_KNOWLEDGE), or 'fixed' to use --seq-len for every prompt")
+                             "$PERTURB_KNOWLEDGE), a JSON file {dataset, lengths} of lengths measured ahead, or "
+                             "'fixed' to use --seq-len for every prompt")
     parser.add_argument("--seq-len", type=int, default=256, help="prompt length with --lengths-from fixed")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="bf16 peak to divide by for MFU (default: the GPU's data-sheet dense bf16 peak)")
+    parser.add_argument("--peak-source", default="measured", help="what --peak-tflops is, for the record")
     parser.add_argument("--micro-batch-tokens", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=None)
@@ -211,8 +216,14 @@ def main() -> None:
     args.models = args.models or (["tiny", "smollm2", "llama3-8b"] if gpu else ["tiny", "smollm2"])
     args.batch_size = args.batch_size or (64 if gpu else 8)
     args.steps = args.steps or (20 if gpu else 3)
-    args.lengths = ([args.seq_len] if args.lengths_from == "fixed"
-                    else real_prompt_lengths(args.lengths_from, 256))
+    if args.lengths_from == "fixed":
+        args.lengths = [args.seq_len]
+    elif args.lengths_from.endswith(".json"):  # lengths measured ahead (benchmarks/gpu_checks.py prepare)
+        with open(args.lengths_from) as handle:
+            stored = json.load(handle)
+        args.lengths, args.lengths_from = stored["lengths"], stored["dataset"]
+    else:
+        args.lengths = real_prompt_lengths(args.lengths_from, 256)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     if not gpu and "llama3-8b" in args.models:
         parser.error("llama3-8b needs a GPU (32 GB of float32 weights; too slow to be meaningful on CPU)")

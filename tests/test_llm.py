@@ -368,11 +368,32 @@ def test_knn_prior_adds_the_retrieval_log_probabilities(synthetic_cfg, cache):
     plain = build_model(cfg, dm).eval()
     with_prior = build_model(synthetic_cfg(*TINY, "data.task=joint", "model.encoder.prior=knn"), dm).eval()
     batch = dm.splits["test"][torch.arange(16)]
+    # The LLM's score head reads the same hidden states as plain's once it has plain's weights.
     with torch.no_grad():
+        with_prior.encoder.model.score.modules_to_save.default.weight.copy_(
+            plain.encoder.model.score.modules_to_save.default.weight)
         expected = plain(batch) + with_prior.encoder.prior(batch)
         torch.testing.assert_close(with_prior(batch), expected)
     # The prior is the knn model's vote over the same neighbours as the prompts.
     assert with_prior.encoder.prior.neighbours is with_prior.encoder.prompts.neighbours
+
+
+def test_knn_prior_correction_starts_at_zero_so_step_zero_is_the_knn_model(synthetic_cfg, cache):
+    from perturb_models.models.knn import KNNEncoder
+
+    cfg = synthetic_cfg(*TINY, "data.task=joint", "model.encoder.prior=knn")
+    dm = build_datamodule(cfg.data)
+    with_prior = build_model(cfg, dm).eval()
+    knn = KNNEncoder(dm.context, graphs=dict(cfg.model.encoder.graphs), **cfg.model.encoder.prior_options).eval()
+    batch = dm.splits["test"][torch.arange(64)]
+    with torch.no_grad():
+        assert torch.equal(with_prior(batch), knn(batch))
+    # The correction can still learn: the zeroed head is trainable and gets a gradient.
+    head = with_prior.encoder.model.score.modules_to_save.default.weight
+    assert head.requires_grad and not head.any()
+    with_prior.train()
+    torch.nn.functional.cross_entropy(with_prior(batch), batch["label"]).backward()
+    assert head.grad is not None and head.grad.abs().sum() > 0
 
 
 @pytest.mark.llm

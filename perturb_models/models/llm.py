@@ -346,6 +346,13 @@ class LoRALlamaClassifier(Encoder):
             if isinstance(module, nn.Linear) and name.split(".")[-1] == "score" or name.endswith("modules_to_save.default"):
                 if isinstance(module, nn.Linear) and module.weight.requires_grad:
                     module.register_forward_pre_hook(_cast_input_to_weight_dtype)
+                    if self.prior is not None:
+                        # With a prior the LLM learns a correction of the kNN vote: it starts at zero, so
+                        # that before any step the model is exactly model=knn (LoRA's B is zero already).
+                        with torch.no_grad():
+                            module.weight.zero_()
+                            if module.bias is not None:
+                                module.bias.zero_()
         if gradient_checkpointing:
             # transformers 5 names it activation checkpointing (the old name warns); older releases only have the old one
             if hasattr(self.model, "activation_checkpointing_enable"):
@@ -558,14 +565,21 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+RANDOM_BASE_SAMPLE = 4096
+
+
 def base_weights_record(pretrained: str | None, llama_config: Mapping[str, Any] | None, init_seed: int, base) -> dict:
     """What the frozen base was: ``pretrained`` and where it was read from, with a sha256 of its weight
-    files; for a random base, its config and seed with a sha256 of the weights themselves."""
+    files; for a random base, its config and seed with a sha256 of (a fixed sample of) the weights."""
     if llama_config is not None or pretrained is None:
+        # Up to RANDOM_BASE_SAMPLE evenly spaced values of each tensor, copied exactly from where the weights
+        # live: another seed or config changes them, and an 8B base is fingerprinted without 32 GB of copies.
         digest = hashlib.sha256()
         for name, tensor in sorted(base.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // RANDOM_BASE_SAMPLE)
+            digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+            digest.update(flat[::step][:RANDOM_BASE_SAMPLE].float().cpu().numpy().tobytes())
         return {"pretrained": None, "llama_config": dict(llama_config or {}), "init_seed": int(init_seed),
                 "sha256": digest.hexdigest()}
     location, kwargs = _source_kwargs(pretrained)
