@@ -300,11 +300,13 @@ def environment(lease: Lease) -> dict:
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cpus": os.cpu_count(), "cuda_available": torch.cuda.is_available()}
-    for module in ("transformers", "peft", "lightning", "torch_geometric", "hydra", "omegaconf", "gguf"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("transformers", "peft", "lightning", "torch_geometric", "hydra-core", "omegaconf", "gguf", "pandas"):
         try:
-            info[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 - a module without __version__ or missing: say so
-            info[module] = "missing" if module not in sys.modules else "?"
+            info[name.replace("-", "_")] = version(name)
+        except PackageNotFoundError:
+            info[name.replace("-", "_")] = "missing"
     smi = shutil.which("nvidia-smi")
     if smi:
         out = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],

@@ -256,9 +256,12 @@ def validate_task_frame(frame: pd.DataFrame, source: str, kind: str = "de") -> p
         if empty.any():
             row = int(np.flatnonzero(empty.to_numpy())[0])
             raise DataValidationError(f"{source} line {_line(row)}: empty '{column}' value")
-        bad = values.str.contains(_BAD_SYMBOL[column], regex=True)
+        # Python's re on each value: pandas' Arrow-backed strings (pandas 3) would hand the pattern to RE2,
+        # which reads \u escapes and \s differently.
+        pattern = _BAD_SYMBOL[column]
+        bad = np.fromiter((pattern.search(value) is not None for value in values), dtype=bool, count=len(values))
         if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
+            row = int(np.flatnonzero(bad)[0])
             raise DataValidationError(
                 f"{source} line {_line(row)}: {column} {values.iloc[row]!r} contains "
                 f"{_describe_bad(values.iloc[row], column)}; gene symbols are written without them "
