@@ -67,6 +67,19 @@ LLM_SETUP_SECONDS = 75  # start, data, graph, weights, tokenising ~170k prompts,
 
 
 # ---- small helpers -----------------------------------------------------------------------------------------
+VALIDATION_LINE = re.compile(r"epoch \d+/\d+ .*?val/de_auroc_per_gene (\S+)\s+val/dir_auroc_per_gene (\S+)")
+
+
+def validation_figures(lines) -> dict:
+    """The last end-of-epoch validation figures a training run printed (kept when a budget cuts its test)."""
+    found = {}
+    for line in lines:
+        match = VALIDATION_LINE.search(line)
+        if match:
+            found = {"val_de_auroc_per_gene": float(match.group(1)), "val_dir_auroc_per_gene": float(match.group(2))}
+    return found
+
+
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -264,17 +277,19 @@ class Lease:
         killer = threading.Timer(max(1.0, self.budget.left()), proc.kill)  # the budget ends, the check with it
         killer.start()
         tail: list[str] = []
+        validation: dict = {}
         try:
             for line in proc.stdout:  # streamed: what a killed check printed still lands in gpu.log
                 self.log.write(line)
                 tail = (tail + [line])[-40:]
+                validation = validation_figures([line]) or validation
             proc.wait()
         finally:
             killer.cancel()
         seconds = time.time() - started
         if proc.returncode != 0:
             status = "cut" if time.time() >= self.budget.deadline else "failed"
-            return self.record(name, status, seconds, shown, error="".join(tail))
+            return self.record(name, status, seconds, shown, figures=validation, error="".join(tail))
         try:
             figures = figures_from() if figures_from else {}
         except Exception as error:  # noqa: BLE001 - a check whose output cannot be read is a failed check
@@ -519,10 +534,21 @@ def rehearse(args: argparse.Namespace) -> int:
 def record(dirs: list[str], lease_id: str | None) -> None:
     """Merge the parts that came back into benchmarks/results/gpu.json; LLM rows into quality.csv."""
     stored = read_json(RESULTS_JSON) if RESULTS_JSON.is_file() else {"leases": []}
-    parts = [read_json(Path(d) / "gpu.json") for d in dirs]
+    parts = []
+    for folder in map(Path, dirs):
+        part = read_json(folder / "gpu.json")
+        log = folder / "gpu.log"
+        if log.is_file():  # a run cut before its test still printed its validation figures
+            segments = re.split(r"^== (\S+): (?!ok|failed|cut|skipped)", log.read_text(), flags=re.M)
+            for name, text in zip(segments[1::2], segments[2::2]):
+                for check in part["checks"]:
+                    if check["name"] == name and check["status"] != "ok" and not check["figures"]:
+                        check["figures"] = validation_figures(text.splitlines())
+        parts.append(part)
     lease_id = lease_id or parts[0]["started"][:10]
     leases = [entry for entry in stored["leases"] if entry["lease"] != lease_id]
     leases.append({"lease": lease_id, "parts": sorted(parts, key=lambda p: p["part"])})
+    leases.sort(key=lambda entry: entry["parts"][0]["started"])
     write_json(RESULTS_JSON, {"leases": leases})
     rows = [row for part in parts for row in part.get("quality_rows", [])]
     if rows:
@@ -560,7 +586,7 @@ def doc_text(stored: dict) -> str:
                 f"`nvidia-smi`: {env.get('nvidia_smi', '?')}",
                 f"- Software: Python {env.get('python', '?')}, torch {env.get('torch', '?')} (CUDA {env.get('cuda', '?')}), "
                 f"transformers {env.get('transformers', '?')}, peft {env.get('peft', '?')}, lightning {env.get('lightning', '?')}, "
-                f"torch-geometric {env.get('torch_geometric', '?')}; bf16 {env.get('bf16', '?')}; {env.get('cpus', '?')} CPUs",
+                f"torch-geometric {env.get('torch_geometric', '?')}, pandas {env.get('pandas', '?')}; bf16 {env.get('bf16', '?')}; {env.get('cpus', '?')} CPUs",
                 f"- Measured dense bf16 matmul (8192³, mean of 10 after 3 warm-ups): **{fmt(env.get('matmul_bf16_tflops'), 0)} TFLOP/s**, "
                 "the MFU denominator below (the H200's data sheet says 989)",
                 f"- Commit: {', '.join(commits)}; parts run at " + ", ".join(f"{p['started']} (part {p['part']}, budget "
@@ -598,7 +624,9 @@ def doc_text(stored: dict) -> str:
                            f"{fmt(100 * sheet, 1) + '%' if sheet else '–'} | {fmt(f.get('max_memory_gib'), 1)} |")
             out.append("")
         rows = [r for p in parts for r in p.get("quality_rows", [])]
-        if rows:
+        cut = [c for p in parts for c in p["checks"]
+               if c["name"].startswith("llm_full_") and c["status"] != "ok" and c["figures"]]
+        if rows or cut:
             speed = next((p.get("llm_speed_pairs_per_s") for p in parts if p.get("llm_speed_pairs_per_s")), {})
             out += ["### Full-data LLM rows (K562, whole test split)", "",
                     f"`model=lora_llama` with the real SmolLM2-135M-Instruct weights, one `joint` run each, trained on "
@@ -611,6 +639,13 @@ def doc_text(stored: dict) -> str:
             out += [f"| {r['model']} | {r['task']} | {r.get('global_step')} | {fmt(r.get('val_auroc_per_gene'))} | "
                     f"{fmt(r.get('auroc_per_gene'))} | {fmt(r.get('genes_scored'), 0)} | {fmt(r.get('wall_seconds'), 0)} |"
                     for r in rows]
+            for c in cut:
+                steps = re.search(r"limit_train_batches=(\d+)", c["command"])
+                model = c["name"][len("llm_full_"):]
+                for task in ("de", "dir"):
+                    out.append(f"| {model} | {task} | {steps.group(1) if steps else '?'} | "
+                               f"{fmt(c['figures'].get(f'val_{task}_auroc_per_gene'))} | {c['status']} before its test | "
+                               f"– | {c['seconds']:.0f} |")
             out.append("")
         failures = [c for p in parts for c in p["checks"] if c["status"] in ("failed", "cut") and c.get("error")]
         if failures:

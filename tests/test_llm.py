@@ -178,6 +178,17 @@ def test_token_cache_is_written_once_and_reused(synthetic_cfg, cache, capsys):
     # On CPU the time estimate is printed before any training step.
     assert re.search(r"estimated CPU time: training epoch ~[\d.]+ min, validation ~[\d.]+ min, test ~[\d.]+ min",
                      capsys.readouterr().out)
+    # Under a Trainer on a GPU (the model still on the CPU at setup), or when validating, no CPU estimate.
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    for device, fn in (("cuda", TrainerFn.FITTING), ("cpu", TrainerFn.VALIDATING)):
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)),
+                                     state=SimpleNamespace(fn=fn), limit_train_batches=None)
+        model.encoder.prepare_datamodule(dm)
+        assert "estimated CPU time" not in capsys.readouterr().out
+    dm.trainer = None
     files = sorted((cache / "llm_tokens").glob("*.pt"))
     assert len(files) == 3  # train, val, test
     stamps = {f: f.stat().st_mtime_ns for f in files}

@@ -425,7 +425,7 @@ class LoRALlamaClassifier(Encoder):
         """Tokenise every split of the DataModule once (called from the classifier's ``setup``)."""
         for stage, frame in getattr(datamodule, "frames", {}).items():
             self.tokenise_split(frame["pert_idx"].to_numpy(), frame["gene_idx"].to_numpy(), stage)
-        if getattr(datamodule, "frames", None) and next(self.parameters()).device.type == "cpu":
+        if getattr(datamodule, "frames", None) and _fits_on_cpu(getattr(datamodule, "trainer", None), self):
             print(self.estimate_times(datamodule), flush=True)
 
     def split_tokens(self, frame) -> int:
@@ -544,6 +544,17 @@ class LoRALlamaClassifier(Encoder):
             backward(loss)
             total += loss.detach()
         return total
+
+
+def _fits_on_cpu(trainer, module: nn.Module) -> bool:
+    """A CPU fit, where the time estimate helps. Under a Trainer its device decides (the model is still on the
+    CPU at setup, whatever the accelerator), and only when fitting, not again for validate and test."""
+    strategy, state = getattr(trainer, "strategy", None), getattr(trainer, "state", None)
+    if strategy is None or state is None:
+        return next(module.parameters()).device.type == "cpu"
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    return strategy.root_device.type == "cpu" and state.fn == TrainerFn.FITTING
 
 
 def _cast_input_to_weight_dtype(module: nn.Linear, args):
