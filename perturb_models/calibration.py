@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def fit_platt(scores: np.ndarray, labels: np.ndarray, iterations: int = 100) -> 
     design = np.stack([x, np.ones_like(x)], axis=1)
     theta = np.array([1.0, 0.0])
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-(design @ theta)))
+        p = expit(design @ theta)
         gradient = design.T @ (p - y) + 1e-6 * theta
         hessian = (design * (p * (1 - p))[:, None]).T @ design + 1e-6 * np.eye(2)
         step = np.linalg.solve(hessian, gradient)
@@ -66,7 +67,7 @@ def fit_platt(scores: np.ndarray, labels: np.ndarray, iterations: int = 100) -> 
         shifted = slope * x
         intercept = 0.0
         for _ in range(iterations):
-            p = 1.0 / (1.0 + np.exp(-(shifted + intercept)))
+            p = expit(shifted + intercept)
             step = (p - y).sum() / max((p * (1 - p)).sum(), 1e-12)
             intercept -= step
             if abs(step) < 1e-10:
@@ -76,8 +77,7 @@ def fit_platt(scores: np.ndarray, labels: np.ndarray, iterations: int = 100) -> 
 
 def apply_calibrator(scores: np.ndarray, calibrator: Mapping[str, Any]) -> np.ndarray:
     """Calibrated probabilities (float64) of ``scores`` under one task's calibrator."""
-    z = calibrator["slope"] * _logit(scores) + calibrator["intercept"]
-    return 1.0 / (1.0 + np.exp(-z))
+    return expit(calibrator["slope"] * _logit(scores) + calibrator["intercept"])
 
 
 def fit_calibrators(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
@@ -146,3 +146,55 @@ def save_calibrators(ckpt_path: str | os.PathLike, calibrators: Mapping[str, Map
     checkpoint[CALIBRATION_KEY] = {task: dict(c) for task, c in calibrators.items()}
     with atomic_writer(ckpt_path) as handle:
         torch.save(checkpoint, handle)
+
+
+def reliability_table(frame: pd.DataFrame, calibrators: Mapping[str, Mapping[str, Any]] | None,
+                      bins: int = 10) -> pd.DataFrame:
+    """Per task and equal-width probability bin: pairs, mean probability and observed rate, for the model's
+    scores and (with calibrators) the calibrated ones: the numbers of a reliability diagram."""
+    rows = []
+    for task, group in frame.groupby("task", sort=True):
+        labels = group["label"].to_numpy(dtype=np.float64)
+        versions = {"model": group["score"].to_numpy()}
+        if calibrators and task in calibrators:
+            versions["calibrated"] = apply_calibrator(versions["model"], calibrators[task])
+        for version, scores in versions.items():
+            which = np.minimum((np.asarray(scores) * bins).astype(np.int64), bins - 1)
+            for b in range(bins):
+                inside = which == b
+                if inside.any():
+                    rows.append({"task": task, "scores": version, "bin": f"{b / bins:.1f}-{(b + 1) / bins:.1f}",
+                                 "pairs": int(inside.sum()), "mean_probability": float(np.mean(scores[inside])),
+                                 "observed_rate": float(labels[inside].mean())})
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m perturb_models.calibration RUN_DIR``: the reliability table of a run's test predictions."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="Reliability table (before / after calibration) of a run's test "
+                                                 "predictions, from its predictions/test.csv and its checkpoint.")
+    parser.add_argument("run", help="a train.py or evaluate.py run folder (predictions/test.csv)")
+    parser.add_argument("--checkpoint", default=None, help="default: RUN/checkpoints/best.ckpt")
+    parser.add_argument("--bins", type=int, default=10)
+    args = parser.parse_args(argv)
+    from perturb_models.results import markdown_table
+    from perturb_models.runs import load_checkpoint
+
+    run = Path(args.run)
+    checkpoint = load_checkpoint(args.checkpoint or run / "checkpoints" / "best.ckpt")
+    calibrators = checkpoint.get(CALIBRATION_KEY)
+    table = reliability_table(pd.read_csv(run / "predictions" / "test.csv"), calibrators, args.bins)
+    print(f"calibrators: {calibrators or 'none (uncalibrated checkpoint)'}")
+    for (task, version), part in table.groupby(["task", "scores"], sort=True):
+        print(f"\n{task}, {version} scores")
+        print(markdown_table(part.drop(columns=["task", "scores"]).round(4)))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -111,3 +111,17 @@ def test_a_checkpoint_without_calibrator_still_evaluates_uncalibrated(synthetic_
     assert evaluated["test/de_auroc_per_gene"] == metrics["test/de_auroc_per_gene"]
     predictions = pd.read_csv(tmp_path / "eval" / "predictions" / "test.csv")
     assert list(predictions.columns) == ["pert", "gene", "task", "label", "score"]
+
+
+def test_reliability_table_counts_every_pair_before_and_after():
+    from perturb_models.calibration import reliability_table
+
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"task": ["de"] * 500, "label": rng.integers(0, 2, 500), "score": rng.uniform(size=500)})
+    table = reliability_table(frame, {"de": {"slope": 0.5, "intercept": 0.0}}, bins=5)
+    for version in ("model", "calibrated"):
+        part = table.loc[table["scores"] == version]
+        assert part["pairs"].sum() == 500 and part["mean_probability"].is_monotonic_increasing
+    # slope 0.5 pulls scores toward 0.5: more of them fall in the middle bin
+    middle = table.loc[table["bin"] == "0.4-0.6"].set_index("scores")["pairs"]
+    assert middle["calibrated"] > 1.5 * middle["model"]
