@@ -174,3 +174,10 @@ def test_command_line_reports_a_bad_query_in_one_error_line(synthetic_cfg, query
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "KRSA is not a gene symbol" in errors[0], errors
     assert not (tmp_path / "cli").exists() or not (tmp_path / "cli" / "predictions.csv").exists()
+
+
+def test_help_says_what_to_ask_and_where_the_answers_go():
+    result = subprocess.run([sys.executable, "predict.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for words in ("perts=all_known", "genes", "predictions.csv", "query.json", "MT-CO1 -> COX1", "mlp and lora_llama refuse"):
+        assert words in result.stdout, words

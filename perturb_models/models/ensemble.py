@@ -262,14 +262,15 @@ class EnsembleEncoder(Encoder):
     @torch.no_grad()
     def evidence(self, pert: np.ndarray, gene: np.ndarray) -> dict[str, list]:
         """Each member's scores (``<member>_p_de``, ``<member>_p_up_given_de``) and the members' own evidence."""
-        batch = {"pert": torch.as_tensor(np.asarray(pert), dtype=torch.long, device=self.weights.device),
-                 "gene": torch.as_tensor(np.asarray(gene), dtype=torch.long, device=self.weights.device)}
-        scores = self.member_scores(batch)
+        pert, gene = np.asarray(pert), np.asarray(gene)
         names = {"de": "p_de", "dir": "p_up_given_de"}
         columns: dict[str, list] = {}
-        for key, values in scores.items():
-            for j, member in enumerate(self.member_names):
-                columns[f"{member}_{names[key]}"] = values[:, j].cpu().numpy().tolist()
+        for start in range(0, len(pert), 8192):  # batches: a screen has millions of pairs
+            batch = {"pert": torch.as_tensor(pert[start:start + 8192], dtype=torch.long, device=self.weights.device),
+                     "gene": torch.as_tensor(gene[start:start + 8192], dtype=torch.long, device=self.weights.device)}
+            for key, values in self.member_scores(batch).items():
+                for j, member in enumerate(self.member_names):
+                    columns.setdefault(f"{member}_{names[key]}", []).extend(values[:, j].cpu().numpy().tolist())
         for member in self.member_names:
             columns.update(self.members[member].encoder.evidence(pert, gene))
         return columns
