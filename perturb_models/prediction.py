@@ -34,7 +34,7 @@ from perturb_models.calibration import CALIBRATION_KEY, apply_calibrator
 from perturb_models.console import say
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.errors import ConfigError, UserError
-from perturb_models.io import atomic_write_dataframe, atomic_write_json
+from perturb_models.io import atomic_write_dataframe, atomic_write_json, atomic_write_text
 from perturb_models.tasks import GSE_TASK, decode_scores
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,91 @@ def summary_lines(frame: pd.DataFrame, top: int, max_perts: int) -> list[str]:
     return lines
 
 
+# ---- screens in parts (resumable) -------------------------------------------------------------------
+
+PARTS_FOLDER = "predictions.parts"
+
+
+class PartStore:
+    """Finished parts of a screen in ``<run>/predictions.parts/`` (pickled frames: exact float64, unlike
+    CSV), with the query they belong to. A rerun of the same query into the same run folder
+    (``hydra.run.dir=...``) keeps the parts it finds and scores the rest; another query discards them.
+    Removed once ``predictions.csv`` is written."""
+
+    def __init__(self, folder: Path, query: dict[str, Any]):
+        import hashlib
+        import json
+
+        self.folder = folder
+        self.key = hashlib.sha256(json.dumps(query, sort_keys=True, default=str).encode()).hexdigest()
+        self.reused = 0
+        key_file = folder / "query.key"
+        if folder.is_dir() and (not key_file.is_file() or key_file.read_text().strip() != self.key):
+            log.warning("%s holds parts of another query: discarded", folder)
+            self.remove()
+        if not folder.is_dir():
+            folder.mkdir(parents=True)
+            atomic_write_json(folder / "query.json", query)
+            atomic_write_text(key_file, self.key + "\n")
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"part-{index:06d}.pkl"
+
+    def load(self, index: int) -> pd.DataFrame | None:
+        path = self.path(index)
+        if not path.is_file():
+            return None
+        self.reused += 1
+        return pd.read_pickle(path)
+
+    def save(self, index: int, frame: pd.DataFrame) -> None:
+        import io
+
+        from perturb_models.io import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        frame.to_pickle(buffer)
+        atomic_write_bytes(self.path(index), buffer.getvalue())
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def score_in_parts(model, encoder, vocab: GeneVocab, perts: Sequence[str], genes: Sequence[str], parts: PartStore,
+                   batch_size: int, chunk_pairs: int, device: torch.device, evidence: bool) -> tuple[pd.DataFrame, float]:
+    """Raw scores (``score_de``, ``score_dir``) and evidence columns of every (pert, gene) pair, perturbation
+    by perturbation in parts of about ``chunk_pairs`` pairs, each written as it finishes (so a killed screen
+    resumes); returns the frame in pert-major order and the seconds spent scoring in this call."""
+    per_part = max(1, chunk_pairs // max(1, len(genes)))
+    gene_codes = vocab.encode(genes)
+    frames, seconds = [], 0.0
+    starts = list(range(0, len(perts), per_part))
+    for index, start in enumerate(starts):
+        frame = parts.load(index)
+        if frame is None:
+            began = time.perf_counter()
+            chunk = perts[start:start + per_part]
+            pert_idx = np.repeat(vocab.encode(chunk), len(genes))
+            gene_idx = np.tile(gene_codes, len(chunk))
+            scores = score_pairs(model, pert_idx, gene_idx, batch_size, device)
+            frame = pd.DataFrame({f"score_{key}": value for key, value in scores.items()})
+            if evidence:
+                for column, values in encoder.evidence(pert_idx, gene_idx).items():
+                    frame[column] = values
+            parts.save(index, frame)
+            seconds += time.perf_counter() - began
+            if len(starts) > 1:
+                done = sum(len(f) for f in frames) + len(frame)
+                log.info("part %d/%d scored (%d pairs, %.0f pairs/s this call)", index + 1, len(starts), done,
+                         len(frame) / max(time.perf_counter() - began, 1e-9))
+        frames.append(frame)
+    if parts.reused:
+        say(f"resumed: {parts.reused} of {len(starts)} parts were already scored in {parts.folder}")
+    return pd.concat(frames, ignore_index=True), seconds
+
+
 # ---- the command ------------------------------------------------------------------------------------
 
 def _load(cfg: DictConfig):
@@ -291,8 +376,9 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     if perts_asked is None:
         raise ConfigError("perts is missing: pass perts=[GENE,...], perts=FILE (symbols) or perts=all_known")
     genes_asked = asked_symbols(cfg.get("genes"), "genes")
-    if int(cfg.batch_size) < 1:
-        raise ConfigError(f"batch_size={cfg.batch_size}: must be a positive number")
+    for option in ("batch_size", "chunk_pairs"):
+        if int(cfg.get(option)) < 1:
+            raise ConfigError(f"{option}={cfg.get(option)}: must be a positive number")
     ckpt_file, record, run_cfg, datamodule, model = _load(cfg)
     encoder = model.encoder
     context = datamodule.context
@@ -344,13 +430,15 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
 
     device = torch.device(cfg.get("device") or "cpu")
     model.to(device)
-    pert_idx = np.repeat(vocab.encode(answered_perts), len(answered_genes))
-    gene_idx = np.tile(vocab.encode(answered_genes), len(answered_perts))
-    say(f"scoring {len(pert_idx):,} pairs ({len(answered_perts):,} perturbations x {len(answered_genes):,} genes) "
-        f"with {record['config']['model'].get('name')} from {ckpt_file}")
-    scoring_started = time.perf_counter()
-    scores = score_pairs(model, pert_idx, gene_idx, int(cfg.batch_size), device)
-    scoring_seconds = time.perf_counter() - scoring_started
+    say(f"scoring {len(answered_perts) * len(answered_genes):,} pairs ({len(answered_perts):,} perturbations x "
+        f"{len(answered_genes):,} genes) with {record['config']['model'].get('name')} from {ckpt_file}")
+    parts = PartStore(output_dir / PARTS_FOLDER, {
+        "checkpoint": str(ckpt_file), "checkpoint_bytes": ckpt_file.stat().st_size,
+        "checkpoint_mtime_ns": ckpt_file.stat().st_mtime_ns, "perts": answered_perts, "genes": answered_genes,
+        "evidence": bool(cfg.get("evidence", True)), "chunk_pairs": int(cfg.chunk_pairs)})
+    raw, scoring_seconds = score_in_parts(model, encoder, vocab, answered_perts, answered_genes, parts,
+                                          int(cfg.batch_size), int(cfg.chunk_pairs), device, bool(cfg.get("evidence", True)))
+    scores = {key: raw[f"score_{key}"].to_numpy() for key in ("de", "dir") if f"score_{key}" in raw}
     calibrators = model.calibrators or {}
     calibrated = {key: apply_calibrator(value, calibrators[key]) if key in calibrators else value
                   for key, value in scores.items()}
@@ -360,10 +448,11 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
             frame[column] = scores[key]
     frame["pert_in_training_vocab"] = frame["pert"].isin(set(context.vocab.symbols))
     frame["pert_knowledge"] = frame["pert"].map(flags)
-    if cfg.get("evidence", True):
-        for column, values in encoder.evidence(pert_idx, gene_idx).items():
-            frame[column] = values
+    for column in raw.columns:
+        if not column.startswith("score_"):
+            frame[column] = raw[column].to_numpy()
     atomic_write_dataframe(output_dir / "predictions.csv", frame)
+    parts.remove()
     query = {
         "checkpoint": str(ckpt_file),
         "model": record["config"]["model"].get("name"),
@@ -381,6 +470,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
         "pairs": int(len(frame)),
         "new_perturbations": len(new),
         "scoring_seconds": round(scoring_seconds, 3),
+        "parts_reused": parts.reused,
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
     atomic_write_json(output_dir / "query.json", query)

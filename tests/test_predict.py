@@ -181,3 +181,38 @@ def test_help_says_what_to_ask_and_where_the_answers_go():
     assert result.returncode == 0, result.stderr[-2000:]
     for words in ("perts=all_known", "genes", "predictions.csv", "query.json", "MT-CO1 -> COX1", "mlp and lora_llama refuse"):
         assert words in result.stdout, words
+
+
+def test_a_killed_screen_resumes_keeping_the_parts_it_wrote(synthetic_cfg, query_world, tmp_path, monkeypatch):
+    import perturb_models.prediction as prediction
+
+    run = _train(synthetic_cfg, query_world, "knn", tmp_path)
+    query = ["perts=[NEWA,SYN0001,SYN0002,SYN0003,SYN0004,SYN0005]", "chunk_pairs=400"]  # 2 perturbations a part
+    whole = _predict(run, tmp_path / "whole", *query)
+    scored = []
+    real_score_pairs = prediction.score_pairs
+
+    def dies_on_the_third_part(model, pert_idx, *args):
+        if len(scored) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C or a kill leaves: parts 0 and 1 on disk, no predictions.csv
+        scored.append(len(pert_idx))
+        return real_score_pairs(model, pert_idx, *args)
+
+    monkeypatch.setattr(prediction, "score_pairs", dies_on_the_third_part)
+    with pytest.raises(KeyboardInterrupt):
+        _predict(run, tmp_path / "killed", *query)
+    assert sorted(p.name for p in (tmp_path / "killed" / prediction.PARTS_FOLDER).glob("part-*")) == \
+        ["part-000000.pkl", "part-000001.pkl"]
+    assert not (tmp_path / "killed" / "predictions.csv").exists()
+    scored.clear()
+    monkeypatch.setattr(prediction, "score_pairs", lambda model, pert_idx, *args: (scored.append(len(pert_idx)),
+                                                                                   real_score_pairs(model, pert_idx, *args))[1])
+    resumed = _predict(run, tmp_path / "killed", *query)
+    assert scored == [400]  # only the third part was scored again
+    assert json.loads((tmp_path / "killed" / "query.json").read_text())["parts_reused"] == 2
+    pd.testing.assert_frame_equal(resumed, whole)
+    assert not (tmp_path / "killed" / prediction.PARTS_FOLDER).exists()
+    # Another query into the same folder does not reuse parts of the first.
+    scored.clear()
+    _predict(run, tmp_path / "killed", "perts=[SYN0001,SYN0002]", "chunk_pairs=400")
+    assert scored == [400]
