@@ -12,6 +12,8 @@ import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from perturb_models.calibration import CALIBRATION_KEY
+from perturb_models.console import say
 from perturb_models.errors import CheckpointError
 from perturb_models.io import atomic_write_dataframe, atomic_write_text
 from perturb_models.models.classifier import RECORD_KEY
@@ -64,6 +66,10 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, output_dir: Path, trainer_
     datamodule = build_datamodule(cfg.data, **overrides)
     model = build_model(cfg, datamodule)
     model.load_state_dict(checkpoint["state_dict"])
+    model.calibrators = checkpoint.get(CALIBRATION_KEY)
+    if not model.calibrators:
+        say(f"{ckpt_file} holds no calibrator (written before calibration existed, or not the run's selected "
+            "checkpoint): scores are uncalibrated, metrics.json has no Brier/ECE")
     logged_cfg = cfg
     if evaluate_cfg is not None:
         own = {key: evaluate_cfg.get(key) for key in ("logger", "paths", "task_name", "run_name")}

@@ -13,6 +13,7 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from perturb_models.calibration import fit_validation_calibrators, save_calibrators
 from perturb_models.builders import build_callbacks, build_datamodule, build_loggers, build_model, build_trainer, finish_wandb
 from perturb_models.config_checks import validate_config
 from perturb_models.errors import RunInterrupted
@@ -77,7 +78,11 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         if select_from is None:
             log.warning("No best checkpoint was saved (fast_dev_run or no validation): testing the final weights")
         trainer.validate(model, datamodule=datamodule, ckpt_path=select_from, verbose=False)
+        # Calibrators from the selected checkpoint's validation predictions only (never a test label).
+        model.calibrators = fit_validation_calibrators(model.stage_predictions.get("val"))
         trainer.test(model, datamodule=datamodule, ckpt_path=select_from, verbose=False)
+        if model.calibrators and select_from is not None and trainer.is_global_zero:
+            save_calibrators(select_from, model.calibrators)
         metrics = {**model.stage_metrics.get("val", {}), **model.stage_metrics.get("test", {})}
         record.update(status="completed", best_checkpoint=select_from, wall_seconds=round(time.time() - started, 2),
                       epochs=trainer.current_epoch, global_step=trainer.global_step)

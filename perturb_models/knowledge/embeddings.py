@@ -311,9 +311,15 @@ def table_for_symbols(symbols: Sequence[str], table_symbols: Sequence[str], tabl
 
 def gene_embedding_table(context, spec: Mapping | None, progress: bool = True) -> EmbeddingTable:
     """An ``EmbeddingTable`` in vocab order for ``context`` (a DataContext), logging the coverage."""
+    return symbols_embedding_table(list(context.vocab.symbols), spec, context.clusters, progress)
+
+
+def symbols_embedding_table(symbols: Sequence[str], spec: Mapping | None,
+                            clusters: Mapping[str, Sequence[str]] | None = None, progress: bool = True) -> EmbeddingTable:
+    """An ``EmbeddingTable`` for ``symbols`` (in that order), logging the coverage."""
     spec = full_spec(spec)
-    symbols = list(context.vocab.symbols)
-    clusters = context.clusters
+    symbols = list(symbols)
+    clusters = clusters or {}
     if spec["source"] == "text":
         table = text_embedding_table(symbols, spec, clusters, progress)
     elif spec["source"] == "random":

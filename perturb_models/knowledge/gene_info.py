@@ -99,6 +99,19 @@ class CoverageReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class QueryAnswer:
+    """How one symbol typed by a person resolved: the gene (``gene_id``, its ``official`` symbol) and
+    ``how`` (``symbol``, ``ensembl``, ``synonym``, ``hyphen-less synonym``, ``case``), or ``refused`` with
+    the reason (ambiguous: the candidates with their Ensembl ids; unknown: the closest known symbols)."""
+
+    asked: str
+    gene_id: int | None = None
+    official: str | None = None
+    how: str | None = None
+    refused: str | None = None
+
+
 class SymbolResolver:
     """Maps gene symbols to NCBI GeneIDs: the official ``Symbol`` first, then ``Synonyms`` (older names).
 
@@ -121,6 +134,73 @@ class SymbolResolver:
         self._synonym = {s: sorted(g) for s, g in synonyms.items()}
         self._ensembl = {e: int(g) for g, e in zip(gene_info["gene_id"], gene_info["ensembl"]) if e}
         self._symbol_of = {int(g): s for g, s in zip(gene_info["gene_id"], gene_info["symbol"])}
+
+    def _unique_synonym(self, symbol: str) -> tuple[int | None, list[int]]:
+        """(GeneID, []) for a synonym of one gene (with the renamed-gene rule of ``resolve_many``), else
+        (None, the candidate GeneIDs: several when ambiguous, none when no gene has it)."""
+        ids = self._synonym.get(symbol) or []
+        if len(ids) > 1:
+            extended = [g for g in ids if (self._symbol_of.get(g) or "").startswith(symbol)]
+            if len(extended) == 1:
+                return extended[0], []
+        if len(ids) == 1:
+            return ids[0], []
+        return None, list(ids)
+
+    def resolve_query(self, asked: str) -> QueryAnswer:
+        """Resolve a symbol as a biologist types it: the official symbol, an Ensembl gene id (dbXrefs), a
+        synonym, the hyphen-less form of either (``MT-CO1`` -> synonym ``MTCO1`` of ``COX1``), any of
+        these in another case. An ambiguous synonym is refused naming every candidate and its Ensembl id;
+        an unknown one naming the closest known symbols. (Training-time knowledge uses ``resolve_many``.)"""
+        text = str(asked).strip()
+        if text in self._symbol:
+            return QueryAnswer(asked, self._symbol[text], text, "symbol")
+        base = text.split(".")[0]
+        if base.upper().startswith("ENSG"):
+            gid = self._ensembl.get(base.upper())
+            if gid is not None:
+                return QueryAnswer(asked, gid, self._symbol_of[gid], "ensembl")
+            return QueryAnswer(asked, refused=f"{text}: no gene of gene_info carries this Ensembl id")
+        candidates: list[int] = []
+        for form, how in ((text, "synonym"), (text.replace("-", ""), "hyphen-less synonym")):
+            if form != text and form in self._symbol:
+                return QueryAnswer(asked, self._symbol[form], form, "hyphen-less symbol")
+            gid, ambiguous = self._unique_synonym(form)
+            if gid is not None:
+                return QueryAnswer(asked, gid, self._symbol_of[gid], how)
+            candidates = candidates or ambiguous
+        if candidates:
+            named = ", ".join(f"{self._symbol_of[g]} ({self._ensembl_of(g) or f'GeneID {g}'})" for g in candidates)
+            return QueryAnswer(asked, refused=f"{text} is a synonym of {len(candidates)} genes: {named}; ask for "
+                                              "one by its symbol or Ensembl id")
+        upper = text.upper()
+        if not hasattr(self, "_synonym_upper"):
+            merged: dict[str, set[int]] = defaultdict(set)
+            for synonym, ids in self._synonym.items():
+                merged[synonym.upper()].update(ids)
+            self._synonym_upper = {k: sorted(v) for k, v in merged.items()}
+        for form in (upper, upper.replace("-", "")):
+            if form in self._upper:
+                gid = self._upper[form]
+                return QueryAnswer(asked, gid, self._symbol_of[gid], "case")
+            ids = self._synonym_upper.get(form, [])
+            if len(ids) == 1:
+                return QueryAnswer(asked, ids[0], self._symbol_of[ids[0]], "case")
+        return QueryAnswer(asked, refused=f"{text} is not a gene symbol, synonym or Ensembl id of gene_info"
+                                          + self._closest(text))
+
+    def _ensembl_of(self, gene_id: int) -> str | None:
+        if not hasattr(self, "_ensembl_by_gene"):
+            self._ensembl_by_gene = {g: e for e, g in self._ensembl.items()}
+        return self._ensembl_by_gene.get(gene_id)
+
+    def _closest(self, text: str, n: int = 3) -> str:
+        import difflib
+
+        if not hasattr(self, "_upper_symbols"):
+            self._upper_symbols = sorted(self._upper)
+        close = difflib.get_close_matches(text.upper(), self._upper_symbols, n=n, cutoff=0.6)
+        return f"; closest known symbols: {', '.join(self._symbol_of[self._upper[c]] for c in close)}" if close else ""
 
     def resolve(self, symbol: str) -> int | None:
         """GeneID of ``symbol`` or None (missing or ambiguous)."""

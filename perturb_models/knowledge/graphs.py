@@ -461,3 +461,91 @@ def build_graphs(specs: Mapping[str, Mapping[str, Any]], context) -> GeneGraph:
     combined = combine_graphs(graphs)
     log.info("combined %s", combined.summary("graph"))
     return combined
+
+
+# ---- genes appended after training (predict.py) -----------------------------------------------------
+
+# Graph kinds that can give a gene appended to a trained vocabulary its in-edges, and the relation name
+# each kind's graph carries (one relation per kind, as ``combine_graphs`` names it ``source:relation``).
+EXTENSIBLE_KINDS = {"go": "go_similarity", "embedding": "embedding_similarity", "coresponse": "coresponse"}
+
+
+def _new_gene_go_edges(context, num_known: int, top_k: int = 20, threshold: float = 0.1, aspects=None,
+                       exclude_evidence=(), propagate: bool = False, relations=("is_a", "part_of"),
+                       annotations: str = "gene2go", cluster_min_share: float = 0.1, knowledge_root=None,
+                       allow_download: bool = True, candidates: str = "all", **_):
+    sets, _info = vocab_term_sets(context, knowledge_root, annotations, aspects, exclude_evidence, propagate, relations,
+                                  cluster_min_share, allow_download)
+    matrix, _terms = _incidence(sets)
+    annotated = np.flatnonzero(np.asarray(matrix.sum(axis=1)).ravel() > 0)
+    known = annotated[annotated < num_known]
+    pool = known if candidates == "all" else _candidate_rows(context, candidates, known)
+    rows = annotated[annotated >= num_known]
+    if len(rows) == 0 or len(pool) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return topk_similarity_edges(matrix, top_k, threshold, "jaccard", rows=rows, candidates=pool, desc="GO Jaccard (new genes)")
+
+
+def _new_gene_embedding_edges(context, num_known: int, embeddings=None, top_k: int = 20, threshold: float = 0.5,
+                              candidates: str = "all", **_):
+    from perturb_models.knowledge.embeddings import full_spec, symbols_embedding_table
+
+    spec = full_spec(embeddings)
+    symbols = context.vocab.symbols
+    known = symbols_embedding_table(symbols[:num_known], spec, context.clusters)  # the training run's table (cached)
+    new = symbols_embedding_table(symbols[num_known:], spec, context.clusters)
+    matrix = np.concatenate([known.matrix, new.matrix]).astype(np.float32)
+    found = np.concatenate([known.found, new.found])
+    known_found = np.flatnonzero(found[:num_known])
+    pool = _candidate_rows(context, candidates, known_found)
+    rows = np.flatnonzero(found[num_known:]) + num_known
+    if len(rows) == 0 or len(pool) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return topk_similarity_edges(sparse.csr_matrix(matrix), top_k, threshold, "cosine", rows=rows, candidates=pool,
+                                 desc="embedding cosine (new genes)")
+
+
+def _new_gene_coresponse_edges(context, num_known: int, **_):
+    # A gene appended after training has no training response, hence no co-response neighbour.
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+
+
+_NEW_GENE_EDGES = {"go": _new_gene_go_edges, "embedding": _new_gene_embedding_edges,
+                   "coresponse": _new_gene_coresponse_edges}
+
+
+def new_gene_edges(specs: Mapping[str, Mapping[str, Any]], context, num_known: int) -> GeneGraph:
+    """The edges that genes appended to a trained vocabulary get in the graph ``build_graphs(specs, ...)``
+    built over the first ``num_known`` genes: each builder's rule applied to the new genes' rows only,
+    with neighbours drawn from the known genes (the pool the training graph drew from). Every edge
+    points from a known gene into a new one, so no known gene gains an in-edge, a neighbour or a degree:
+    what message passing, normalisation and retrieval compute for known genes is unchanged.
+
+    Returns a graph over ``context``'s (extended) vocabulary holding only those edges, with the edge
+    types of the combined training graph (one relation per source, in ``specs`` order)."""
+    n = context.num_genes
+    src_all, dst_all, weight_all, type_all = [], [], [], []
+    for position, (name, spec) in enumerate(specs.items()):
+        kind = spec.get("kind")
+        if kind not in EXTENSIBLE_KINDS:
+            raise ValueError(f"graph {name} (kind {kind}) cannot give genes outside the training vocabulary their "
+                             f"edges; kinds that can: {', '.join(EXTENSIBLE_KINDS)}")
+        params = {k: v for k, v in spec.items() if k not in NON_KEY_PARAMS or k == "allow_download"}
+        for key in ("aspects", "exclude_evidence", "relations"):
+            if isinstance(params.get(key), (list, tuple)):
+                params[key] = tuple(params[key])
+        src, dst, weight = _NEW_GENE_EDGES[kind](context, num_known, **params)
+        src_all.append(src)
+        dst_all.append(dst)
+        weight_all.append(weight)
+        type_all.append(np.full(len(src), position, np.int64))
+        log.info("graph %s: %d edges into %d new genes", name, len(src), n - num_known)
+    src, dst = np.concatenate(src_all), np.concatenate(dst_all)
+    relations = [f"{name}:{EXTENSIBLE_KINDS[spec['kind']]}" for name, spec in specs.items()]
+    graph = GeneGraph(n, torch.as_tensor(np.stack([src, dst]), dtype=torch.long).reshape(2, -1),
+                      torch.as_tensor(np.concatenate(type_all)), torch.as_tensor(np.concatenate(weight_all),
+                                                                                 dtype=torch.float32),
+                      relations, [], {"new_genes": n - num_known}).validate()
+    if graph.num_edges and (int(graph.edge_index[0].max()) >= num_known or int(graph.edge_index[1].min()) < num_known):
+        raise AssertionError("new-gene edges must point from a known gene into a new one")
+    return graph

@@ -16,6 +16,15 @@ The contract:
   one logit per class (``output_dim == context.num_classes``) and the head is the identity.
 - ``prepare_datamodule(datamodule)`` (optional): called once from the classifier's ``setup`` with the
   DataModule, for per-split precomputation (the LLM tokenises every split's prompts here).
+- ``describes_new_perturbations`` / ``extend_vocabulary(context)`` (optional, for ``predict.py``): an
+  encoder that describes a perturbation through knowledge files (graphs, gene texts) sets the flag and
+  implements ``extend_vocabulary``, which receives a context whose vocabulary is the training vocabulary
+  (the first N symbols, indices unchanged) followed by new genes, and gives the new genes their inputs
+  as perturbations without changing anything a known gene sees (its graph in-edges, its table row). An
+  encoder that cannot (a perturbation vector learned from data only) leaves the flag false and says why
+  in ``new_perturbation_refusal``; ``predict.py`` prints that reason when asked about such a gene.
+- ``evidence(pert, gene)`` (optional): per-pair columns that explain an answer (the retrieval model's
+  closest training knockdowns); ``predict.py`` writes them next to the probabilities.
 - Trainable parameters need an optimizer (``model.optimizer``); an encoder with none (retrieval) trains
   for one pass that writes the checkpoint, then is validated and tested like any other.
 """
@@ -43,8 +52,25 @@ class Encoder(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(batch)")
 
+    describes_new_perturbations: bool = False
+    """True when ``extend_vocabulary`` can describe a perturbed gene outside the training vocabulary from
+    knowledge files alone (see the module docstring)."""
+
+    new_perturbation_refusal: str = "this model does not describe perturbations from knowledge files"
+    """Why the model cannot answer for a perturbation outside its training vocabulary (when the flag is false)."""
+
     def prepare_datamodule(self, datamodule: Any) -> None:
         """Per-split precomputation, once per run; nothing by default."""
+
+    def extend_vocabulary(self, context: Any) -> None:
+        """Give the genes appended to the training vocabulary (``context.vocab.symbols[n:]``, ``n`` the
+        training vocabulary's size) their perturbation inputs, leaving every known gene's inputs as they are."""
+        raise NotImplementedError(f"{type(self).__name__} cannot describe a perturbation outside its training "
+                                  f"vocabulary: {self.new_perturbation_refusal}")
+
+    def evidence(self, pert: Any, gene: Any) -> dict[str, list]:
+        """Columns explaining the answers for the pairs ``(pert[i], gene[i])`` (vocab indices); none by default."""
+        return {}
 
 
 def check_encoder(encoder: nn.Module, num_classes: int) -> None:

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from perturb_models.calibration import calibration_metrics
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.metrics import metrics_from_predictions, prediction_frame
 from perturb_models.models.base import check_encoder, trainable_parameters
@@ -83,6 +84,8 @@ class PerturbationClassifier(L.LightningModule):
         # Encoders that backward each micro-batch as they go (the LLM) drive the step themselves.
         self.automatic_optimization = not getattr(encoder, "accumulates_gradients", False)
         self.run_record: dict[str, Any] = {}
+        # Per-task Platt calibrators fitted on validation (perturb_models.calibration); None: uncalibrated.
+        self.calibrators: dict[str, dict[str, Any]] | None = None
         self.stage_metrics: dict[str, dict[str, float]] = {}
         self.stage_predictions: dict[str, pd.DataFrame] = {}
         self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
@@ -230,6 +233,9 @@ class PerturbationClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._finish_epoch("test")
+        if self.calibrators and "test" in self.stage_predictions and "test" in self.stage_metrics:
+            # Brier and ECE of the scores before and after calibration (ranking metrics are unchanged by it).
+            self.stage_metrics["test"].update(calibration_metrics(self.stage_predictions["test"], self.calibrators, "test"))
         note = getattr(getattr(self.trainer, "datamodule", None), "subset_notes", {}).get("test")
         if note and "test" in self.stage_metrics:
             # A subset's AUROC must not pass for the official full-test figure.

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from perturb_models.data.datamodule import DataContext
-from perturb_models.knowledge.embeddings import full_spec, gene_embedding_table
+from perturb_models.knowledge.embeddings import full_spec, gene_embedding_table, symbols_embedding_table
 from perturb_models.models.base import Encoder
 from perturb_models.models.layers import PairMLP
 
@@ -43,10 +43,14 @@ class GeneEmbeddings(nn.Module):
         table = gene_embedding_table(context, spec)
         matrix = torch.from_numpy(np.array(table.matrix, dtype=np.float32))
         found = torch.from_numpy(np.array(table.found, dtype=bool))
+        # Kept (not saved) to extend the table with genes outside the vocabulary (extend_vocabulary).
+        self.spec = dict(spec) if spec is not None else None
+        self.standardization: tuple[torch.Tensor, torch.Tensor] | None = None
         if standardize and found.any():
             mean = matrix[found].mean(0)
             std = matrix[found].std(0, unbiased=False).clamp(min=1e-6)
             matrix = torch.where(found[:, None], (matrix - mean) / std, torch.zeros_like(matrix))
+            self.standardization = (mean, std)
         self.source, self.info = table.source, dict(table.info)
         self.num_missing = int((~found).sum())
         if finetune:
@@ -56,6 +60,33 @@ class GeneEmbeddings(nn.Module):
         self.register_buffer("missing", (~found).float())
         self.missing_vector = nn.Parameter(torch.zeros(matrix.shape[1])) if missing == "learned" else None
         self.output_dim = matrix.shape[1] + 1
+
+    def extend_vocabulary(self, context: DataContext) -> None:
+        """Rows for the genes appended to the vocabulary (``context.vocab.symbols[len(table):]``): their vectors
+        from the same source, standardised with the training vocabulary's mean and deviation (a known gene's
+        row is left as the checkpoint holds it)."""
+        known = self.table.shape[0]
+        new_symbols = context.vocab.symbols[known:]
+        if not new_symbols:
+            return
+        table = symbols_embedding_table(new_symbols, self.spec, context.clusters)
+        matrix = torch.from_numpy(np.array(table.matrix, dtype=np.float32))
+        found = torch.from_numpy(np.array(table.found, dtype=bool))
+        if self.standardization is not None:
+            mean, std = self.standardization
+            matrix = torch.where(found[:, None], (matrix - mean) / std, torch.zeros_like(matrix))
+        matrix = matrix.to(self.table.device, self.table.dtype)
+        extended = torch.cat([self.table.detach(), matrix])
+        if isinstance(self.table, nn.Parameter):
+            self.table = nn.Parameter(extended, requires_grad=self.table.requires_grad)
+        else:
+            self.table = extended
+        self.missing = torch.cat([self.missing, (~found).float().to(self.missing.device)])
+        self.num_missing += int((~found).sum())
+
+    def has_vector(self, idx: torch.Tensor) -> torch.Tensor:
+        """Bool per index: the gene has a vector from the source (not the missing-gene treatment)."""
+        return self.missing[idx] == 0
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         flag = self.missing[idx][..., None]
@@ -92,6 +123,11 @@ class EmbeddingMLPEncoder(Encoder):
         self.pair = PairMLP(2 * dim, hidden_dim, num_blocks, dropout)
         self.output_dim = hidden_dim
 
+    describes_new_perturbations = True
+
+    def extend_vocabulary(self, context: DataContext) -> None:
+        self.genes.extend_vocabulary(context)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pert = self.projection(self.genes(batch["pert"]))
         gene = self.projection(self.genes(batch["gene"]))
@@ -116,6 +152,11 @@ class LogRegEncoder(Encoder):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         self.output_dim = context.num_classes
+
+    describes_new_perturbations = True
+
+    def extend_vocabulary(self, context: DataContext) -> None:
+        self.genes.extend_vocabulary(context)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.linear(torch.cat([self.genes(batch["pert"]), self.genes(batch["gene"])], dim=-1))

@@ -245,6 +245,36 @@ class EnsembleEncoder(Encoder):
                 for i, key in enumerate(SCORE_KEYS[self.task])}
 
     # ---- prediction ------------------------------------------------------------------------------
+    @property
+    def describes_new_perturbations(self) -> bool:  # type: ignore[override]
+        return all(self.members[m].encoder.describes_new_perturbations for m in self.member_names)
+
+    @property
+    def new_perturbation_refusal(self) -> str:  # type: ignore[override]
+        unable = [m for m in self.member_names if not self.members[m].encoder.describes_new_perturbations]
+        return "; ".join(f"member {m}: {self.members[m].encoder.new_perturbation_refusal}" for m in unable)
+
+    def extend_vocabulary(self, context: DataContext) -> None:
+        for name in self.member_names:
+            self.members[name].encoder.extend_vocabulary(context)
+        self.context = context
+
+    @torch.no_grad()
+    def evidence(self, pert: np.ndarray, gene: np.ndarray) -> dict[str, list]:
+        """Each member's scores (``<member>_p_de``, ``<member>_p_up_given_de``) and the members' own evidence."""
+        pert, gene = np.asarray(pert), np.asarray(gene)
+        names = {"de": "p_de", "dir": "p_up_given_de"}
+        columns: dict[str, list] = {}
+        for start in range(0, len(pert), 8192):  # batches: a screen has millions of pairs
+            batch = {"pert": torch.as_tensor(pert[start:start + 8192], dtype=torch.long, device=self.weights.device),
+                     "gene": torch.as_tensor(gene[start:start + 8192], dtype=torch.long, device=self.weights.device)}
+            for key, values in self.member_scores(batch).items():
+                for j, member in enumerate(self.member_names):
+                    columns.setdefault(f"{member}_{names[key]}", []).extend(values[:, j].cpu().numpy().tolist())
+        for member in self.member_names:
+            columns.update(self.members[member].encoder.evidence(pert, gene))
+        return columns
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         scores = self.member_scores(batch)
         combined = {k: scores[k] @ self.weights[i] for i, k in enumerate(SCORE_KEYS[self.task])}

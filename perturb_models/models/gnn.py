@@ -91,6 +91,19 @@ class NodeEmbedding(nn.Module):
                  name, int(isolated.sum()), graph.num_genes)
         self.num_isolated = int(isolated.sum())
 
+    def extend_vocabulary(self, num_new: int, new_has_edge: torch.Tensor) -> None:
+        """Nodes for ``num_new`` genes appended after the known ones: a zero learned vector (never trained),
+        plus the shared "no graph knowledge" vector for those without an edge. Gene nodes must be the
+        graph's only nodes (graphs with other nodes, like ``go_kg``'s terms, cannot be extended)."""
+        if self.table.num_embeddings != self.num_genes:
+            raise ValueError("a graph with nodes other than genes (go_kg) cannot take genes outside the training vocabulary")
+        weight = self.table.weight
+        self.table.weight = nn.Parameter(torch.cat([weight.detach(), weight.new_zeros(num_new, weight.shape[1])]),
+                                         requires_grad=weight.requires_grad)
+        self.table.num_embeddings += num_new
+        self.isolated = torch.cat([self.isolated, ~new_has_edge.to(self.isolated.device)])
+        self.num_genes += num_new
+
     def learned(self) -> torch.Tensor:
         """The learned part: a vector per node (+ the shared vector of isolated genes)."""
         return self.table.weight + self.isolated[:, None].to(self.table.weight.dtype) * self.isolated_vector
@@ -118,6 +131,29 @@ def _graph_buffers(module: nn.Module, graph: GeneGraph, prefix: str) -> None:
     module.register_buffer(f"{prefix}_edge_index", graph.edge_index.clone())
     module.register_buffer(f"{prefix}_edge_type", graph.edge_type.clone())
     module.register_buffer(f"{prefix}_edge_weight", graph.edge_weight.clone().float())
+
+
+def _extend_graph_buffers(module: nn.Module, prefix: str, new_edges: GeneGraph) -> torch.Tensor:
+    """Append edges (all pointing into new genes) after the stored ones, so every known node keeps its
+    in-edges in the same order; returns which new genes touch an edge."""
+    index = getattr(module, f"{prefix}_edge_index")
+    edge_index = new_edges.edge_index.to(index.device)
+    setattr(module, f"{prefix}_edge_index", torch.cat([index, edge_index], dim=1))
+    setattr(module, f"{prefix}_edge_type", torch.cat([getattr(module, f"{prefix}_edge_type"),
+                                                       new_edges.edge_type.to(index.device)]))
+    weight = getattr(module, f"{prefix}_edge_weight")
+    setattr(module, f"{prefix}_edge_weight", torch.cat([weight, new_edges.edge_weight.to(weight.device, weight.dtype)]))
+    return new_edges.gene_has_edge()
+
+
+def _new_edges(specs: Mapping[str, Mapping[str, Any]] | None, context: DataContext, known: int) -> GeneGraph:
+    """The in-edges of the genes appended to ``context``'s vocabulary (none for a branch that takes none)."""
+    from perturb_models.knowledge.graphs import new_gene_edges
+
+    if specs is None:
+        n = context.num_genes
+        return GeneGraph(n, torch.zeros((2, 0), dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    return new_gene_edges(specs, context, known)
 
 
 class _CachedNodeStates(Encoder):
@@ -168,6 +204,7 @@ class GATEncoder(_CachedNodeStates):
         if hidden_dim % heads:
             raise ValueError(f"model.encoder.hidden_dim={hidden_dim} must be a multiple of heads={heads}")
         graph = build_graphs(graphs, context)
+        self.graph_specs = {name: dict(spec) for name, spec in graphs.items()}
         self.num_genes = graph.num_genes
         self.relations = list(graph.relations)
         self.node_features = build_node_features(context, node_features, knowledge)
@@ -193,6 +230,21 @@ class GATEncoder(_CachedNodeStates):
         for norm, conv in zip(self.norms, self.convs):
             h = h + self.dropout(nn.functional.gelu(conv(norm(h), self.graph_edge_index, edge_attr)))
         return self.out_norm(h)
+
+    describes_new_perturbations = True
+
+    def extend_vocabulary(self, context: DataContext) -> None:
+        """A new gene's node gets in-edges from its known graph neighbours (none out), a zero learned vector
+        and, with ``node_features``, its own features: known nodes' states do not change."""
+        known = self.num_genes
+        if context.num_genes == known:
+            return
+        if self.node_features is not None:
+            self.node_features.extend_vocabulary(context)
+        has_edge = _extend_graph_buffers(self, "graph", _new_edges(self.graph_specs, context, known))
+        self.nodes.extend_vocabulary(context.num_genes - known, has_edge[known:])
+        self.num_genes = context.num_genes
+        self._clear_cache()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         h = self.cached_node_states()
@@ -221,6 +273,10 @@ class SGBranch(nn.Module):
         self.include_self = include_self
         self.conv = SGConv(dim, dim, K=hops, cached=False, add_self_loops=include_self)
         self.norm = nn.LayerNorm(dim)
+
+    def extend_vocabulary(self, new_edges: GeneGraph, known: int) -> None:
+        has_edge = _extend_graph_buffers(self, "graph", new_edges)
+        self.nodes.extend_vocabulary(new_edges.num_genes - known, has_edge[known:])
 
     def forward(self, gene_features: torch.Tensor | None = None) -> torch.Tensor:
         own_features = self.nodes.projected_features(gene_features)
@@ -255,6 +311,7 @@ class GEARSEncoder(_CachedNodeStates):
         super().__init__()
         self.node_features = build_node_features(context, node_features, knowledge)
         feature_dim = _feature_dim(self.node_features)
+        self.pert_graph_specs = {name: dict(spec) for name, spec in pert_graphs.items()}
         self.pert_branch = SGBranch(build_graphs(pert_graphs, context), hidden_dim, hops, "gears perturbation graph",
                                     feature_dim, include_self=pert_include_self)
         self.gene_branch = SGBranch(build_graphs(gene_graphs, context), hidden_dim, hops, "gears gene graph",
@@ -265,6 +322,21 @@ class GEARSEncoder(_CachedNodeStates):
     def node_states(self) -> tuple[torch.Tensor, torch.Tensor]:
         features = _all_gene_features(self.node_features)
         return self.pert_branch(features), self.gene_branch(features)
+
+    describes_new_perturbations = True
+
+    def extend_vocabulary(self, context: DataContext) -> None:
+        """A new gene, as a perturbation, gets in-edges from its known neighbours in the perturbation graph
+        (GO) and, with ``node_features``, its own features; in the gene branch it is an isolated node (it has
+        no training response, and predict.py asks only about genes the model was trained to score)."""
+        known = self.pert_branch.nodes.num_genes
+        if context.num_genes == known:
+            return
+        if self.node_features is not None:
+            self.node_features.extend_vocabulary(context)
+        self.pert_branch.extend_vocabulary(_new_edges(self.pert_graph_specs, context, known), known)
+        self.gene_branch.extend_vocabulary(_new_edges(None, context, known), known)
+        self._clear_cache()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pert_states, gene_states = self.cached_node_states()

@@ -66,6 +66,8 @@ class TrainingNeighbours:
     def __init__(self, context: DataContext, graphs: Mapping[str, Mapping[str, Any]], power: float = 1.0):
         n = context.num_genes
         self.num_genes = n
+        self.graph_specs = {name: dict(spec) for name, spec in graphs.items()}
+        self.power = float(power)
         graph = build_graphs(graphs, context)
         ei = graph.edge_index.numpy()
         genes_only = (ei[0] < n) & (ei[1] < n)
@@ -91,6 +93,31 @@ class TrainingNeighbours:
         has_neighbour = np.diff(similarity.indptr) > 0
         log.info("retrieval: %d of %d genes have at least one training perturbation as graph neighbour",
                  int(has_neighbour.sum()), n)
+
+    def extend_vocabulary(self, context: DataContext) -> None:
+        """Similarity rows for the genes appended to the vocabulary, as perturbations: their graph
+        neighbours among the training perturbations (``new_gene_edges``); known rows stay as they are."""
+        from perturb_models.knowledge.graphs import new_gene_edges
+
+        known, n = self.num_genes, context.num_genes
+        if n == known:
+            return
+        graph = new_gene_edges(self.graph_specs, context, known)
+        src, dst = graph.edge_index.numpy()
+        weight = graph.edge_weight.numpy().astype(np.float64) ** self.power
+        train = np.zeros(n, dtype=bool)
+        train[context.vocab.encode(context.train_perts)] = True
+        keep = train[src]
+        rows = sparse.csr_matrix((weight[keep], (dst[keep] - known, src[keep])), shape=(n - known, n))
+        rows.sum_duplicates()
+        rows.sort_indices()
+        old = sparse.csr_matrix((self.similarity.data, self.similarity.indices, self.similarity.indptr), shape=(known, n))
+        self.similarity = sparse.vstack([old, rows], format="csr")
+        indptr = np.concatenate([self.outcome.indptr, np.full(n - known, self.outcome.indptr[-1])])
+        self.outcome = sparse.csr_matrix((self.outcome.data, self.outcome.indices, indptr), shape=(n, n))
+        self.measured_count = np.concatenate([self.measured_count, np.zeros(n - known, self.measured_count.dtype)])
+        self.changed_count = np.concatenate([self.changed_count, np.zeros(n - known, self.changed_count.dtype)])
+        self.num_genes = n
 
     def nearest(self, pert: int, gene: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(perturbation indices, similarities, outcome codes)`` of the ``k`` training perturbations most
@@ -143,11 +170,38 @@ class KNNEncoder(Encoder):
         counts = np.stack([np.bincount(cols[labels == c], minlength=n) for c in range(self.num_classes)], axis=1)
         global_rate = (counts.sum(0) + 1.0) / (counts.sum() + self.num_classes)
         denominator = counts.sum(1, keepdims=True) + prior_strength
+        self.global_rate = global_rate
+        self.symbols = list(context.vocab.symbols)
         # A gene never scored in training gets the global class rates.
         self.gene_rate = np.where(denominator > 0, (counts + prior_strength * global_rate) / np.maximum(denominator, 1e-12),
                                   global_rate[None, :])
         self.shrinkage = float(shrinkage)
         self.output_dim = self.num_classes
+
+    describes_new_perturbations = True
+
+    def extend_vocabulary(self, context: DataContext) -> None:
+        known = len(self.symbols)
+        self.neighbours.extend_vocabulary(context)
+        extra = context.num_genes - known
+        self.gene_rate = np.concatenate([self.gene_rate, np.repeat(self.global_rate[None, :], extra, axis=0)])
+        self.symbols = list(context.vocab.symbols)
+
+    def evidence(self, pert: np.ndarray, gene: np.ndarray, shown: int = 3) -> dict[str, list]:
+        """What the vote read: how many training knockdowns measured the gene, how the ``k`` most similar of
+        them (the voters) responded, and the ``shown`` closest by name (``SYMBOL:outcome:similarity``)."""
+        names = {NOT_DE: "not_de", DOWN: "down", UP: "up", DE_UNKNOWN_DIRECTION: "de"}
+        columns: dict[str, list] = {"measured_by": [], "voters_up": [], "voters_down": [], "voters_not_de": [],
+                                    "closest_knockdowns": []}
+        for p, g in zip(np.asarray(pert).tolist(), np.asarray(gene).tolist()):
+            perts, sims, codes = self.neighbours.nearest(p, g, self.k)
+            columns["measured_by"].append(int(self.neighbours.measured_count[g]))
+            columns["voters_up"].append(int((codes == UP).sum()))
+            columns["voters_down"].append(int((codes == DOWN).sum()))
+            columns["voters_not_de"].append(int((codes == NOT_DE).sum()))
+            columns["closest_knockdowns"].append("; ".join(
+                f"{self.symbols[q]}:{names[int(c)]}:{s:.3f}" for q, s, c in zip(perts[:shown], sims[:shown], codes[:shown])))
+        return columns
 
     def probabilities(self, pert: np.ndarray, gene: np.ndarray) -> np.ndarray:
         votes = np.zeros((len(pert), self.num_classes))

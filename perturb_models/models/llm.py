@@ -276,6 +276,8 @@ class LoRALlamaClassifier(Encoder):
     """
 
     produces_logits = True
+    new_perturbation_refusal = ("its prompts (gene descriptions, neighbour evidence) and their token cache are keyed "
+                                "by the training vocabulary; extending them to new genes is not implemented yet")
 
     def __init__(self, context, pretrained: str | None = "smollm2", tokenizer: str | None = None,
                  llama_config: Mapping[str, Any] | None = None, lora: Mapping[str, Any] | None = None,

@@ -1,0 +1,218 @@
+"""predict.py: answers for known perturbations equal evaluate.py's bit for bit (with and without genes
+outside the training vocabulary in the same call); new genes answered by knowledge-describing models,
+refused by the others in one line; symbols resolve as typed (synonyms, MT- forms, Ensembl ids)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from perturb_models.prediction import QueryError, predict
+from perturb_models.training import train
+from tests.conftest import REPO, compose_config, synthetic_modules
+from tests.knowledge_files import write_knowledge
+
+# Genes of the knowledge files that no synthetic data file contains (GeneIDs after the 200 SYN genes).
+NEW_GENE = (1001, "NEWA", "", "a module-3 gene")          # GO: module 3's term, like SYN genes of module 3
+MITO_GENE = (1002, "COX1", "MTCO1|COI", "cytochrome c oxidase subunit I")  # asked as MT-CO1
+NO_GO_GENE = (1003, "NOGO1", "", "a gene without GO annotation")
+AMBIGUOUS = [(1004, "AMBA", "TWOWAY", "first"), (1005, "AMBB", "TWOWAY", "second")]
+
+
+@pytest.fixture
+def query_world(tmp_path, isolated_cache, monkeypatch):
+    """Knowledge for the synthetic genes (module term + noise, as in test_graph_models) plus genes outside
+    the data, and a planted embedding table that covers the new genes too."""
+    module = synthetic_modules()
+    rng = np.random.default_rng(1)
+    genes = [(i + 1, f"SYN{i:04d}", "", "") for i in range(200)] + [NEW_GENE, MITO_GENE, NO_GO_GENE, *AMBIGUOUS]
+    annotations = []
+    for i in range(200):
+        annotations.append((i + 1, f"GO:10000{module[i]:02d}", "IDA", "Process"))
+        for noise in rng.choice(40, size=2, replace=False):
+            annotations.append((i + 1, f"GO:20000{noise:02d}", "IDA", "Function"))
+    annotations += [(1001, "GO:1000003", "IDA", "Process"), (1002, "GO:1000005", "IDA", "Process"),
+                    (1004, "GO:1000001", "IDA", "Process"), (1005, "GO:1000002", "IDA", "Process")]
+    knowledge = write_knowledge(tmp_path / "knowledge", genes, annotations)
+    monkeypatch.setenv("PERTURB_KNOWLEDGE", str(knowledge))
+    vectors = np.eye(8)[np.r_[module, 3, 5]] * 3 + np.random.default_rng(2).normal(0, 0.3, size=(202, 8))
+    names = [f"SYN{i:04d}" for i in range(200)] + ["NEWA", "COX1"]
+    table = tmp_path / "planted.csv"
+    table.write_text("\n".join(",".join([n, *(f"{v:.4f}" for v in row)]) for n, row in zip(names, vectors)))
+    return {"knowledge": knowledge, "table": table}
+
+
+MODEL_OVERRIDES = {
+    "knn": ["model=knn"],
+    "gears": ["model=gears", "model.encoder.hidden_dim=16", "model.encoder.pair_hidden_dim=32"],
+    "gat": ["model=gat", "model.encoder.hidden_dim=16", "model.encoder.pair_hidden_dim=32"],
+    "embedding_mlp": ["model=embedding_mlp", "model.encoder.embeddings.source=table"],
+    "ensemble": ["model=ensemble", "model.encoder.members=[knn,embedding_mlp]",
+                 "model.encoder.catalog.embedding_mlp.encoder.embeddings.source=table"],
+}
+
+
+def _train(synthetic_cfg, query_world, name: str, tmp_path, *extra: str):
+    overrides = [*MODEL_OVERRIDES[name], f"knowledge.root={query_world['knowledge']}", "trainer.max_epochs=1", *extra]
+    if name == "embedding_mlp":
+        overrides.append(f"model.encoder.embeddings.path={query_world['table']}")
+    if name == "ensemble":
+        overrides.append(f"model.encoder.catalog.embedding_mlp.encoder.embeddings.path={query_world['table']}")
+    run = tmp_path / f"run_{name}"
+    train(synthetic_cfg(*overrides, output_dir=run))
+    return run
+
+
+def _predict(run, out, *overrides: str) -> pd.DataFrame:
+    cfg = compose_config("predict", [f"ckpt_path={run}", *overrides], out)
+    return predict(cfg)
+
+
+def _assert_equals_evaluate(run, out) -> None:
+    """The files compared: scores are float32 computations written with 16 significant digits, so one
+    float32 ulp of difference shows."""
+    tested = pd.read_csv(run / "predictions" / "test.csv")
+    predictions = pd.read_csv(out / "predictions.csv")
+    for task, column in (("de", "p_de"), ("dir", "p_up_given_de")):
+        if f"{column}_uncalibrated" in predictions:  # evaluate.py's scores are the model's, before calibration
+            column = f"{column}_uncalibrated"
+        merged = tested.loc[tested["task"] == task].merge(predictions[["pert", "gene", column]], on=["pert", "gene"],
+                                                          how="left")
+        assert merged[column].notna().all()
+        np.testing.assert_array_equal(merged["score"].to_numpy(), merged[column].to_numpy(), err_msg=task)
+
+
+@pytest.mark.parametrize("name", list(MODEL_OVERRIDES))
+def test_known_perturbations_get_evaluate_scores_bit_for_bit_with_or_without_new_genes(
+        name, synthetic_cfg, query_world, tmp_path):
+    run = _train(synthetic_cfg, query_world, name, tmp_path)
+    test_perts = json.loads((run / "split.json").read_text())["test_perts"]
+    _predict(run, tmp_path / "alone", f"perts=[{','.join(test_perts)}]")
+    _assert_equals_evaluate(run, tmp_path / "alone")
+    with_new = _predict(run, tmp_path / "with_new", f"perts=[NEWA,{','.join(test_perts)},MT-CO1]")
+    _assert_equals_evaluate(run, tmp_path / "with_new")
+    assert set(with_new["pert"]) == set(test_perts) | {"NEWA", "COX1"}
+    new_rows = with_new.loc[with_new["pert"] == "NEWA"]
+    assert not new_rows["pert_in_training_vocab"].any() and (new_rows["pert_knowledge"] == "go").all()
+    assert new_rows["p_de"].between(0, 1).all() and new_rows["p_up_given_de"].between(0, 1).all()
+    query = json.loads((tmp_path / "with_new" / "query.json").read_text())
+    mito = next(p for p in query["perturbations"] if p["asked"] == "MT-CO1")
+    assert mito["symbol"] == "COX1" and mito["resolved_by"].startswith("hyphen-less synonym")
+    if name == "ensemble":  # each member's answer is evidence of the combined one
+        assert {"knn_p_de", "embedding_mlp_p_de", "knn_p_up_given_de", "closest_knockdowns"} <= set(with_new.columns)
+        assert new_rows["knn_p_de"].between(0, 1).all()
+
+
+def test_an_ensemble_with_a_member_that_cannot_describe_new_genes_names_it(synthetic_cfg, query_world, tmp_path):
+    run = tmp_path / "run"
+    train(synthetic_cfg("model=ensemble", "model.encoder.members=[knn,mlp]", f"knowledge.root={query_world['knowledge']}",
+                        "trainer.max_epochs=1", output_dir=run))
+    with pytest.raises(QueryError, match="model ensemble cannot describe a perturbation outside its training "
+                                         "vocabulary: member mlp: its gene vectors are embeddings"):
+        _predict(run, tmp_path / "q", "perts=[NEWA]")
+
+
+def test_a_new_gene_is_described_by_its_knowledge(synthetic_cfg, query_world, tmp_path):
+    """NEWA carries module 3's GO term: knn's answer for it (its 10 nearest voters) follows module 3's genes."""
+    run = _train(synthetic_cfg, query_world, "knn", tmp_path, "model.encoder.k=10", "model.encoder.shrinkage=1")
+    frame = _predict(run, tmp_path / "q", "perts=[NEWA]")
+    module = synthetic_modules()
+    in_module = frame["gene"].map(lambda g: module[int(g[3:])] == 3)
+    assert frame.loc[in_module, "p_de"].mean() > 2 * frame.loc[~in_module, "p_de"].mean()
+    assert frame["rank_in_pert"].min() == 1 and sorted(frame["rank_in_pert"])[-1] <= len(frame)
+    assert {"closest_knockdowns", "measured_by", "voters_up", "voters_down", "voters_not_de"} <= set(frame.columns)
+    first = frame.sort_values("rank_in_pert").iloc[0]
+    named = first["closest_knockdowns"].split("; ")[0].split(":")
+    assert named[0].startswith("SYN") and named[1] in {"up", "down", "not_de"} and float(named[2]) > 0
+
+
+def test_mlp_refuses_a_gene_outside_its_vocabulary_in_one_line(synthetic_cfg, query_world, tmp_path, capsys):
+    run = tmp_path / "run_mlp"
+    train(synthetic_cfg("trainer.max_epochs=1", f"knowledge.root={query_world['knowledge']}", output_dir=run))
+    with pytest.raises(QueryError, match=r"NEWA \(NEWA\) is not in the training vocabulary; model mlp cannot describe "
+                                         r"a perturbation outside its training vocabulary: its gene vectors are embeddings"):
+        _predict(run, tmp_path / "q", "perts=[NEWA]")
+    # Known perturbations are still answered, the new one listed as refused.
+    frame = _predict(run, tmp_path / "q2", "perts=[SYN0001,NEWA]")
+    assert set(frame["pert"]) == {"SYN0001"}
+    refused = json.loads((tmp_path / "q2" / "query.json").read_text())["refused"]
+    assert [r["asked"] for r in refused] == ["NEWA"] and "model mlp cannot" in refused[0]["reason"]
+
+
+def test_symbols_resolve_or_are_refused_with_candidates(synthetic_cfg, query_world, tmp_path):
+    run = _train(synthetic_cfg, query_world, "knn", tmp_path)
+    frame = _predict(run, tmp_path / "q", "perts=[NOGO1,TWOWAY,SYN001,ENSG00000001001,syn0002]", "genes=[SYN0003,SYN0004]")
+    query = json.loads((tmp_path / "q" / "query.json").read_text())
+    reasons = {r["asked"]: r["reason"] for r in query["refused"]}
+    assert reasons["TWOWAY"].startswith("TWOWAY is a synonym of 2 genes: AMBA (ENSG00000001004), AMBB (ENSG00000001005)")
+    assert reasons["SYN001"].startswith("SYN001 is not a gene symbol, synonym or Ensembl id of gene_info; closest known "
+                                        "symbols: SYN0")
+    resolved = {p["asked"]: p for p in query["perturbations"]}
+    assert resolved["ENSG00000001001"]["symbol"] == "NEWA" and resolved["ENSG00000001001"]["resolved_by"].startswith("ensembl")
+    assert resolved["syn0002"]["symbol"] == "SYN0002" and resolved["syn0002"]["in_training_vocab"]
+    assert resolved["NOGO1"]["knowledge"] == "none"
+    assert set(frame.loc[frame["pert"] == "NOGO1", "pert_knowledge"]) == {"none"}
+    assert len(frame) == 3 * 2 and set(frame["gene"]) == {"SYN0003", "SYN0004"}
+
+
+def test_a_downstream_gene_the_model_never_scored_is_refused(synthetic_cfg, query_world, tmp_path):
+    run = _train(synthetic_cfg, query_world, "knn", tmp_path)
+    with pytest.raises(QueryError, match="NEWA .* was not measured as a downstream gene in this dataset"):
+        _predict(run, tmp_path / "q", "perts=[SYN0001]", "genes=[NEWA]")
+
+
+def test_command_line_reports_a_bad_query_in_one_error_line(synthetic_cfg, query_world, tmp_path):
+    run = _train(synthetic_cfg, query_world, "knn", tmp_path)
+    result = subprocess.run([sys.executable, "predict.py", f"ckpt_path={run}", "perts=[KRSA]",
+                             f"hydra.run.dir={tmp_path / 'cli'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "KRSA is not a gene symbol" in errors[0], errors
+    assert not (tmp_path / "cli").exists() or not (tmp_path / "cli" / "predictions.csv").exists()
+
+
+def test_help_says_what_to_ask_and_where_the_answers_go():
+    result = subprocess.run([sys.executable, "predict.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for words in ("perts=all_known", "genes", "predictions.csv", "query.json", "MT-CO1 -> COX1", "mlp and lora_llama refuse"):
+        assert words in result.stdout, words
+
+
+def test_a_killed_screen_resumes_keeping_the_parts_it_wrote(synthetic_cfg, query_world, tmp_path, monkeypatch):
+    import perturb_models.prediction as prediction
+
+    run = _train(synthetic_cfg, query_world, "knn", tmp_path)
+    query = ["perts=[NEWA,SYN0001,SYN0002,SYN0003,SYN0004,SYN0005]", "chunk_pairs=400"]  # 2 perturbations a part
+    whole = _predict(run, tmp_path / "whole", *query)
+    scored = []
+    real_score_pairs = prediction.score_pairs
+
+    def dies_on_the_third_part(model, pert_idx, *args):
+        if len(scored) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C or a kill leaves: parts 0 and 1 on disk, no predictions.csv
+        scored.append(len(pert_idx))
+        return real_score_pairs(model, pert_idx, *args)
+
+    monkeypatch.setattr(prediction, "score_pairs", dies_on_the_third_part)
+    with pytest.raises(KeyboardInterrupt):
+        _predict(run, tmp_path / "killed", *query)
+    assert sorted(p.name for p in (tmp_path / "killed" / prediction.PARTS_FOLDER).glob("part-*")) == \
+        ["part-000000.pkl", "part-000001.pkl"]
+    assert not (tmp_path / "killed" / "predictions.csv").exists()
+    scored.clear()
+    monkeypatch.setattr(prediction, "score_pairs", lambda model, pert_idx, *args: (scored.append(len(pert_idx)),
+                                                                                   real_score_pairs(model, pert_idx, *args))[1])
+    resumed = _predict(run, tmp_path / "killed", *query)
+    assert scored == [400]  # only the third part was scored again
+    assert json.loads((tmp_path / "killed" / "query.json").read_text())["parts_reused"] == 2
+    pd.testing.assert_frame_equal(resumed, whole)
+    assert not (tmp_path / "killed" / prediction.PARTS_FOLDER).exists()
+    # Another query into the same folder does not reuse parts of the first.
+    scored.clear()
+    _predict(run, tmp_path / "killed", "perts=[SYN0001,SYN0002]", "chunk_pairs=400")
+    assert scored == [400]
