@@ -11,8 +11,9 @@ test genes. One ``joint`` run per model and seed gives both the ``de`` and the `
         --seeds 0 1 2 --prior-seeds 0 --test-genes 100 --baselines knn gears
     python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --table   # rewrites docs/llm.md's table
 
-Rows (``model,dataset,task,seed,auroc_per_gene,genes_scored,commit,wall_seconds,overrides``) are appended
-to ``--csv`` (required: the tracked results file is only written when named); ``lora_llama`` with
+Rows (``model,dataset,task,seed,auroc_per_gene,genes_scored,commit,wall_seconds,overrides``) are stored in
+``--csv`` (required: the tracked results file is only written when named; a rerun of the same model, seed
+and test-gene subset replaces its row); ``lora_llama`` with
 ``model.encoder.prior=knn`` is written as model ``lora_llama_prior``. The ``overrides`` column records
 every setting, the test-gene subset included, so a row is never mistaken for a full-test figure.
 """
@@ -24,15 +25,13 @@ import os
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
+from perturb_models.io import atomic_write_text  # noqa: E402
 from perturb_models.results import LLM_DOC, read_quality_rows, subset_table, with_llm_block  # noqa: E402
-from quality import COLUMNS, budget_overrides, run_cell  # noqa: E402
+from quality import COLUMNS, budget_overrides, run_cell, store_row  # noqa: E402
 
 
 def llm_overrides(args: argparse.Namespace, prior: bool) -> list[str]:
@@ -46,10 +45,9 @@ def llm_overrides(args: argparse.Namespace, prior: bool) -> list[str]:
 
 
 def append(path: Path, rows: list[dict]) -> None:
-    new = pd.DataFrame(rows)[COLUMNS]
-    table = pd.concat([pd.read_csv(path), new], ignore_index=True) if path.is_file() else new
-    atomic_write_dataframe(path, table)
-    print(f"appended {len(rows)} rows to {path}", flush=True)
+    """Store the rows; a rerun of the same model, dataset, task, seed and test-gene subset replaces its row."""
+    store_row(path, [{k: row.get(k) for k in COLUMNS} for row in rows], COLUMNS, ["model", "dataset", "task", "seed"])
+    print(f"stored {len(rows)} rows in {path}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,13 @@ def test_llm_quality_rows_are_paired_on_one_test_gene_subset(tmp_path, monkeypat
     table = subset_table(rows, "synthetic", 8)
     assert "| lora_llama_tiny_prior | de |" in table and "| knn | dir |" in table
     assert subset_table(rows, "synthetic", 9).startswith("_no synthetic rows")
+    # A rerun of one model and seed on the same subset replaces its rows instead of adding a second copy.
+    llm_quality.main(["--csv", str(csv), "--data", "synthetic", "--model", "lora_llama_tiny", "--seeds",
+                      "--prior-seeds", "0", "--baselines", "--test-genes", "8", "--val-genes", "3",
+                      "--max-train-perts", "10", "--max-steps", "2", "--runs-dir", str(tmp_path / "runs2"),
+                      "--set", "model.scheduler.warmup_steps=1"])
+    again = pd.read_csv(csv)
+    assert len(again) == len(rows) and again["model"].value_counts()["lora_llama_tiny_prior"] == 2
     with pytest.raises(SystemExit):
         llm_quality.main(["--data", "synthetic"])  # --csv is required: the tracked file is never a default
     sys.modules.pop("llm_quality", None)
