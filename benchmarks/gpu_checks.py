@@ -75,6 +75,8 @@ LOOP_OVER_BARE_SPEED = 1.0
 
 
 # ---- small helpers -----------------------------------------------------------------------------------------
+# Standard library only (not perturb_models.io): on the GPU machine this file runs before the carried wheels
+# that perturb_models needs (hydra, omegaconf) are installed.
 VALIDATION_LINE = re.compile(r"epoch \d+/\d+ .*?val/de_auroc_per_gene (\S+)\s+val/dir_auroc_per_gene (\S+)")
 
 
@@ -458,10 +460,7 @@ def llm_rows(run: Path, model: str, overrides: list[str], commit: str | None, wa
 
 def part2(lease: Lease, pairs_per_second: float | None) -> None:
     py = sys.executable
-    weights_ok = assemble_weights(lease)
-    if not lease.rehearse:  # the GGUF's package copy is found first (a rehearsal trains the tiny model)
-        site = str(lease.scratch / "site")
-        lease.env["PYTHONPATH"] = os.pathsep.join(p for p in [site, lease.env.get("PYTHONPATH", "")] if p)
+    weights_ok = assemble_weights(lease)  # into the site folder install_wheels put on PYTHONPATH
     if not weights_ok:
         return
     measured = pairs_per_second
