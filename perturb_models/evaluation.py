@@ -17,7 +17,9 @@ from perturb_models.console import say
 from perturb_models.errors import CheckpointError
 from perturb_models.io import atomic_write_dataframe, atomic_write_text
 from perturb_models.models.classifier import RECORD_KEY
-from perturb_models.results import find_run_dirs, markdown_table, results_grid, summarize_runs
+from perturb_models.metrics import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+from perturb_models.results import (comparison_view, find_run_dirs, markdown_table, results_grid, summarize_runs,
+                                    with_uncertainty)
 from perturb_models.tasks import COMPARISON_METRICS, GSE_TASK
 from perturb_models.builders import build_datamodule, build_loggers, build_model, finish_wandb
 from perturb_models.outputs import git_commit, publish_run
@@ -106,16 +108,22 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     return row
 
 
-def compare_runs(run_dirs: Sequence[str | os.PathLike], output_dir: Path) -> pd.DataFrame:
-    """``comparison.csv`` and ``comparison.md``: one row per run, the test metrics side by side."""
+def compare_runs(run_dirs: Sequence[str | os.PathLike], output_dir: Path, reference: str | None = None,
+                 resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL) -> pd.DataFrame:
+    """``comparison.csv`` and ``comparison.md``: one row per run, the test metrics side by side, each
+    per-gene AUROC with its bootstrap interval over test perturbations and, against ``reference`` (default
+    the first run), the paired difference with its interval and p-value (``results.with_uncertainty``)."""
     if not run_dirs:
         raise ValueError("runs is empty: pass runs='[RUN_DIR1,RUN_DIR2,...]'")
     # A multirun folder (e.g. of experiment=table1) stands for every finished run below it.
     table = pd.DataFrame([read_run(d) for d in find_run_dirs(run_dirs)])
+    table = with_uncertainty(table, reference, resamples, level)
     atomic_write_dataframe(output_dir / "comparison.csv", table)
-    atomic_write_text(output_dir / "comparison.md", markdown_table(table) + "\n")
-    print(markdown_table(table))
-    print(f"Comparison written to {output_dir / 'comparison.md'} and comparison.csv")
+    view = markdown_table(comparison_view(table, level))
+    atomic_write_text(output_dir / "comparison.md", view + "\n")
+    print(view)
+    print(f"Comparison written to {output_dir / 'comparison.md'} and comparison.csv ({100 * level:g}% intervals: "
+          f"{resamples} bootstrap resamples of the test perturbations)")
     # Seeds averaged per model x dataset x task: summary.csv (long) and summary.md (one row per model).
     summary = summarize_runs(table)
     atomic_write_dataframe(output_dir / "summary.csv", summary)
@@ -134,5 +142,6 @@ def evaluate(cfg: DictConfig) -> Any:
         return evaluate_checkpoint(cfg.ckpt_path, output_dir, cfg.trainer, cfg.get("data_root"), evaluate_cfg=cfg)
     if cfg.get("runs"):
         runs = cfg.runs if not isinstance(cfg.runs, str) else [cfg.runs]
-        return compare_runs(list(runs), output_dir)
+        return compare_runs(list(runs), output_dir, cfg.get("reference"), int(cfg.get("resamples", DEFAULT_RESAMPLES)),
+                            float(cfg.get("level", DEFAULT_LEVEL)))
     raise ValueError("nothing to evaluate: pass ckpt_path=PATH (checkpoint or run folder) or runs='[DIR1,DIR2]'")

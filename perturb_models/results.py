@@ -14,8 +14,10 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from perturb_models.console import say
 from perturb_models.io import atomic_write_text
-from perturb_models.tasks import TASKS, headline_metrics
+from perturb_models.metrics import DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap_auroc_per_gene, paired_bootstrap
+from perturb_models.tasks import BENCHMARK_TASKS, TASKS, headline_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 QUALITY_CSV = REPO / "benchmarks" / "results" / "quality.csv"
@@ -57,6 +59,108 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         found.extend(below)
     # The same run named twice (directly and through its multirun folder) is one row.
     return list(dict.fromkeys(found))
+
+
+def prediction_file(run: str | os.PathLike) -> Path:
+    return Path(os.path.expanduser(str(run))) / "predictions" / "test.csv"
+
+
+def with_uncertainty(table: pd.DataFrame, reference: str | os.PathLike | None = None,
+                     resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL) -> pd.DataFrame:
+    """The comparison ``table`` (a ``run`` column and ``{task}_auroc_per_gene`` columns) with each run's
+    bootstrap interval (``{task}_auroc_per_gene_low/_high``) and, against a reference run on the same
+    test pairs, the paired difference (``{task}_difference``, ``_low``, ``_high``, ``{task}_p_value``).
+
+    The reference is ``reference`` (one of the runs; default the first); a run of another dataset is
+    compared with the first run of its own dataset (the ``reference`` column names it). Runs without
+    ``predictions/test.csv``, or scored on other pairs than their reference, keep empty cells and are
+    named on the console."""
+    table = table.copy()
+    runs = [str(r) for r in table["run"]]
+    if reference is not None:
+        wanted = Path(os.path.expanduser(str(reference))).resolve()
+        matches = [r for r in runs if Path(r).resolve() == wanted]
+        if not matches:
+            raise ValueError(f"reference={reference} is not one of the compared runs ({', '.join(runs)})")
+        reference = matches[0]
+    frames: dict[str, pd.DataFrame | None] = {}
+    for run in runs:
+        path = prediction_file(run)
+        frames[run] = pd.read_csv(path) if path.is_file() else None
+        if frames[run] is None:
+            say(f"{run}: no predictions/test.csv, so no interval for it (was it written before predictions were saved?)")
+    tasks = [t for t in BENCHMARK_TASKS if f"{t}_auroc_per_gene" in table.columns]
+    references: list[str | None] = []
+    datasets = table["dataset"].astype(str).tolist() if "dataset" in table.columns else [""] * len(runs)
+    for run, dataset in zip(runs, datasets):
+        own = reference if reference is not None and datasets[runs.index(reference)] == dataset else \
+            next(r for r, d in zip(runs, datasets) if d == dataset)
+        references.append(None if own == run else own)
+    table["reference"] = [r if r is not None else "" for r in references]
+    for task in tasks:
+        for column in ("auroc_per_gene_low", "auroc_per_gene_high", "difference", "difference_low",
+                       "difference_high", "p_value"):
+            table[f"{task}_{column}"] = math.nan
+    for i, run in enumerate(runs):
+        frame = frames[run]
+        if frame is None:
+            continue
+        for task in tasks:
+            rows = frame.loc[frame["task"] == task]
+            if rows.empty:
+                continue
+            interval = bootstrap_auroc_per_gene(rows["label"], rows["score"], rows["gene"], rows["pert"], resamples, level)
+            table.loc[table.index[i], [f"{task}_auroc_per_gene_low", f"{task}_auroc_per_gene_high"]] = \
+                [interval.low, interval.high]
+            other = references[i]
+            if other is None or frames[other] is None:
+                continue
+            try:
+                paired = paired_bootstrap(frame, frames[other], task, resamples, level)
+            except ValueError as error:
+                say(f"{run}: no paired {task} comparison with {other}: {error}")
+                continue
+            table.loc[table.index[i], [f"{task}_difference", f"{task}_difference_low", f"{task}_difference_high",
+                                       f"{task}_p_value"]] = [paired.difference, paired.low, paired.high, paired.p_value]
+    return table
+
+
+def comparison_view(table: pd.DataFrame, level: float = DEFAULT_LEVEL) -> pd.DataFrame:
+    """The comparison for people: each headline figure with its interval, each difference with its
+    interval and p-value, then the other metrics."""
+    out = pd.DataFrame({c: table[c] for c in ("run", "model", "dataset", "task", "seed") if c in table.columns})
+    percent = f"{100 * level:g}%"
+    for task in BENCHMARK_TASKS:
+        name = f"{task}_auroc_per_gene"
+        if name not in table.columns:
+            continue
+        out[f"{task} per-gene AUROC [{percent}]"] = [
+            _figure(v, lo, hi, ".4f") for v, lo, hi in zip(table[name], table.get(f"{name}_low", math.nan),
+                                                          table.get(f"{name}_high", math.nan))]
+        if f"{task}_difference" in table.columns:
+            out[f"{task} − reference [{percent}], p"] = [
+                "–" if _missing(d) else _figure(d, lo, hi, "+.4f") + f", p={p:.3g}"
+                for d, lo, hi, p in zip(table[f"{task}_difference"], table[f"{task}_difference_low"],
+                                        table[f"{task}_difference_high"], table[f"{task}_p_value"])]
+    if "reference" in table.columns:
+        out["reference"] = table["reference"].replace("", "–")
+    rest = [c for c in table.columns if c not in out.columns and c != "reference"
+            and not any(c.startswith(f"{t}_auroc_per_gene") or c.startswith(f"{t}_difference")
+                        or c == f"{t}_p_value" for t in BENCHMARK_TASKS)]
+    rest = [c for c in rest if c not in ("run", "model", "dataset", "task", "seed")]
+    return pd.concat([out, table[rest]], axis=1)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _figure(value: Any, low: Any, high: Any, spec: str) -> str:
+    if _missing(value):
+        return "–"
+    if _missing(low) or _missing(high):
+        return format(value, spec)
+    return f"{value:{spec}} [{low:.3f}, {high:.3f}]"
 
 
 def summarize_runs(table: pd.DataFrame) -> pd.DataFrame:

@@ -1,6 +1,8 @@
 """evaluate.py: rebuild from a checkpoint alone with identical numbers; compare runs."""
 
 import json
+import math
+import shutil
 import subprocess
 import sys
 
@@ -62,6 +64,38 @@ def test_comparison_table_has_one_row_per_run(synthetic_cfg, tmp_path):
     assert {"model", "dataset", "task", "de_auroc_per_gene", "de_genes_scored", "dir_auroc_per_gene"} <= set(table.columns)
     assert (tmp_path / "cmp" / "comparison.md").read_text().startswith("| run | model | dataset |")
     assert len(pd.read_csv(tmp_path / "cmp" / "comparison.csv")) == 2
+
+
+def test_comparison_gives_intervals_and_paired_differences_against_the_reference(synthetic_cfg, tmp_path):
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        train(synthetic_cfg(f"seed={seed}", "trainer.max_epochs=1", output_dir=out))
+        runs.append(out)
+    table = compare_runs(runs, tmp_path / "cmp", reference=str(runs[1]), resamples=200)
+    for task in ("de", "dir"):
+        assert (table[f"{task}_auroc_per_gene_low"] <= table[f"{task}_auroc_per_gene"]).all()
+        assert (table[f"{task}_auroc_per_gene"] <= table[f"{task}_auroc_per_gene_high"]).all()
+        first, reference = table.iloc[0], table.iloc[1]
+        # the reference run is compared with nobody; the other run's difference is its own minus the reference's
+        assert math.isnan(reference[f"{task}_difference"]) and reference["reference"] == ""
+        assert first["reference"] == str(runs[1])
+        assert first[f"{task}_difference"] == pytest.approx(first[f"{task}_auroc_per_gene"] - reference[f"{task}_auroc_per_gene"])
+        assert first[f"{task}_difference_low"] <= first[f"{task}_difference"] <= first[f"{task}_difference_high"]
+        assert 0 < first[f"{task}_p_value"] <= 1
+    shown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "de per-gene AUROC [95%]" in shown and "de − reference [95%], p" in shown
+    with pytest.raises(ValueError, match="reference=.* is not one of the compared runs"):
+        compare_runs(runs, tmp_path / "cmp2", reference=str(tmp_path / "elsewhere"))
+
+
+def test_a_run_compared_with_itself_differs_by_zero(synthetic_cfg, tmp_path):
+    out = tmp_path / "run"
+    train(synthetic_cfg("trainer.max_epochs=1", output_dir=out))
+    twin = tmp_path / "twin"
+    shutil.copytree(out, twin)
+    table = compare_runs([out, twin], tmp_path / "cmp", resamples=100)
+    assert table.loc[1, "de_difference"] == 0.0 and table.loc[1, "de_p_value"] == 1.0
 
 
 @pytest.mark.slow

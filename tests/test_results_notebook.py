@@ -64,9 +64,10 @@ def test_results_notebook_runs_on_a_comparison_and_draws_every_figure(two_runs_a
     figures = tmp_path / "figures"
     notebook = execute({"RESULTS_COMPARISON_DIR": str(base / "eval"), "RESULTS_RUN_DIRS": "",
                         "RESULTS_FIGURES_DIR": str(figures)}, tmp_path)
-    # Figures: per-gene AUROC boxes, ROC curves, model-vs-model scatter (two runs).
-    assert len(outputs_of(notebook, "image/png")) == 3
-    assert sorted(p.name for p in figures.iterdir()) == ["per_gene_auroc.png", "per_gene_scatter.png", "roc_curves.png"]
+    # Figures: per-gene AUROC boxes, their intervals, ROC curves, model-vs-model scatter (two runs).
+    assert len(outputs_of(notebook, "image/png")) == 4
+    assert sorted(p.name for p in figures.iterdir()) == ["per_gene_auroc.png", "per_gene_auroc_intervals.png",
+                                                          "per_gene_scatter.png", "roc_curves.png"]
     html = "".join(o["data"]["text/html"] for o in outputs_of(notebook, "text/html"))
     for seed in (0, 1):  # runs are named by run.json (model · data-task · seed), not by their timestamp folder
         assert f"mlp · synthetic-joint · seed {seed}" in html
@@ -81,7 +82,7 @@ def test_documented_command_paths_are_relative_to_where_the_notebook_runs(two_ru
     figures = tmp_path / "figures"
     notebook = execute({"RESULTS_COMPARISON_DIR": os.path.relpath(base / "eval", NOTEBOOK.parent), "RESULTS_RUN_DIRS": "",
                         "RESULTS_FIGURES_DIR": os.path.relpath(figures, NOTEBOOK.parent)}, tmp_path)
-    assert len(outputs_of(notebook, "image/png")) == 3 and len(list(figures.glob("*.png"))) == 3
+    assert len(outputs_of(notebook, "image/png")) == 4 and len(list(figures.glob("*.png"))) == 4
     # The executed copy the docs write next to the notebook is ignored by git.
     ignored = subprocess.run(["git", "check-ignore", "-q", "notebooks/results_executed.ipynb"], cwd=NOTEBOOK.parents[1])
     assert ignored.returncode == 0
@@ -91,7 +92,7 @@ def test_results_notebook_reads_run_folders_without_a_comparison(two_runs_and_co
     base, runs = two_runs_and_comparison
     notebook = execute({"RESULTS_COMPARISON_DIR": "", "RESULTS_RUN_DIRS": str(runs[0]),
                         "RESULTS_FIGURES_DIR": ""}, tmp_path)
-    assert len(outputs_of(notebook, "image/png")) == 2
+    assert len(outputs_of(notebook, "image/png")) == 3  # boxes, intervals (bootstrapped here), ROC
     assert "One run only" in "".join(o["data"].get("text/markdown", "") for o in outputs_of(notebook, "text/markdown"))
 
 
