@@ -4,7 +4,8 @@ cell giving both the ``de`` and the ``dir`` row; rows appended to ``benchmarks/r
     python benchmarks/quality.py --models mlp gat gears knn --datasets k562 rpe1 hepg2 k562_set --seeds 0 1 2
     python benchmarks/quality.py --table          # only regenerate docs/results.md and README's table from the CSV
 
-Resumable: a (model, dataset, task, seed) already in the CSV is skipped. Every run uses the model's
+Resumable: a (model, dataset, task, seed) already in the CSV is skipped (with ``--fill-intervals``, only
+if the row has its bootstrap interval: rows made before intervals existed are rerun and replaced). Every run uses the model's
 default config plus the grid's budget overrides (``--set``, and the CPU budget below), recorded per row
 in the ``overrides`` column. Needs the PerturbQA files ($PERTURBQA_DATA) and, for graph models,
 the knowledge files ($PERTURB_KNOWLEDGE).
@@ -27,15 +28,20 @@ sys.path.insert(0, str(REPO))
 
 from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
 # The tables (docs/results.md, the README block) are made by the package, one code path for both.
-from perturb_models.results import PUBLISHED, README, full_test, quality_table as results_table, write_doc  # noqa: E402
+from perturb_models.results import (PUBLISHED, README, full_test, interval_text, quality_table as results_table,  # noqa: E402
+                                    seed_interval, write_doc)
 
 # auroc_per_gene is the test figure (reported, never used to choose anything); val_auroc_per_gene is the
 # validation figure of the same run (the selected checkpoint), the only one selection code reads.
+# ci_low/ci_high: the 95% bootstrap interval of the test figure over test perturbations (1,000 resamples,
+# perturb_models.metrics), computed when the row is made, from the run's predictions.
 COLUMNS = ["model", "dataset", "task", "seed", "auroc_per_gene", "genes_scored", "commit", "wall_seconds", "overrides",
-           "val_auroc_per_gene"]
-OPTIONAL = ("overrides", "val_auroc_per_gene", "recipe", "weights")
+           "val_auroc_per_gene", "ci_low", "ci_high"]
+OPTIONAL = ("overrides", "val_auroc_per_gene", "recipe", "weights", "ci_low", "ci_high", "paired")
 # weights: the ensemble's combination weights per member (fitted on validation), for the docs.
-LOCO_COLUMNS = ["model", "recipe", *COLUMNS[1:], "weights"]
+# paired: for an ensemble row, its paired difference with each member's run on the same test pairs
+# ({"member": [difference, low, high, p_value]}, JSON).
+LOCO_COLUMNS = ["model", "recipe", *COLUMNS[1:], "weights", "paired"]
 DEFAULT_CSV = REPO / "benchmarks" / "results" / "quality.csv"
 DEFAULT_LOCO_CSV = REPO / "benchmarks" / "results" / "loco.csv"
 LINES = ["k562", "rpe1", "hepg2", "k562_set"]
@@ -89,10 +95,21 @@ def read_rows(path: Path, columns: list[str] = COLUMNS) -> pd.DataFrame:
     return frame[columns + [c for c in frame.columns if c not in columns]]
 
 
-def done(rows: pd.DataFrame, model: str, dataset: str, seed: int, tasks: tuple[str, ...]) -> bool:
+def done(rows: pd.DataFrame, model: str, dataset: str, seed: int, tasks: tuple[str, ...], args=None) -> bool:
     rows = full_test(rows)
     hit = rows.loc[(rows["model"] == model) & (rows["dataset"] == dataset) & (rows["seed"] == seed)]
-    return set(tasks) <= set(hit["task"])
+    return set(tasks) <= set(complete(hit, args)["task"])
+
+
+def complete(rows: pd.DataFrame, args=None, paired: bool = False) -> pd.DataFrame:
+    """The rows that need no rerun: all of them, or with ``--fill-intervals`` those that have their interval
+    (and, for ``paired`` ensemble rows, their paired differences with the members)."""
+    if args is None or not getattr(args, "fill_intervals", False):
+        return rows
+    keep = rows["ci_low"].notna() if "ci_low" in rows.columns else pd.Series(False, index=rows.index)
+    if paired:
+        keep &= rows["paired"].notna() if "paired" in rows.columns else False
+    return rows.loc[keep]
 
 
 def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], runs_dir: Path,
@@ -109,14 +126,42 @@ def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], r
     wall = round(time.time() - started, 1)
     commit = git_commit()
     tasks = ("de", "dir") if task == "joint" else (task,)
+    intervals = test_intervals(Path(cfg.paths.output_dir))
     rows = []
     for t in tasks:
+        interval = intervals.get(t)
         rows.append({"model": model, "dataset": dataset, "task": t, "seed": seed,
                      "auroc_per_gene": metrics.get(f"test/{t}_auroc_per_gene", math.nan),
                      "genes_scored": metrics.get(f"test/{t}_genes_scored", math.nan),
                      "commit": commit, "wall_seconds": wall, "overrides": " ".join(extra),
-                     "val_auroc_per_gene": metrics.get(f"val/{t}_auroc_per_gene", math.nan)})
+                     "val_auroc_per_gene": metrics.get(f"val/{t}_auroc_per_gene", math.nan),
+                     "ci_low": interval.low if interval else math.nan, "ci_high": interval.high if interval else math.nan})
     return rows, wall
+
+
+def test_intervals(run_dir: Path) -> dict:
+    """The 95% bootstrap interval of each task's test figure, from the run's ``predictions/test.csv``."""
+    from perturb_models.metrics import intervals_from_predictions
+
+    path = run_dir / "predictions" / "test.csv"
+    return intervals_from_predictions(pd.read_csv(path)) if path.is_file() else {}
+
+
+def paired_with_members(run_dir: Path, members: dict[str, Path], tasks: tuple[str, ...]) -> dict[str, str]:
+    """Per task, JSON ``{member: [difference, low, high, p_value]}``: the ensemble's test figure minus each
+    member run's, paired on the same test pairs and resamples."""
+    from perturb_models.metrics import paired_bootstrap
+
+    ours = pd.read_csv(run_dir / "predictions" / "test.csv")
+    out = {}
+    for task in tasks:
+        table = {}
+        for name, member_dir in members.items():
+            theirs = pd.read_csv(member_dir / "predictions" / "test.csv")
+            d = paired_bootstrap(ours, theirs, task)
+            table[name] = [round(v, 6) for v in (d.difference, d.low, d.high, d.p_value)]
+        out[task] = json.dumps(table, sort_keys=True)
+    return out
 
 
 def budget_overrides(model: str, sets: list[str]) -> list[str]:
@@ -158,43 +203,81 @@ def loco_table(rows: pd.DataFrame) -> str:
                 continue
         for d, recipe in choices.items():
             hit = part.loc[(part["dataset"] == d) & (part["recipe"] == recipe)]
-            held[(family, d)] = (recipe, {t: hit.loc[hit["task"] == t, "auroc_per_gene"].dropna().astype(float).tolist()
+            held[(family, d)] = (recipe, {t: hit.loc[(hit["task"] == t) & hit["auroc_per_gene"].notna()]
                                           for t in ("de", "dir")})
     out = []
     for task, title in (("de", "DE"), ("dir", "direction")):
         out += [f"### LOCO, {title} (held-out line's test per-gene AUROC; recipe chosen on the other lines' "
                 "validation; mean over seeds, n seeds)", "",
                 "| model | " + " | ".join(lines_present) + " |", "|---|" + "---|" * len(lines_present)]
-        best_single = {}
+        best_single = {}  # line -> (mean, family)
         for family in families:
             cells = []
             for d in lines_present:
-                if (family, d) not in held or not held[(family, d)][1][task]:
+                if (family, d) not in held or held[(family, d)][1][task].empty:
                     cells.append("–")
                     continue
                 recipe, figures = held[(family, d)]
-                mean = sum(figures[task]) / len(figures[task])
-                if family != "ensemble":
-                    best_single[d] = max(best_single.get(d, -1.0), mean)
-                cells.append(f"{mean:.3f} ({len(figures[task])}; {recipe})")
+                mean = float(figures[task]["auroc_per_gene"].astype(float).mean())
+                if family != "ensemble" and mean > best_single.get(d, (-1.0, None))[0]:
+                    best_single[d] = (mean, family)
+                cells.append(f"{mean:.3f} ({len(figures[task])}; {recipe}){interval_text(figures[task])}")
             out.append(f"| {family} | " + " | ".join(cells) + " |")
         cells = [f"{PUBLISHED[(task, d)]['best'][0]:.2f} ({PUBLISHED[(task, d)]['best'][1]})" if (task, d) in PUBLISHED
                  else "–" for d in lines_present]
         out.append("| published best | " + " | ".join(cells) + " |")
-        goal = []
+        goal, sure = [], []
         for d in lines_present:
             figures = held.get(("ensemble", d), (None, {}))[1].get(task)
-            if not figures or (task, d) not in PUBLISHED or d not in best_single:
+            if figures is None or figures.empty or (task, d) not in PUBLISHED or d not in best_single:
                 goal.append("–")
+                sure.append("–")
                 continue
-            mean = sum(figures) / len(figures)
-            above_published = mean - PUBLISHED[(task, d)]["best"][0]
-            vs_single = mean - best_single[d]
-            met = above_published >= 0.03 and vs_single >= -0.01
+            mean = float(figures["auroc_per_gene"].astype(float).mean())
+            published = PUBLISHED[(task, d)]["best"][0]
+            above_published = mean - published
+            single_mean, single = best_single[d]
+            vs_single = mean - single_mean
+            met = above_published >= GOAL_ABOVE_PUBLISHED and vs_single >= -GOAL_BELOW_SINGLE
             goal.append(f"{above_published:+.3f} / {vs_single:+.3f} ({'met' if met else 'not met'})")
+            sure.append(goal_with_intervals(figures, published, single))
         out.append("| ensemble − published best / − best single LOCO model | " + " | ".join(goal) + " |")
+        out.append("| the same with 95% intervals (ensemble's; paired with that member) | " + " | ".join(sure) + " |")
         out.append("")
+    out.append(GOAL_NOTE)
     return "\n".join(out)
+
+
+GOAL_ABOVE_PUBLISHED, GOAL_BELOW_SINGLE = 0.03, 0.01
+GOAL_NOTE = ("Goal: at least +.03 over the published best and at most .01 below the best single LOCO model. With "
+             "intervals: *holds* when the whole 95% interval meets the goal (ensemble's interval for the published "
+             "figure, which is a fixed number; the paired interval of the difference with the best single model, same "
+             "test pairs and resamples), *fails* when the whole interval misses it, *unsure* when it straddles. "
+             "Intervals are the mean of the seeds' bounds; `n/m` says how many seeds have one.\n")
+
+
+def verdict(low: float, high: float, threshold: float) -> str:
+    return "holds" if low >= threshold else "fails" if high < threshold else "unsure"
+
+
+def goal_with_intervals(rows: pd.DataFrame, published: float, single: str) -> str:
+    """The LOCO goal cell read with intervals: the ensemble's own interval against published + .03, its
+    paired difference with the best single model against -.01 (seeds' mean of the bounds)."""
+    low, high, n = seed_interval(rows)
+    if n == 0:
+        return "no interval yet"
+    parts = [f"[{low - published:+.3f}, {high - published:+.3f}] {verdict(low - published, high - published, GOAL_ABOVE_PUBLISHED)}"]
+    paired = [json.loads(p)[single] for p in rows["paired"].dropna()
+              if single in json.loads(p)] if "paired" in rows.columns else []
+    if paired:
+        diff_low = sum(p[1] for p in paired) / len(paired)
+        diff_high = sum(p[2] for p in paired) / len(paired)
+        p_values = ", ".join(f"{p[3]:.2g}" for p in paired)
+        parts.append(f"vs {single} [{diff_low:+.3f}, {diff_high:+.3f}] (p {p_values}) "
+                     f"{verdict(diff_low, diff_high, -GOAL_BELOW_SINGLE)}")
+    else:
+        parts.append(f"vs {single}: no paired interval yet")
+    return " / ".join(parts) + f" ({n}/{len(rows)})"
 
 
 def loco_recipes_text(rows: pd.DataFrame) -> str:
@@ -378,7 +461,7 @@ def run_loco(args, runs_dir: Path) -> None:
                 rows = read_rows(args.loco_csv, LOCO_COLUMNS)
                 hit = rows.loc[(rows["model"] == family) & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
                                & (rows["seed"] == seed)]
-                if set(tasks) <= set(hit["task"]):
+                if set(tasks) <= set(complete(hit, args)["task"]):
                     print(f"skip {family}/{recipe} {dataset} seed {seed}: already in {args.loco_csv}")
                     if defaults[(family, recipe)]:
                         promote(args.csv, hit)
@@ -410,7 +493,7 @@ def run_loco(args, runs_dir: Path) -> None:
         hit = rows.loc[(rows["model"] == "ensemble") & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
                        & (rows["seed"] == seed)]
         members_default = all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items())
-        if set(tasks) <= set(hit["task"]):
+        if set(tasks) <= set(complete(hit, args, paired=True)["task"]):
             print(f"skip ensemble {dataset} seed {seed}: already in {args.loco_csv}")
             if members_default:
                 promote(args.csv, hit)
@@ -425,7 +508,10 @@ def run_loco(args, runs_dir: Path) -> None:
         run_name = loco_run_name("ensemble", recipe.replace(":", "_").replace("+", "-"), dataset, args.task, seed)
         new, wall = run_cell("ensemble", dataset, seed, args.task, extra, runs_dir, run_name)
         table = json.loads((runs_dir / run_name / "ensemble_weights.json").read_text())
-        store_row(args.loco_csv, [dict(r, recipe=recipe, weights=" ".join(f"{m}={w:.3f}" for m, w in table[r["task"]].items()))
+        paired = paired_with_members(runs_dir / run_name, {f: runs_dir / loco_run_name(f, r, dataset, args.task, seed)
+                                                           for f, r in choices.items()}, tasks)
+        store_row(args.loco_csv, [dict(r, recipe=recipe, paired=paired[r["task"]],
+                                       weights=" ".join(f"{m}={w:.3f}" for m, w in table[r["task"]].items()))
                                   for r in new], LOCO_COLUMNS, keys)
         if members_default:
             # Members are the default recipes: this is the default ensemble's row for the line.
@@ -480,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
                              "choices (loco.csv; runs of default recipes also go to quality.csv)")
     parser.add_argument("--loco-csv", type=Path, default=DEFAULT_LOCO_CSV)
     parser.add_argument("--loco-doc", type=Path, default=DEFAULT_LOCO_DOC)
+    parser.add_argument("--fill-intervals", action="store_true",
+                        help="rerun the rows that lack their bootstrap interval (rows made before intervals existed)")
     parser.add_argument("--only-defaults", action="store_true",
                         help="loco: only the default recipes and their ensemble (a budget too small for the search)")
     args = parser.parse_args(argv)
@@ -503,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         for dataset in args.datasets:
             for model in args.models:
                 rows = read_rows(args.csv)
-                if done(rows, model, dataset, seed, tasks):
+                if done(rows, model, dataset, seed, tasks, args):
                     print(f"skip {model} {dataset} seed {seed}: already in {args.csv}")
                     continue
                 extra = budget_overrides(model, args.set)

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from perturb_models.console import say
-from perturb_models.io import atomic_write_text
+from perturb_models.io import atomic_write_text, atomic_writer
 from perturb_models.metrics import DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap_auroc_per_gene, paired_bootstrap
 from perturb_models.tasks import BENCHMARK_TASKS, TASKS, headline_metrics
 
@@ -245,18 +245,18 @@ def quality_table(rows: pd.DataFrame) -> str:
     datasets += sorted(set(rows["dataset"]) - set(datasets))
     lines = []
     for task, title in (("de", "DE"), ("dir", "direction")):
-        lines += [f"### {title} (test per-gene AUROC; mean ± sd over seeds, n seeds)", "",
+        lines += [f"### {title} (test per-gene AUROC; mean ± sd over seeds, n seeds, [95% interval])", "",
                   "| model | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
         for model in sorted(set(rows["model"])):
             cells = []
             for d in datasets:
-                vals = rows.loc[(rows["model"] == model) & (rows["dataset"] == d) & (rows["task"] == task), "auroc_per_gene"]
-                vals = vals.dropna().astype(float)
+                cell = rows.loc[(rows["model"] == model) & (rows["dataset"] == d) & (rows["task"] == task)]
+                vals = cell["auroc_per_gene"].dropna().astype(float)
                 if vals.empty:
                     cells.append("–")
                 else:
                     sd = f" ± {vals.std():.3f}" if len(vals) > 1 else ""
-                    cells.append(f"{vals.mean():.3f}{sd} ({len(vals)})")
+                    cells.append(f"{vals.mean():.3f}{sd} ({len(vals)}){interval_text(cell)}")
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         for name in ("GAT", "GEARS", "MLP", "GenePT-Gene"):
             cells = [f"{PUBLISHED[(task, d)][name]:.2f}" if name in PUBLISHED.get((task, d), {}) else "–" for d in datasets]
@@ -268,12 +268,87 @@ def quality_table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def seed_interval(rows: pd.DataFrame) -> tuple[float, float, int]:
+    """The mean of the seeds' 95% interval bounds (``ci_low``/``ci_high`` columns) and how many seeds have one."""
+    if "ci_low" not in rows.columns:
+        return math.nan, math.nan, 0
+    has = rows.loc[rows["ci_low"].notna() & rows["ci_high"].notna()]
+    if has.empty:
+        return math.nan, math.nan, 0
+    return float(has["ci_low"].astype(float).mean()), float(has["ci_high"].astype(float).mean()), len(has)
+
+
+def interval_text(rows: pd.DataFrame) -> str:
+    """`` [low, high]`` for a table cell (with ``, n of m seeds`` when only some seeds have one), or ``""``."""
+    low, high, n = seed_interval(rows)
+    if n == 0:
+        return ""
+    partial = f"; {n} of {len(rows)} seeds" if n < len(rows) else ""
+    return f" [{low:.3f}, {high:.3f}{partial}]"
+
+
+INTERVAL_NOTE = ("The interval is the 95% bootstrap interval of the test figure over test perturbations (1,000 "
+                 "resamples, `perturb_models.metrics`): how much the figure would move on another sample of "
+                 "knockdowns from the same screen, where `± sd` is how much it moves between training seeds. With "
+                 "several seeds it is the mean of the seeds' bounds. Rows made before intervals existed have none "
+                 "until rerun (`python benchmarks/quality.py --fill-intervals ...`).")
+
+
+def results_figure(rows: pd.DataFrame, path: Path) -> bool:
+    """A PNG of the full-test grid: per-gene AUROC by model and cell line, seeds' mean with the 95%
+    interval where the rows have one. False (and nothing written) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib is not installed (the 'notebook' extra): docs/results.md keeps its old figure")
+        return False
+    rows = full_test(rows)
+    datasets = [d for d in DATASET_ORDER if d in set(rows["dataset"])]
+    models = sorted(set(rows["model"]))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(models) + 1.5), sharey=True)
+    offsets = {d: (i - (len(datasets) - 1) / 2) * 0.8 / max(len(datasets), 1) for i, d in enumerate(datasets)}
+    for ax, (task, title) in zip(axes, (("de", "DE"), ("dir", "direction"))):
+        for d in datasets:
+            xs, ys, lows, highs, y_open, x_open = [], [], [], [], [], []
+            for i, model in enumerate(models):
+                cell = rows.loc[(rows["model"] == model) & (rows["dataset"] == d) & (rows["task"] == task)]
+                vals = cell["auroc_per_gene"].dropna().astype(float)
+                if vals.empty:
+                    continue
+                low, high, n = seed_interval(cell)
+                if n:
+                    xs.append(vals.mean()), ys.append(i + offsets[d]), lows.append(vals.mean() - low), highs.append(high - vals.mean())
+                else:
+                    x_open.append(vals.mean()), y_open.append(i + offsets[d])
+            bars = ax.errorbar(xs, ys, xerr=[lows, highs], fmt="o", ms=4, capsize=2, label=d)
+            ax.plot(x_open, y_open, "o", ms=4, mfc="none", color=bars[0].get_color())
+        ax.set_title(f"{title}: test per-gene AUROC (filled: with 95% interval; open: no interval yet)", fontsize=9)
+        ax.axvline(0.5, ls="--", c="grey", lw=0.8)
+        ax.set_yticks(range(len(models)), models, fontsize=8)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(path) as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+RESULTS_FIGURE = REPO / "docs" / "results_auroc.png"
+
+
 def results_doc(rows: pd.DataFrame) -> str:
     """The text of docs/results.md."""
     return ("# Results on PerturbQA\n\nGenerated by `python benchmarks/quality.py --table` from "
             "`benchmarks/results/quality.csv` (each row: one test run; settings in its `overrides` column). "
             "Published numbers: PerturbQA paper, Table 1. What a default gives on a new cell line (recipes chosen "
             "on the other lines' validation), the ensemble, and how every choice is made: [loco.md](loco.md).\n\n"
+            + INTERVAL_NOTE + "\n\n![per-gene AUROC by model and cell line](results_auroc.png)\n\n"
             + quality_table(rows))
 
 
@@ -349,6 +424,7 @@ def with_llm_block(doc_text: str, rows: pd.DataFrame, path: Path = LLM_DOC) -> s
 def write_doc(rows: pd.DataFrame, path: Path, readme: Path | None = None) -> None:
     """docs/results.md (``path``) and, with ``readme``, the README's results block, from the same rows."""
     atomic_write_text(path, results_doc(rows))
+    results_figure(rows, path.parent / RESULTS_FIGURE.name)
     if readme is not None:
         atomic_write_text(readme, with_readme_block(readme.read_text(), quality_table(rows), readme))
 
