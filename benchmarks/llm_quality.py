@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from perturb_models.io import atomic_write_text  # noqa: E402
 from perturb_models.results import LLM_DOC, read_quality_rows, subset_table, with_llm_block  # noqa: E402
-from quality import COLUMNS, budget_overrides, run_cell, store_row  # noqa: E402
+from quality import COLUMNS, budget_overrides, paired_with_members, run_cell, store_row  # noqa: E402
 
 
 def llm_overrides(args: argparse.Namespace, prior: bool) -> list[str]:
@@ -83,15 +83,21 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     csv, runs = Path(args.csv), Path(args.runs_dir)
     shared = [f"data.test_genes={args.test_genes}", "data.subset_seed=0"]
-    # The first LLM seed and the (cheap) baselines first, so that the first rows written are already a
-    # paired comparison; then the prior, then the other seeds.
+    # The (cheap) baselines first, then the first LLM seed, so that the first LLM rows written are already
+    # a paired comparison; then the prior, then the other seeds.
     plain = [(args.model, s, False) for s in args.seeds]
-    cells = plain[:1] + [(b, args.baseline_seed, False) for b in args.baselines]
+    cells = [(b, args.baseline_seed, False) for b in args.baselines] + plain[:1]
     cells += [(args.model, s, True) for s in args.prior_seeds] + plain[1:]
+    knn_run = runs / "plain" / f"knn-{args.data}-joint-seed{args.baseline_seed}"
     for model, seed, prior in cells:
         extra = shared + (llm_overrides(args, prior) if model == args.model else budget_overrides(model, []))
-        rows, wall = run_cell(model, args.data, seed, "joint", extra, runs / ("prior" if prior else "plain"))
+        run_dir = runs / ("prior" if prior else "plain")
+        rows, wall = run_cell(model, args.data, seed, "joint", extra, run_dir)
+        # Paired with knn on the same test pairs when this invocation scored knn (the table's "- knn" column).
+        paired = paired_with_members(run_dir / f"{model}-{args.data}-joint-seed{seed}", {"knn": knn_run}, ("de", "dir")) \
+            if model != "knn" and (knn_run / "predictions" / "test.csv").is_file() else {}
         for row in rows:
+            row["paired"] = paired.get(row["task"])
             row["overrides"] = "data.task=joint " + row["overrides"]
             if prior:
                 row["model"] = f"{model}_prior"

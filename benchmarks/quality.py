@@ -36,12 +36,12 @@ from perturb_models.results import (PUBLISHED, README, full_test, interval_text,
 # ci_low/ci_high: the 95% bootstrap interval of the test figure over test perturbations (1,000 resamples,
 # perturb_models.metrics), computed when the row is made, from the run's predictions.
 COLUMNS = ["model", "dataset", "task", "seed", "auroc_per_gene", "genes_scored", "commit", "wall_seconds", "overrides",
-           "val_auroc_per_gene", "ci_low", "ci_high"]
+           "val_auroc_per_gene", "ci_low", "ci_high", "paired"]
+# paired: the row's paired difference with other runs on the same test pairs and resamples, JSON
+# {"run": [difference, low, high, p_value]}: an ensemble's members (loco.csv), knn for llm_quality.py's rows.
 OPTIONAL = ("overrides", "val_auroc_per_gene", "recipe", "weights", "ci_low", "ci_high", "paired")
 # weights: the ensemble's combination weights per member (fitted on validation), for the docs.
-# paired: for an ensemble row, its paired difference with each member's run on the same test pairs
-# ({"member": [difference, low, high, p_value]}, JSON).
-LOCO_COLUMNS = ["model", "recipe", *COLUMNS[1:], "weights", "paired"]
+LOCO_COLUMNS = ["model", "recipe", *COLUMNS[1:], "weights"]
 DEFAULT_CSV = REPO / "benchmarks" / "results" / "quality.csv"
 DEFAULT_LOCO_CSV = REPO / "benchmarks" / "results" / "loco.csv"
 LINES = ["k562", "rpe1", "hepg2", "k562_set"]
@@ -145,6 +145,30 @@ def test_intervals(run_dir: Path) -> dict:
 
     path = run_dir / "predictions" / "test.csv"
     return intervals_from_predictions(pd.read_csv(path)) if path.is_file() else {}
+
+
+def attach_intervals(csv: Path, run_dir: Path, columns: list[str] = COLUMNS) -> pd.DataFrame:
+    """Fill ``ci_low``/``ci_high`` of the rows that ``run_dir`` made (same dataset and seed, and the very
+    test figure of its ``metrics.json``), from its ``predictions/test.csv``: a row whose run folder is still
+    at hand gets its interval without a rerun."""
+    info = json.loads((run_dir / "run.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    intervals = test_intervals(run_dir)
+    if not intervals:
+        raise SystemExit(f"{run_dir}: no predictions/test.csv to compute an interval from")
+    rows = read_rows(csv, columns)
+    for task, interval in intervals.items():
+        figure = metrics.get(f"test/{task}_auroc_per_gene")
+        hit = (rows["dataset"] == info["dataset"]) & (rows["seed"] == info["seed"]) & (rows["task"] == task) \
+            & (rows["auroc_per_gene"].astype(float) == figure)
+        if hit.sum() != 1:
+            raise SystemExit(f"{run_dir}: {hit.sum()} rows of {csv} report its {task} figure {figure} "
+                             f"({info['dataset']}, seed {info['seed']}); expected exactly one")
+        rows.loc[hit, ["ci_low", "ci_high"]] = [interval.low, interval.high]
+        print(f"{csv}: {rows.loc[hit, 'model'].item()} {info['dataset']} {task} seed {info['seed']} "
+              f"{figure:.4f} [{interval.low:.4f}, {interval.high:.4f}] from {run_dir}")
+    atomic_write_dataframe(csv, rows)
+    return rows
 
 
 def paired_with_members(run_dir: Path, members: dict[str, Path], tasks: tuple[str, ...]) -> dict[str, str]:
@@ -566,12 +590,18 @@ def main(argv: list[str] | None = None) -> int:
                              "choices (loco.csv; runs of default recipes also go to quality.csv)")
     parser.add_argument("--loco-csv", type=Path, default=DEFAULT_LOCO_CSV)
     parser.add_argument("--loco-doc", type=Path, default=DEFAULT_LOCO_DOC)
+    parser.add_argument("--attach-intervals", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="fill the interval of the --csv rows these kept run folders made (no rerun)")
     parser.add_argument("--fill-intervals", action="store_true",
                         help="rerun the rows that lack their bootstrap interval (rows made before intervals existed)")
     parser.add_argument("--only-defaults", action="store_true",
                         help="loco: only the default recipes and their ensemble (a budget too small for the search)")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
+    if args.attach_intervals:
+        for run_dir in args.attach_intervals:
+            attach_intervals(args.csv, run_dir)
+        return 0
     if args.table:
         write_docs(args)
         print(results_table(read_rows(args.csv)))

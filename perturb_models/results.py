@@ -377,17 +377,33 @@ def subset_table(rows: pd.DataFrame, dataset: str = "k562", test_genes: int = 10
     rows = subset_rows(rows, dataset, test_genes)
     if rows.empty:
         return f"_no {dataset} rows scored on {test_genes} test genes in quality.csv yet_"
-    lines = ["| model | task | seeds | per-gene AUROC (mean) | per seed | genes scored | − knn (same genes) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | task | seeds | per-gene AUROC (mean) | per seed [95% interval] | genes scored | − knn (same genes) "
+             "| − knn, paired [95% interval], p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for task in ("de", "dir"):
         knn = rows.loc[(rows["model"] == "knn") & (rows["task"] == task), "auroc_per_gene"].astype(float)
         for model, group in rows.loc[rows["task"] == task].groupby("model", sort=True):
             values = group["auroc_per_gene"].astype(float)
             delta = "" if model == "knn" or knn.empty else f"{values.mean() - knn.mean():+.3f}"
+            per_seed = ", ".join(f"{v:.3f}" + interval_text(group.iloc[[i]]) for i, v in enumerate(values))
             lines.append(f"| {model} | {task} | {', '.join(str(int(s)) for s in group['seed'])} | {values.mean():.3f} "
-                         f"| {', '.join(f'{v:.3f}' for v in values)} | "
-                         f"{', '.join(sorted({str(int(g)) for g in group['genes_scored']}))} | {delta} |")
+                         f"| {per_seed} | {', '.join(sorted({str(int(g)) for g in group['genes_scored']}))} | {delta} "
+                         f"| {paired_text(group, 'knn')} |")
     return "\n".join(lines)
+
+
+def paired_text(rows: pd.DataFrame, other: str) -> str:
+    """Each row's stored paired difference with ``other`` (the ``paired`` JSON column), or ``–``."""
+    import json
+
+    if "paired" not in rows.columns:
+        return "–"
+    cells = []
+    for value in rows["paired"]:
+        if isinstance(value, str) and other in json.loads(value):
+            d, low, high, p = json.loads(value)[other]
+            cells.append(f"{d:+.3f} [{low:+.3f}, {high:+.3f}], p={p:.2g}")
+    return "; ".join(cells) or "–"
 
 
 def throughput_table(rows: list[dict]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -32,8 +33,15 @@ def test_llm_quality_rows_are_paired_on_one_test_gene_subset(tmp_path, monkeypat
     assert set(rows["task"]) == {"de", "dir"}
     assert rows["overrides"].str.contains("data.test_genes=8 ").all()
     assert (rows.loc[rows["task"] == "de", "genes_scored"] == 8).all()
+    # Every row has its interval; the LLM rows their paired difference with knn on the same pairs.
+    assert ((rows["ci_low"] <= rows["auroc_per_gene"]) & (rows["auroc_per_gene"] <= rows["ci_high"])).all()
+    for paired, figure, task in rows.loc[rows["model"] != "knn", ["paired", "auroc_per_gene", "task"]].itertuples(index=False):
+        knn = rows.loc[(rows["model"] == "knn") & (rows["task"] == task), "auroc_per_gene"].item()
+        assert json.loads(paired)["knn"][0] == pytest.approx(figure - knn, abs=1e-6)
+    assert rows.loc[rows["model"] == "knn", "paired"].isna().all()
     table = subset_table(rows, "synthetic", 8)
     assert "| lora_llama_tiny_prior | de |" in table and "| knn | dir |" in table
+    assert ", p=" in table  # the paired column is shown
     assert subset_table(rows, "synthetic", 9).startswith("_no synthetic rows")
     # A rerun of one model and seed on the same subset replaces its rows instead of adding a second copy.
     llm_quality.main(["--csv", str(csv), "--data", "synthetic", "--model", "lora_llama_tiny", "--seeds",

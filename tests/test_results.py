@@ -56,3 +56,15 @@ def test_rewriting_changes_only_the_marked_block(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="no results block to rewrite"):
         write_doc(rows, tmp_path / "results.md", readme)
+
+
+def test_a_cell_shows_the_mean_of_the_seeds_intervals_and_how_many_seeds_have_one(tmp_path):
+    rows = pd.DataFrame({"model": "knn", "dataset": "k562", "task": "de", "seed": [0, 1, 2],
+                         "auroc_per_gene": [0.60, 0.62, 0.64], "ci_low": [0.58, 0.60, float("nan")],
+                         "ci_high": [0.62, 0.66, float("nan")], "overrides": ""})
+    table = quality_table(rows)
+    assert "| knn | 0.620 ± 0.020 (3) [0.590, 0.640; 2 of 3 seeds] |" in table
+    assert "[95% interval]" in table
+    write_doc(rows, tmp_path / "results.md")
+    assert (tmp_path / "results_auroc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![per-gene AUROC by model and cell line](results_auroc.png)" in (tmp_path / "results.md").read_text()

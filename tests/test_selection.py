@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
 import numpy as np
@@ -136,3 +137,47 @@ def test_gene_set_namer_recipe_is_chosen_on_validation_rouge_only():
     with pytest.raises(ValueError, match="not a validation column"):
         choose_recipe(rows.rename(columns={"method": "model"}).assign(dataset="k562_gse", task="gse"),
                       "lora_llama_gse", ["k562_gse"], metric="rouge1_recall")
+
+
+def loco_rows_with_intervals(paired_knn: list[float], ensemble_ci: tuple[float, float]) -> pd.DataFrame:
+    """knn, gears, embedding_mlp (one recipe each) and their ensemble on the four lines, DE only; knn is the
+    best single model; the ensemble row carries its interval and its paired difference with each member."""
+    figures = {"knn": 0.70, "gears": 0.65, "embedding_mlp": 0.60, "ensemble": 0.705}
+    rows = []
+    for line in LINES:
+        for model, figure in figures.items():
+            recipe = "knn:r+gears:r+embedding_mlp:r" if model == "ensemble" else "r"
+            row = {"model": model, "recipe": recipe, "dataset": line, "task": "de", "seed": 0, "val_auroc_per_gene": 0.6,
+                   "auroc_per_gene": figure, "genes_scored": 100, "ci_low": figure - 0.02, "ci_high": figure + 0.02}
+            if model == "ensemble":
+                row.update(ci_low=ensemble_ci[0], ci_high=ensemble_ci[1],
+                           paired=json.dumps({"knn": paired_knn, "gears": [0.055, 0.03, 0.08, 0.001]}))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("paired_knn, verdict", [([0.005, -0.004, 0.014, 0.3], "holds"),
+                                                 ([0.005, -0.02, 0.03, 0.6], "unsure"),
+                                                 ([-0.03, -0.045, -0.015, 0.001], "fails")])
+def test_loco_goal_is_read_with_the_paired_interval_of_the_best_single_model(paired_knn, verdict):
+    quality = load_quality()
+    table = quality.loco_table(loco_rows_with_intervals(paired_knn, (0.68, 0.73)))
+    row = next(line for line in table.split("### LOCO, direction")[0].splitlines() if line.startswith("| the same with"))
+    cells = row.split(" | ")[1:]
+    assert len(cells) == 4
+    for cell in cells:
+        # published best is fixed: the ensemble's own interval against +.03 above it; knn is the best single model
+        assert f"vs knn [{paired_knn[1]:+.3f}, {paired_knn[2]:+.3f}]" in cell and cell.rstrip(" |").endswith(
+            f"{verdict} (1/1)")
+    k562 = cells[0]  # published best .62: [.68 - .62, .73 - .62] = [+.060, +.110] lies above +.03
+    assert k562.startswith("[+0.060, +0.110] holds")
+
+
+def test_fill_intervals_reruns_only_rows_without_their_interval():
+    quality = load_quality()
+    rows = pd.DataFrame({"task": ["de", "dir"], "ci_low": [0.6, math.nan], "ci_high": [0.7, math.nan],
+                         "paired": [json.dumps({"knn": [0, 0, 0, 1]}), math.nan]})
+    fill = type("Args", (), {"fill_intervals": True})()
+    assert list(quality.complete(rows, fill)["task"]) == ["de"]
+    assert list(quality.complete(rows, None)["task"]) == ["de", "dir"]  # without the flag nothing reruns
+    assert list(quality.complete(rows.assign(paired=math.nan), fill, paired=True)["task"]) == []
