@@ -89,6 +89,8 @@ def with_uncertainty(table: pd.DataFrame, reference: str | os.PathLike | None = 
         frames[run] = pd.read_csv(path) if path.is_file() else None
         if frames[run] is None:
             say(f"{run}: no predictions/test.csv, so no interval for it (was it written before predictions were saved?)")
+        elif not {"pert", "gene", "task", "label", "score"} <= set(frames[run].columns):
+            frames[run] = None  # not a pair classifier's predictions (a gene-set namer's answers)
     tasks = [t for t in BENCHMARK_TASKS if f"{t}_auroc_per_gene" in table.columns]
     references: list[str | None] = []
     datasets = table["dataset"].astype(str).tolist() if "dataset" in table.columns else [""] * len(runs)
