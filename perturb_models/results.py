@@ -292,8 +292,11 @@ def interval_text(rows: pd.DataFrame) -> str:
 INTERVAL_NOTE = ("The interval is the 95% bootstrap interval of the test figure over test perturbations (1,000 "
                  "resamples, `perturb_models.metrics`): how much the figure would move on another sample of "
                  "knockdowns from the same screen, where `± sd` is how much it moves between training seeds. With "
-                 "several seeds it is the mean of the seeds' bounds. Rows made before intervals existed have none "
-                 "until rerun (`python benchmarks/quality.py --fill-intervals ...`).")
+                 "several seeds it is the mean of the seeds' bounds. Most genes hang on a few test knockdowns, so these "
+                 "intervals are too narrow (`perturb_models/metrics.py` measures by how much): compare two models by "
+                 "their paired difference (`evaluate.py runs=[...]`, the LOCO goal rows), not by overlapping "
+                 "intervals. Rows made before intervals existed have none until rerun "
+                 "(`python benchmarks/quality.py --fill-intervals ...`).")
 
 
 def results_figure(rows: pd.DataFrame, path: Path) -> bool:
