@@ -102,9 +102,10 @@ def test_member_run_with_another_recipe_is_refused(ensemble_run, tmp_path):
                            f"+model.encoder.member_runs.mlp={run / 'members' / 'mlp'}"))
 
 
-def test_ensemble_of_one_member_reproduces_that_members_predictions(tmp_path):
+@pytest.mark.parametrize("combiner", ["loglik", "rank"])
+def test_ensemble_of_one_member_reproduces_that_members_predictions(tmp_path, combiner):
     run = tmp_path / "one"
-    train(ensemble_cfg(run, "model.encoder.members=[mlp]"))
+    train(ensemble_cfg(run, "model.encoder.members=[mlp]", f"model.encoder.combiner={combiner}"))
     assert weights_of(run).tolist() == [[1.0], [1.0]]
     ours = pd.read_csv(run / "predictions" / "test.csv")
     member = pd.read_csv(run / "members" / "mlp" / "predictions" / "test.csv")
@@ -152,3 +153,62 @@ def test_ensemble_weights_do_not_change_when_test_labels_change(tmp_path):
     assert torch.equal(clean_weights, poisoned_weights)
     assert clean["val/de_auroc_per_gene"] == poisoned["val/de_auroc_per_gene"]
     assert clean["test/dir_auroc_per_gene"] != poisoned["test/dir_auroc_per_gene"]  # the poison reached the test split
+
+
+def ranking_versus_likelihood(seed: int = 0, genes: int = 40, perts: int = 60):
+    """Two members that disagree: ``calibrated`` knows each gene's base rate (good log-likelihood) but ranks
+    the perturbations within a gene at random; ``ranker`` ranks within each gene almost perfectly, but its
+    probabilities carry a random per-gene offset and are overconfident (poor log-likelihood)."""
+    rng = np.random.default_rng(seed)
+    gene = np.repeat(np.arange(genes), perts)
+    pert = np.tile(np.arange(perts), genes)
+    rate = rng.uniform(0.05, 0.6, genes)[gene]
+    label = (rng.random(len(gene)) < rate).astype(np.int64)
+    calibrated = np.clip(rate + rng.normal(0, 0.02, len(gene)), 0.01, 0.99)
+    offset = rng.normal(0, 4, genes)[gene]
+    ranker = 1 / (1 + np.exp(-(offset + 3 * (label - 0.5) + rng.normal(0, 1.0, len(gene)))))
+    return np.stack([calibrated, ranker], axis=1), label, gene, pert
+
+
+def test_the_rank_combiner_chooses_the_per_gene_ranking_where_log_likelihood_would_not():
+    from perturb_models.metrics import auroc_per_gene
+    from perturb_models.models.ensemble import combine, fit_rank_weights
+
+    scores, label, gene, _ = ranking_versus_likelihood()
+    loglik = fit_convex_weights(scores, label)
+    rank = fit_rank_weights(scores, label, gene)
+    assert loglik[0] > 0.5  # the likelihood prefers the calibrated member...
+    assert rank[1] > 0.8 and rank.sum() == pytest.approx(1.0) and (rank >= 0).all()  # ...the surrogate the ranker
+    by_rank = auroc_per_gene(label, combine(scores, rank, "rank"), gene)[0]
+    by_loglik = auroc_per_gene(label, combine(scores, loglik, "loglik"), gene)[0]
+    assert by_rank > by_loglik + 0.05
+
+
+def test_the_guard_falls_back_to_the_best_member_where_the_combination_ranks_worse():
+    from perturb_models.models.ensemble import guarded_report
+
+    scores, label, gene, pert = ranking_versus_likelihood(seed=1)
+    report = guarded_report("de", scores, label, gene, pert, ["calibrated", "ranker"], "loglik")
+    assert report["best_member"] == "ranker" and report["difference"][0] < 0
+    assert report["fallback"] == "ranker"
+    assert report["members"]["ranker"] > report["ensemble_crossfit"]
+    assert guarded_report("de", scores, label, gene, pert, ["calibrated", "ranker"], "loglik", guard=False)["fallback"] is None
+    # The rank combination all but keeps the ranker's ranking: within the noise of it, far above loglik's.
+    ranked = guarded_report("de", scores, label, gene, pert, ["calibrated", "ranker"], "rank")
+    low, high = ranked["difference"][1:3]
+    assert low < 0 < high and ranked["ensemble_crossfit"] > report["ensemble_crossfit"] + 0.05
+
+
+def test_the_guard_and_the_predictions_agree(ensemble_run):
+    run, _ = ensemble_run
+    table = json.loads((run / "ensemble_weights.json").read_text())
+    assert table["combiner"] == "loglik" and table["guard"] is True
+    ours = pd.read_csv(run / "predictions" / "test.csv")
+    for task in ("de", "dir"):
+        report = table["validation"][task]
+        assert set(report["members"]) == {"mlp", "random_embedding"}
+        assert len(report["difference"]) == 4
+        if report["fallback"] is not None:  # that member answers alone for the task
+            member = pd.read_csv(run / "members" / report["fallback"] / "predictions" / "test.csv")
+            merged = ours.loc[ours["task"] == task].merge(member, on=["pert", "gene", "task", "label"], suffixes=("", "_m"))
+            np.testing.assert_allclose(merged["score"], merged["score_m"], atol=1e-5)

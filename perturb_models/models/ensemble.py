@@ -45,6 +45,17 @@ log = logging.getLogger(__name__)
 SCORE_KEYS = {"joint": ("de", "dir"), "de": ("de",), "dir": ("dir",)}
 
 
+def _json_safe(value: Any) -> Any:
+    """Nested report -> JSON: NaN (a figure that could not be computed) becomes null, numpy numbers floats."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    return value
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
@@ -78,6 +89,158 @@ def fit_convex_weights(scores: np.ndarray, labels: np.ndarray, max_iter: int = 2
     return weights
 
 
+COMBINERS = ("loglik", "rank")
+"""How the members' scores are combined (``model.encoder.combiner``):
+
+- ``loglik``: a linear pool ``sum_m w_m p_m`` with simplex weights that maximise the validation
+  log-likelihood (EM, ``fit_convex_weights``).
+- ``rank``: a logarithmic pool ``sigmoid(sum_m w_m logit p_m)`` with simplex weights that minimise a
+  pairwise logistic loss between the positive and negative validation pairs *of the same downstream gene*,
+  each gene weighing the same: the smooth surrogate of the mean per-gene AUROC, the metric itself
+  (``fit_rank_weights``). Scores are never compared across genes, which the per-gene metric ignores too.
+"""
+
+EPS = 1e-6
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1.0 - EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def within_gene_pairs(labels: np.ndarray, genes: np.ndarray, max_pairs: int = 2_000_000,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positive index, negative index, weight) of every positive-negative pair of the same gene; each gene
+    with both classes weighs 1 / (genes scored) in total, as in the mean per-gene AUROC. Above ``max_pairs``
+    a seeded sample of each gene's pairs keeps the per-gene weights."""
+    labels, genes = np.asarray(labels), np.asarray(genes)
+    pos_idx, neg_idx, weight = [], [], []
+    order = np.argsort(genes, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, genes[order][1:] != genes[order][:-1], True])
+    groups = [order[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+    scored = [(g[labels[g] == 1], g[labels[g] != 1]) for g in groups]
+    scored = [(p, n) for p, n in scored if len(p) and len(n)]
+    if not scored:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    total = sum(len(p) * len(n) for p, n in scored)
+    keep = min(1.0, max_pairs / total)
+    rng = np.random.default_rng(seed)
+    for p, n in scored:
+        i, j = np.meshgrid(p, n, indexing="ij")
+        i, j = i.ravel(), j.ravel()
+        if keep < 1.0:
+            chosen = rng.random(len(i)) < keep
+            if not chosen.any():
+                chosen[rng.integers(len(i))] = True
+            i, j = i[chosen], j[chosen]
+        pos_idx.append(i)
+        neg_idx.append(j)
+        weight.append(np.full(len(i), 1.0 / (len(i) * len(scored))))
+    return np.concatenate(pos_idx), np.concatenate(neg_idx), np.concatenate(weight)
+
+
+def rank_surrogate(weights: torch.Tensor, logits: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                   pair_weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The pairwise logistic loss of the combined logits over within-gene pairs (lower is better ranking)."""
+    combined = logits @ weights
+    return (pair_weight * nn.functional.softplus(-scale * (combined[pos] - combined[neg]))).sum()
+
+
+def fit_rank_weights(scores: np.ndarray, labels: np.ndarray, genes: np.ndarray, steps: int = 200) -> np.ndarray:
+    """Simplex weights for the logarithmic pool that minimise the within-gene pairwise logistic loss.
+
+    Args:
+        scores: (N, M) member probabilities of the positive class.
+        labels: (N,) 0/1 labels.
+        genes: (N,) downstream gene of each pair (pairs are only compared within a gene).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or len(scores) != len(labels) or len(labels) != len(genes):
+        raise ValueError(f"scores must be (N, M) with N = len(labels) = len(genes); got {scores.shape}, "
+                         f"{len(labels)} labels, {len(genes)} genes")
+    m = scores.shape[1]
+    pos, neg, pair_weight = within_gene_pairs(labels, genes)
+    if m == 1 or len(pos) == 0:
+        return np.full(m, 1.0 / m)
+    logits = torch.as_tensor(_logit(scores))
+    pos, neg = torch.as_tensor(pos), torch.as_tensor(neg)
+    pair_weight = torch.as_tensor(pair_weight)
+    # Softmax keeps the weights on the simplex; the free log-scale is the surrogate's temperature.
+    raw = torch.zeros(m, dtype=torch.float64, requires_grad=True)
+    log_scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([raw, log_scale], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = rank_surrogate(torch.softmax(raw, 0), logits, pos, neg, pair_weight, log_scale.exp())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return torch.softmax(raw, 0).detach().numpy()
+
+
+def combine(scores: np.ndarray, weights: np.ndarray, combiner: str) -> np.ndarray:
+    """The pooled probability of (N, M) member probabilities under ``combiner``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if combiner == "loglik":
+        return scores @ weights
+    return 1.0 / (1.0 + np.exp(-(_logit(scores) @ weights)))
+
+
+def fit_combiner(scores: np.ndarray, labels: np.ndarray, genes: np.ndarray, combiner: str) -> np.ndarray:
+    if combiner == "loglik":
+        return fit_convex_weights(scores, labels)
+    if combiner == "rank":
+        return fit_rank_weights(scores, labels, genes)
+    raise ValueError(f"model.encoder.combiner={combiner!r}: choose one of {', '.join(COMBINERS)}")
+
+
+def crossfit_scores(scores: np.ndarray, labels: np.ndarray, genes: np.ndarray, perts: np.ndarray, combiner: str,
+                    folds: int = 2, seed: int = 0) -> np.ndarray:
+    """The ensemble's validation scores with every pair scored by weights fitted on the *other* folds of
+    validation perturbations: an honest validation figure for a combiner fitted on validation."""
+    unique = np.unique(perts)
+    fold_of = dict(zip(unique, np.random.default_rng(seed).permutation(len(unique)) % folds))
+    fold = np.array([fold_of[p] for p in perts])
+    out = np.empty(len(labels))
+    for k in range(folds):
+        held, fit = fold == k, fold != k
+        weights = fit_combiner(scores[fit], labels[fit], genes[fit], combiner) if fit.any() \
+            else np.full(scores.shape[1], 1.0 / scores.shape[1])
+        out[held] = combine(scores[held], weights, combiner)
+    return out
+
+
+def guarded_report(task: str, scores: np.ndarray, labels: np.ndarray, genes: np.ndarray, perts: np.ndarray,
+                   member_names: Sequence[str], combiner: str, folds: int = 2, guard: bool = True) -> dict[str, Any]:
+    """Validation per-gene AUROC of each member and of the combination (cross-fitted over ``folds`` folds
+    of validation perturbations), their paired difference (combination − best member: difference, 95%
+    interval, p-value) and the guard's decision: ``fallback`` names the best member when the combination
+    ranks worse than it on pairs its weights never saw, else None."""
+    import pandas as pd
+
+    from perturb_models.metrics import auroc_per_gene, paired_bootstrap
+
+    members = {m: auroc_per_gene(labels, scores[:, j], genes)[0] for j, m in enumerate(member_names)}
+    scored = {m: v for m, v in members.items() if not np.isnan(v)}
+    best = max(scored, key=scored.get) if scored else member_names[0]
+    report: dict[str, Any] = {"combiner": combiner, "members": members, "best_member": best,
+                              "ensemble_crossfit": float("nan"), "difference": None, "fallback": None,
+                              "validation_pairs": int(len(labels))}
+    if len(member_names) == 1 or not scored:
+        return report
+    crossfit = crossfit_scores(scores, labels, genes, perts, combiner, folds)
+    report["ensemble_crossfit"] = auroc_per_gene(labels, crossfit, genes)[0]
+    frame = pd.DataFrame({"task": task, "pert": perts, "gene": genes, "label": labels})
+    paired = paired_bootstrap(frame.assign(score=crossfit), frame.assign(score=scores[:, list(member_names).index(best)]),
+                              task)
+    report["difference"] = [paired.difference, paired.low, paired.high, paired.p_value]
+    if guard and paired.difference < 0:
+        report["fallback"] = best
+    return report
+
+
 class EnsembleEncoder(Encoder):
     """Frozen member models combined per task score by convex weights fitted on validation pairs.
 
@@ -95,8 +258,15 @@ class EnsembleEncoder(Encoder):
 
     def __init__(self, context: DataContext, members: Sequence[str], catalog: Mapping[str, Any],
                  member_runs: Mapping[str, str] | None = None, member_overrides: Mapping[str, Any] | None = None,
-                 run: Mapping[str, Any] | None = None):
+                 run: Mapping[str, Any] | None = None, combiner: str = "loglik", guard: bool = True,
+                 crossfit_folds: int = 2):
         super().__init__()
+        if combiner not in COMBINERS:
+            raise ValueError(f"model.encoder.combiner={combiner!r}: choose one of {', '.join(COMBINERS)}")
+        if int(crossfit_folds) < 2:
+            raise ValueError(f"model.encoder.crossfit_folds={crossfit_folds}: needs at least 2 folds")
+        self.combiner, self.guard, self.crossfit_folds = combiner, bool(guard), int(crossfit_folds)
+        self.validation_report: dict[str, Any] = {}
         from perturb_models.builders import build_model
 
         members, catalog = list(_plain(members) or []), _plain(catalog) or {}
@@ -131,6 +301,8 @@ class EnsembleEncoder(Encoder):
         keys = SCORE_KEYS[self.task]
         self.register_buffer("weights", torch.full((len(keys), len(members)), 1.0 / len(members), dtype=torch.float64))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        # Per task score: the member the guard fell back to (its index), or -1 for the combination.
+        self.register_buffer("fallback", torch.full((len(keys),), -1, dtype=torch.long))
         self.output_dim = context.num_classes
 
     def train(self, mode: bool = True) -> "EnsembleEncoder":
@@ -209,15 +381,17 @@ class EnsembleEncoder(Encoder):
 
     @torch.no_grad()
     def fit_weights(self, loader) -> None:
-        """Fit the convex weights per task score on the validation pairs of ``loader`` (no test label read)."""
+        """Fit the combination per task score on the validation pairs of ``loader`` (no test label read),
+        then guard it: where the combination, scored by cross-fitting on validation, ranks worse than its
+        best member, that member alone answers for the task."""
         was_training = self.training
         self.eval()
-        scores = {k: [] for k in SCORE_KEYS[self.task]}
-        labels = {k: [] for k in SCORE_KEYS[self.task]}
+        keys = SCORE_KEYS[self.task]
+        collected = {k: {"scores": [], "labels": [], "genes": [], "perts": []} for k in keys}
         for batch in loader:
             batch = {k: v.to(self.weights.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             member = self.member_scores(batch)
-            for key in scores:
+            for key in keys:
                 if self.task == "joint" and key == "dir":
                     # Direction is scored on DE pairs whose direction is known, as in the metrics.
                     keep = (batch["de"] == 1) & (batch["dir"] >= 0)
@@ -226,19 +400,42 @@ class EnsembleEncoder(Encoder):
                     keep, target = torch.ones_like(batch["de"], dtype=torch.bool), batch["de"]
                 else:
                     keep, target = torch.ones_like(batch["label"], dtype=torch.bool), batch["label"]
-                scores[key].append(member[key][keep].cpu())
-                labels[key].append(target[keep].cpu())
-        for i, key in enumerate(SCORE_KEYS[self.task]):
-            w = fit_convex_weights(torch.cat(scores[key]).numpy(), torch.cat(labels[key]).numpy())
+                part = collected[key]
+                part["scores"].append(member[key][keep].cpu())
+                part["labels"].append(target[keep].cpu())
+                part["genes"].append(batch["gene"][keep].cpu())
+                part["perts"].append(batch["pert"][keep].cpu())
+        self.validation_report = {}
+        for i, key in enumerate(keys):
+            scores, labels, genes, perts = (torch.cat(collected[key][name]).numpy()
+                                            for name in ("scores", "labels", "genes", "perts"))
+            w = fit_combiner(scores, labels, genes, self.combiner)
             self.weights[i] = torch.as_tensor(w, dtype=self.weights.dtype)
-            log.info("ensemble: %s weights %s (fitted on %d validation pairs)", key,
-                     ", ".join(f"{m}={v:.3f}" for m, v in zip(self.member_names, w)), len(torch.cat(labels[key])))
+            report = guarded_report(key, scores, labels, genes, perts, self.member_names, self.combiner,
+                                    self.crossfit_folds, self.guard)
+            self.fallback[i] = -1 if report["fallback"] is None else self.member_names.index(report["fallback"])
+            self.validation_report[key] = report
+            log.info("ensemble: %s %s weights %s (fitted on %d validation pairs); cross-fitted validation per-gene "
+                     "AUROC %.4f, best member %s %.4f%s", key, self.combiner,
+                     ", ".join(f"{m}={v:.3f}" for m, v in zip(self.member_names, w)), len(labels),
+                     report["ensemble_crossfit"], report["best_member"], report["members"][report["best_member"]],
+                     f"; guard: falls back to {report['fallback']}" if report["fallback"] else "")
         self.fitted.fill_(True)
         self.train(was_training)
         if self.run.get("output_dir"):
             from perturb_models.io import atomic_write_json
 
-            atomic_write_json(Path(self.run["output_dir"]) / "ensemble_weights.json", self.weight_table())
+            atomic_write_json(Path(self.run["output_dir"]) / "ensemble_weights.json", self.weight_report())
+
+    def weight_report(self) -> dict[str, Any]:
+        """``ensemble_weights.json``: the weights per task score, then the combiner and the guard's figures."""
+        return {**self.weight_table(), "combiner": self.combiner, "guard": self.guard,
+                "validation": _json_safe(self.validation_report)}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the guard existed have no fallback: they combine every task.
+        state_dict.setdefault(prefix + "fallback", torch.full_like(self.fallback, -1))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def weight_table(self) -> dict[str, dict[str, float]]:
         return {key: {m: float(self.weights[i, j]) for j, m in enumerate(self.member_names)}
@@ -275,9 +472,22 @@ class EnsembleEncoder(Encoder):
             columns.update(self.members[member].encoder.evidence(pert, gene))
         return columns
 
+    def combined_scores(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per task score: the guard's member where it fell back, else the pooled members."""
+        out = {}
+        for i, key in enumerate(SCORE_KEYS[self.task]):
+            member = int(self.fallback[i])
+            if member >= 0:
+                out[key] = scores[key][:, member]
+            elif self.combiner == "loglik":
+                out[key] = scores[key] @ self.weights[i]
+            else:
+                p = scores[key].clamp(EPS, 1.0 - EPS)
+                out[key] = torch.sigmoid((torch.log(p) - torch.log1p(-p)) @ self.weights[i])
+        return out
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        scores = self.member_scores(batch)
-        combined = {k: scores[k] @ self.weights[i] for i, k in enumerate(SCORE_KEYS[self.task])}
+        combined = self.combined_scores(self.member_scores(batch))
         if self.task == "joint":
             de, up = combined["de"], combined["dir"]
             probs = torch.stack([1.0 - de, de * (1.0 - up), de * up], dim=1)
