@@ -66,6 +66,9 @@ LOCO_SEARCH: dict[str, dict[str, list[str]]] = {
     },
 }
 ENSEMBLE_MEMBERS = ("knn", "gears", "embedding_mlp")
+# The ensemble's search space: its combiners (model.encoder.combiner), each with the guard on; the held-out
+# line's combiner is the one with the best mean cross-fitted validation figure on the other lines.
+ENSEMBLE_COMBINERS = ("loglik", "rank")
 DEFAULT_DOC = REPO / "docs" / "results.md"
 DEFAULT_LOCO_DOC = REPO / "docs" / "loco.md"
 
@@ -213,13 +216,18 @@ def loco_table(rows: pd.DataFrame) -> str:
     for family in families:
         part = rows.loc[rows["model"] == family]
         if family == "ensemble":
-            # The run whose members are the current LOCO choices for that line.
+            # The run whose members are the current LOCO choices for that line, with the combiner chosen on
+            # the other lines' validation (rows from before combiners existed: their linear pool).
             choices = {}
             for d in lines_present:
                 try:
-                    choices[d] = ensemble_recipe(ensemble_choices(rows, d))
+                    members = ensemble_choices(rows, d)
                 except ValueError:
                     continue
+                try:
+                    choices[d] = ensemble_recipe(members, combiner_choice(rows, d))
+                except ValueError:
+                    choices[d] = ensemble_recipe(members)
         else:
             try:
                 choices = loco_choices(rows, family, lines_present)
@@ -338,6 +346,17 @@ def defaults_text(rows: pd.DataFrame) -> str:
         default = next((r for r, o in recipes.items() if is_default_recipe(family, o)), None)
         shown = "none of the searched recipes" if default is None else f"{default} ({scores.get(default, math.nan):.4f})"
         out.append(f"| {family} | {best} ({scores[best]:.4f}) | {shown} |")
+    ensembles = combiner_rows(rows)
+    if not ensembles.empty:
+        scores = recipe_scores(ensembles, "ensemble", lines_present)
+        try:
+            best = choose_recipe(ensembles, "ensemble", lines_present)
+        except ValueError:
+            best = None
+        if best is not None:
+            default = default_combiner()
+            out.append(f"| ensemble (combiner; cross-fitted validation) | {best} ({scores[best]:.4f}) | "
+                       f"{default} ({scores.get(default, math.nan):.4f}) |")
     return "\n".join(out) + "\n"
 
 
@@ -447,6 +466,13 @@ def ensemble_overrides(dataset: str, seed: int, task: str, choices: dict[str, st
     return extra
 
 
+def default_combiner() -> str:
+    """``model.encoder.combiner`` of conf/model/ensemble.yaml."""
+    from perturb_models.config import compose_config
+
+    return str(compose_config("train", ["model=ensemble", "data=synthetic"]).model.encoder.combiner)
+
+
 def loco_run_name(model: str, recipe: str, dataset: str, task: str, seed: int) -> str:
     return f"loco-{model}-{recipe}-{dataset}-{task}-seed{seed}"
 
@@ -458,8 +484,33 @@ def ensemble_choices(rows: pd.DataFrame, dataset: str) -> dict[str, str]:
     return {f: loco_choices(rows, f, LINES)[dataset] for f in ENSEMBLE_MEMBERS}
 
 
-def ensemble_recipe(choices: dict[str, str]) -> str:
-    return "+".join(f"{f}:{r}" for f, r in choices.items())
+def ensemble_recipe(choices: dict[str, str], combiner: str | None = None) -> str:
+    """``knn:k100_s20+gears:neighbours+...``, and ``@combiner`` for runs with a combiner and the guard (rows
+    without it are the earlier linear pool without guard)."""
+    members = "+".join(f"{f}:{r}" for f, r in choices.items())
+    return members if combiner is None else f"{members}@{combiner}"
+
+
+def combiner_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Ensemble rows over each line's current LOCO member choices, with the combiner as their recipe."""
+    ens = rows.loc[(rows["model"] == "ensemble") & rows["recipe"].astype(str).str.contains("@")]
+    keep = pd.Series(False, index=ens.index)
+    for line in LINES:
+        try:
+            members = ensemble_recipe(ensemble_choices(rows, line))
+        except ValueError:
+            continue
+        keep |= (ens["dataset"] == line) & ens["recipe"].str.startswith(members + "@")
+    ens = ens.loc[keep]
+    return ens.assign(recipe=ens["recipe"].str.rsplit("@", n=1).str[1])
+
+
+def combiner_choice(rows: pd.DataFrame, held_out: str) -> str:
+    """The combiner for the ensemble on ``held_out``: the best mean cross-fitted validation figure on the
+    other lines (``perturb_models.selection``: validation columns only)."""
+    from perturb_models.selection import choose_recipe
+
+    return choose_recipe(combiner_rows(rows), "ensemble", [d for d in LINES if d != held_out])
 
 
 def run_loco(args, runs_dir: Path) -> None:
@@ -505,9 +556,9 @@ def run_loco(args, runs_dir: Path) -> None:
               + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
               flush=True)
 
-    def run_ensemble(seed: int, dataset: str, choices: dict[str, str]) -> None:
+    def run_ensemble(seed: int, dataset: str, choices: dict[str, str], combiner: str) -> None:
         rows = read_rows(args.loco_csv, LOCO_COLUMNS)
-        recipe = ensemble_recipe(choices)
+        recipe = ensemble_recipe(choices, combiner)
         missing = [f"{f}/{r}" for f, r in choices.items()
                    if rows.loc[(rows["model"] == f) & (rows["recipe"] == r) & (rows["dataset"] == dataset)
                                & (rows["seed"] == seed)].empty]
@@ -516,7 +567,9 @@ def run_loco(args, runs_dir: Path) -> None:
             return
         hit = rows.loc[(rows["model"] == "ensemble") & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
                        & (rows["seed"] == seed)]
-        members_default = all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items())
+        # The default model=ensemble: default members and the config's combiner.
+        members_default = all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items()) \
+            and combiner == default_combiner()
         if set(tasks) <= set(complete(hit, args, paired=True)["task"]):
             print(f"skip ensemble {dataset} seed {seed}: already in {args.loco_csv}")
             if members_default:
@@ -528,15 +581,23 @@ def run_loco(args, runs_dir: Path) -> None:
                 # the ensemble combines the very runs its members' rows report.
                 train_recipe(seed, family, member, dataset)
         extra = budget_overrides("ensemble", args.set) + ensemble_overrides(dataset, seed, args.task, choices, runs_dir)
+        extra.append(f"model.encoder.combiner={combiner}")
         print(f"run ensemble {dataset} seed {seed} ({recipe})", flush=True)
-        run_name = loco_run_name("ensemble", recipe.replace(":", "_").replace("+", "-"), dataset, args.task, seed)
+        run_name = loco_run_name("ensemble", recipe.replace(":", "_").replace("+", "-").replace("@", "-"), dataset,
+                                 args.task, seed)
         new, wall = run_cell("ensemble", dataset, seed, args.task, extra, runs_dir, run_name)
         table = json.loads((runs_dir / run_name / "ensemble_weights.json").read_text())
         paired = paired_with_members(runs_dir / run_name, {f: runs_dir / loco_run_name(f, r, dataset, args.task, seed)
                                                            for f, r in choices.items()}, tasks)
-        store_row(args.loco_csv, [dict(r, recipe=recipe, paired=paired[r["task"]],
-                                       weights=" ".join(f"{m}={w:.3f}" for m, w in table[r["task"]].items()))
-                                  for r in new], LOCO_COLUMNS, keys)
+        for row in new:
+            # The ensemble's validation figure is the cross-fitted one of what it deploys (its weights were
+            # fitted on validation, so the run's own validation figure flatters it).
+            report = table["validation"][row["task"]]
+            row["val_auroc_per_gene"] = report["members"][report["fallback"]] if report["fallback"] \
+                else report["ensemble_crossfit"]
+            row["weights"] = " ".join(f"{m}={w:.3f}" for m, w in table[row["task"]].items()) \
+                + (f" fallback={report['fallback']}" if report["fallback"] else "")
+        store_row(args.loco_csv, [dict(r, recipe=recipe, paired=paired[r["task"]]) for r in new], LOCO_COLUMNS, keys)
         if members_default:
             # Members are the default recipes: this is the default ensemble's row for the line.
             store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
@@ -551,7 +612,8 @@ def run_loco(args, runs_dir: Path) -> None:
         for dataset in args.datasets:
             run_recipes(seed, default_recipes, [dataset])
             if "ensemble" in args.models and None not in default_members.values():
-                run_ensemble(seed, dataset, default_members)
+                for combiner in ENSEMBLE_COMBINERS:
+                    run_ensemble(seed, dataset, default_members, combiner)
         if args.only_defaults:
             continue
         run_recipes(seed, other_recipes, args.datasets)
@@ -563,7 +625,8 @@ def run_loco(args, runs_dir: Path) -> None:
                 except ValueError as err:
                     print(f"skip LOCO ensemble {dataset} seed {seed}: {err}")
                     continue
-                run_ensemble(seed, dataset, choices)
+                for combiner in ENSEMBLE_COMBINERS:
+                    run_ensemble(seed, dataset, choices, combiner)
 
 
 def write_docs(args) -> None:

@@ -181,3 +181,21 @@ def test_fill_intervals_reruns_only_rows_without_their_interval():
     assert list(quality.complete(rows, fill)["task"]) == ["de"]
     assert list(quality.complete(rows, None)["task"]) == ["de", "dir"]  # without the flag nothing reruns
     assert list(quality.complete(rows.assign(paired=math.nan), fill, paired=True)["task"]) == []
+
+
+def test_the_ensemble_combiner_is_chosen_on_the_other_lines_cross_fitted_validation():
+    quality = load_quality()
+    rows = loco_rows_with_intervals([0.0, -0.01, 0.01, 0.5], (0.68, 0.73))
+    rows = rows.loc[rows["model"] != "ensemble"]
+    # rank wins validation on k562, rpe1 and hepg2; loglik only on k562_set (by far)
+    val = {"k562": (0.60, 0.70), "rpe1": (0.60, 0.70), "hepg2": (0.60, 0.70), "k562_set": (0.95, 0.50)}
+    ensembles = [{"model": "ensemble", "recipe": f"knn:r+gears:r+embedding_mlp:r@{combiner}", "dataset": line,
+                  "task": "de", "seed": 0, "val_auroc_per_gene": v[i], "auroc_per_gene": 1.0 - v[i], "genes_scored": 100}
+                 for line, v in val.items() for i, combiner in enumerate(("loglik", "rank"))]
+    rows = pd.concat([rows, pd.DataFrame(ensembles)], ignore_index=True)
+    # k562_set held out: rank has the better mean on the other three; k562 held out: loglik's k562_set lead wins
+    assert quality.combiner_choice(rows, "k562_set") == "rank"
+    assert quality.combiner_choice(rows, "k562") == "loglik"
+    table = quality.loco_table(rows)
+    ensemble_row = next(line for line in table.splitlines() if line.startswith("| ensemble |"))
+    assert "@loglik" in ensemble_row.split(" | ")[1] and "@rank" in ensemble_row.split(" | ")[4]

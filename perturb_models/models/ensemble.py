@@ -8,16 +8,23 @@ fitted (the setup of its first ``trainer.fit``), every member is either
 - loaded from a finished run of that member (``member_runs.<name>``: a run folder or checkpoint of the same
   dataset, seed and validation split), which costs no training.
 
-Then the members are frozen and the combination is fitted on the validation perturbations only: per task
-score (DE, and direction on DE pairs), a convex weighting of the members' scores,
+Then the members are frozen and the combination is fitted on the validation perturbations only, per task
+score (DE, and direction on DE pairs), by one of two combiners (``combiner``; ``COMBINERS`` below):
 
-    s(p, g) = sum_m w_m s_m(p, g),   w_m >= 0,  sum_m w_m = 1,
+- ``loglik``: ``s = sum_m w_m p_m`` with simplex weights maximising the validation log-likelihood (EM:
+  concave, a unique optimum without a learning rate or regulariser; the output stays a probability);
+- ``rank``: ``s = sigmoid(sum_m w_m logit p_m)`` with simplex weights minimising a pairwise logistic loss
+  between positive and negative validation pairs of the same downstream gene, every gene weighing the same:
+  the smooth surrogate of the metric, the mean per-gene AUROC, which ranks perturbations within a gene and
+  never compares scores across genes.
 
-that maximises the validation log-likelihood of the mixture (EM for mixture weights: concave, so a unique
-optimum without a learning rate or a regulariser; a one-member ensemble is that member exactly; the output
-stays a probability). Why not a logistic combiner: its free scale and intercept buy nothing for a ranking
-metric (per-gene AUROC), its unconstrained weights can go negative on correlated members, and it would need
-a regulariser tuned on the very validation set it is fitted on. Test labels are never read here.
+Simplex weights rather than a free logistic combiner: a ranking metric gains nothing from a free intercept,
+and unconstrained weights can turn negative on correlated members. Then the **guard** (``guard: true``): the
+combination is scored on validation pairs its weights never saw (``crossfit_folds`` folds of validation
+perturbations, each scored by weights fitted on the others); where it ranks worse than its best member
+(paired difference below 0), that member alone answers for the task. ``ensemble_weights.json`` records the
+weights, every member's and the combination's validation figures, the paired difference (with its 95%
+interval and p-value) and the fallback. A one-member ensemble is that member. Test labels are never read here.
 
 The ensemble's checkpoint holds every member's weights and the combination weights; ``evaluate.py``
 rebuilds the members from ``catalog`` (the members' model configs, stored in the ensemble's config) and
