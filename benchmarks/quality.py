@@ -384,13 +384,19 @@ ENSEMBLE_TEXT = """## The ensemble
 
 `model=ensemble` (`perturb_models/models/ensemble.py`): members `knn`, `gears`, `embedding_mlp` by default,
 each trained by the project's own `train` into `<run>/members/<name>` (or loaded from a finished run of the
-same line, seed and split), frozen, then combined per task score (DE; direction on DE pairs) by convex weights
-(non-negative, summing to one) that maximise the validation log-likelihood of the mixture (EM). A convex
-weighting rather than a logistic combiner: the metric ranks within a gene, so a combiner's free scale and
-intercept buy nothing; unconstrained weights can turn negative on correlated members; and the combination has
-no hyperparameter to tune on the same validation pairs it is fitted on. A one-member ensemble is that member.
-In the LOCO rows above the members are the recipes chosen for the held-out line, loaded from their runs of
-that line and seed; `weights` in `loco.csv` are the fitted weights per task.
+same line, seed and split), frozen, then combined per task score (DE; direction on DE pairs) with simplex
+weights (non-negative, summing to one) fitted on the validation perturbations, by one of two combiners
+(`model.encoder.combiner`): `loglik`, a linear pool maximising the validation log-likelihood (EM), or `rank`,
+a logarithmic pool minimising a pairwise logistic loss between positive and negative validation pairs of the
+same downstream gene (each gene weighing the same: the smooth surrogate of the per-gene AUROC). The guard
+(`model.encoder.guard`) scores the combination on validation pairs its weights never saw (2-fold cross-fitting
+over validation perturbations) and, per task, lets the best member answer alone where the combination ranks
+worse; `ensemble_weights.json` says so, with the paired difference and its interval. A one-member ensemble is
+that member. In the LOCO rows above the members are the recipes chosen for the held-out line, loaded from their
+runs of that line and seed, and the combiner is chosen on the other lines' cross-fitted validation figures
+(ensemble rows with `@combiner` in their recipe; their `val_auroc_per_gene` is that cross-fitted figure).
+Ensemble rows without `@` come from before combiners and the guard existed (linear pool, no guard). `weights`
+in `loco.csv` are the fitted weights per task, and `fallback=` where the guard chose a member.
 """
 
 
