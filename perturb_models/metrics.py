@@ -263,8 +263,8 @@ def paired_bootstrap(a: pd.DataFrame, b: pd.DataFrame, task: str, resamples: int
     differences = values_a - values_b
     differences = differences[~np.isnan(differences)]
     low, high = _percentiles(differences, level)
-    if difference == 0.0 and not differences.any():
-        p_value = 1.0
+    if abs(difference) < 1e-9 and np.all(np.abs(differences) < 1e-9):
+        p_value = 1.0  # the same scores (up to float rounding, e.g. an ensemble that fell back to this member)
     else:
         extreme = np.abs(differences - difference) >= abs(difference)
         p_value = float((1 + extreme.sum()) / (1 + len(differences)))
