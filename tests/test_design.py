@@ -205,5 +205,5 @@ def test_design_command_line_bad_requests_are_one_line(synthetic_cfg, query_worl
         assert len(errors) == 1 and words in errors[0], errors
     help_text = subprocess.run([sys.executable, "design.py", "--help"], cwd=REPO, capture_output=True, text=True,
                                timeout=120).stdout
-    for words in ("strategy", "random | uncertainty | coverage | representative | mix", "proposal.csv", "docs/design.md"):
+    for words in ("strategy", "uncertainty | coverage | representative | mix", "proposal.csv", "docs/design.md"):
         assert words in help_text, words
