@@ -391,7 +391,7 @@ a logarithmic pool minimising a pairwise logistic loss between positive and nega
 same downstream gene (each gene weighing the same: the smooth surrogate of the per-gene AUROC). The guard
 (`model.encoder.guard`) scores the combination on validation pairs its weights never saw (2-fold cross-fitting
 over validation perturbations) and, per task, lets the best member answer alone where the combination ranks
-worse; `ensemble_weights.json` says so, with the paired difference and its interval. A one-member ensemble is
+worse by more than the noise (the 95% paired interval of the difference below 0); `ensemble_weights.json` says so, with the paired difference and its interval. A one-member ensemble is
 that member. In the LOCO rows above the members are the recipes chosen for the held-out line, loaded from their
 runs of that line and seed, and the combiner is chosen on the other lines' cross-fitted validation figures
 (ensemble rows with `@combiner` in their recipe; their `val_auroc_per_gene` is that cross-fitted figure).

@@ -21,8 +21,9 @@ score (DE, and direction on DE pairs), by one of two combiners (``combiner``; ``
 Simplex weights rather than a free logistic combiner: a ranking metric gains nothing from a free intercept,
 and unconstrained weights can turn negative on correlated members. Then the **guard** (``guard: true``): the
 combination is scored on validation pairs its weights never saw (``crossfit_folds`` folds of validation
-perturbations, each scored by weights fitted on the others); where it ranks worse than its best member
-(paired difference below 0), that member alone answers for the task. ``ensemble_weights.json`` records the
+perturbations, each scored by weights fitted on the others); where it ranks worse than its best member by
+more than the noise (the 95% paired interval of the difference lies below 0), that member alone answers for
+the task. ``ensemble_weights.json`` records the
 weights, every member's and the combination's validation figures, the paired difference (with its 95%
 interval and p-value) and the fallback. A one-member ensemble is that member. Test labels are never read here.
 
@@ -224,7 +225,8 @@ def guarded_report(task: str, scores: np.ndarray, labels: np.ndarray, genes: np.
     """Validation per-gene AUROC of each member and of the combination (cross-fitted over ``folds`` folds
     of validation perturbations), their paired difference (combination − best member: difference, 95%
     interval, p-value) and the guard's decision: ``fallback`` names the best member when the combination
-    ranks worse than it on pairs its weights never saw, else None."""
+    ranks worse than it on pairs its weights never saw by more than the noise (the whole 95% paired interval
+    below 0; validation sets are small, and a point difference below 0 fell back on noise), else None."""
     import pandas as pd
 
     from perturb_models.metrics import auroc_per_gene, paired_bootstrap
@@ -243,7 +245,7 @@ def guarded_report(task: str, scores: np.ndarray, labels: np.ndarray, genes: np.
     paired = paired_bootstrap(frame.assign(score=crossfit), frame.assign(score=scores[:, list(member_names).index(best)]),
                               task)
     report["difference"] = [paired.difference, paired.low, paired.high, paired.p_value]
-    if guard and paired.difference < 0:
+    if guard and paired.high < 0:
         report["fallback"] = best
     return report
 
@@ -389,7 +391,7 @@ class EnsembleEncoder(Encoder):
     @torch.no_grad()
     def fit_weights(self, loader) -> None:
         """Fit the combination per task score on the validation pairs of ``loader`` (no test label read),
-        then guard it: where the combination, scored by cross-fitting on validation, ranks worse than its
+        then guard it: where the combination, scored by cross-fitting on validation, ranks clearly worse than its
         best member, that member alone answers for the task."""
         was_training = self.training
         self.eval()
