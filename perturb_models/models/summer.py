@@ -66,19 +66,25 @@ ROLES = {
 OPTIONS = {"de": ("no", "yes"), "dir": ("down", "up"), "joint": ("unchanged", "down", "up")}
 ABSTAIN = "insufficient"
 QUESTIONS = {
-    "de": "Is {gene} differentially expressed after the CRISPRi knockdown of {pert}? Options: yes, no, insufficient evidence.",
-    "dir": ("{gene} is differentially expressed after the CRISPRi knockdown of {pert}. Does its expression go up "
-            "or down? Options: up, down, insufficient evidence."),
-    "joint": ("After the CRISPRi knockdown of {pert}, is the expression of {gene} unchanged, down or up? Options: "
-              "unchanged, down, up, insufficient evidence."),
+    "de": "Question: is {gene} differentially expressed after the CRISPRi knockdown of {pert}?",
+    "dir": ("Question: {gene} is differentially expressed after the CRISPRi knockdown of {pert}. Does its "
+            "expression go up or down?"),
+    "joint": "Question: after the CRISPRi knockdown of {pert}, is the expression of {gene} unchanged, down or up?",
 }
 OUTCOME = {NOT_DE: "unchanged", DOWN: "down", UP: "up", 3: "changed"}
 CATEGORIES = ("same_pert", "same_gene", "both_similar", "random")
 CATEGORY_TITLES = {"same_pert": "same knockdown, similar gene", "same_gene": "same gene, similar knockdown",
                    "both_similar": "similar knockdown, similar gene", "random": "other experiments"}
 COT = ("Think step by step about the two genes and the experiments above, then give your final answer on the "
-       "last line as 'Answer: <option>'.")
-DIRECT = "Reply with the option only."
+       "last line as 'Answer: {options}'.")
+DIRECT = "Answer with exactly one word: {options}."
+
+
+def option_list(task: str, cot: bool) -> str:
+    """The options as the prompt's last line names them (``yes, no or insufficient``)."""
+    words = [*sorted(OPTIONS[task], key=lambda w: ("yes", "no", "unchanged", "down", "up").index(w)), ABSTAIN]
+    joined = ", ".join(words[:-1]) + f" or {words[-1]}"
+    return f"<{joined}>" if cot else joined
 
 
 def template_words() -> list[str]:
@@ -388,7 +394,7 @@ class SummerEncoder(Encoder):
                     lines.append(f"- knockdown of {self.symbols[q]} -> {self.symbols[h]}: {OUTCOME[code]} "
                                  f"({CATEGORY_TITLES[category]})")
         lines.append(QUESTIONS[self.task].format(pert=p, gene=g))
-        lines.append(COT if self.cot else DIRECT)
+        lines.append((COT if self.cot else DIRECT).format(options=option_list(self.task, self.cot)))
         prompt = "\n".join(lines)
         if not self.backend.chat and not self.cot:
             prompt += "\nAnswer:"
