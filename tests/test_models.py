@@ -71,6 +71,11 @@ def test_model_config_trains_one_step_writes_outputs_and_reloads_through_evaluat
         if probe["encoder"].get("llama_config") is None:
             tiny = ",".join(f"{k}:{v}" for k, v in TINY_LLAMA.items())
             overrides += [f"model.encoder.llama_config={{{tiny}}}", "model.encoder.micro_batch_tokens=4096"]
+    if probe["encoder"]["_target_"].endswith("SummerEncoder"):
+        # the tiny random Llama answers (and writes 4-token summaries) instead of SmolLM2
+        tiny = ",".join(f"{k}:{v}" for k, v in TINY_LLAMA.items())
+        overrides += [f"model.encoder.backend.llama_config={{{tiny}}}", "model.encoder.backend.pretrained=null",
+                      "model.encoder.backend.tokenizer=words", "model.encoder.summaries.max_new_tokens=4"]
     run = tmp_path / "run"
     cfg = compose_config("train", overrides, run)
 

@@ -94,7 +94,8 @@ def resolve_descriptions(source: DescriptionSource, symbols: Sequence[str] = (),
                          knowledge_root: str | None = None) -> Callable[[str], str | None] | None:
     """Any description source as a ``symbol -> text or None`` callable.
 
-    ``source`` may be None / ``none`` (no descriptions); ``auto`` (the gene text of
+    ``source`` may be None / ``none`` (no descriptions); ``summer`` (the gene summaries ``model=summer``
+    wrote, from the user cache); ``auto`` (the gene text of
     :mod:`perturb_models.knowledge.text` when the knowledge files are on disk, else none); ``knowledge``
     (the same, an error when the files are missing); a mapping; a callable; or
     ``"package.module:attribute"`` naming a mapping, a callable, or a zero-argument factory of either.
@@ -102,6 +103,10 @@ def resolve_descriptions(source: DescriptionSource, symbols: Sequence[str] = (),
     if source is None or source == "" or source == "none":
         return None
     if isinstance(source, str):
+        if source == "summer":
+            from perturb_models.models.summer import stored_summaries
+
+            return stored_summaries("gene").get
         if source in ("auto", "knowledge"):
             if source == "auto" and not knowledge_available(knowledge_root):
                 log.warning("prompt descriptions: no gene_info file in the knowledge folder ($PERTURB_KNOWLEDGE); "
@@ -123,7 +128,7 @@ def resolve_descriptions(source: DescriptionSource, symbols: Sequence[str] = (),
                     target = produced
             source = target
         else:
-            raise ValueError(f"descriptions={source!r}: expected null, auto, knowledge or 'package.module:attribute'")
+            raise ValueError(f"descriptions={source!r}: expected null, auto, knowledge, summer or 'package.module:attribute'")
     if isinstance(source, Mapping):
         table = dict(source)
         return table.get
