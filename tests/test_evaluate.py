@@ -53,12 +53,18 @@ def test_evaluate_logs_the_test_metrics_to_the_chosen_logger(synthetic_cfg, tmp_
     assert "name: mlp" in hparams and "task_name: evaluate" in hparams
 
 
-def test_comparison_table_has_one_row_per_run(synthetic_cfg, tmp_path):
+def two_seeds(synthetic_cfg, tmp_path) -> list:
+    """Run folders of two one-epoch synthetic runs, seeds 0 and 1."""
     runs = []
     for seed in (0, 1):
         out = tmp_path / f"seed{seed}"
         train(synthetic_cfg(f"seed={seed}", "trainer.max_epochs=1", output_dir=out))
         runs.append(out)
+    return runs
+
+
+def test_comparison_table_has_one_row_per_run(synthetic_cfg, tmp_path):
+    runs = two_seeds(synthetic_cfg, tmp_path)
     table = compare_runs(runs, tmp_path / "cmp")
     assert list(table["seed"]) == [0, 1]
     assert {"model", "dataset", "task", "de_auroc_per_gene", "de_genes_scored", "dir_auroc_per_gene"} <= set(table.columns)
@@ -67,11 +73,7 @@ def test_comparison_table_has_one_row_per_run(synthetic_cfg, tmp_path):
 
 
 def test_comparison_gives_intervals_and_paired_differences_against_the_reference(synthetic_cfg, tmp_path):
-    runs = []
-    for seed in (0, 1):
-        out = tmp_path / f"seed{seed}"
-        train(synthetic_cfg(f"seed={seed}", "trainer.max_epochs=1", output_dir=out))
-        runs.append(out)
+    runs = two_seeds(synthetic_cfg, tmp_path)
     table = compare_runs(runs, tmp_path / "cmp", reference=str(runs[1]), resamples=200)
     for task in ("de", "dir"):
         assert (table[f"{task}_auroc_per_gene_low"] <= table[f"{task}_auroc_per_gene"]).all()
