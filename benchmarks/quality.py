@@ -150,16 +150,19 @@ def test_intervals(run_dir: Path) -> dict:
     return intervals_from_predictions(pd.read_csv(path)) if path.is_file() else {}
 
 
-def attach_intervals(csv: Path, run_dir: Path, columns: list[str] = COLUMNS) -> pd.DataFrame:
+def attach_intervals(csv: Path, run_dir: Path, columns: list[str] = COLUMNS,
+                     paired_with: dict[str, Path] | None = None) -> pd.DataFrame:
     """Fill ``ci_low``/``ci_high`` of the rows that ``run_dir`` made (same dataset and seed, and the very
     test figure of its ``metrics.json``), from its ``predictions/test.csv``: a row whose run folder is still
-    at hand gets its interval without a rerun."""
+    at hand gets its interval without a rerun. ``paired_with`` (name -> run folder on the same test pairs)
+    also fills the rows' ``paired`` differences."""
     info = json.loads((run_dir / "run.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     intervals = test_intervals(run_dir)
     if not intervals:
         raise SystemExit(f"{run_dir}: no predictions/test.csv to compute an interval from")
     rows = read_rows(csv, columns)
+    paired = paired_with_members(run_dir, paired_with, tuple(intervals)) if paired_with else {}
     for task, interval in intervals.items():
         figure = metrics.get(f"test/{task}_auroc_per_gene")
         hit = (rows["dataset"] == info["dataset"]) & (rows["seed"] == info["seed"]) & (rows["task"] == task) \
@@ -168,6 +171,8 @@ def attach_intervals(csv: Path, run_dir: Path, columns: list[str] = COLUMNS) -> 
             raise SystemExit(f"{run_dir}: {hit.sum()} rows of {csv} report its {task} figure {figure} "
                              f"({info['dataset']}, seed {info['seed']}); expected exactly one")
         rows.loc[hit, ["ci_low", "ci_high"]] = [interval.low, interval.high]
+        if task in paired:
+            rows.loc[hit, "paired"] = paired[task]
         print(f"{csv}: {rows.loc[hit, 'model'].item()} {info['dataset']} {task} seed {info['seed']} "
               f"{figure:.4f} [{interval.low:.4f}, {interval.high:.4f}] from {run_dir}")
     atomic_write_dataframe(csv, rows)
@@ -663,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loco-doc", type=Path, default=DEFAULT_LOCO_DOC)
     parser.add_argument("--attach-intervals", nargs="+", type=Path, metavar="RUN_DIR",
                         help="fill the interval of the --csv rows these kept run folders made (no rerun)")
+    parser.add_argument("--paired-with", nargs="+", default=[], metavar="NAME=RUN_DIR",
+                        help="with --attach-intervals: also the paired difference with these runs on the same pairs")
     parser.add_argument("--fill-intervals", action="store_true",
                         help="rerun the rows that lack their bootstrap interval (rows made before intervals existed)")
     parser.add_argument("--only-defaults", action="store_true",
@@ -670,8 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     if args.attach_intervals:
+        others = {name: Path(path) for name, _, path in (item.partition("=") for item in args.paired_with)}
         for run_dir in args.attach_intervals:
-            attach_intervals(args.csv, run_dir)
+            attach_intervals(args.csv, run_dir, paired_with=others)
         return 0
     if args.table:
         write_docs(args)
