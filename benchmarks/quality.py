@@ -14,6 +14,7 @@ the knowledge files ($PERTURB_KNOWLEDGE).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -479,6 +480,7 @@ def ensemble_overrides(dataset: str, seed: int, task: str, choices: dict[str, st
     return extra
 
 
+@functools.lru_cache(maxsize=None)
 def default_combiner() -> str:
     """``model.encoder.combiner`` of conf/model/ensemble.yaml."""
     from perturb_models.config import compose_config

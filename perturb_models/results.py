@@ -137,8 +137,7 @@ def comparison_view(table: pd.DataFrame, level: float = DEFAULT_LEVEL) -> pd.Dat
         if name not in table.columns:
             continue
         out[f"{task} per-gene AUROC [{percent}]"] = [
-            _figure(v, lo, hi, ".4f") for v, lo, hi in zip(table[name], table.get(f"{name}_low", math.nan),
-                                                          table.get(f"{name}_high", math.nan))]
+            _figure(v, lo, hi, ".4f") for v, lo, hi in zip(table[name], table[f"{name}_low"], table[f"{name}_high"])]
         if f"{task}_difference" in table.columns:
             out[f"{task} − reference [{percent}], p"] = [
                 "–" if _missing(d) else _figure(d, lo, hi, "+.4f") + f", p={p:.3g}"

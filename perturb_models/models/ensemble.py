@@ -208,9 +208,8 @@ def crossfit_scores(scores: np.ndarray, labels: np.ndarray, genes: np.ndarray, p
                     folds: int = 2, seed: int = 0) -> np.ndarray:
     """The ensemble's validation scores with every pair scored by weights fitted on the *other* folds of
     validation perturbations: an honest validation figure for a combiner fitted on validation."""
-    unique = np.unique(perts)
-    fold_of = dict(zip(unique, np.random.default_rng(seed).permutation(len(unique)) % folds))
-    fold = np.array([fold_of[p] for p in perts])
+    unique, pert_ids = np.unique(perts, return_inverse=True)
+    fold = (np.random.default_rng(seed).permutation(len(unique)) % folds)[pert_ids]
     out = np.empty(len(labels))
     for k in range(folds):
         held, fit = fold == k, fold != k
