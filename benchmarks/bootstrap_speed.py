@@ -23,8 +23,15 @@ def synthetic_frame(pairs: int, perts: int, genes: int, positive: float, seed: i
     rng = np.random.default_rng(seed)
     label = (rng.random(pairs) < positive).astype(np.int64)
     cell = rng.choice(perts * genes, size=pairs, replace=False)  # distinct (pert, gene) pairs
-    return pd.DataFrame({"pert": (cell // genes).astype(str), "gene": (cell % genes).astype(str), "task": "de",
-                         "label": label, "score": rng.normal(size=pairs) + 0.4 * label})
+    return pd.DataFrame(
+        {
+            "pert": (cell // genes).astype(str),
+            "gene": (cell % genes).astype(str),
+            "task": "de",
+            "label": label,
+            "score": rng.normal(size=pairs) + 0.4 * label,
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,17 +44,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.predictions:
         first = pd.read_csv(args.predictions)
-        second = pd.read_csv(args.other) if args.other else first.assign(score=first["score"] + 0.05 * np.random.default_rng(1).normal(size=len(first)))
+        second = (
+            pd.read_csv(args.other)
+            if args.other
+            else first.assign(score=first["score"] + 0.05 * np.random.default_rng(1).normal(size=len(first)))
+        )
         source = args.predictions
     else:
         first = synthetic_frame(23212, 267, 4118, 0.129, seed=0)
         second = first.assign(score=first["score"] + 0.3 * np.random.default_rng(1).normal(size=len(first)))
         source = "synthetic, K562 test shape"
     rows = first.loc[first["task"] == args.task]
-    print(f"{source}: {len(rows):,} {args.task} pairs, {rows['pert'].nunique()} perturbations, "
-          f"{rows['gene'].nunique():,} genes; {args.resamples} resamples; torch threads {torch.get_num_threads()}")
+    print(
+        f"{source}: {len(rows):,} {args.task} pairs, {rows['pert'].nunique()} perturbations, "
+        f"{rows['gene'].nunique():,} genes; {args.resamples} resamples; torch threads {torch.get_num_threads()}"
+    )
     for name, call in (
-        ("interval", lambda: bootstrap_auroc_per_gene(rows["label"], rows["score"], rows["gene"], rows["pert"], args.resamples)),
+        (
+            "interval",
+            lambda: bootstrap_auroc_per_gene(rows["label"], rows["score"], rows["gene"], rows["pert"], args.resamples),
+        ),
         ("paired test", lambda: paired_bootstrap(first, second, args.task, args.resamples)),
     ):
         times = []

@@ -35,15 +35,32 @@ DOC = REPO / "docs" / "design.md"
 PLOT = REPO / "docs" / "design.png"
 FRACTIONS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 STRATEGY_GRID = ("uncertainty", "mix:0.5", "random", "coverage", "mix:0.25", "mix:0.75", "representative")
-COLUMNS = ["dataset", "task", "strategy", "weight", "seed", "round", "fraction", "n_perts", "pool",
-           "val_auroc_per_gene", "test_auroc_per_gene", "val_genes_scored", "test_genes_scored", "target_genes",
-           "model", "commit", "wall_seconds"]
+COLUMNS = [
+    "dataset",
+    "task",
+    "strategy",
+    "weight",
+    "seed",
+    "round",
+    "fraction",
+    "n_perts",
+    "pool",
+    "val_auroc_per_gene",
+    "test_auroc_per_gene",
+    "val_genes_scored",
+    "test_genes_scored",
+    "target_genes",
+    "model",
+    "commit",
+    "wall_seconds",
+]
 
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -70,8 +87,12 @@ def done_rounds(path: Path, dataset: str, seed: int, strategy: str, weight: floa
     if not path.is_file():
         return set()
     frame = pd.read_csv(path)
-    same = (frame["dataset"] == dataset) & (frame["seed"] == seed) & (frame["strategy"] == strategy) & \
-        (frame["model"] == model)
+    same = (
+        (frame["dataset"] == dataset)
+        & (frame["seed"] == seed)
+        & (frame["strategy"] == strategy)
+        & (frame["model"] == model)
+    )
     same &= frame["weight"].isna() if math.isnan(weight) else (frame["weight"] - weight).abs() < 1e-9
     rows = frame.loc[same]
     # A round is done when both tasks' rows are there.
@@ -79,8 +100,16 @@ def done_rounds(path: Path, dataset: str, seed: int, strategy: str, weight: floa
     return set(int(r) for r in counts.index[counts >= 2])
 
 
-def simulate(dataset: str, seed: int, strategies: list[str], fractions=FRACTIONS, target_genes: int = 128,
-             csv: Path = CSV, overrides: list[str] | None = None, progress=None) -> int:
+def simulate(
+    dataset: str,
+    seed: int,
+    strategies: list[str],
+    fractions=FRACTIONS,
+    target_genes: int = 128,
+    csv: Path = CSV,
+    overrides: list[str] | None = None,
+    progress=None,
+) -> int:
     """Run the rounds of every strategy for one dataset and seed that ``csv`` does not hold yet; returns the
     number of rounds scored."""
     import numpy as np
@@ -88,8 +117,16 @@ def simulate(dataset: str, seed: int, strategies: list[str], fractions=FRACTIONS
     from perturb_models.builders import build_datamodule
     from perturb_models.config import compose_config
     from perturb_models.console import say
-    from perturb_models.design import (GOSimilarity, encoder_scores, go_term_sets, pool_uncertainty, refit_encoder,
-                                       restrict_context, score_stage, select_batch)
+    from perturb_models.design import (
+        GOSimilarity,
+        encoder_scores,
+        go_term_sets,
+        pool_uncertainty,
+        refit_encoder,
+        restrict_context,
+        score_stage,
+        select_batch,
+    )
 
     cfg = compose_config("train", ["model=knn", f"data={dataset}", f"seed={seed}", "logger=none", *(overrides or [])])
     model_name = str(cfg.model.name)
@@ -110,7 +147,9 @@ def simulate(dataset: str, seed: int, strategies: list[str], fractions=FRACTIONS
     from omegaconf import OmegaConf
 
     graphs = OmegaConf.to_container(cfg.model.encoder.get("graphs"), resolve=True)
-    similarity = GOSimilarity(go_term_sets(list(pool), graphs, None, bool(cfg.knowledge.allow_download), context=context))
+    similarity = GOSimilarity(
+        go_term_sets(list(pool), graphs, None, bool(cfg.knowledge.allow_download), context=context)
+    )
     genes = np.array(sorted(context.train_pairs["gene"].unique()), dtype=object)
     targets = np.sort(np.random.default_rng([seed, 1]).choice(genes, size=min(target_genes, len(genes)), replace=False))
     target_idx = context.vocab.encode(list(targets))
@@ -124,22 +163,41 @@ def simulate(dataset: str, seed: int, strategies: list[str], fractions=FRACTIONS
             last = round_ == len(sizes) - 1
             if all(r in done for r in range(round_, len(sizes))):
                 break
-            encoder = refit_encoder(cfg.model.encoder, restrict_context(context, pool[measured]), cache_graphs=size == n)
+            encoder = refit_encoder(
+                cfg.model.encoder, restrict_context(context, pool[measured]), cache_graphs=size == n
+            )
             if round_ not in done:
                 val, test = score_stage(encoder, datamodule, "val"), score_stage(encoder, datamodule, "test")
                 wall = time.perf_counter() - began
-                rows = [{"dataset": dataset, "task": task, "strategy": name, "weight": weight, "seed": seed,
-                         "round": round_, "fraction": fractions[round_], "n_perts": len(measured), "pool": n,
-                         "val_auroc_per_gene": val[f"{task}_auroc_per_gene"],
-                         "test_auroc_per_gene": test[f"{task}_auroc_per_gene"],
-                         "val_genes_scored": val[f"{task}_genes_scored"], "test_genes_scored": test[f"{task}_genes_scored"],
-                         "target_genes": len(targets), "model": model_name, "commit": commit(),
-                         "wall_seconds": round(wall, 2)} for task in ("de", "dir")]
+                rows = [
+                    {
+                        "dataset": dataset,
+                        "task": task,
+                        "strategy": name,
+                        "weight": weight,
+                        "seed": seed,
+                        "round": round_,
+                        "fraction": fractions[round_],
+                        "n_perts": len(measured),
+                        "pool": n,
+                        "val_auroc_per_gene": val[f"{task}_auroc_per_gene"],
+                        "test_auroc_per_gene": test[f"{task}_auroc_per_gene"],
+                        "val_genes_scored": val[f"{task}_genes_scored"],
+                        "test_genes_scored": test[f"{task}_genes_scored"],
+                        "target_genes": len(targets),
+                        "model": model_name,
+                        "commit": commit(),
+                        "wall_seconds": round(wall, 2),
+                    }
+                    for task in ("de", "dir")
+                ]
                 scored += 1
                 label = name if math.isnan(weight) else f"{name}:{weight:g}"
-                say(f"[{dataset} seed {seed} {label} {fractions[round_]:.0%} ({len(measured)} perts)] "
+                say(
+                    f"[{dataset} seed {seed} {label} {fractions[round_]:.0%} ({len(measured)} perts)] "
                     f"val de {val['de_auroc_per_gene']:.4f} dir {val['dir_auroc_per_gene']:.4f} | "
-                    f"test de {test['de_auroc_per_gene']:.4f} dir {test['dir_auroc_per_gene']:.4f} ({wall:.1f} s)")
+                    f"test de {test['de_auroc_per_gene']:.4f} dir {test['dir_auroc_per_gene']:.4f} ({wall:.1f} s)"
+                )
                 if progress is not None:
                     progress.update(1)
             if last:
@@ -151,10 +209,18 @@ def simulate(dataset: str, seed: int, strategies: list[str], fractions=FRACTIONS
             if name in ("uncertainty", "mix"):
                 uncertainty = np.zeros(n)
                 uncertainty[open_] = pool_uncertainty(
-                    lambda p, g: encoder_scores(encoder, context.task, p, g), pool_idx[open_], target_idx)
-            picks = select_batch(name, sizes[round_ + 1] - len(measured), np.arange(n), measured, rng=rng,
-                                 uncertainty=uncertainty, similarity=similarity,
-                                 weight=0.5 if math.isnan(weight) else weight)
+                    lambda p, g: encoder_scores(encoder, context.task, p, g), pool_idx[open_], target_idx
+                )
+            picks = select_batch(
+                name,
+                sizes[round_ + 1] - len(measured),
+                np.arange(n),
+                measured,
+                rng=rng,
+                uncertainty=uncertainty,
+                similarity=similarity,
+                weight=0.5 if math.isnan(weight) else weight,
+            )
             if round_ not in done:
                 rows[0]["wall_seconds"] = rows[1]["wall_seconds"] = round(time.perf_counter() - began, 2)
                 append_rows(csv, rows)
@@ -164,8 +230,11 @@ def simulate(dataset: str, seed: int, strategies: list[str], fractions=FRACTIONS
 
 # ---- the document -----------------------------------------------------------------------------------
 
+
 def label_of(strategy: str, weight: float) -> str:
-    return strategy if (weight is None or (isinstance(weight, float) and math.isnan(weight))) else f"{strategy}:{weight:g}"
+    return (
+        strategy if (weight is None or (isinstance(weight, float) and math.isnan(weight))) else f"{strategy}:{weight:g}"
+    )
 
 
 def choose_mix_weight(frame):
@@ -210,23 +279,33 @@ def write_doc(csv: Path = CSV, doc: Path = DOC, plot: Path = PLOT) -> str:
     by_val = middle.groupby(["label", "dataset", "task"])["val_auroc_per_gene"].mean().unstack(["dataset", "task"])
     by_val["mean"] = by_val.mean(axis=1)
     by_val = by_val.sort_values("mean", ascending=False)
-    lines += ["Validation per-gene AUROC by strategy, mean over seeds and rounds 20-90% (what the choice of a "
-              "default strategy reads; never the test figures):", "",
-              "| strategy | " + " | ".join(f"{d} {t}" for d, t in by_val.columns[:-1]) + " | mean |",
-              "| --- | " + " | ".join("---" for _ in by_val.columns) + " |",
-              *[f"| {label} | " + " | ".join(f"{v:.4f}" for v in row) + " |" for label, row in by_val.iterrows()], ""]
+    lines += [
+        "Validation per-gene AUROC by strategy, mean over seeds and rounds 20-90% (what the choice of a "
+        "default strategy reads; never the test figures):",
+        "",
+        "| strategy | " + " | ".join(f"{d} {t}" for d, t in by_val.columns[:-1]) + " | mean |",
+        "| --- | " + " | ".join("---" for _ in by_val.columns) + " |",
+        *[f"| {label} | " + " | ".join(f"{v:.4f}" for v in row) + " |" for label, row in by_val.iterrows()],
+        "",
+    ]
     fractions = sorted(frame["fraction"].unique())
-    goal = ["The goal: a strategy that reaches random's full-pool test figure with at most half of the pool "
-            "measured. Per dataset and task, the earliest share at which a strategy's mean test figure reaches it:", ""]
+    goal = [
+        "The goal: a strategy that reaches random's full-pool test figure with at most half of the pool "
+        "measured. Per dataset and task, the earliest share at which a strategy's mean test figure reaches it:",
+        "",
+    ]
     for (dataset, task), rows in frame.groupby(["dataset", "task"], sort=True):
         stats = rows.groupby(["label", "fraction"])["test_auroc_per_gene"].agg(["mean", "std", "count"])
         if ("random", 1.0) not in stats.index:
             continue
         target = stats.loc[("random", 1.0), "mean"]
         pool = int(rows["pool"].iloc[0])
-        lines += [f"### {dataset}, {task} (pool {pool:,} knockdowns; random at 100%: {target:.4f})", "",
-                  "| strategy | " + " | ".join(f"{f:.0%}" for f in fractions) + " | reaches random's 100% at |",
-                  "| --- | " + " | ".join("---" for _ in fractions) + " | --- |"]
+        lines += [
+            f"### {dataset}, {task} (pool {pool:,} knockdowns; random at 100%: {target:.4f})",
+            "",
+            "| strategy | " + " | ".join(f"{f:.0%}" for f in fractions) + " | reaches random's 100% at |",
+            "| --- | " + " | ".join("---" for _ in fractions) + " | --- |",
+        ]
         reached: list[tuple[float, str]] = []
         for label in shown:
             if label not in stats.index.get_level_values(0):
@@ -245,8 +324,10 @@ def write_doc(csv: Path = CSV, doc: Path = DOC, plot: Path = PLOT) -> str:
         lines.append("")
         best = min(reached)
         others = sorted(label for f, label in reached if f == best[0])
-        goal.append(f"- {dataset}, {task}: {', '.join(others)} at {best[0]:.0%}"
-                    + (" (goal met)" if best[0] <= 0.5 else " (goal not met)"))
+        goal.append(
+            f"- {dataset}, {task}: {', '.join(others)} at {best[0]:.0%}"
+            + (" (goal met)" if best[0] <= 0.5 else " (goal not met)")
+        )
     lines += [*goal, ""]
     write_plot(frame, shown, plot)
     text = "\n".join(lines)
@@ -282,7 +363,9 @@ def write_plot(frame, shown: list[str], path: Path) -> None:
                 continue
             x = stats.index.to_numpy() * 100
             ax.plot(x, stats["mean"], marker="o", markersize=3, label=label)
-            ax.fill_between(x, stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0), alpha=0.15)
+            ax.fill_between(
+                x, stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0), alpha=0.15
+            )
         full = rows.loc[(rows["label"] == "random") & (rows["fraction"] == 1.0), "test_auroc_per_gene"]
         if len(full):
             ax.axhline(full.mean(), color="grey", linestyle="--", linewidth=1, label="random, 100%")
@@ -291,7 +374,7 @@ def write_plot(frame, shown: list[str], path: Path) -> None:
         ax.set_xlabel("% of the training pool measured")
         ax.set_ylabel("test per-gene AUROC")
         ax.grid(alpha=0.3)
-    for ax in axes.ravel()[len(groups):]:
+    for ax in axes.ravel()[len(groups) :]:
         ax.axis("off")
     axes.ravel()[0].legend(fontsize=8)
     fig.tight_layout()
@@ -306,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="*", default=["k562", "rpe1"])
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--strategies", nargs="*", default=list(STRATEGY_GRID),
-                        help="random uncertainty coverage mix:WEIGHT ...")
+    parser.add_argument(
+        "--strategies", nargs="*", default=list(STRATEGY_GRID), help="random uncertainty coverage mix:WEIGHT ..."
+    )
     parser.add_argument("--target-genes", type=int, default=128, help="downstream genes the uncertainty averages over")
     parser.add_argument("--csv", type=Path, default=CSV)
     parser.add_argument("--override", action="append", default=[], help="a train.py override (e.g. model.encoder.k=50)")
@@ -325,13 +409,22 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.strategies:
         from perturb_models.design import check_request
 
-        check_request(parse_strategy(text)[0], 1, 0.5 if math.isnan(parse_strategy(text)[1]) else parse_strategy(text)[1])
+        check_request(
+            parse_strategy(text)[0], 1, 0.5 if math.isnan(parse_strategy(text)[1]) else parse_strategy(text)[1]
+        )
     total = len(args.data) * len(args.seeds) * len(args.strategies) * len(FRACTIONS)
     with tqdm(total=total, desc="rounds", disable=not stdout_is_terminal()) as progress:
         for seed in args.seeds:  # seed-major: every dataset's seed 0 first
             for dataset in args.data:
-                simulate(dataset, seed, args.strategies, target_genes=args.target_genes, csv=args.csv,
-                         overrides=args.override, progress=progress)
+                simulate(
+                    dataset,
+                    seed,
+                    args.strategies,
+                    target_genes=args.target_genes,
+                    csv=args.csv,
+                    overrides=args.override,
+                    progress=progress,
+                )
     return 0
 
 

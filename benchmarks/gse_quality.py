@@ -49,8 +49,21 @@ COPY_BASELINE = REPO / "benchmarks" / "results" / "gse_copy_baseline.json"
 # Predictions of each run, kept next to the CSV (small) so that the docs' examples are regenerated from them.
 PREDICTIONS = REPO / "benchmarks" / "results" / "gse_predictions"
 DOC = REPO / "docs" / "gene_sets.md"
-COLUMNS = ["method", "recipe", "kind", "seed", "val_rouge1_recall", "rouge1_recall", "bertscore_f1", "clusters_scored",
-           "bertscore_model", "commit", "wall_seconds", "run", "overrides"]
+COLUMNS = [
+    "method",
+    "recipe",
+    "kind",
+    "seed",
+    "val_rouge1_recall",
+    "rouge1_recall",
+    "bertscore_f1",
+    "clusters_scored",
+    "bertscore_model",
+    "commit",
+    "wall_seconds",
+    "run",
+    "overrides",
+]
 ROW_KEYS = ["method", "recipe", "kind", "seed"]
 # The namer's search space: the share of training examples shown evidence without their answer (stage 1),
 # then the stage-1 recipes near the best with SCALE times the base training examples (stage 2), then the
@@ -148,8 +161,12 @@ def default_recipe(method: str) -> str:
 
 def search_rows(rows: pd.DataFrame, recipes: list[str], seed: int) -> pd.DataFrame:
     """The namer's gene-kind rows (one per recipe and seed, the validation figure on it) of ``recipes`` at ``seed``."""
-    return rows.loc[(rows["method"] == "lora_llama_gse") & (rows["kind"] == "gene") & (rows["seed"] == seed)
-                    & rows["recipe"].isin(recipes)]
+    return rows.loc[
+        (rows["method"] == "lora_llama_gse")
+        & (rows["kind"] == "gene")
+        & (rows["seed"] == seed)
+        & rows["recipe"].isin(recipes)
+    ]
 
 
 def choose(rows: pd.DataFrame, recipes: list[str], seed: int = 0) -> str:
@@ -172,8 +189,15 @@ def near_best(rows: pd.DataFrame, recipes: list[str], seed: int = 0) -> list[str
 
 def run_method(method: str, seed: int, extra: list[str], out_root: Path, recipe: str = "default") -> list[dict]:
     run = out_root / f"{method}-{recipe}-gene-seed{seed}"
-    overrides = ["data=k562_gse", "data.gse_kind=gene", f"model={method}", f"seed={seed}", "logger=csv",
-                 "trainer.enable_progress_bar=false", *extra]
+    overrides = [
+        "data=k562_gse",
+        "data.gse_kind=gene",
+        f"model={method}",
+        f"seed={seed}",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]
     cfg = compose_config("train", overrides, run)
     started = time.time()
     metrics = train(cfg)
@@ -186,18 +210,38 @@ def run_method(method: str, seed: int, extra: list[str], out_root: Path, recipe:
     other = out_root / f"{method}-{recipe}-pert-seed{seed}"
     val = rows[0]["val_rouge1_recall"]
     metrics = evaluate_gse(checkpoint, record, find_checkpoint(run), other, cfg.trainer)
-    rows.append(row(method, recipe, "pert", seed, {**metrics, "val/rouge1_recall": val}, cfg,
-                    time.time() - started, other, extra))
+    rows.append(
+        row(
+            method,
+            recipe,
+            "pert",
+            seed,
+            {**metrics, "val/rouge1_recall": val},
+            cfg,
+            time.time() - started,
+            other,
+            extra,
+        )
+    )
     return rows
 
 
 def row(method, recipe, kind, seed, metrics, cfg, seconds, run, extra) -> dict:
-    return {"method": method, "recipe": recipe, "kind": kind, "seed": seed,
-            "val_rouge1_recall": metrics.get("val/rouge1_recall"), "rouge1_recall": metrics["test/rouge1_recall"],
-            "bertscore_f1": metrics.get("test/bertscore_f1"), "clusters_scored": metrics["test/clusters_scored"],
-            "bertscore_model": cfg.data.bertscore_model, "commit": git_commit(), "wall_seconds": round(seconds, 1),
-            "run": save_predictions(run, method, recipe, kind, seed),
-            "overrides": " ".join(extra)}
+    return {
+        "method": method,
+        "recipe": recipe,
+        "kind": kind,
+        "seed": seed,
+        "val_rouge1_recall": metrics.get("val/rouge1_recall"),
+        "rouge1_recall": metrics["test/rouge1_recall"],
+        "bertscore_f1": metrics.get("test/bertscore_f1"),
+        "clusters_scored": metrics["test/clusters_scored"],
+        "bertscore_model": cfg.data.bertscore_model,
+        "commit": git_commit(),
+        "wall_seconds": round(seconds, 1),
+        "run": save_predictions(run, method, recipe, kind, seed),
+        "overrides": " ".join(extra),
+    }
 
 
 def save_predictions(run: Path, method: str, recipe: str, kind: str, seed: int) -> str:
@@ -224,17 +268,21 @@ def verbatim_counts() -> dict[str, tuple[int, int]]:
 
 def table(results: pd.DataFrame) -> str:
     """Every method and recipe on both kinds: mean over seeds (± population std when several)."""
-    lines = ["| method | recipe | kind | val ROUGE-1 recall | ROUGE-1 recall | BERTScore F1 (MiniLM) | clusters | seeds | "
-             "wall time (min, mean) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | recipe | kind | val ROUGE-1 recall | ROUGE-1 recall | BERTScore F1 (MiniLM) | clusters | seeds | "
+        "wall time (min, mean) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     defaults = {m: default_recipe(m) for m in results["method"].unique()}
     for (method, recipe, kind), g in results.groupby(["method", "recipe", "kind"], sort=False):
         r, b, v = g["rouge1_recall"], g["bertscore_f1"], g["val_rouge1_recall"].astype(float)
         spread = f" ± {r.std(ddof=0):.3f}" if len(g) > 1 else ""
         name = f"{recipe} (default)" if recipe == defaults[method] and recipe != "default" else recipe
-        lines.append(f"| `{method}` | {name} | {kind} | {'–' if v.isna().all() else f'{v.mean():.3f}'} | {r.mean():.3f}{spread} | "
-                     f"{b.mean():.3f} | {int(g['clusters_scored'].iloc[0])} | {', '.join(str(s) for s in g['seed'])} | "
-                     f"{g['wall_seconds'].mean() / 60:.1f} |")
+        lines.append(
+            f"| `{method}` | {name} | {kind} | {'–' if v.isna().all() else f'{v.mean():.3f}'} | {r.mean():.3f}{spread} | "
+            f"{b.mean():.3f} | {int(g['clusters_scored'].iloc[0])} | {', '.join(str(s) for s in g['seed'])} | "
+            f"{g['wall_seconds'].mean() / 60:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -247,8 +295,9 @@ def copy_baseline(examples: int = 200, seed: int = 0) -> dict:
     from perturb_models.builders import build_datamodule
     from perturb_models.gse.scoring import rouge1_recall
 
-    cfg = compose_config("train", ["data=k562_gse", "model=lora_llama_gse", f"seed={seed}",
-                                   f"model.namer.val_examples={examples}"])
+    cfg = compose_config(
+        "train", ["data=k562_gse", "model=lora_llama_gse", f"seed={seed}", f"model.namer.val_examples={examples}"]
+    )
     namer = instantiate(cfg.model.namer, _convert_="all")
     namer.setup_knowledge(build_datamodule(cfg.data).context)
     _, val = namer.build_examples(seed)
@@ -263,8 +312,12 @@ def copy_baseline(examples: int = 200, seed: int = 0) -> dict:
 
 def default_rows(results: pd.DataFrame) -> pd.DataFrame:
     """Each method's rows of the recipe its config holds now."""
-    keep = pd.concat([results.loc[(results["method"] == m) & (results["recipe"] == default_recipe(m))]
-                      for m in results["method"].unique()])
+    keep = pd.concat(
+        [
+            results.loc[(results["method"] == m) & (results["recipe"] == default_recipe(m))]
+            for m in results["method"].unique()
+        ]
+    )
     return keep.sort_index()
 
 
@@ -277,17 +330,21 @@ def search_table(results: pd.DataFrame) -> str:
     # The choice after each stage: the best validation figure among that stage's recipes and all before.
     choices = [choose(results, sum(stages[: i + 1], [])) for i, stage in enumerate(stages) if stage]
     final = choices[-1]
-    lines = ["| stage | recipe | overrides | val ROUGE-1 recall | test gene | test pert | wall time (min, gene) | |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| stage | recipe | overrides | val ROUGE-1 recall | test gene | test pert | wall time (min, gene) | |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for number, stage in enumerate(stages, 1):
         for recipe in stage:
             part = rows.loc[rows["recipe"] == recipe].set_index("kind")
             marks = [f"stage-{i} choice" for i, choice in enumerate(choices[:-1], 1) if choice == recipe]
             marks += ["chosen"] if recipe == final else []
             pert = part.loc["pert", "rouge1_recall"] if "pert" in part.index else float("nan")
-            lines.append(f"| {number} | {recipe} | `{' '.join(namer_overrides(recipe))}` | "
-                         f"{part.loc['gene', 'val_rouge1_recall']:.3f} | {part.loc['gene', 'rouge1_recall']:.3f} | "
-                         f"{pert:.3f} | {part.loc['gene', 'wall_seconds'] / 60:.1f} | {', '.join(marks)} |")
+            lines.append(
+                f"| {number} | {recipe} | `{' '.join(namer_overrides(recipe))}` | "
+                f"{part.loc['gene', 'val_rouge1_recall']:.3f} | {part.loc['gene', 'rouge1_recall']:.3f} | "
+                f"{pert:.3f} | {part.loc['gene', 'wall_seconds'] / 60:.1f} | {', '.join(marks)} |"
+            )
     return "\n".join(lines)
 
 
@@ -295,22 +352,29 @@ def examples(results: pd.DataFrame, per_kind: int = 8) -> str:
     """Labels next to both methods' answers (seed 0 runs), the first ``per_kind`` labelled clusters."""
     out = []
     for kind in ("gene", "pert"):
-        runs = {m: results.loc[(results["method"] == m) & (results["kind"] == kind)].sort_values("seed")
-                for m in results["method"].unique()}
-        frames = {m: pd.read_csv(REPO / r["run"].iloc[0], keep_default_na=False)
-                  for m, r in runs.items() if len(r)}
+        runs = {
+            m: results.loc[(results["method"] == m) & (results["kind"] == kind)].sort_values("seed")
+            for m in results["method"].unique()
+        }
+        frames = {m: pd.read_csv(REPO / r["run"].iloc[0], keep_default_na=False) for m, r in runs.items() if len(r)}
         if not frames:
             continue
         methods = list(frames)
-        out += [f"**{kind} clusters**", "", "| cluster | genes (first 6) | label | " + " | ".join(f"`{m}`" for m in methods) + " |",
-                "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |"]
+        out += [
+            f"**{kind} clusters**",
+            "",
+            "| cluster | genes (first 6) | label | " + " | ".join(f"`{m}`" for m in methods) + " |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |",
+        ]
         base = frames[methods[0]]
         shown = base.loc[base["label"] != ""].head(per_kind)
         for i in shown.index:
             genes = base.loc[i, "genes"].split()
             cells = [f"{frames[m].loc[i, 'answer']} ({float(frames[m].loc[i, 'rouge1_recall']):.2f})" for m in methods]
-            out.append(f"| {base.loc[i, 'cluster']} | {' '.join(genes[:6])}{' …' if len(genes) > 6 else ''} | "
-                       f"{base.loc[i, 'label']} | " + " | ".join(cells) + " |")
+            out.append(
+                f"| {base.loc[i, 'cluster']} | {' '.join(genes[:6])}{' …' if len(genes) > 6 else ''} | "
+                f"{base.loc[i, 'label']} | " + " | ".join(cells) + " |"
+            )
         out.append("")
     return "\n".join(out).rstrip()
 
@@ -322,17 +386,29 @@ def write_doc() -> None:
     text = DOC.read_text()
     defaults = default_rows(results)
     results_table, searched = table(results), search_table(results)
-    text = replace_block(text, results_table + f"\n\nTest labels that are verbatim GO term names (case-insensitive): {verbatim}.",
-                         TABLE_START, TABLE_END, DOC)
+    text = replace_block(
+        text,
+        results_table + f"\n\nTest labels that are verbatim GO term names (case-insensitive): {verbatim}.",
+        TABLE_START,
+        TABLE_END,
+        DOC,
+    )
     text = replace_block(text, searched, SEARCH_START, SEARCH_END, DOC)
     if COPY_BASELINE.is_file():
         copy = json.loads(COPY_BASELINE.read_text())
-        text = replace_block(text, (f"Answering with the top evidence term recalls {copy['top_term_recall_answer_shown']:.2f} "
-                                    f"of a GO-term validation example's answer when the evidence is shown as is, "
-                                    f"{copy['top_term_recall_answer_hidden']:.2f} when the answer and its near-duplicates "
-                                    f"are hidden ({copy['val_examples']} examples, seed {copy['seed']}; "
-                                    f"`python benchmarks/gse_quality.py --copy-baseline`)."),
-                             COPY_START, COPY_END, DOC)
+        text = replace_block(
+            text,
+            (
+                f"Answering with the top evidence term recalls {copy['top_term_recall_answer_shown']:.2f} "
+                f"of a GO-term validation example's answer when the evidence is shown as is, "
+                f"{copy['top_term_recall_answer_hidden']:.2f} when the answer and its near-duplicates "
+                f"are hidden ({copy['val_examples']} examples, seed {copy['seed']}; "
+                f"`python benchmarks/gse_quality.py --copy-baseline`)."
+            ),
+            COPY_START,
+            COPY_END,
+            DOC,
+        )
     text = replace_block(text, examples(defaults), EXAMPLES_START, EXAMPLES_END, DOC)
     atomic_write_text(DOC, text)
     print(results_table)
@@ -382,8 +458,11 @@ def search(seed: int, out: Path) -> str:
         tried.append(recipe)
     final = choose(read_results(), tried, seed)
     current = default_recipe("lora_llama_gse")
-    print(f"recipe chosen on validation: {final} ({' '.join(namer_overrides(final))}); conf/model/lora_llama_gse.yaml "
-          + ("holds it" if final == current else f"holds {current}: set it there"), flush=True)
+    print(
+        f"recipe chosen on validation: {final} ({' '.join(namer_overrides(final))}); conf/model/lora_llama_gse.yaml "
+        + ("holds it" if final == current else f"holds {current}: set it there"),
+        flush=True,
+    )
     return final
 
 
@@ -394,13 +473,20 @@ def main(argv=None) -> None:
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
     parser.add_argument("--out", default=str(REPO / "outputs" / "gse_quality"))
     parser.add_argument("--table", action="store_true", help="only rewrite docs/gene_sets.md from the CSV")
-    parser.add_argument("--copy-baseline", action="store_true",
-                        help=f"measure how much the top evidence term recalls on validation examples -> {COPY_BASELINE.name}")
-    parser.add_argument("--recipe", default=None,
-                        help="lora_llama_gse: run this searched recipe (hide50, hide50_x4, hide0_x4_tok24, ...; 'chosen': the search's "
-                             "validation choice) instead of the config's own")
-    parser.add_argument("--search", action="store_true",
-                        help="the namer's recipe search on the first of --seeds (chosen on validation)")
+    parser.add_argument(
+        "--copy-baseline",
+        action="store_true",
+        help=f"measure how much the top evidence term recalls on validation examples -> {COPY_BASELINE.name}",
+    )
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        help="lora_llama_gse: run this searched recipe (hide50, hide50_x4, hide0_x4_tok24, ...; 'chosen': the search's "
+        "validation choice) instead of the config's own",
+    )
+    parser.add_argument(
+        "--search", action="store_true", help="the namer's recipe search on the first of --seeds (chosen on validation)"
+    )
     args = parser.parse_args(argv)
     if args.table:
         write_doc()
@@ -421,7 +507,7 @@ def main(argv=None) -> None:
         if args.override:  # not a searched recipe: the row says what it ran
             recipe = "+".join([recipe, *args.override])
         # The baseline has no randomness: one run stands for every seed.
-        for seed in (args.seeds[:1] if method == "go_enrichment" else args.seeds):
+        for seed in args.seeds[:1] if method == "go_enrichment" else args.seeds:
             run_recipe(method, recipe, seed, extra, out)
 
 

@@ -35,10 +35,17 @@ from quality import COLUMNS, budget_overrides, paired_with_members, run_cell, st
 
 
 def llm_overrides(args: argparse.Namespace, prior: bool) -> list[str]:
-    out = [f"data.max_train_perts={args.max_train_perts}", f"data.val_genes={args.val_genes}",
-           f"data.batch_size={args.batch_size}", f"data.eval_batch_size={args.eval_batch_size}",
-           "trainer.max_epochs=1", f"trainer.limit_train_batches={args.max_steps}", "trainer.num_sanity_val_steps=0",
-           f"model.encoder.max_length={args.max_length}", f"model.optimizer.lr={args.lr}"]
+    out = [
+        f"data.max_train_perts={args.max_train_perts}",
+        f"data.val_genes={args.val_genes}",
+        f"data.batch_size={args.batch_size}",
+        f"data.eval_batch_size={args.eval_batch_size}",
+        "trainer.max_epochs=1",
+        f"trainer.limit_train_batches={args.max_steps}",
+        "trainer.num_sanity_val_steps=0",
+        f"model.encoder.max_length={args.max_length}",
+        f"model.optimizer.lr={args.lr}",
+    ]
     if prior:
         out.append("model.encoder.prior=knn")
     return out + list(args.set)
@@ -53,9 +60,12 @@ def append(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", required=True, help="results file to append to (e.g. benchmarks/results/quality.csv)")
-    parser.add_argument("--table", action="store_true",
-                        help="only print the markdown table of the paired rows in --csv (with --data k562 and "
-                             "--test-genes 100 also rewrite the table of docs/llm.md)")
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="only print the markdown table of the paired rows in --csv (with --data k562 and "
+        "--test-genes 100 also rewrite the table of docs/llm.md)",
+    )
     parser.add_argument("--data", default="k562")
     parser.add_argument("--model", default="lora_llama", help="the LLM config (lora_llama_tiny for a quick check)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="lora_llama seeds without the prior")
@@ -94,15 +104,21 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = runs / ("prior" if prior else "plain")
         rows, wall = run_cell(model, args.data, seed, "joint", extra, run_dir)
         # Paired with knn on the same test pairs when this invocation scored knn (the table's "- knn" column).
-        paired = paired_with_members(run_dir / f"{model}-{args.data}-joint-seed{seed}", {"knn": knn_run}, ("de", "dir")) \
-            if model != "knn" and (knn_run / "predictions" / "test.csv").is_file() else {}
+        paired = (
+            paired_with_members(run_dir / f"{model}-{args.data}-joint-seed{seed}", {"knn": knn_run}, ("de", "dir"))
+            if model != "knn" and (knn_run / "predictions" / "test.csv").is_file()
+            else {}
+        )
         for row in rows:
             row["paired"] = paired.get(row["task"])
             row["overrides"] = "data.task=joint " + row["overrides"]
             if prior:
                 row["model"] = f"{model}_prior"
-            print(f"{row['model']} {row['task']} seed {seed}: per-gene AUROC {row['auroc_per_gene']:.4f} over "
-                  f"{row['genes_scored']:.0f} genes ({wall:.0f} s)", flush=True)
+            print(
+                f"{row['model']} {row['task']} seed {seed}: per-gene AUROC {row['auroc_per_gene']:.4f} over "
+                f"{row['genes_scored']:.0f} genes ({wall:.0f} s)",
+                flush=True,
+            )
         append(csv, rows)
 
 

@@ -37,18 +37,42 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=2048),
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2048,
+    ),
+    "smollm2": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
 }
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets.
 BF16_PEAK_TFLOPS = {
     "H200": 989.0,
-    "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
     "A100": 312.0,
 }
 
@@ -91,11 +115,18 @@ def build(shape: str, args: argparse.Namespace, device: torch.device):
     config = dict(SHAPES[shape], max_position_embeddings=4096)
     with torch.device(device):
         encoder = LoRALlamaClassifier(
-            datamodule.context, pretrained=None, tokenizer="words", llama_config=config,
+            datamodule.context,
+            pretrained=None,
+            tokenizer="words",
+            llama_config=config,
             lora={"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0, "target_modules": args.targets},
-            prompt={"descriptions": None, "retrieval_k": 0}, max_length=max(args.lengths),
-            micro_batch_tokens=args.micro_batch_tokens, gradient_checkpointing=args.gradient_checkpointing,
-            dtype="bfloat16" if device.type == "cuda" else "float32", token_cache=False)
+            prompt={"descriptions": None, "retrieval_k": 0},
+            max_length=max(args.lengths),
+            micro_batch_tokens=args.micro_batch_tokens,
+            gradient_checkpointing=args.gradient_checkpointing,
+            dtype="bfloat16" if device.type == "cuda" else "float32",
+            token_cache=False,
+        )
     encoder.to(device).train()
     return encoder, datamodule
 
@@ -128,8 +159,12 @@ def measure(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
         rows = [[rng.randrange(1, config.vocab_size) for _ in range(rng.choice(args.lengths))] for _ in keys]
         encoder.tokens.row_of = {k: i for i, k in enumerate(keys)}
         encoder.tokens.rows = [torch.tensor(r, dtype=torch.int32) for r in rows]
-        batches.append(({k: v.to(device) for k, v in batch.items()}, dict(encoder.tokens.row_of), list(encoder.tokens.rows)))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        batches.append(
+            ({k: v.to(device) for k, v in batch.items()}, dict(encoder.tokens.row_of), list(encoder.tokens.rows))
+        )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     def step(batch, row_of, rows) -> int:
         encoder.tokens.row_of, encoder.tokens.rows = row_of, rows
@@ -147,18 +182,26 @@ def measure(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
         step(*item)
     sync()
     started = time.perf_counter()
-    tokens = sum(step(*item) for item in batches[args.warmup:])
+    tokens = sum(step(*item) for item in batches[args.warmup :])
     sync()
     seconds = time.perf_counter() - started
     tokens_per_s = tokens / seconds
     mean_len = sum(args.lengths) / len(args.lengths)
     result = {
-        "model": shape, "device": device_name(device), "batch_size": args.batch_size,
-        "prompt_tokens_mean": round(mean_len, 1), "prompt_tokens_max": max(args.lengths), "lengths_from": args.lengths_from,
-        "micro_batch_tokens": args.micro_batch_tokens, "steps": args.steps, "lora_r": args.lora_r,
+        "model": shape,
+        "device": device_name(device),
+        "batch_size": args.batch_size,
+        "prompt_tokens_mean": round(mean_len, 1),
+        "prompt_tokens_max": max(args.lengths),
+        "lengths_from": args.lengths_from,
+        "micro_batch_tokens": args.micro_batch_tokens,
+        "steps": args.steps,
+        "lora_r": args.lora_r,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "params": sum(p.numel() for p in encoder.parameters()), "trainable": sum(p.numel() for p in params),
-        "tokens_per_s": round(tokens_per_s, 1), "pairs_per_s": round(args.batch_size * args.steps / seconds, 2),
+        "params": sum(p.numel() for p in encoder.parameters()),
+        "trainable": sum(p.numel() for p in params),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "pairs_per_s": round(args.batch_size * args.steps / seconds, 2),
         "step_seconds": round(seconds / args.steps, 4),
     }
     if device.type == "cuda":
@@ -184,28 +227,41 @@ def device_name(device: torch.device) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=None, choices=sorted(SHAPES),
-                        help="default: all on GPU, tiny and smollm2 on CPU")
+    parser.add_argument(
+        "--models", nargs="+", default=None, choices=sorted(SHAPES), help="default: all on GPU, tiny and smollm2 on CPU"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on GPU, 2 on CPU")
-    parser.add_argument("--lengths-from", default="k562",
-                        help="dataset whose real lora_llama prompts give the lengths (needs $PERTURBQA_DATA and "
-                             "$PERTURB_KNOWLEDGE), a JSON file {dataset, lengths} of lengths measured ahead, or "
-                             "'fixed' to use --seq-len for every prompt")
+    parser.add_argument(
+        "--lengths-from",
+        default="k562",
+        help="dataset whose real lora_llama prompts give the lengths (needs $PERTURBQA_DATA and "
+        "$PERTURB_KNOWLEDGE), a JSON file {dataset, lengths} of lengths measured ahead, or "
+        "'fixed' to use --seq-len for every prompt",
+    )
     parser.add_argument("--seq-len", type=int, default=256, help="prompt length with --lengths-from fixed")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="bf16 peak to divide by for MFU (default: the GPU's data-sheet dense bf16 peak)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="bf16 peak to divide by for MFU (default: the GPU's data-sheet dense bf16 peak)",
+    )
     parser.add_argument("--peak-source", default="measured", help="what --peak-tflops is, for the record")
     parser.add_argument("--micro-batch-tokens", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    parser.add_argument(
+        "--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--record", action="store_true",
-                        help="merge the results into benchmarks/results/llm_throughput.json (a row per model shape "
-                             "and device replaces the older one) and rewrite docs/llm.md's speed table")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="merge the results into benchmarks/results/llm_throughput.json (a row per model shape "
+        "and device replaces the older one) and rewrite docs/llm.md's speed table",
+    )
     parser.add_argument("--table", action="store_true", help="only rewrite docs/llm.md's speed table from the JSON")
     args = parser.parse_args()
     if args.table:
@@ -231,11 +287,17 @@ def main() -> None:
     for shape in args.models:
         row = measure(shape, args, device)
         rows.append(row)
-        mfu = (f"  MFU {100 * row['mfu']:.1f}% of {row['bf16_peak_tflops']:.0f} TFLOP/s bf16" if row.get("mfu")
-               else "  (MFU: GPU only)")
-        print(f"{shape:10s} {row['device']}: {row['tokens_per_s']:,.0f} training tokens/s, {row['pairs_per_s']} pairs/s "
-              f"(batch {row['batch_size']}, prompts of {row['prompt_tokens_mean']:.0f} tokens on average from "
-              f"{row['lengths_from']}, LoRA r={row['lora_r']}){mfu}", flush=True)
+        mfu = (
+            f"  MFU {100 * row['mfu']:.1f}% of {row['bf16_peak_tflops']:.0f} TFLOP/s bf16"
+            if row.get("mfu")
+            else "  (MFU: GPU only)"
+        )
+        print(
+            f"{shape:10s} {row['device']}: {row['tokens_per_s']:,.0f} training tokens/s, {row['pairs_per_s']} pairs/s "
+            f"(batch {row['batch_size']}, prompts of {row['prompt_tokens_mean']:.0f} tokens on average from "
+            f"{row['lengths_from']}, LoRA r={row['lora_r']}){mfu}",
+            flush=True,
+        )
     if hasattr(os, "getloadavg"):
         # Other jobs on the machine slow a CPU figure down: the row says how busy the machine was.
         load = round(os.getloadavg()[0], 1)

@@ -38,8 +38,11 @@ def make_screen(n_genes: int, n_perts: int, cells_per_pert: int, control_cells: 
         labels += [f"P{p:04d}"] * cells_per_pert
     mu = np.vstack(means) * rng.uniform(0.7, 1.3, size=(len(labels), 1))
     counts = rng.negative_binomial(5, 5 / (5 + mu)).astype(np.float32)
-    adata = anndata.AnnData(X=sp.csr_matrix(counts), obs=pd.DataFrame({"perturbation": labels},
-                            index=[f"c{i}" for i in range(len(labels))]), var=pd.DataFrame(index=genes))
+    adata = anndata.AnnData(
+        X=sp.csr_matrix(counts),
+        obs=pd.DataFrame({"perturbation": labels}, index=[f"c{i}" for i in range(len(labels))]),
+        var=pd.DataFrame(index=genes),
+    )
     return adata, planted
 
 
@@ -56,8 +59,14 @@ def main() -> None:
 
     adata, planted = make_screen(args.genes, args.perts, args.cells_per_pert, args.control_cells)
     # Warm-up on a slice so numba's one-off compilation is not counted.
-    build_task_files(adata[: args.control_cells + 3 * args.cells_per_pert].copy(), tempfile.mkdtemp(),
-                     name="warm", method=args.method, progress=False, min_cells=10)
+    build_task_files(
+        adata[: args.control_cells + 3 * args.cells_per_pert].copy(),
+        tempfile.mkdtemp(),
+        name="warm",
+        method=args.method,
+        progress=False,
+        min_cells=10,
+    )
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         report = build_task_files(adata, out, name="bench", method=args.method, progress=False)

@@ -30,8 +30,14 @@ def train_quick(model: str, data: str, out: Path) -> Path:
     from perturb_models.config import compose_config
     from perturb_models.training import train
 
-    overrides = [f"model={model}", f"data={data}", "logger=none", "trainer.max_epochs=1",
-                 "trainer.limit_train_batches=20", "trainer.enable_progress_bar=false"]
+    overrides = [
+        f"model={model}",
+        f"data={data}",
+        "logger=none",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=20",
+        "trainer.enable_progress_bar=false",
+    ]
     train(compose_config("train", overrides, out))
     return out
 
@@ -48,16 +54,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="k562")
     parser.add_argument("--models", nargs="*", default=["knn", "gears", "embedding_mlp"])
-    parser.add_argument("--run", action="append", default=[], metavar="MODEL=RUN_DIR",
-                        help="a trained run to screen with instead of a quick training")
+    parser.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="MODEL=RUN_DIR",
+        help="a trained run to screen with instead of a quick training",
+    )
     parser.add_argument("--targets", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="screens per model in one process")
     args = parser.parse_args(argv)
     runs = dict(item.split("=", 1) for item in args.run)
     models = list(dict.fromkeys([*args.models, *runs]))
-    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus",
-          flush=True)
+    print(
+        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -70,17 +83,34 @@ def main(argv: list[str] | None = None) -> int:
             target_file.write_text("\n".join(sorted(targets)) + "\n")
             for repeat in range(args.repeats):
                 out = scratch / f"screen_{model}_{repeat}"
-                cfg = compose_config("predict", [f"ckpt_path={run}", "perts=all_known", f"genes={target_file}",
-                                                 "evidence=false", "summary_perts=0"], out)
+                cfg = compose_config(
+                    "predict",
+                    [
+                        f"ckpt_path={run}",
+                        "perts=all_known",
+                        f"genes={target_file}",
+                        "evidence=false",
+                        "summary_perts=0",
+                    ],
+                    out,
+                )
                 started = time.perf_counter()
                 frame = predict(cfg)
                 wall = time.perf_counter() - started
                 query = json.loads((out / "query.json").read_text())
-                rows.append({"model": model, "screen": "first" if repeat == 0 else "repeat",
-                             "perturbations": frame["pert"].nunique(), "new_to_model": query["new_perturbations"],
-                             "targets": frame["gene"].nunique(), "pairs": len(frame),
-                             "scoring_pairs_per_s": round(len(frame) / query["scoring_seconds"]),
-                             "wall_s": round(wall, 1), "dataset": split["dataset"]})
+                rows.append(
+                    {
+                        "model": model,
+                        "screen": "first" if repeat == 0 else "repeat",
+                        "perturbations": frame["pert"].nunique(),
+                        "new_to_model": query["new_perturbations"],
+                        "targets": frame["gene"].nunique(),
+                        "pairs": len(frame),
+                        "scoring_pairs_per_s": round(len(frame) / query["scoring_seconds"]),
+                        "wall_s": round(wall, 1),
+                        "dataset": split["dataset"],
+                    }
+                )
                 print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     print()

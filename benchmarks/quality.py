@@ -28,16 +28,37 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
+
 # The tables (docs/results.md, the README block) are made by the package, one code path for both.
-from perturb_models.results import (PUBLISHED, README, full_test, interval_text, quality_table as results_table,  # noqa: E402
-                                    seed_interval, write_doc)
+from perturb_models.results import (
+    PUBLISHED,
+    README,
+    full_test,
+    interval_text,
+    quality_table as results_table,  # noqa: E402
+    seed_interval,
+    write_doc,
+)
 
 # auroc_per_gene is the test figure (reported, never used to choose anything); val_auroc_per_gene is the
 # validation figure of the same run (the selected checkpoint), the only one selection code reads.
 # ci_low/ci_high: the 95% bootstrap interval of the test figure over test perturbations (1,000 resamples,
 # perturb_models.metrics), computed when the row is made, from the run's predictions.
-COLUMNS = ["model", "dataset", "task", "seed", "auroc_per_gene", "genes_scored", "commit", "wall_seconds", "overrides",
-           "val_auroc_per_gene", "ci_low", "ci_high", "paired"]
+COLUMNS = [
+    "model",
+    "dataset",
+    "task",
+    "seed",
+    "auroc_per_gene",
+    "genes_scored",
+    "commit",
+    "wall_seconds",
+    "overrides",
+    "val_auroc_per_gene",
+    "ci_low",
+    "ci_high",
+    "paired",
+]
 # paired: the row's paired difference with other runs on the same test pairs and resamples, JSON
 # {"run": [difference, low, high, p_value]}: an ensemble's members (loco.csv), knn for llm_quality.py's rows.
 OPTIONAL = ("overrides", "val_auroc_per_gene", "recipe", "weights", "ci_low", "ci_high", "paired")
@@ -84,6 +105,7 @@ CPU_BUDGET = {
     "gears_text": ["data.batch_size=1024", "trainer.max_epochs=12", "callbacks.early_stopping.patience=4"],
 }
 
+
 def read_rows(path: Path, columns: list[str] = COLUMNS) -> pd.DataFrame:
     """The rows of a results CSV; columns added since it was written (``val_auroc_per_gene``) come back empty."""
     if not path.is_file():
@@ -116,14 +138,23 @@ def complete(rows: pd.DataFrame, args=None, paired: bool = False) -> pd.DataFram
     return rows.loc[keep]
 
 
-def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], runs_dir: Path,
-             run_name: str | None = None) -> tuple[list[dict], float]:
+def run_cell(
+    model: str, dataset: str, seed: int, task: str, extra: list[str], runs_dir: Path, run_name: str | None = None
+) -> tuple[list[dict], float]:
     from perturb_models.config import compose_config
     from perturb_models.outputs import git_commit
     from perturb_models.training import train
 
-    overrides = [f"model={model}", f"data={dataset}", f"seed={seed}", f"data.task={task}", "logger=none",
-                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *extra]
+    overrides = [
+        f"model={model}",
+        f"data={dataset}",
+        f"seed={seed}",
+        f"data.task={task}",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        *extra,
+    ]
     cfg = compose_config("train", overrides, runs_dir / (run_name or f"{model}-{dataset}-{task}-seed{seed}"))
     started = time.time()
     metrics = train(cfg)
@@ -134,12 +165,22 @@ def run_cell(model: str, dataset: str, seed: int, task: str, extra: list[str], r
     rows = []
     for t in tasks:
         interval = intervals.get(t)
-        rows.append({"model": model, "dataset": dataset, "task": t, "seed": seed,
-                     "auroc_per_gene": metrics.get(f"test/{t}_auroc_per_gene", math.nan),
-                     "genes_scored": metrics.get(f"test/{t}_genes_scored", math.nan),
-                     "commit": commit, "wall_seconds": wall, "overrides": " ".join(extra),
-                     "val_auroc_per_gene": metrics.get(f"val/{t}_auroc_per_gene", math.nan),
-                     "ci_low": interval.low if interval else math.nan, "ci_high": interval.high if interval else math.nan})
+        rows.append(
+            {
+                "model": model,
+                "dataset": dataset,
+                "task": t,
+                "seed": seed,
+                "auroc_per_gene": metrics.get(f"test/{t}_auroc_per_gene", math.nan),
+                "genes_scored": metrics.get(f"test/{t}_genes_scored", math.nan),
+                "commit": commit,
+                "wall_seconds": wall,
+                "overrides": " ".join(extra),
+                "val_auroc_per_gene": metrics.get(f"val/{t}_auroc_per_gene", math.nan),
+                "ci_low": interval.low if interval else math.nan,
+                "ci_high": interval.high if interval else math.nan,
+            }
+        )
     return rows, wall
 
 
@@ -151,8 +192,9 @@ def test_intervals(run_dir: Path) -> dict:
     return intervals_from_predictions(pd.read_csv(path)) if path.is_file() else {}
 
 
-def attach_intervals(csv: Path, run_dir: Path, columns: list[str] = COLUMNS,
-                     paired_with: dict[str, Path] | None = None) -> pd.DataFrame:
+def attach_intervals(
+    csv: Path, run_dir: Path, columns: list[str] = COLUMNS, paired_with: dict[str, Path] | None = None
+) -> pd.DataFrame:
     """Fill ``ci_low``/``ci_high`` of the rows that ``run_dir`` made (same dataset and seed, and the very
     test figure of its ``metrics.json``), from its ``predictions/test.csv``: a row whose run folder is still
     at hand gets its interval without a rerun. ``paired_with`` (name -> run folder on the same test pairs)
@@ -166,16 +208,24 @@ def attach_intervals(csv: Path, run_dir: Path, columns: list[str] = COLUMNS,
     paired = paired_with_members(run_dir, paired_with, tuple(intervals)) if paired_with else {}
     for task, interval in intervals.items():
         figure = metrics.get(f"test/{task}_auroc_per_gene")
-        hit = (rows["dataset"] == info["dataset"]) & (rows["seed"] == info["seed"]) & (rows["task"] == task) \
+        hit = (
+            (rows["dataset"] == info["dataset"])
+            & (rows["seed"] == info["seed"])
+            & (rows["task"] == task)
             & (rows["auroc_per_gene"].astype(float) == figure)
+        )
         if hit.sum() != 1:
-            raise SystemExit(f"{run_dir}: {hit.sum()} rows of {csv} report its {task} figure {figure} "
-                             f"({info['dataset']}, seed {info['seed']}); expected exactly one")
+            raise SystemExit(
+                f"{run_dir}: {hit.sum()} rows of {csv} report its {task} figure {figure} "
+                f"({info['dataset']}, seed {info['seed']}); expected exactly one"
+            )
         rows.loc[hit, ["ci_low", "ci_high"]] = [interval.low, interval.high]
         if task in paired:
             rows.loc[hit, "paired"] = paired[task]
-        print(f"{csv}: {rows.loc[hit, 'model'].item()} {info['dataset']} {task} seed {info['seed']} "
-              f"{figure:.4f} [{interval.low:.4f}, {interval.high:.4f}] from {run_dir}")
+        print(
+            f"{csv}: {rows.loc[hit, 'model'].item()} {info['dataset']} {task} seed {info['seed']} "
+            f"{figure:.4f} [{interval.low:.4f}, {interval.high:.4f}] from {run_dir}"
+        )
     atomic_write_dataframe(csv, rows)
     return rows
 
@@ -241,13 +291,19 @@ def loco_table(rows: pd.DataFrame) -> str:
                 continue
         for d, recipe in choices.items():
             hit = part.loc[(part["dataset"] == d) & (part["recipe"] == recipe)]
-            held[(family, d)] = (recipe, {t: hit.loc[(hit["task"] == t) & hit["auroc_per_gene"].notna()]
-                                          for t in ("de", "dir")})
+            held[(family, d)] = (
+                recipe,
+                {t: hit.loc[(hit["task"] == t) & hit["auroc_per_gene"].notna()] for t in ("de", "dir")},
+            )
     out = []
     for task, title in (("de", "DE"), ("dir", "direction")):
-        out += [f"### LOCO, {title} (held-out line's test per-gene AUROC; recipe chosen on the other lines' "
-                "validation; mean over seeds, n seeds)", "",
-                "| model | " + " | ".join(lines_present) + " |", "|---|" + "---|" * len(lines_present)]
+        out += [
+            f"### LOCO, {title} (held-out line's test per-gene AUROC; recipe chosen on the other lines' "
+            "validation; mean over seeds, n seeds)",
+            "",
+            "| model | " + " | ".join(lines_present) + " |",
+            "|---|" + "---|" * len(lines_present),
+        ]
         best_single = {}  # line -> (mean, family)
         for family in families:
             cells = []
@@ -261,8 +317,12 @@ def loco_table(rows: pd.DataFrame) -> str:
                     best_single[d] = (mean, family)
                 cells.append(f"{mean:.3f} ({len(figures[task])}; {recipe}){interval_text(figures[task])}")
             out.append(f"| {family} | " + " | ".join(cells) + " |")
-        cells = [f"{PUBLISHED[(task, d)]['best'][0]:.2f} ({PUBLISHED[(task, d)]['best'][1]})" if (task, d) in PUBLISHED
-                 else "–" for d in lines_present]
+        cells = [
+            f"{PUBLISHED[(task, d)]['best'][0]:.2f} ({PUBLISHED[(task, d)]['best'][1]})"
+            if (task, d) in PUBLISHED
+            else "–"
+            for d in lines_present
+        ]
         out.append("| published best | " + " | ".join(cells) + " |")
         goal, sure = [], []
         for d in lines_present:
@@ -287,11 +347,13 @@ def loco_table(rows: pd.DataFrame) -> str:
 
 
 GOAL_ABOVE_PUBLISHED, GOAL_BELOW_SINGLE = 0.03, 0.01
-GOAL_NOTE = ("Goal: at least +.03 over the published best and at most .01 below the best single LOCO model. With "
-             "intervals: *holds* when the whole 95% interval meets the goal (ensemble's interval for the published "
-             "figure, which is a fixed number; the paired interval of the difference with the best single model, same "
-             "test pairs and resamples), *fails* when the whole interval misses it, *unsure* when it straddles. "
-             "Intervals are the mean of the seeds' bounds; `n/m` says how many seeds have one.\n")
+GOAL_NOTE = (
+    "Goal: at least +.03 over the published best and at most .01 below the best single LOCO model. With "
+    "intervals: *holds* when the whole 95% interval meets the goal (ensemble's interval for the published "
+    "figure, which is a fixed number; the paired interval of the difference with the best single model, same "
+    "test pairs and resamples), *fails* when the whole interval misses it, *unsure* when it straddles. "
+    "Intervals are the mean of the seeds' bounds; `n/m` says how many seeds have one.\n"
+)
 
 
 def verdict(low: float, high: float, threshold: float) -> str:
@@ -304,15 +366,22 @@ def goal_with_intervals(rows: pd.DataFrame, published: float, single: str) -> st
     low, high, n = seed_interval(rows)
     if n == 0:
         return "no interval yet"
-    parts = [f"[{low - published:+.3f}, {high - published:+.3f}] {verdict(low - published, high - published, GOAL_ABOVE_PUBLISHED)}"]
-    paired = [json.loads(p)[single] for p in rows["paired"].dropna()
-              if single in json.loads(p)] if "paired" in rows.columns else []
+    parts = [
+        f"[{low - published:+.3f}, {high - published:+.3f}] {verdict(low - published, high - published, GOAL_ABOVE_PUBLISHED)}"
+    ]
+    paired = (
+        [json.loads(p)[single] for p in rows["paired"].dropna() if single in json.loads(p)]
+        if "paired" in rows.columns
+        else []
+    )
     if paired:
         diff_low = sum(p[1] for p in paired) / len(paired)
         diff_high = sum(p[2] for p in paired) / len(paired)
         p_values = ", ".join(f"{p[3]:.2g}" for p in paired)
-        parts.append(f"vs {single} [{diff_low:+.3f}, {diff_high:+.3f}] (p {p_values}) "
-                     f"{verdict(diff_low, diff_high, -GOAL_BELOW_SINGLE)}")
+        parts.append(
+            f"vs {single} [{diff_low:+.3f}, {diff_high:+.3f}] (p {p_values}) "
+            f"{verdict(diff_low, diff_high, -GOAL_BELOW_SINGLE)}"
+        )
     else:
         parts.append(f"vs {single}: no paired interval yet")
     return " / ".join(parts) + f" ({n}/{len(rows)})"
@@ -323,15 +392,19 @@ def loco_recipes_text(rows: pd.DataFrame) -> str:
     from perturb_models.selection import recipe_scores
 
     lines_present = [d for d in LINES if d in set(rows["dataset"])]
-    out = ["| model | recipe | overrides | " + " | ".join(f"val {d}" for d in lines_present) + " |",
-           "|---|---|---|" + "---|" * len(lines_present)]
+    out = [
+        "| model | recipe | overrides | " + " | ".join(f"val {d}" for d in lines_present) + " |",
+        "|---|---|---|" + "---|" * len(lines_present),
+    ]
     for family, recipes in LOCO_SEARCH.items():
         for recipe, overrides in recipes.items():
             cells = []
             for d in lines_present:
                 score = recipe_scores(rows, family, [d]).get(recipe, math.nan)
                 cells.append("–" if math.isnan(score) else f"{score:.4f}")
-            out.append(f"| {family} | {recipe} | `{' '.join(overrides) or '(config default)'}` | " + " | ".join(cells) + " |")
+            out.append(
+                f"| {family} | {recipe} | `{' '.join(overrides) or '(config default)'}` | " + " | ".join(cells) + " |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -340,7 +413,10 @@ def defaults_text(rows: pd.DataFrame) -> str:
     from perturb_models.selection import choose_recipe, recipe_scores
 
     lines_present = [d for d in LINES if d in set(rows["dataset"])]
-    out = ["| model | best recipe on all lines' validation (mean) | `conf/model/` default recipe (mean) |", "|---|---|---|"]
+    out = [
+        "| model | best recipe on all lines' validation (mean) | `conf/model/` default recipe (mean) |",
+        "|---|---|---|",
+    ]
     for family, recipes in LOCO_SEARCH.items():
         if family not in set(rows["model"]):
             continue
@@ -350,7 +426,9 @@ def defaults_text(rows: pd.DataFrame) -> str:
         except ValueError:
             continue
         default = next((r for r, o in recipes.items() if is_default_recipe(family, o)), None)
-        shown = "none of the searched recipes" if default is None else f"{default} ({scores.get(default, math.nan):.4f})"
+        shown = (
+            "none of the searched recipes" if default is None else f"{default} ({scores.get(default, math.nan):.4f})"
+        )
         out.append(f"| {family} | {best} ({scores[best]:.4f}) | {shown} |")
     ensembles = combiner_rows(rows)
     if not ensembles.empty:
@@ -361,8 +439,10 @@ def defaults_text(rows: pd.DataFrame) -> str:
             best = None
         if best is not None:
             default = default_combiner()
-            out.append(f"| ensemble (combiner; cross-fitted validation) | {best} ({scores[best]:.4f}) | "
-                       f"{default} ({scores.get(default, math.nan):.4f}) |")
+            out.append(
+                f"| ensemble (combiner; cross-fitted validation) | {best} ({scores[best]:.4f}) | "
+                f"{default} ({scores.get(default, math.nan):.4f}) |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -412,19 +492,20 @@ def write_loco_doc(loco_rows: pd.DataFrame, path: Path) -> None:
     """docs/loco.md: the leave-one-cell-line-out tables from loco.csv, and how every choice is made."""
     text = "# Leave one cell line out\n\n"
     if loco_rows is not None and not loco_rows.empty:
-        text += ("Generated by `python benchmarks/quality.py --table` from `benchmarks/results/loco.csv` "
-                 "(`python benchmarks/quality.py --protocol loco`). For each held-out line, each family's recipe is "
-                 "the one with the best mean validation per-gene AUROC (DE and direction, averaged per line) on the "
-                 "other three lines (`perturb_models.selection`, which reads only `val_*` columns); the cell is that "
-                 "recipe's test figure on the held-out line. The ensemble's members are the recipes chosen for that "
-                 "line; its weights are fitted on the held-out line's own validation perturbations, as a user's "
-                 "would be on their screen. This is the estimate of what a default gives on a new line.\n\n"
-                 + loco_table(loco_rows)
-                 + "\nValidation figures of every recipe (mean of DE and direction per-gene AUROC, over seeds):\n\n"
-                 + loco_recipes_text(loco_rows)
-                 + "\nDefaults: the recipe with the best mean validation figure over all four lines, next to the "
-                   "recipe that `conf/model/` holds now:\n\n" + defaults_text(loco_rows)
-                 + "\n" + ENSEMBLE_TEXT)
+        text += (
+            "Generated by `python benchmarks/quality.py --table` from `benchmarks/results/loco.csv` "
+            "(`python benchmarks/quality.py --protocol loco`). For each held-out line, each family's recipe is "
+            "the one with the best mean validation per-gene AUROC (DE and direction, averaged per line) on the "
+            "other three lines (`perturb_models.selection`, which reads only `val_*` columns); the cell is that "
+            "recipe's test figure on the held-out line. The ensemble's members are the recipes chosen for that "
+            "line; its weights are fitted on the held-out line's own validation perturbations, as a user's "
+            "would be on their screen. This is the estimate of what a default gives on a new line.\n\n"
+            + loco_table(loco_rows)
+            + "\nValidation figures of every recipe (mean of DE and direction per-gene AUROC, over seeds):\n\n"
+            + loco_recipes_text(loco_rows)
+            + "\nDefaults: the recipe with the best mean validation figure over all four lines, next to the "
+            "recipe that `conf/model/` holds now:\n\n" + defaults_text(loco_rows) + "\n" + ENSEMBLE_TEXT
+        )
     else:
         text += "_no rows in loco.csv yet_\n"
     text += "\n" + CHOICES_TEXT
@@ -476,7 +557,7 @@ def ensemble_overrides(dataset: str, seed: int, task: str, choices: dict[str, st
         run = runs_dir / loco_run_name(family, recipe, dataset, task, seed)
         extra.append(f"+model.encoder.member_runs.{family}={run}")
         # The recipe's architecture, so that the ensemble's own config rebuilds the member without its folder.
-        extra += [f"model.encoder.catalog.{family}.{o[len('model.'):]}" for o in LOCO_SEARCH[family][recipe]]
+        extra += [f"model.encoder.catalog.{family}.{o[len('model.') :]}" for o in LOCO_SEARCH[family][recipe]]
     return extra
 
 
@@ -540,7 +621,9 @@ def run_loco(args, runs_dir: Path) -> None:
     families = [m for m in args.models if m in LOCO_SEARCH]
     unknown = [m for m in args.models if m not in LOCO_SEARCH and m != "ensemble"]
     if unknown:
-        raise SystemExit(f"--protocol loco: no search space for {', '.join(unknown)} (known: {', '.join(LOCO_SEARCH)}, ensemble)")
+        raise SystemExit(
+            f"--protocol loco: no search space for {', '.join(unknown)} (known: {', '.join(LOCO_SEARCH)}, ensemble)"
+        )
     defaults = {(m, r): is_default_recipe(m, o) for m in families for r, o in LOCO_SEARCH[m].items()}
     default_recipes = [(f, r) for f in families for r in LOCO_SEARCH[f] if defaults[(f, r)]]
     other_recipes = [(f, r) for f in families for r in LOCO_SEARCH[f] if not defaults[(f, r)]]
@@ -549,8 +632,12 @@ def run_loco(args, runs_dir: Path) -> None:
         for family, recipe in recipes:
             for dataset in datasets:
                 rows = read_rows(args.loco_csv, LOCO_COLUMNS)
-                hit = rows.loc[(rows["model"] == family) & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
-                               & (rows["seed"] == seed)]
+                hit = rows.loc[
+                    (rows["model"] == family)
+                    & (rows["recipe"] == recipe)
+                    & (rows["dataset"] == dataset)
+                    & (rows["seed"] == seed)
+                ]
                 if set(tasks) <= set(complete(hit, args)["task"]):
                     print(f"skip {family}/{recipe} {dataset} seed {seed}: already in {args.loco_csv}")
                     if defaults[(family, recipe)]:
@@ -561,30 +648,42 @@ def run_loco(args, runs_dir: Path) -> None:
     def train_recipe(seed: int, family: str, recipe: str, dataset: str) -> None:
         extra = budget_overrides(family, args.set) + LOCO_SEARCH[family][recipe]
         print(f"run {family}/{recipe} {dataset} seed {seed} ({' '.join(extra)})", flush=True)
-        new, wall = run_cell(family, dataset, seed, args.task, extra, runs_dir,
-                             loco_run_name(family, recipe, dataset, args.task, seed))
+        new, wall = run_cell(
+            family, dataset, seed, args.task, extra, runs_dir, loco_run_name(family, recipe, dataset, args.task, seed)
+        )
         store_row(args.loco_csv, [dict(r, recipe=recipe) for r in new], LOCO_COLUMNS, keys)
         if is_default_recipe(family, LOCO_SEARCH[family][recipe]):
             # The recipe is the model's default config: the run is also the default's row.
             store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
-        print(f"done {family}/{recipe} {dataset} seed {seed} in {wall:.0f}s: "
-              + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
-              flush=True)
+        print(
+            f"done {family}/{recipe} {dataset} seed {seed} in {wall:.0f}s: "
+            + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
+            flush=True,
+        )
 
     def run_ensemble(seed: int, dataset: str, choices: dict[str, str], combiner: str) -> None:
         rows = read_rows(args.loco_csv, LOCO_COLUMNS)
         recipe = ensemble_recipe(choices, combiner)
-        missing = [f"{f}/{r}" for f, r in choices.items()
-                   if rows.loc[(rows["model"] == f) & (rows["recipe"] == r) & (rows["dataset"] == dataset)
-                               & (rows["seed"] == seed)].empty]
+        missing = [
+            f"{f}/{r}"
+            for f, r in choices.items()
+            if rows.loc[
+                (rows["model"] == f) & (rows["recipe"] == r) & (rows["dataset"] == dataset) & (rows["seed"] == seed)
+            ].empty
+        ]
         if missing:
             print(f"skip ensemble {dataset} seed {seed}: no run of {', '.join(missing)} yet")
             return
-        hit = rows.loc[(rows["model"] == "ensemble") & (rows["recipe"] == recipe) & (rows["dataset"] == dataset)
-                       & (rows["seed"] == seed)]
+        hit = rows.loc[
+            (rows["model"] == "ensemble")
+            & (rows["recipe"] == recipe)
+            & (rows["dataset"] == dataset)
+            & (rows["seed"] == seed)
+        ]
         # The default model=ensemble: default members and the config's combiner.
-        members_default = all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items()) \
-            and combiner == default_combiner()
+        members_default = (
+            all(is_default_recipe(f, LOCO_SEARCH[f][r]) for f, r in choices.items()) and combiner == default_combiner()
+        )
         if set(tasks) <= set(complete(hit, args, paired=True)["task"]):
             print(f"skip ensemble {dataset} seed {seed}: already in {args.loco_csv}")
             if members_default:
@@ -598,30 +697,39 @@ def run_loco(args, runs_dir: Path) -> None:
         extra = budget_overrides("ensemble", args.set) + ensemble_overrides(dataset, seed, args.task, choices, runs_dir)
         extra.append(f"model.encoder.combiner={combiner}")
         print(f"run ensemble {dataset} seed {seed} ({recipe})", flush=True)
-        run_name = loco_run_name("ensemble", recipe.replace(":", "_").replace("+", "-").replace("@", "-"), dataset,
-                                 args.task, seed)
+        run_name = loco_run_name(
+            "ensemble", recipe.replace(":", "_").replace("+", "-").replace("@", "-"), dataset, args.task, seed
+        )
         new, wall = run_cell("ensemble", dataset, seed, args.task, extra, runs_dir, run_name)
         table = json.loads((runs_dir / run_name / "ensemble_weights.json").read_text())
-        paired = paired_with_members(runs_dir / run_name, {f: runs_dir / loco_run_name(f, r, dataset, args.task, seed)
-                                                           for f, r in choices.items()}, tasks)
+        paired = paired_with_members(
+            runs_dir / run_name,
+            {f: runs_dir / loco_run_name(f, r, dataset, args.task, seed) for f, r in choices.items()},
+            tasks,
+        )
         for row in new:
             # The ensemble's validation figure is the cross-fitted one of what it deploys (its weights were
             # fitted on validation, so the run's own validation figure flatters it).
             report = table["validation"][row["task"]]
-            row["val_auroc_per_gene"] = report["members"][report["fallback"]] if report["fallback"] \
-                else report["ensemble_crossfit"]
-            row["weights"] = " ".join(f"{m}={w:.3f}" for m, w in table[row["task"]].items()) \
-                + (f" fallback={report['fallback']}" if report["fallback"] else "")
+            row["val_auroc_per_gene"] = (
+                report["members"][report["fallback"]] if report["fallback"] else report["ensemble_crossfit"]
+            )
+            row["weights"] = " ".join(f"{m}={w:.3f}" for m, w in table[row["task"]].items()) + (
+                f" fallback={report['fallback']}" if report["fallback"] else ""
+            )
         store_row(args.loco_csv, [dict(r, recipe=recipe, paired=paired[r["task"]]) for r in new], LOCO_COLUMNS, keys)
         if members_default:
             # Members are the default recipes: this is the default ensemble's row for the line.
             store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
-        print(f"done ensemble {dataset} seed {seed} in {wall:.0f}s: "
-              + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
-              flush=True)
+        print(
+            f"done ensemble {dataset} seed {seed} in {wall:.0f}s: "
+            + ", ".join(f"{r['task']} val {r['val_auroc_per_gene']:.4f} test {r['auroc_per_gene']:.4f}" for r in new),
+            flush=True,
+        )
 
-    default_members = {f: next((r for r, o in LOCO_SEARCH[f].items() if is_default_recipe(f, o)), None)
-                       for f in ENSEMBLE_MEMBERS}
+    default_members = {
+        f: next((r for r, o in LOCO_SEARCH[f].items() if is_default_recipe(f, o)), None) for f in ENSEMBLE_MEMBERS
+    }
     for seed in args.seeds:
         # Line by line: the default recipes, then the ensemble of them (the default model=ensemble).
         for dataset in args.datasets:
@@ -657,25 +765,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["k562", "rpe1", "hepg2", "k562_set"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--task", default="joint", choices=["joint", "de", "dir"])
-    parser.add_argument("--set", action="append", default=[], metavar="[MODEL:]KEY=VALUE",
-                        help="extra Hydra override for every run, or for one model (gat:trainer.max_epochs=3)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="[MODEL:]KEY=VALUE",
+        help="extra Hydra override for every run, or for one model (gat:trainer.max_epochs=3)",
+    )
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default: cache/quality_runs)")
     parser.add_argument("--table", action="store_true", help="only regenerate the markdown table")
-    parser.add_argument("--protocol", choices=["grid", "loco"], default="grid",
-                        help="grid: default configs (quality.csv); loco: the LOCO search space and the ensemble of its "
-                             "choices (loco.csv; runs of default recipes also go to quality.csv)")
+    parser.add_argument(
+        "--protocol",
+        choices=["grid", "loco"],
+        default="grid",
+        help="grid: default configs (quality.csv); loco: the LOCO search space and the ensemble of its "
+        "choices (loco.csv; runs of default recipes also go to quality.csv)",
+    )
     parser.add_argument("--loco-csv", type=Path, default=DEFAULT_LOCO_CSV)
     parser.add_argument("--loco-doc", type=Path, default=DEFAULT_LOCO_DOC)
-    parser.add_argument("--attach-intervals", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="fill the interval of the --csv rows these kept run folders made (no rerun)")
-    parser.add_argument("--paired-with", nargs="+", default=[], metavar="NAME=RUN_DIR",
-                        help="with --attach-intervals: also the paired difference with these runs on the same pairs")
-    parser.add_argument("--fill-intervals", action="store_true",
-                        help="rerun the rows that lack their bootstrap interval (rows made before intervals existed)")
-    parser.add_argument("--only-defaults", action="store_true",
-                        help="loco: only the default recipes and their ensemble (a budget too small for the search)")
+    parser.add_argument(
+        "--attach-intervals",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="fill the interval of the --csv rows these kept run folders made (no rerun)",
+    )
+    parser.add_argument(
+        "--paired-with",
+        nargs="+",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="with --attach-intervals: also the paired difference with these runs on the same pairs",
+    )
+    parser.add_argument(
+        "--fill-intervals",
+        action="store_true",
+        help="rerun the rows that lack their bootstrap interval (rows made before intervals existed)",
+    )
+    parser.add_argument(
+        "--only-defaults",
+        action="store_true",
+        help="loco: only the default recipes and their ensemble (a budget too small for the search)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     if args.attach_intervals:
@@ -709,7 +842,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run {model} {dataset} seed {seed} ({' '.join(extra)})", flush=True)
                 new, wall = run_cell(model, dataset, seed, args.task, extra, runs_dir)
                 rows = store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
-                summary = ", ".join(f"{r['task']} {r['auroc_per_gene']:.4f} ({int(r['genes_scored'])} genes)" for r in new)
+                summary = ", ".join(
+                    f"{r['task']} {r['auroc_per_gene']:.4f} ({int(r['genes_scored'])} genes)" for r in new
+                )
                 print(f"done {model} {dataset} seed {seed} in {wall:.0f}s: {summary}", flush=True)
                 write_docs(args)
     print(results_table(read_rows(args.csv)))

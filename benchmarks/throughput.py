@@ -51,8 +51,9 @@ class PairCounter(L.Callback):
         self.elapsed = time.perf_counter() - self.started
 
 
-def plain_loop(model, dataset, batch_size: int, epochs: int, seed: int, warmup: int,
-               device: torch.device = torch.device("cpu")) -> float:
+def plain_loop(
+    model, dataset, batch_size: int, epochs: int, seed: int, warmup: int, device: torch.device = torch.device("cpu")
+) -> float:
     model.to(device)
     encoder, head = model.encoder, model.head
     params = [p for p in list(encoder.parameters()) + list(head.parameters()) if p.requires_grad]
@@ -84,8 +85,15 @@ def plain_loop(model, dataset, batch_size: int, epochs: int, seed: int, warmup: 
 def framework_run(cfg, model, datamodule, epochs: int, warmup: int) -> float:
     counter = PairCounter(warmup)
     trainer = build_trainer(
-        cfg, callbacks=[counter], loggers=[], max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        cfg,
+        callbacks=[counter],
+        loggers=[],
+        max_epochs=epochs,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model, datamodule=datamodule)
     return counter.pairs / counter.elapsed
@@ -95,8 +103,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="k562")
     parser.add_argument("--model", default="mlp", help="a model config: mlp, gears, ...")
-    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"],
-                        help="gpu: trainer=gpu (bf16 mixed precision) against a plain loop under bf16 autocast")
+    parser.add_argument(
+        "--accelerator",
+        default="cpu",
+        choices=["cpu", "gpu"],
+        help="gpu: trainer=gpu (bf16 mixed precision) against a plain loop under bf16 autocast",
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides (e.g. data=synthetic graph swaps)")
     parser.add_argument("--epochs", type=int, default=2)
@@ -105,20 +117,34 @@ def main() -> None:
     args = parser.parse_args()
 
     hardware = ["trainer=gpu"] if args.accelerator == "gpu" else ["trainer.accelerator=cpu"]
-    cfg = compose_config("train", [f"data={args.dataset}", f"model={args.model}", "logger=none", *hardware, *args.set,
-                                   "paths.output_dir=/tmp/perturb_models_throughput"])
+    cfg = compose_config(
+        "train",
+        [
+            f"data={args.dataset}",
+            f"model={args.model}",
+            "logger=none",
+            *hardware,
+            *args.set,
+            "paths.output_dir=/tmp/perturb_models_throughput",
+        ],
+    )
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     L.seed_everything(0)
     datamodule = build_datamodule(cfg.data)
     template = build_model(cfg, datamodule)
     train_split = datamodule.splits["train"]
-    print(f"model={args.model} accelerator={args.accelerator} dataset={args.dataset} train pairs={len(train_split)} batch={cfg.data.batch_size} "
-          f"epochs/round={args.epochs} threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model} accelerator={args.accelerator} dataset={args.dataset} train pairs={len(train_split)} batch={cfg.data.batch_size} "
+        f"epochs/round={args.epochs} threads={torch.get_num_threads()}"
+    )
 
     plain, framework = [], []
     for round_ in range(args.rounds):
-        plain.append(plain_loop(copy.deepcopy(template), train_split, cfg.data.batch_size, args.epochs, cfg.seed, args.warmup,
-                                device))
+        plain.append(
+            plain_loop(
+                copy.deepcopy(template), train_split, cfg.data.batch_size, args.epochs, cfg.seed, args.warmup, device
+            )
+        )
         framework.append(framework_run(cfg, copy.deepcopy(template), datamodule, args.epochs, args.warmup))
         print(f"round {round_ + 1}: plain {plain[-1]:,.0f} pairs/s, framework {framework[-1]:,.0f} pairs/s")
     plain_median, framework_median = statistics.median(plain), statistics.median(framework)
@@ -128,12 +154,21 @@ def main() -> None:
     if args.json:
         from perturb_models.io import atomic_write_json
 
-        atomic_write_json(args.json, {
-            "model": args.model, "dataset": args.dataset, "accelerator": args.accelerator,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "batch_size": int(cfg.data.batch_size), "epochs_per_round": args.epochs, "rounds": args.rounds,
-            "plain_pairs_per_s": round(plain_median, 1), "framework_pairs_per_s": round(framework_median, 1),
-            "ratio": round(framework_median / plain_median, 3)})
+        atomic_write_json(
+            args.json,
+            {
+                "model": args.model,
+                "dataset": args.dataset,
+                "accelerator": args.accelerator,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "batch_size": int(cfg.data.batch_size),
+                "epochs_per_round": args.epochs,
+                "rounds": args.rounds,
+                "plain_pairs_per_s": round(plain_median, 1),
+                "framework_pairs_per_s": round(framework_median, 1),
+                "ratio": round(framework_median / plain_median, 3),
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -91,14 +91,22 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    configured = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    configured = [
+        instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c
+    ]
     return [*configured, ExactResume(), EpochLines()]
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, **overrides: Any) -> L.Trainer:
     overrides = {**trainer_console_overrides(cfg.trainer), **overrides}
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                       plugins=[AtomicCheckpointIO()], _convert_="all", **overrides)
+    return instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        _convert_="all",
+        **overrides,
+    )
 
 
 def finish_wandb(loggers: list) -> None:
@@ -114,7 +122,11 @@ def finish_wandb(loggers: list) -> None:
         wandb.finish()
         if offline and run_dir is not None:
             if os.environ.get("WANDB_SILENT", "").lower() in ("1", "true", "yes"):
-                say(f"W&B ran offline (no credentials, or WANDB_MODE=offline). The run is in {run_dir}\n"
-                    f"Upload it later with: wandb sync {run_dir}")
+                say(
+                    f"W&B ran offline (no credentials, or WANDB_MODE=offline). The run is in {run_dir}\n"
+                    f"Upload it later with: wandb sync {run_dir}"
+                )
             else:  # W&B has just printed the `wandb sync` command itself; say only why it ran offline
-                say("W&B ran offline (no credentials, or WANDB_MODE=offline): upload the run with the wandb sync command above")
+                say(
+                    "W&B ran offline (no credentials, or WANDB_MODE=offline): upload the run with the wandb sync command above"
+                )

@@ -107,7 +107,9 @@ def expected_calibration_error(scores: np.ndarray, labels: np.ndarray, bins: int
     return float(total / max(len(scores), 1))
 
 
-def calibration_metrics(frame: pd.DataFrame, calibrators: Mapping[str, Mapping[str, Any]], prefix: str) -> dict[str, float]:
+def calibration_metrics(
+    frame: pd.DataFrame, calibrators: Mapping[str, Mapping[str, Any]], prefix: str
+) -> dict[str, float]:
     """``{prefix}/{task}_brier``, ``_ece`` (the model's scores) and ``_brier_calibrated``, ``_ece_calibrated``."""
     metrics: dict[str, float] = {}
     for task, rows in frame.groupby("task", sort=True):
@@ -130,8 +132,14 @@ def fit_validation_calibrators(validation: pd.DataFrame | None) -> dict[str, dic
         return None
     calibrators = fit_calibrators(validation)
     for task, calibrator in calibrators.items():
-        log.info("calibration (%s, %s): slope %.4f, intercept %.4f, fitted on %d validation pairs", task,
-                 calibrator["method"], calibrator["slope"], calibrator["intercept"], calibrator["pairs"])
+        log.info(
+            "calibration (%s, %s): slope %.4f, intercept %.4f, fitted on %d validation pairs",
+            task,
+            calibrator["method"],
+            calibrator["slope"],
+            calibrator["intercept"],
+            calibrator["pairs"],
+        )
     return calibrators or None
 
 
@@ -148,8 +156,9 @@ def save_calibrators(ckpt_path: str | os.PathLike, calibrators: Mapping[str, Map
         torch.save(checkpoint, handle)
 
 
-def reliability_table(frame: pd.DataFrame, calibrators: Mapping[str, Mapping[str, Any]] | None,
-                      bins: int = 10) -> pd.DataFrame:
+def reliability_table(
+    frame: pd.DataFrame, calibrators: Mapping[str, Mapping[str, Any]] | None, bins: int = 10
+) -> pd.DataFrame:
     """Per task and equal-width probability bin: pairs, mean probability and observed rate, for the model's
     scores and (with calibrators) the calibrated ones: the numbers of a reliability diagram."""
     rows = []
@@ -163,9 +172,16 @@ def reliability_table(frame: pd.DataFrame, calibrators: Mapping[str, Mapping[str
             for b in range(bins):
                 inside = which == b
                 if inside.any():
-                    rows.append({"task": task, "scores": version, "bin": f"{b / bins:.1f}-{(b + 1) / bins:.1f}",
-                                 "pairs": int(inside.sum()), "mean_probability": float(np.mean(scores[inside])),
-                                 "observed_rate": float(labels[inside].mean())})
+                    rows.append(
+                        {
+                            "task": task,
+                            "scores": version,
+                            "bin": f"{b / bins:.1f}-{(b + 1) / bins:.1f}",
+                            "pairs": int(inside.sum()),
+                            "mean_probability": float(np.mean(scores[inside])),
+                            "observed_rate": float(labels[inside].mean()),
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -174,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
-    parser = argparse.ArgumentParser(description="Reliability table (before / after calibration) of a run's test "
-                                                 "predictions, from its predictions/test.csv and its checkpoint.")
+    parser = argparse.ArgumentParser(
+        description="Reliability table (before / after calibration) of a run's test "
+        "predictions, from its predictions/test.csv and its checkpoint."
+    )
     parser.add_argument("run", help="a train.py or evaluate.py run folder (predictions/test.csv)")
     parser.add_argument("--checkpoint", default=None, help="default: RUN/checkpoints/best.ckpt")
     parser.add_argument("--bins", type=int, default=10)

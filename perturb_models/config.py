@@ -15,8 +15,12 @@ import perturb_models  # noqa: F401  (registers the config resolvers)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def compose_config(config_name: str = "train", overrides: Sequence[str] | None = None, output_dir: str | Path | None = None,
-                   return_hydra_config: bool = False) -> DictConfig:
+def compose_config(
+    config_name: str = "train",
+    overrides: Sequence[str] | None = None,
+    output_dir: str | Path | None = None,
+    return_hydra_config: bool = False,
+) -> DictConfig:
     """``conf/<config_name>.yaml`` with ``overrides``, composed as the command line would; the run folder
     (``paths.output_dir``) set to ``output_dir`` when given. Not for use inside a running Hydra app."""
     GlobalHydra.instance().clear()

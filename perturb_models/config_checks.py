@@ -16,7 +16,6 @@ from perturb_models.errors import ConfigError
 from perturb_models.tasks import GSE_TASK, TASK_NAMES
 
 
-
 def _walk(node: Any, prefix: str) -> Iterator[tuple[str, str, Any]]:
     """(dotted path, last key, value) of every leaf; interpolations are resolved."""
     if isinstance(node, DictConfig):

@@ -143,7 +143,9 @@ class EpochLines(L.Callback):
     def epoch_line(self, trainer) -> str:
         metrics = trainer.callback_metrics
         epoch = trainer.current_epoch + 1
-        parts = [f"epoch {epoch}/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else f"epoch {epoch}"]
+        parts = [
+            f"epoch {epoch}/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else f"epoch {epoch}"
+        ]
         loss = metrics.get("train/loss_epoch", metrics.get("train/loss"))
         if loss is not None:
             parts.append(f"train/loss {_format_value(loss)}")
@@ -154,8 +156,10 @@ class EpochLines(L.Callback):
         done = epoch - self._first_epoch
         if trainer.max_epochs and trainer.max_epochs > 0 and done > 0:
             remaining = max(0, trainer.max_epochs - epoch)
-            parts.append(f"ETA {timedelta(seconds=round(elapsed / done * remaining))}"
-                         + (" (or sooner: early stopping)" if remaining and _has_early_stopping(trainer) else ""))
+            parts.append(
+                f"ETA {timedelta(seconds=round(elapsed / done * remaining))}"
+                + (" (or sooner: early stopping)" if remaining and _has_early_stopping(trainer) else "")
+            )
         return "  ".join(parts)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

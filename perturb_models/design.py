@@ -69,6 +69,7 @@ def check_request(strategy: str, size: int, weight: float = 0.5) -> None:
 
 # ---- uncertainty ------------------------------------------------------------------------------------
 
+
 def binary_entropy(p: np.ndarray) -> np.ndarray:
     """Entropy in bits of a Bernoulli(p), 0 at p in {0, 1}."""
     p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
@@ -96,36 +97,44 @@ def mean_entropy(scores: Mapping[str, np.ndarray], n_perts: int, n_genes: int) -
 
 
 @torch.no_grad()
-def encoder_scores(encoder, task: str, pert_idx: np.ndarray, gene_idx: np.ndarray,
-                   batch_size: int = 8192) -> dict[str, np.ndarray]:
+def encoder_scores(
+    encoder, task: str, pert_idx: np.ndarray, gene_idx: np.ndarray, batch_size: int = 8192
+) -> dict[str, np.ndarray]:
     """Decoded scores of each pair as the classifier's test loop computes them (``softmax`` of the logits,
     float32, ``decode_scores``), for an encoder that produces logits (knn) or a whole classifier."""
     from perturb_models.tasks import decode_scores
 
     out: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(pert_idx), batch_size):
-        batch = {"pert": torch.as_tensor(pert_idx[start:start + batch_size], dtype=torch.long),
-                 "gene": torch.as_tensor(gene_idx[start:start + batch_size], dtype=torch.long)}
+        batch = {
+            "pert": torch.as_tensor(pert_idx[start : start + batch_size], dtype=torch.long),
+            "gene": torch.as_tensor(gene_idx[start : start + batch_size], dtype=torch.long),
+        }
         probs = torch.softmax(encoder(batch).float(), dim=-1)
         for key, value in decode_scores(probs, task).items():
             out.setdefault(key, []).append(value.double().numpy())
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
-def pool_uncertainty(score_fn: Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]], pert_idx: np.ndarray,
-                     gene_idx: np.ndarray, chunk_pairs: int = 500_000) -> np.ndarray:
+def pool_uncertainty(
+    score_fn: Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]],
+    pert_idx: np.ndarray,
+    gene_idx: np.ndarray,
+    chunk_pairs: int = 500_000,
+) -> np.ndarray:
     """Mean entropy per candidate (``pert_idx``) over the targets (``gene_idx``), scored in chunks."""
     pert_idx, gene_idx = np.asarray(pert_idx), np.asarray(gene_idx)
     per_chunk = max(1, chunk_pairs // max(1, len(gene_idx)))
     parts = []
     for start in range(0, len(pert_idx), per_chunk):
-        chunk = pert_idx[start:start + per_chunk]
+        chunk = pert_idx[start : start + per_chunk]
         scores = score_fn(np.repeat(chunk, len(gene_idx)), np.tile(gene_idx, len(chunk)))
         parts.append(mean_entropy(scores, len(chunk), len(gene_idx)))
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
 # ---- knowledge coverage -----------------------------------------------------------------------------
+
 
 class GOSimilarity:
     """GO Jaccard similarity between items (knockdowns), from one GO term set per item (None: no annotation).
@@ -160,10 +169,10 @@ class GOSimilarity:
         if len(cols) == 0:
             return best, which
         for start in range(0, len(rows), chunk):
-            sims = self.block(rows[start:start + chunk], cols)
+            sims = self.block(rows[start : start + chunk], cols)
             at = sims.argmax(axis=1)
-            best[start:start + chunk] = sims[np.arange(len(at)), at]
-            which[start:start + chunk] = cols[at]
+            best[start : start + chunk] = sims[np.arange(len(at)), at]
+            which[start : start + chunk] = cols[at]
         return best, which
 
     def total_to(self, rows: np.ndarray, cols: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -171,14 +180,15 @@ class GOSimilarity:
         rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
         total = np.zeros(len(rows))
         for start in range(0, len(rows), chunk):
-            block_rows = rows[start:start + chunk]
+            block_rows = rows[start : start + chunk]
             sims = self.block(block_rows, cols)
             sims[block_rows[:, None] == cols[None, :]] = 0.0
-            total[start:start + chunk] = sims.sum(axis=1)
+            total[start : start + chunk] = sims.sum(axis=1)
         return total
 
 
 # ---- strategies -------------------------------------------------------------------------------------
+
 
 def pick_random(n_pool: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """``size`` distinct positions of the pool, drawn uniformly (seeded through ``rng``)."""
@@ -199,8 +209,14 @@ def percentile_rank(values: np.ndarray) -> np.ndarray:
     return (pd.Series(values).rank(method="average").to_numpy() - 1.0) / (len(values) - 1.0)
 
 
-def pick_farthest_first(similarity: GOSimilarity, pool: np.ndarray, measured: np.ndarray, size: int,
-                        uncertainty: np.ndarray | None = None, weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def pick_farthest_first(
+    similarity: GOSimilarity,
+    pool: np.ndarray,
+    measured: np.ndarray,
+    size: int,
+    uncertainty: np.ndarray | None = None,
+    weight: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Greedy farthest-first: ``size`` positions of ``pool`` (item indices of ``similarity``), each the
     candidate of highest ``weight * u + (1 - weight) * (1 - coverage)``, where coverage is its largest
     similarity to the measured items and to the candidates already picked, and ``u`` the percentile rank
@@ -235,8 +251,9 @@ def pick_farthest_first(similarity: GOSimilarity, pool: np.ndarray, measured: np
     return np.asarray(picks, dtype=np.int64), np.asarray(picked_coverage)
 
 
-def pick_representative(similarity: GOSimilarity, pool: np.ndarray, measured: np.ndarray, size: int,
-                        top_k: int = 100) -> tuple[np.ndarray, np.ndarray]:
+def pick_representative(
+    similarity: GOSimilarity, pool: np.ndarray, measured: np.ndarray, size: int, top_k: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
     """Greedy facility location: ``size`` positions of ``pool``, each the candidate whose pick most raises
     the summed coverage of the unmeasured pool (coverage of a candidate: its largest similarity to a
     measured item or a pick; 1 for a pick itself); similarities among candidates kept to each candidate's
@@ -248,8 +265,9 @@ def pick_representative(similarity: GOSimilarity, pool: np.ndarray, measured: np
     coverage, _ = similarity.max_to(pool, measured)
     position = np.full(len(similarity), -1, dtype=np.int64)
     position[pool] = np.arange(n)
-    src, dst, sim = topk_similarity_edges(similarity.matrix, top_k, 0.0, "jaccard", rows=pool, candidates=pool,
-                                          desc="GO Jaccard (pool)")
+    src, dst, sim = topk_similarity_edges(
+        similarity.matrix, top_k, 0.0, "jaccard", rows=pool, candidates=pool, desc="GO Jaccard (pool)"
+    )
     # rows: the candidate to cover; columns: the candidate that would cover it (itself included, at 1).
     rows = np.concatenate([position[dst], np.arange(n)])
     cols = np.concatenate([position[src], np.arange(n)])
@@ -273,9 +291,17 @@ def pick_representative(similarity: GOSimilarity, pool: np.ndarray, measured: np
     return np.asarray(picks, dtype=np.int64), np.asarray(gains)
 
 
-def select_batch(strategy: str, size: int, pool: np.ndarray, measured: np.ndarray, *,
-                 rng: np.random.Generator | None = None, uncertainty: np.ndarray | None = None,
-                 similarity: GOSimilarity | None = None, weight: float = 0.5) -> np.ndarray:
+def select_batch(
+    strategy: str,
+    size: int,
+    pool: np.ndarray,
+    measured: np.ndarray,
+    *,
+    rng: np.random.Generator | None = None,
+    uncertainty: np.ndarray | None = None,
+    similarity: GOSimilarity | None = None,
+    weight: float = 0.5,
+) -> np.ndarray:
     """Positions (into ``pool``) of the next batch by ``strategy``: distinct, at most ``size``, and never
     an item of ``measured`` (``pool`` and ``measured`` are item indices; measured items in the pool are
     skipped)."""
@@ -298,12 +324,14 @@ def select_batch(strategy: str, size: int, pool: np.ndarray, measured: np.ndarra
         if similarity is None:
             raise ValueError(f"strategy={strategy} needs GO similarities")
         u = np.asarray(uncertainty)[open_] if strategy == "mix" else None
-        chosen, _ = pick_farthest_first(similarity, pool[open_], measured, size, u,
-                                        weight=float(weight) if strategy == "mix" else 0.0)
+        chosen, _ = pick_farthest_first(
+            similarity, pool[open_], measured, size, u, weight=float(weight) if strategy == "mix" else 0.0
+        )
     return open_[chosen]
 
 
 # ---- refits on a subset of the training knockdowns (the retrospective simulation) --------------------
+
 
 def restrict_context(context, perts: Sequence[str]):
     """The ``DataContext`` a run would have had if only ``perts`` (training perturbations) were measured:
@@ -341,15 +369,24 @@ def score_stage(encoder, datamodule, stage: str, batch_size: int = 8192) -> dict
     pert, gene = tensors["pert"].numpy(), tensors["gene"].numpy()
     scores = encoder_scores(encoder, datamodule.context.task, pert, gene, batch_size)
     vocab = datamodule.context.vocab
-    frame = prediction_frame(vocab.decode(pert.tolist()), vocab.decode(gene.tolist()), tensors["de"].numpy(),
-                             tensors["dir"].numpy(), scores)
+    frame = prediction_frame(
+        vocab.decode(pert.tolist()), vocab.decode(gene.tolist()), tensors["de"].numpy(), tensors["dir"].numpy(), scores
+    )
     metrics = metrics_from_predictions(frame, stage)
-    return {key.split("/", 1)[1]: value for key, value in metrics.items()
-            if key.endswith(("auroc_per_gene", "genes_scored"))}
+    return {
+        key.split("/", 1)[1]: value
+        for key, value in metrics.items()
+        if key.endswith(("auroc_per_gene", "genes_scored"))
+    }
 
 
-def go_term_sets(symbols: Sequence[str], graph_specs: Mapping[str, Any] | None, knowledge_root: str | None,
-                 allow_download: bool, context=None) -> list[frozenset[str] | None]:
+def go_term_sets(
+    symbols: Sequence[str],
+    graph_specs: Mapping[str, Any] | None,
+    knowledge_root: str | None,
+    allow_download: bool,
+    context=None,
+) -> list[frozenset[str] | None]:
     """GO term sets per symbol, read as the model's ``go`` graph spec reads them (aspects, excluded evidence,
     propagation), else as conf/graph/go.yaml's defaults (evidence ND excluded). With ``context`` (a
     training vocabulary), the graph builder's own reader (gene clusters included)."""
@@ -358,15 +395,24 @@ def go_term_sets(symbols: Sequence[str], graph_specs: Mapping[str, Any] | None, 
         if candidate.get("kind") == "go":
             spec = dict(candidate)
             break
-    params = {"annotations": spec.get("annotations", "gene2go"), "aspects": spec.get("aspects"),
-              "exclude_evidence": tuple(spec.get("exclude_evidence") or ()), "propagate": bool(spec.get("propagate", False)),
-              "relations": tuple(spec.get("relations") or ("is_a", "part_of"))}
+    params = {
+        "annotations": spec.get("annotations", "gene2go"),
+        "aspects": spec.get("aspects"),
+        "exclude_evidence": tuple(spec.get("exclude_evidence") or ()),
+        "propagate": bool(spec.get("propagate", False)),
+        "relations": tuple(spec.get("relations") or ("is_a", "part_of")),
+    }
     root = knowledge_root if knowledge_root is not None else spec.get("knowledge_root")
     if context is not None:
         from perturb_models.knowledge.graphs import vocab_term_sets
 
-        sets, _ = vocab_term_sets(context, root, cluster_min_share=float(spec.get("cluster_min_share", 0.1)),
-                                  allow_download=allow_download, **params)
+        sets, _ = vocab_term_sets(
+            context,
+            root,
+            cluster_min_share=float(spec.get("cluster_min_share", 0.1)),
+            allow_download=allow_download,
+            **params,
+        )
         index = {s: i for i, s in enumerate(context.vocab.symbols)}
         return [sets[index[s]] for s in symbols]
     from perturb_models.knowledge.annotations import symbol_go_terms
@@ -376,6 +422,7 @@ def go_term_sets(symbols: Sequence[str], graph_specs: Mapping[str, Any] | None, 
 
 
 # ---- the command ------------------------------------------------------------------------------------
+
 
 def _symbols_option(value, option: str):
     from perturb_models.prediction import asked_symbols
@@ -431,8 +478,10 @@ def design(cfg: DictConfig) -> pd.DataFrame:
         why = encoder.new_perturbation_refusal
         for item in resolved:
             if item.refused is None and not item.in_training_vocab:
-                item.refused = (f"{item.asked} ({item.symbol}) is not in the training vocabulary; strategy={strategy} "
-                                f"needs the model's predictions and this model cannot describe it: {why}")
+                item.refused = (
+                    f"{item.asked} ({item.symbol}) is not in the training vocabulary; strategy={strategy} "
+                    f"needs the model's predictions and this model cannot describe it: {why}"
+                )
     refused = [r for r in resolved if r.refused]
     if pool_asked != ALL_KNOWN or len(refused) <= 20:
         for item in refused:
@@ -445,8 +494,10 @@ def design(cfg: DictConfig) -> pd.DataFrame:
     if already:
         say(f"{len(already)} candidates are measured already (in the checkpoint's dataset or `measured`): left out")
     if not pool:
-        raise DesignError(f"the pool of candidates is empty: {len(pool_list)} asked, {len(refused)} refused, "
-                          f"{len(already)} measured already")
+        raise DesignError(
+            f"the pool of candidates is empty: {len(pool_list)} asked, {len(refused)} refused, "
+            f"{len(already)} measured already"
+        )
 
     # One index space: the measured knockdowns, then the pool.
     items = measured + pool
@@ -462,8 +513,10 @@ def design(cfg: DictConfig) -> pd.DataFrame:
         genes = resolver_genes(resolver, genes_asked)
         device = torch.device(cfg.get("device") or "cpu")
         model.to(device)
-        say(f"scoring {len(pool) * len(genes):,} pairs ({len(pool):,} candidates x {len(genes):,} target genes) with "
-            f"{run_cfg.model.get('name')} from {ckpt_file}")
+        say(
+            f"scoring {len(pool) * len(genes):,} pairs ({len(pool):,} candidates x {len(genes):,} target genes) with "
+            f"{run_cfg.model.get('name')} from {ckpt_file}"
+        )
         began = time.perf_counter()
         from perturb_models.prediction import score_pairs
 
@@ -478,8 +531,16 @@ def design(cfg: DictConfig) -> pd.DataFrame:
     similarity = GOSimilarity(go_term_sets(items, graph_specs, knowledge_root, allow_download))
     full_u = None if uncertainty is None else np.concatenate([np.zeros(len(measured)), uncertainty])
     rng = np.random.default_rng(int(cfg.seed))
-    chosen = select_batch(strategy, size, np.arange(len(items)), measured_idx, rng=rng, uncertainty=full_u,
-                          similarity=similarity, weight=weight)
+    chosen = select_batch(
+        strategy,
+        size,
+        np.arange(len(items)),
+        measured_idx,
+        rng=rng,
+        uncertainty=full_u,
+        similarity=similarity,
+        weight=weight,
+    )
     picked = chosen  # item indices: the pool given to select_batch is every item, the measured ones skipped
     # Coverage of each pick at its turn (measured plus the picks before it), and its closest measured knockdown.
     coverage_then, closest_then = [], []
@@ -490,19 +551,23 @@ def design(cfg: DictConfig) -> pd.DataFrame:
         closest_then.append(items[which[0]] if which[0] >= 0 and best[0] > 0 else "")
         so_far.append(item)
     coverage_now, closest_now = similarity.max_to(picked, measured_idx)
-    frame = pd.DataFrame({
-        "rank": np.arange(1, len(picked) + 1),
-        "pert": [items[i] for i in picked],
-        "strategy": strategy,
-        "mean_entropy_bits": uncertainty[picked - len(measured)] if uncertainty is not None else np.nan,
-        "entropy_percentile": percentile_rank(uncertainty)[picked - len(measured)] if uncertainty is not None else np.nan,
-        "go_similarity_to_measured": np.where(similarity.annotated[picked], coverage_now, np.nan),
-        "closest_measured": [items[w] if w >= 0 and c > 0 else "" for w, c in zip(closest_now, coverage_now)],
-        "go_similarity_at_pick": coverage_then,
-        "closest_at_pick": closest_then,
-        "go_annotated": similarity.annotated[picked],
-        "in_training_vocab": [items[i] in context.vocab for i in picked],
-    })
+    frame = pd.DataFrame(
+        {
+            "rank": np.arange(1, len(picked) + 1),
+            "pert": [items[i] for i in picked],
+            "strategy": strategy,
+            "mean_entropy_bits": uncertainty[picked - len(measured)] if uncertainty is not None else np.nan,
+            "entropy_percentile": percentile_rank(uncertainty)[picked - len(measured)]
+            if uncertainty is not None
+            else np.nan,
+            "go_similarity_to_measured": np.where(similarity.annotated[picked], coverage_now, np.nan),
+            "closest_measured": [items[w] if w >= 0 and c > 0 else "" for w, c in zip(closest_now, coverage_now)],
+            "go_similarity_at_pick": coverage_then,
+            "closest_at_pick": closest_then,
+            "go_annotated": similarity.annotated[picked],
+            "in_training_vocab": [items[i] in context.vocab for i in picked],
+        }
+    )
     atomic_write_dataframe(output_dir / "proposal.csv", frame)
     summary = {
         "checkpoint": str(ckpt_file),
@@ -513,8 +578,12 @@ def design(cfg: DictConfig) -> pd.DataFrame:
         "size": size,
         "weight": weight if strategy == "mix" else None,
         "seed": int(cfg.seed) if strategy == "random" else None,
-        "uncertainty": ("mean over the target genes of the entropy (bits) of the model's class distribution "
-                        "(joint: not DE / down / up) from its uncalibrated scores") if uncertainty is not None else None,
+        "uncertainty": (
+            "mean over the target genes of the entropy (bits) of the model's class distribution "
+            "(joint: not DE / down / up) from its uncalibrated scores"
+        )
+        if uncertainty is not None
+        else None,
         "coverage": "largest GO Jaccard similarity to a measured knockdown (same GO term sets as the model's go graph)",
         "target_genes": len(genes),
         "pool_asked": pool_asked if pool_asked == ALL_KNOWN else list(pool_asked),
@@ -558,9 +627,11 @@ def resolver_genes(resolver, genes_asked) -> list[str]:
 
 def summary_text(frame: pd.DataFrame, summary: Mapping[str, Any], shown: int = 10) -> str:
     """The console summary: what was chosen from what, and the first picks with their scores."""
-    head = (f"next screen: {len(frame)} of {summary['pool']:,} candidates by {summary['strategy']}"
-            + (f" (weight {summary['weight']})" if summary.get("weight") is not None else "")
-            + f"; {summary['measured']:,} knockdowns measured already ({summary['dataset']}, {summary['model']})")
+    head = (
+        f"next screen: {len(frame)} of {summary['pool']:,} candidates by {summary['strategy']}"
+        + (f" (weight {summary['weight']})" if summary.get("weight") is not None else "")
+        + f"; {summary['measured']:,} knockdowns measured already ({summary['dataset']}, {summary['model']})"
+    )
     lines = [head, f"{'rank':>4}  {'pert':<12} {'entropy':>8} {'GO sim':>7}  closest measured"]
     for row in frame.head(shown).itertuples():
         entropy = "" if pd.isna(row.mean_entropy_bits) else f"{row.mean_entropy_bits:.3f}"

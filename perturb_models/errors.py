@@ -106,8 +106,12 @@ def cli_errors(run_folder_of=None) -> Iterator[None]:
 
 def _console_logging() -> bool:
     root = logging.getLogger()
-    return any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               and getattr(h, "stream", None) in (sys.stderr, sys.stdout) for h in root.handlers)
+    return any(
+        isinstance(h, logging.StreamHandler)
+        and not isinstance(h, logging.FileHandler)
+        and getattr(h, "stream", None) in (sys.stderr, sys.stdout)
+        for h in root.handlers
+    )
 
 
 def _close_file_handlers() -> None:

@@ -18,8 +18,14 @@ from perturb_models.errors import CheckpointError
 from perturb_models.io import atomic_write_dataframe, atomic_write_text
 from perturb_models.models.classifier import RECORD_KEY
 from perturb_models.metrics import DEFAULT_LEVEL, DEFAULT_RESAMPLES
-from perturb_models.results import (comparison_view, find_run_dirs, markdown_table, results_grid, summarize_runs,
-                                    with_uncertainty)
+from perturb_models.results import (
+    comparison_view,
+    find_run_dirs,
+    markdown_table,
+    results_grid,
+    summarize_runs,
+    with_uncertainty,
+)
 from perturb_models.tasks import COMPARISON_METRICS, GSE_TASK
 from perturb_models.builders import build_datamodule, build_loggers, build_model, finish_wandb
 from perturb_models.outputs import git_commit, publish_run
@@ -48,8 +54,13 @@ def load_run_record(ckpt_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return checkpoint, record
 
 
-def evaluate_checkpoint(ckpt_path: str | os.PathLike, output_dir: Path, trainer_cfg: DictConfig,
-                        data_root: str | None = None, evaluate_cfg: DictConfig | None = None) -> dict[str, float]:
+def evaluate_checkpoint(
+    ckpt_path: str | os.PathLike,
+    output_dir: Path,
+    trainer_cfg: DictConfig,
+    data_root: str | None = None,
+    evaluate_cfg: DictConfig | None = None,
+) -> dict[str, float]:
     """Rebuild data and model from the checkpoint alone, test, and write metrics and predictions.
 
     ``evaluate_cfg`` (evaluate.py's config) brings its ``logger`` choice; the loggers see the run's own
@@ -70,13 +81,17 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, output_dir: Path, trainer_
     model.load_state_dict(checkpoint["state_dict"])
     model.calibrators = checkpoint.get(CALIBRATION_KEY)
     if not model.calibrators:
-        say(f"{ckpt_file} holds no calibrator (written before calibration existed, or not the run's selected "
-            "checkpoint): scores are uncalibrated, metrics.json has no Brier/ECE")
+        say(
+            f"{ckpt_file} holds no calibrator (written before calibration existed, or not the run's selected "
+            "checkpoint): scores are uncalibrated, metrics.json has no Brier/ECE"
+        )
     logged_cfg = cfg
     if evaluate_cfg is not None:
         own = {key: evaluate_cfg.get(key) for key in ("logger", "paths", "task_name", "run_name")}
-        logged_cfg = OmegaConf.merge({k: v for k, v in record["config"].items() if k not in own},
-                                     OmegaConf.create(OmegaConf.to_container(OmegaConf.create(own), resolve=False)))
+        logged_cfg = OmegaConf.merge(
+            {k: v for k, v in record["config"].items() if k not in own},
+            OmegaConf.create(OmegaConf.to_container(OmegaConf.create(own), resolve=False)),
+        )
         # paths.output_dir of evaluate.py is an interpolation of the Hydra run folder: resolve it there.
         OmegaConf.update(logged_cfg, "paths.output_dir", str(output_dir))
     loggers = build_loggers(logged_cfg)
@@ -97,19 +112,31 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     run_dir = Path(os.path.expanduser(str(run_dir)))
     missing = [name for name in ("metrics.json", "run.json") if not (run_dir / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{run_dir}: missing {', '.join(missing)}; is it the folder of a finished train.py or evaluate.py run?")
+        raise FileNotFoundError(
+            f"{run_dir}: missing {', '.join(missing)}; is it the folder of a finished train.py or evaluate.py run?"
+        )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     info = json.loads((run_dir / "run.json").read_text())
-    row: dict[str, Any] = {"run": str(run_dir), "model": info.get("model"), "dataset": info.get("dataset"),
-                           "task": info.get("task"), "seed": info.get("seed")}
+    row: dict[str, Any] = {
+        "run": str(run_dir),
+        "model": info.get("model"),
+        "dataset": info.get("dataset"),
+        "task": info.get("task"),
+        "seed": info.get("seed"),
+    }
     for name in COMPARISON_METRICS:
         value = metrics.get(f"test/{name}")
         row[name] = math.nan if value is None else value
     return row
 
 
-def compare_runs(run_dirs: Sequence[str | os.PathLike], output_dir: Path, reference: str | None = None,
-                 resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL) -> pd.DataFrame:
+def compare_runs(
+    run_dirs: Sequence[str | os.PathLike],
+    output_dir: Path,
+    reference: str | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    level: float = DEFAULT_LEVEL,
+) -> pd.DataFrame:
     """``comparison.csv`` and ``comparison.md``: one row per run, the test metrics side by side, each
     per-gene AUROC with its bootstrap interval over test perturbations and, against ``reference`` (default
     the first run), the paired difference with its interval and p-value (``results.with_uncertainty``)."""
@@ -122,8 +149,10 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], output_dir: Path, refere
     view = markdown_table(comparison_view(table, level))
     atomic_write_text(output_dir / "comparison.md", view + "\n")
     print(view)
-    print(f"Comparison written to {output_dir / 'comparison.md'} and comparison.csv ({100 * level:g}% intervals: "
-          f"{resamples} bootstrap resamples of the test perturbations)")
+    print(
+        f"Comparison written to {output_dir / 'comparison.md'} and comparison.csv ({100 * level:g}% intervals: "
+        f"{resamples} bootstrap resamples of the test perturbations)"
+    )
     # Seeds averaged per model x dataset x task: summary.csv (long) and summary.md (one row per model).
     summary = summarize_runs(table)
     atomic_write_dataframe(output_dir / "summary.csv", summary)
@@ -142,6 +171,11 @@ def evaluate(cfg: DictConfig) -> Any:
         return evaluate_checkpoint(cfg.ckpt_path, output_dir, cfg.trainer, cfg.get("data_root"), evaluate_cfg=cfg)
     if cfg.get("runs"):
         runs = cfg.runs if not isinstance(cfg.runs, str) else [cfg.runs]
-        return compare_runs(list(runs), output_dir, cfg.get("reference"), int(cfg.get("resamples", DEFAULT_RESAMPLES)),
-                            float(cfg.get("level", DEFAULT_LEVEL)))
+        return compare_runs(
+            list(runs),
+            output_dir,
+            cfg.get("reference"),
+            int(cfg.get("resamples", DEFAULT_RESAMPLES)),
+            float(cfg.get("level", DEFAULT_LEVEL)),
+        )
     raise ValueError("nothing to evaluate: pass ckpt_path=PATH (checkpoint or run folder) or runs='[DIR1,DIR2]'")

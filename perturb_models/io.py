@@ -128,9 +128,18 @@ def download_marker(dest: str | os.PathLike) -> Path:
     return dest.with_name(f".{dest.name}.download.json")
 
 
-def download(url: str, dest: str | os.PathLike, *, what: str, alternatives: Iterable[str] = (), timeout: float = 60.0,
-             deadline: float | None = None, size: int | None = None, sha256: str | None = None,
-             check: Callable[[Path], Any] | None = None) -> Path:
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    what: str,
+    alternatives: Iterable[str] = (),
+    timeout: float = 60.0,
+    deadline: float | None = None,
+    size: int | None = None,
+    sha256: str | None = None,
+    check: Callable[[Path], Any] | None = None,
+) -> Path:
     """Fetch ``url`` into ``dest`` through a temporary file that is verified, then renamed into place.
 
     Refused before the rename (nothing is left behind): an HTML page (an error or login page served with
@@ -163,14 +172,25 @@ def download(url: str, dest: str | os.PathLike, *, what: str, alternatives: Iter
         if "text/html" in content_type:
             raise fail(f"the server sent an HTML page (Content-Type {content_type}), not the file")
         total = int(response.headers.get("Content-Length") or 0) or None
-        with os.fdopen(fd, "wb") as handle, response, tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {dest.name}", leave=False,
-            disable=None,
-        ) as bar:
+        with (
+            os.fdopen(fd, "wb") as handle,
+            response,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"download {dest.name}",
+                leave=False,
+                disable=None,
+            ) as bar,
+        ):
             while True:
                 if time.monotonic() - started > deadline:
-                    raise fail(f"not finished after the {deadline:.0f} s allowed for one file ({received} bytes "
-                               f"received); set PERTURB_DOWNLOAD_DEADLINE to allow more")
+                    raise fail(
+                        f"not finished after the {deadline:.0f} s allowed for one file ({received} bytes "
+                        f"received); set PERTURB_DOWNLOAD_DEADLINE to allow more"
+                    )
                 try:
                     # read1 returns what has arrived instead of waiting for a full block, so the deadline
                     # is checked while a slow server drips.
@@ -201,9 +221,14 @@ def download(url: str, dest: str | os.PathLike, *, what: str, alternatives: Iter
             except UserError as exc:
                 raise fail(f"the downloaded file is not valid: {str(exc).replace(str(tmp), dest.name)}") from None
         os.replace(tmp, dest)
-        atomic_write_text(download_marker(dest), json.dumps(
-            {"url": url, "bytes": received, "sha256": digest.hexdigest(), "verified_sha256": sha256 is not None},
-            indent=2) + "\n")
+        atomic_write_text(
+            download_marker(dest),
+            json.dumps(
+                {"url": url, "bytes": received, "sha256": digest.hexdigest(), "verified_sha256": sha256 is not None},
+                indent=2,
+            )
+            + "\n",
+        )
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

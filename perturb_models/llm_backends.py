@@ -154,14 +154,31 @@ class Backend:
         return keys, found
 
     # ---- public API --------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], *, samples: int = 1, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, progress: str | None = None) -> list[list[str]]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        samples: int = 1,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        progress: str | None = None,
+    ) -> list[list[str]]:
         """``samples`` completions per prompt (greedy when ``temperature`` is 0); answers come from the cache
         when this exact request was answered before."""
         jobs = [(i, s) for i in range(len(prompts)) for s in range(samples)]
-        payloads = [{"kind": "generate", "prompt": prompts[i], "max_new_tokens": int(max_new_tokens),
-                     "temperature": float(temperature), "top_p": float(top_p) if temperature > 0 else 1.0,
-                     "seed": int(seed) + s if temperature > 0 else 0} for i, s in jobs]
+        payloads = [
+            {
+                "kind": "generate",
+                "prompt": prompts[i],
+                "max_new_tokens": int(max_new_tokens),
+                "temperature": float(temperature),
+                "top_p": float(top_p) if temperature > 0 else 1.0,
+                "seed": int(seed) + s if temperature > 0 else 0,
+            }
+            for i, s in jobs
+        ]
         keys, found = self._cached(payloads)
         todo = [j for j, record in enumerate(found) if record is None]
         if todo:
@@ -177,7 +194,9 @@ class Backend:
             out[i].append(str(record["text"]))
         return out
 
-    def option_logprobs(self, prompts: Sequence[str], options: Sequence[str], progress: str | None = None) -> np.ndarray:
+    def option_logprobs(
+        self, prompts: Sequence[str], options: Sequence[str], progress: str | None = None
+    ) -> np.ndarray:
         """``(len(prompts), len(options))`` log-probabilities that the answer's first token is each option
         (its surface forms summed); ``-inf`` where the distribution read did not contain the option."""
         payloads = [{"kind": "options", "prompt": p, "options": list(options)} for p in prompts]
@@ -191,13 +210,16 @@ class Backend:
                 found[todo[j]] = record
                 self._count(record, cached=False)
             self.usage.seconds += time.perf_counter() - started
-        return np.array([[(-math.inf if v is None else float(v)) for v in r["logprobs"]] for r in found],
-                        dtype=np.float64).reshape(len(prompts), len(options))
+        return np.array(
+            [[(-math.inf if v is None else float(v)) for v in r["logprobs"]] for r in found], dtype=np.float64
+        ).reshape(len(prompts), len(options))
 
     def _generate(self, payloads: list[dict], progress: str | None) -> Iterable[tuple[int, dict]]:  # pragma: no cover
         raise NotImplementedError
 
-    def _option_logprobs(self, payloads: list[dict], options: list[str], progress: str | None) -> Iterable[tuple[int, dict]]:  # pragma: no cover
+    def _option_logprobs(
+        self, payloads: list[dict], options: list[str], progress: str | None
+    ) -> Iterable[tuple[int, dict]]:  # pragma: no cover
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -227,12 +249,27 @@ class LocalBackend(Backend):
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda:0``, ...
     """
 
-    def __init__(self, pretrained: str | None = "smollm2", tokenizer: str | None = None,
-                 llama_config: Mapping[str, Any] | None = None, words: Sequence[str] = (), chat: bool = True,
-                 dtype: str = "float32", device: str = "auto", batch_size: int = 8, init_seed: int = 0,
-                 cache: bool = True, cache_folder: str | None = None):
+    def __init__(
+        self,
+        pretrained: str | None = "smollm2",
+        tokenizer: str | None = None,
+        llama_config: Mapping[str, Any] | None = None,
+        words: Sequence[str] = (),
+        chat: bool = True,
+        dtype: str = "float32",
+        device: str = "auto",
+        batch_size: int = 8,
+        init_seed: int = 0,
+        cache: bool = True,
+        cache_folder: str | None = None,
+    ):
         super().__init__(cache, cache_folder)
-        from perturb_models.models.llm import base_weights_record, build_base_model, load_tokenizer, tokenizer_fingerprint
+        from perturb_models.models.llm import (
+            base_weights_record,
+            build_base_model,
+            load_tokenizer,
+            tokenizer_fingerprint,
+        )
 
         if int(batch_size) < 1:
             raise ConfigError(f"model.encoder.backend.batch_size must be >= 1, got {batch_size}")
@@ -243,8 +280,16 @@ class LocalBackend(Backend):
         self.tokenizer = load_tokenizer(source, list(words))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = build_base_model(pretrained if llama_config is None else None, None, self.tokenizer.pad_token_id,
-                                      len(self.tokenizer), llama_config, dtype, init_seed, option="model.encoder.backend")
+        self.model = build_base_model(
+            pretrained if llama_config is None else None,
+            None,
+            self.tokenizer.pad_token_id,
+            len(self.tokenizer),
+            llama_config,
+            dtype,
+            init_seed,
+            option="model.encoder.backend",
+        )
         self.model.eval().requires_grad_(False)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -252,16 +297,23 @@ class LocalBackend(Backend):
         self.model.to(self.device)
         self.chat = bool(chat) and bool(getattr(self.tokenizer, "chat_template", None))
         record = base_weights_record(pretrained if llama_config is None else None, llama_config, init_seed, self.model)
-        self.identity = {"backend": "local", "weights": record.get("sha256"), "pretrained": record.get("pretrained"),
-                         "tokenizer": tokenizer_fingerprint(self.tokenizer), "chat": self.chat, "dtype": dtype}
+        self.identity = {
+            "backend": "local",
+            "weights": record.get("sha256"),
+            "pretrained": record.get("pretrained"),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "chat": self.chat,
+            "dtype": dtype,
+        }
         self.name = pretrained if llama_config is None else "random llama"
         self._open_cache()
 
     def _text(self, prompt: str) -> str:
         if not self.chat:
             return prompt
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
 
     def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
         add_special = not self.chat  # a chat template writes its own special tokens
@@ -269,7 +321,7 @@ class LocalBackend(Backend):
 
     def _batches(self, ids: list[list[int]]) -> list[list[int]]:
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     @torch.no_grad()
     def _generate(self, payloads: list[dict], progress: str | None):
@@ -288,16 +340,22 @@ class LocalBackend(Backend):
                     input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
                     mask = torch.zeros((len(batch), width), dtype=torch.long)
                     for row, i in enumerate(batch):  # left padding: every prompt ends at the same position
-                        input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
-                        mask[row, width - len(ids[i]):] = 1
+                        input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
+                        mask[row, width - len(ids[i]) :] = 1
                     sampling = temperature > 0
                     with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                         torch.manual_seed(int(seed) * 1_000_003 + number)
-                        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                                  max_new_tokens=int(max_new), do_sample=sampling,
-                                                  temperature=float(temperature) if sampling else None,
-                                                  top_p=float(top_p) if sampling else None, top_k=None,
-                                                  pad_token_id=pad, eos_token_id=eos)
+                        out = self.model.generate(
+                            input_ids=input_ids.to(self.device),
+                            attention_mask=mask.to(self.device),
+                            max_new_tokens=int(max_new),
+                            do_sample=sampling,
+                            temperature=float(temperature) if sampling else None,
+                            top_p=float(top_p) if sampling else None,
+                            top_k=None,
+                            pad_token_id=pad,
+                            eos_token_id=eos,
+                        )
                     new = out[:, width:].cpu()
                     for row, i in enumerate(batch):
                         tokens = new[row].tolist()
@@ -339,7 +397,9 @@ class LocalBackend(Backend):
                     mask[row, : len(ids[i])] = 1
                 logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
                 last = torch.tensor([len(ids[i]) - 1 for i in batch], device=logits.device)
-                logp = torch.log_softmax(logits[torch.arange(len(batch), device=logits.device), last].float(), dim=-1).cpu()
+                logp = torch.log_softmax(
+                    logits[torch.arange(len(batch), device=logits.device), last].float(), dim=-1
+                ).cpu()
                 for row, i in enumerate(batch):
                     values = [float(torch.logsumexp(logp[row, o], 0)) if o else None for o in option_ids]
                     yield i, {"logprobs": values, "prompt_tokens": len(ids[i]), "completion_tokens": 0}
@@ -366,13 +426,26 @@ class OpenAIBackend(Backend):
         top_logprobs: alternatives asked for when reading the answer's first-token distribution.
     """
 
-    def __init__(self, base_url: str, model: str, api: str = "chat", api_key_env: str | None = "OPENAI_API_KEY",
-                 concurrency: int = 8, timeout: float = 120.0, retries: int = 4, backoff: float = 1.0,
-                 max_requests: int | None = None, top_logprobs: int = 20, cache: bool = True,
-                 cache_folder: str | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api: str = "chat",
+        api_key_env: str | None = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        timeout: float = 120.0,
+        retries: int = 4,
+        backoff: float = 1.0,
+        max_requests: int | None = None,
+        top_logprobs: int = 20,
+        cache: bool = True,
+        cache_folder: str | None = None,
+    ):
         super().__init__(cache, cache_folder)
         if not base_url:
-            raise ConfigError("model.encoder.backend.base_url is required for backend openai, e.g. http://127.0.0.1:8000/v1")
+            raise ConfigError(
+                "model.encoder.backend.base_url is required for backend openai, e.g. http://127.0.0.1:8000/v1"
+            )
         if not model:
             raise ConfigError("model.encoder.backend.model is required for backend openai (the name the server serves)")
         if api not in ("chat", "completions"):
@@ -405,8 +478,10 @@ class OpenAIBackend(Backend):
         while True:
             with self._lock:
                 if self.max_requests is not None and self.sent >= self.max_requests:
-                    raise BackendError(f"{self.base_url}: the request budget (model.encoder.backend.max_requests="
-                                       f"{self.max_requests}) is spent; answers so far are cached, rerun to continue")
+                    raise BackendError(
+                        f"{self.base_url}: the request budget (model.encoder.backend.max_requests="
+                        f"{self.max_requests}) is spent; answers so far are cached, rerun to continue"
+                    )
                 self.sent += 1
             try:
                 request = urllib.request.Request(url, data=data, headers=headers, method="POST")
@@ -426,14 +501,18 @@ class OpenAIBackend(Backend):
                 problem = f"HTTP {error.code} {detail}".strip()
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
                 reason = getattr(error, "reason", error)
-                problem = ("timed out after {:g} s".format(self.timeout) if isinstance(reason, TimeoutError) or
-                           "timed out" in str(reason) else f"cannot connect ({reason})")
+                problem = (
+                    "timed out after {:g} s".format(self.timeout)
+                    if isinstance(reason, TimeoutError) or "timed out" in str(reason)
+                    else f"cannot connect ({reason})"
+                )
             if attempt >= self.retries:
-                raise BackendError(f"{url}: {problem}, after {attempt + 1} attempt(s) "
-                                   "(model.encoder.backend.retries / timeout)")
+                raise BackendError(
+                    f"{url}: {problem}, after {attempt + 1} attempt(s) (model.encoder.backend.retries / timeout)"
+                )
             with self._lock:
                 self.usage.retries += 1
-            time.sleep(min(60.0, self.backoff * 2 ** attempt))
+            time.sleep(min(60.0, self.backoff * 2**attempt))
             attempt += 1
 
     def _body(self, prompt: str, **extra: Any) -> tuple[str, dict]:
@@ -487,24 +566,31 @@ class OpenAIBackend(Backend):
     def _option_logprobs(self, payloads: list[dict], options: list[str], progress: str | None):
         def one(p: dict) -> dict:
             if self.api == "chat":
-                path, body = self._body(p["prompt"], max_tokens=1, temperature=0.0, logprobs=True,
-                                        top_logprobs=self.top_logprobs)
+                path, body = self._body(
+                    p["prompt"], max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=self.top_logprobs
+                )
             else:
                 path, body = self._body(p["prompt"], max_tokens=1, temperature=0.0, logprobs=self.top_logprobs)
             reply = self._post(path, body)
             choice = self._choice(reply, f"{self.base_url}/{path}")
             top = _top_logprobs(choice, self.api)
             if top is None:
-                raise BackendError(f"{self.base_url}/{path} returned no logprobs: this server does not support "
-                                   "scoring=logprob; use model.encoder.scoring=sample (or vLLM / SGLang / llama.cpp's server)")
+                raise BackendError(
+                    f"{self.base_url}/{path} returned no logprobs: this server does not support "
+                    "scoring=logprob; use model.encoder.scoring=sample (or vLLM / SGLang / llama.cpp's server)"
+                )
             values = []
             for option in options:
                 forms = set(_variants(option))
                 found = [lp for token, lp in top.items() if token in forms]
                 values.append(float(np.logaddexp.reduce(found)) if found else None)
             prompt_tokens, completion_tokens = self._usage(reply)
-            return {"logprobs": values, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                    "top": top}
+            return {
+                "logprobs": values,
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "top": top,
+            }
 
         return self._run(payloads, one, progress)
 
@@ -539,8 +625,18 @@ def build_backend(options: Mapping[str, Any], words: Sequence[str] = ()) -> Back
     options = dict(options or {})
     kind = options.pop("kind", "local")
     if kind == "local":
-        for key in ("base_url", "model", "api", "api_key_env", "concurrency", "timeout", "retries", "backoff",
-                    "max_requests", "top_logprobs"):
+        for key in (
+            "base_url",
+            "model",
+            "api",
+            "api_key_env",
+            "concurrency",
+            "timeout",
+            "retries",
+            "backoff",
+            "max_requests",
+            "top_logprobs",
+        ):
             options.pop(key, None)
         return LocalBackend(words=words, **options)
     if kind == "openai":

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
+
 def auroc_per_gene(labels, scores, genes) -> tuple[float, int]:
     """Mean over genes of the AUROC of ``scores`` against binary ``labels``; genes with one class are skipped.
 
@@ -57,18 +58,31 @@ def auroc_per_gene(labels, scores, genes) -> tuple[float, int]:
     return float(auc.mean()), int(scored.sum())
 
 
-def prediction_frame(pert: list[str], gene: list[str], de: np.ndarray, direction: np.ndarray,
-                     scores: dict[str, np.ndarray]) -> pd.DataFrame:
+def prediction_frame(
+    pert: list[str], gene: list[str], de: np.ndarray, direction: np.ndarray, scores: dict[str, np.ndarray]
+) -> pd.DataFrame:
     """Rows ``pert,gene,task,label,score``: every pair for ``de``, DE-positive pairs for ``dir``."""
     pert, gene = np.asarray(pert, dtype=object), np.asarray(gene, dtype=object)
     parts = []
     if "de" in scores:
-        parts.append(pd.DataFrame({"pert": pert, "gene": gene, "task": "de", "label": de.astype(np.int64),
-                                   "score": scores["de"]}))
+        parts.append(
+            pd.DataFrame(
+                {"pert": pert, "gene": gene, "task": "de", "label": de.astype(np.int64), "score": scores["de"]}
+            )
+        )
     if "dir" in scores:
         keep = direction >= 0
-        parts.append(pd.DataFrame({"pert": pert[keep], "gene": gene[keep], "task": "dir",
-                                   "label": direction[keep].astype(np.int64), "score": scores["dir"][keep]}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "pert": pert[keep],
+                    "gene": gene[keep],
+                    "task": "dir",
+                    "label": direction[keep].astype(np.int64),
+                    "score": scores["dir"][keep],
+                }
+            )
+        )
     frame = pd.concat(parts, ignore_index=True)
     return frame.sort_values(["task", "pert", "gene"], kind="stable").reset_index(drop=True)
 
@@ -208,11 +222,14 @@ def _sum_by(values: np.ndarray, groups: np.ndarray, size: int) -> np.ndarray:
 
 def _multiplicities(rng: np.random.Generator, resamples: int, perturbations: int) -> np.ndarray:
     """How often each perturbation is drawn in each resample (a bootstrap sample of the perturbations)."""
-    return rng.multinomial(perturbations, np.full(perturbations, 1.0 / perturbations), size=resamples).astype(np.float64)
+    return rng.multinomial(perturbations, np.full(perturbations, 1.0 / perturbations), size=resamples).astype(
+        np.float64
+    )
 
 
-def _bootstrap_values(sorted_sets: Sequence[_SortedPairs], resamples: int, seed: int,
-                      chunk: int = 100) -> list[np.ndarray]:
+def _bootstrap_values(
+    sorted_sets: Sequence[_SortedPairs], resamples: int, seed: int, chunk: int = 100
+) -> list[np.ndarray]:
     """The per-gene AUROC of each prediction set under the same resamples of the perturbations."""
     rng = np.random.default_rng(seed)
     perturbations = sorted_sets[0].num_perts
@@ -224,8 +241,9 @@ def _bootstrap_values(sorted_sets: Sequence[_SortedPairs], resamples: int, seed:
     return [np.concatenate(v) if v else np.zeros(0) for v in out]
 
 
-def bootstrap_auroc_per_gene(labels, scores, genes, perts, resamples: int = DEFAULT_RESAMPLES,
-                             level: float = DEFAULT_LEVEL, seed: int = 0) -> Interval:
+def bootstrap_auroc_per_gene(
+    labels, scores, genes, perts, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL, seed: int = 0
+) -> Interval:
     """The per-gene AUROC with a percentile interval from ``resamples`` bootstrap samples of the test
     perturbations (``perts`` names each pair's perturbation). Seeded: the same call gives the same interval.
     The estimate is ``auroc_per_gene`` itself; resamples where no gene has both classes are dropped."""
@@ -242,8 +260,14 @@ def bootstrap_auroc_per_gene(labels, scores, genes, perts, resamples: int = DEFA
 PAIR_KEYS = ["task", "pert", "gene"]
 
 
-def paired_bootstrap(a: pd.DataFrame, b: pd.DataFrame, task: str, resamples: int = DEFAULT_RESAMPLES,
-                     level: float = DEFAULT_LEVEL, seed: int = 0) -> PairedDifference:
+def paired_bootstrap(
+    a: pd.DataFrame,
+    b: pd.DataFrame,
+    task: str,
+    resamples: int = DEFAULT_RESAMPLES,
+    level: float = DEFAULT_LEVEL,
+    seed: int = 0,
+) -> PairedDifference:
     """The difference ``a - b`` in per-gene AUROC on ``task`` of two prediction frames (columns
     ``pert, gene, task, label, score``) scored on the same pairs, each resample drawing the same
     perturbations for both. The p-value is two-sided, from the resampled differences centred on the
@@ -285,12 +309,16 @@ def _aligned(a: pd.DataFrame, b: pd.DataFrame, task: str) -> tuple[pd.DataFrame,
     if len(rows_a) != len(rows_b) or not rows_a[PAIR_KEYS].equals(rows_b[PAIR_KEYS]):
         only_a = len(rows_a.merge(rows_b[PAIR_KEYS], how="left", indicator=True).query("_merge == 'left_only'"))
         only_b = len(rows_b.merge(rows_a[PAIR_KEYS], how="left", indicator=True).query("_merge == 'left_only'"))
-        raise ValueError(f"the two prediction tables score different {task} pairs ({len(rows_a)} and {len(rows_b)} "
-                         f"pairs; {only_a} only in the first, {only_b} only in the second): a paired comparison "
-                         "needs the same test pairs (same dataset, split and task)")
+        raise ValueError(
+            f"the two prediction tables score different {task} pairs ({len(rows_a)} and {len(rows_b)} "
+            f"pairs; {only_a} only in the first, {only_b} only in the second): a paired comparison "
+            "needs the same test pairs (same dataset, split and task)"
+        )
     if not (rows_a["label"].to_numpy() == rows_b["label"].to_numpy()).all():
-        raise ValueError(f"the two prediction tables give different labels to the same {task} pairs: "
-                         "they were not scored on the same data")
+        raise ValueError(
+            f"the two prediction tables give different labels to the same {task} pairs: "
+            "they were not scored on the same data"
+        )
     return rows_a, rows_b
 
 
@@ -310,9 +338,11 @@ def _check_resampling(resamples: int, level: float) -> None:
         raise ValueError(f"level must be between 0 and 1 (e.g. 0.95), got {level}")
 
 
-def intervals_from_predictions(frame: pd.DataFrame, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
-                               seed: int = 0) -> dict[str, Interval]:
+def intervals_from_predictions(
+    frame: pd.DataFrame, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL, seed: int = 0
+) -> dict[str, Interval]:
     """The per-gene AUROC interval of every task in a prediction frame (``pert, gene, task, label, score``)."""
-    return {task: bootstrap_auroc_per_gene(rows["label"], rows["score"], rows["gene"], rows["pert"], resamples,
-                                           level, seed)
-            for task, rows in frame.groupby("task", sort=True)}
+    return {
+        task: bootstrap_auroc_per_gene(rows["label"], rows["score"], rows["gene"], rows["pert"], resamples, level, seed)
+        for task, rows in frame.groupby("task", sort=True)
+    }

@@ -19,15 +19,21 @@ from perturb_models.models.classifier import nan_to_none
 def git_commit() -> str | None:
     """The commit of the code that ran, when it runs from a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def write_outputs(output_dir: Path, predictions: Mapping[str, pd.DataFrame], record: dict[str, Any],
-                  metrics: dict[str, float]) -> None:
+def write_outputs(
+    output_dir: Path, predictions: Mapping[str, pd.DataFrame], record: dict[str, Any], metrics: dict[str, float]
+) -> None:
     """``metrics.json``, ``predictions/<stage>.csv`` and ``run.json``, each written atomically."""
     for stage, frame in predictions.items():
         atomic_write_dataframe(output_dir / "predictions" / f"{stage}.csv", frame)
@@ -35,8 +41,14 @@ def write_outputs(output_dir: Path, predictions: Mapping[str, pd.DataFrame], rec
     atomic_write_json(output_dir / "run.json", record)
 
 
-def publish_run(output_dir: Path, predictions: Mapping[str, pd.DataFrame], record: dict[str, Any],
-                metrics: dict[str, float], loggers: list, cfg: DictConfig) -> None:
+def publish_run(
+    output_dir: Path,
+    predictions: Mapping[str, pd.DataFrame],
+    record: dict[str, Any],
+    metrics: dict[str, float],
+    loggers: list,
+    cfg: DictConfig,
+) -> None:
     """The end of every run (train and evaluate, classifiers and gene-set namers): the run's files, the
     loggers' summary, the console table. ``predictions`` maps a stage (``val``, ``test``) to its table."""
     write_outputs(output_dir, predictions, record, metrics)
@@ -72,7 +84,10 @@ def print_metrics(metrics: dict[str, float], output_dir: Path | None = None) -> 
     """The test metrics as an aligned console table (and train.log), then where the outputs are."""
     keys = [k for k in sorted(metrics) if k.startswith("test/")]
     width = max((len(k) for k in keys), default=10)
-    lines = [f"{k:<{width}}  {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k:<{width}}  {metrics[k]}" for k in keys]
+    lines = [
+        f"{k:<{width}}  {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k:<{width}}  {metrics[k]}"
+        for k in keys
+    ]
     say("\n".join(["Test metrics:"] + lines))
     if output_dir is not None:
         say(f"Outputs written to {output_dir}")

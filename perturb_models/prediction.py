@@ -43,7 +43,6 @@ ALL_KNOWN = "all_known"
 """``perts=all_known``: every gene with a GO annotation in the knowledge files (an in-silico screen)."""
 
 
-
 class QueryError(UserError, ValueError):
     """Nothing answerable was asked (every symbol refused, an empty list, an unreadable file)."""
 
@@ -63,6 +62,7 @@ class Resolved:
 
 
 # ---- what was asked ---------------------------------------------------------------------------------
+
 
 def read_symbol_file(path: Path) -> list[str]:
     """Symbols from a text file: one or more per line (separated by commas, tabs or spaces); ``#`` comments."""
@@ -97,12 +97,14 @@ def asked_symbols(value: Any, option: str) -> list[str] | str | None:
 
 # ---- resolution -------------------------------------------------------------------------------------
 
+
 class QueryResolver:
     """Turns typed symbols into vocabulary symbols of a checkpoint (see the module docstring): a query
     written with another name of a known gene finds it through the GeneID training-time knowledge gave it."""
 
-    def __init__(self, vocab: GeneVocab, measured_genes: Sequence[str], knowledge_root: str | None,
-                 allow_download: bool):
+    def __init__(
+        self, vocab: GeneVocab, measured_genes: Sequence[str], knowledge_root: str | None, allow_download: bool
+    ):
         self.vocab = vocab
         self.measured = set(measured_genes)
         self.knowledge_root, self.allow_download = knowledge_root, allow_download
@@ -117,8 +119,9 @@ class QueryResolver:
             from perturb_models.knowledge.files import knowledge_file
             from perturb_models.knowledge.gene_info import SymbolResolver, read_gene_info
 
-            self._gene_info = SymbolResolver(read_gene_info(knowledge_file("gene_info", self.knowledge_root,
-                                                                           self.allow_download)))
+            self._gene_info = SymbolResolver(
+                read_gene_info(knowledge_file("gene_info", self.knowledge_root, self.allow_download))
+            )
         return self._gene_info
 
     @property
@@ -142,8 +145,12 @@ class QueryResolver:
         if known is not None:
             return Resolved(asked, "pert", known, True, f"{answer.how} -> {known} (training vocabulary)")
         if answer.official in self.vocab:
-            return Resolved(asked, "pert", refused=f"{asked} resolves to {answer.official} (GeneID {answer.gene_id}), "
-                                                   "but the training vocabulary uses that symbol for another gene")
+            return Resolved(
+                asked,
+                "pert",
+                refused=f"{asked} resolves to {answer.official} (GeneID {answer.gene_id}), "
+                "but the training vocabulary uses that symbol for another gene",
+            )
         return Resolved(asked, "pert", answer.official, False, f"{answer.how} -> {answer.official}")
 
     def gene(self, asked: str) -> Resolved:
@@ -155,8 +162,10 @@ class QueryResolver:
             symbol = self.vocab_symbol_of.get(answer.gene_id)
         if symbol is not None and symbol in self.measured:
             return Resolved(asked, "gene", symbol, True, f"{answer.how} -> {symbol} (measured downstream gene)")
-        reason = answer.refused or (f"{asked} ({answer.official}) was not measured as a downstream gene in this "
-                                    "dataset: the model was not trained to score it")
+        reason = answer.refused or (
+            f"{asked} ({answer.official}) was not measured as a downstream gene in this "
+            "dataset: the model was not trained to score it"
+        )
         return Resolved(asked, "gene", refused=reason)
 
     def all_known(self) -> list[str]:
@@ -165,7 +174,9 @@ class QueryResolver:
         from perturb_models.knowledge.files import knowledge_file
         from perturb_models.knowledge.go import read_gene2go
 
-        annotated = set(read_gene2go(knowledge_file("gene2go", self.knowledge_root, self.allow_download))["gene"].unique())
+        annotated = set(
+            read_gene2go(knowledge_file("gene2go", self.knowledge_root, self.allow_download))["gene"].unique()
+        )
         info = self.gene_info.gene_info
         symbols = []
         for gid, official in zip(info["gene_id"], info["symbol"]):
@@ -192,16 +203,20 @@ def knowledge_flags(symbols: Sequence[str], knowledge_root: str | None, allow_do
 
 # ---- scoring ----------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def score_pairs(model, pert_idx: np.ndarray, gene_idx: np.ndarray, batch_size: int,
-                device: torch.device) -> dict[str, np.ndarray]:
+def score_pairs(
+    model, pert_idx: np.ndarray, gene_idx: np.ndarray, batch_size: int, device: torch.device
+) -> dict[str, np.ndarray]:
     """The benchmark scores of each pair (``de``, ``dir`` as the task gives), exactly as the classifier's
     test loop computes them: ``decode_scores(softmax(logits))`` per batch, in float64."""
     model.eval()
     out: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(pert_idx), batch_size):
-        batch = {"pert": torch.as_tensor(pert_idx[start:start + batch_size], dtype=torch.long, device=device),
-                 "gene": torch.as_tensor(gene_idx[start:start + batch_size], dtype=torch.long, device=device)}
+        batch = {
+            "pert": torch.as_tensor(pert_idx[start : start + batch_size], dtype=torch.long, device=device),
+            "gene": torch.as_tensor(gene_idx[start : start + batch_size], dtype=torch.long, device=device),
+        }
         probs = torch.softmax(model(batch).float(), dim=-1)
         for key, value in decode_scores(probs, model.task).items():
             out.setdefault(key, []).append(value.double().cpu().numpy())
@@ -212,8 +227,12 @@ def prediction_table(perts: Sequence[str], genes: Sequence[str], scores: dict[st
     """One row per (pert, gene), perturbations in asked order, genes in the given order; ranks by the
     chance of a change (``p_de``; ``p_up_given_de`` for a direction-only model), 1 = most likely."""
     n_genes = len(genes)
-    frame = pd.DataFrame({"pert": np.repeat(np.asarray(perts, dtype=object), n_genes),
-                          "gene": np.tile(np.asarray(genes, dtype=object), len(perts))})
+    frame = pd.DataFrame(
+        {
+            "pert": np.repeat(np.asarray(perts, dtype=object), n_genes),
+            "gene": np.tile(np.asarray(genes, dtype=object), len(perts)),
+        }
+    )
     nan = np.full(len(frame), np.nan)
     frame["p_de"] = scores.get("de", nan)
     frame["p_up_given_de"] = scores.get("dir", nan)
@@ -301,8 +320,18 @@ class PartStore:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def score_in_parts(model, encoder, vocab: GeneVocab, perts: Sequence[str], genes: Sequence[str], parts: PartStore,
-                   batch_size: int, chunk_pairs: int, device: torch.device, evidence: bool) -> tuple[pd.DataFrame, float]:
+def score_in_parts(
+    model,
+    encoder,
+    vocab: GeneVocab,
+    perts: Sequence[str],
+    genes: Sequence[str],
+    parts: PartStore,
+    batch_size: int,
+    chunk_pairs: int,
+    device: torch.device,
+    evidence: bool,
+) -> tuple[pd.DataFrame, float]:
     """Raw scores (``score_de``, ``score_dir``) and evidence columns of every (pert, gene) pair, perturbation
     by perturbation in parts of about ``chunk_pairs`` pairs, each written as it finishes (so a killed screen
     resumes); returns the frame in pert-major order and the seconds spent scoring in this call."""
@@ -314,7 +343,7 @@ def score_in_parts(model, encoder, vocab: GeneVocab, perts: Sequence[str], genes
         frame = parts.load(index)
         if frame is None:
             began = time.perf_counter()
-            chunk = perts[start:start + per_part]
+            chunk = perts[start : start + per_part]
             pert_idx = np.repeat(vocab.encode(chunk), len(genes))
             gene_idx = np.tile(gene_codes, len(chunk))
             scores = score_pairs(model, pert_idx, gene_idx, batch_size, device)
@@ -326,8 +355,13 @@ def score_in_parts(model, encoder, vocab: GeneVocab, perts: Sequence[str], genes
             seconds += time.perf_counter() - began
             if len(starts) > 1:
                 done = sum(len(f) for f in frames) + len(frame)
-                log.info("part %d/%d scored (%d pairs, %.0f pairs/s this call)", index + 1, len(starts), done,
-                         len(frame) / max(time.perf_counter() - began, 1e-9))
+                log.info(
+                    "part %d/%d scored (%d pairs, %.0f pairs/s this call)",
+                    index + 1,
+                    len(starts),
+                    done,
+                    len(frame) / max(time.perf_counter() - began, 1e-9),
+                )
         frames.append(frame)
     if parts.reused:
         say(f"resumed: {parts.reused} of {len(starts)} parts were already scored in {parts.folder}")
@@ -335,6 +369,7 @@ def score_in_parts(model, encoder, vocab: GeneVocab, perts: Sequence[str], genes
 
 
 # ---- the command ------------------------------------------------------------------------------------
+
 
 def _load(cfg: DictConfig):
     """The checkpoint's record, DataModule and model with its weights (as evaluate.py rebuilds them)."""
@@ -345,8 +380,10 @@ def _load(cfg: DictConfig):
     checkpoint, record = load_run_record(ckpt_file)
     run_cfg = OmegaConf.create(record["config"])
     if run_cfg.data.get("task") == GSE_TASK:
-        raise ConfigError(f"{ckpt_file} is a gene set enrichment run (data.task=gse): predict.py asks pair models "
-                          "(which genes change after a knockdown); name gene sets with evaluate.py")
+        raise ConfigError(
+            f"{ckpt_file} is a gene set enrichment run (data.task=gse): predict.py asks pair models "
+            "(which genes change after a knockdown); name gene sets with evaluate.py"
+        )
     overrides: dict[str, Any] = {"vocab": record["vocab"], "val_perts": record["val_perts"]}
     if cfg.get("data_root"):
         overrides["root"] = cfg.data_root
@@ -390,11 +427,16 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
 
     perts_list = resolver.all_known() if perts_asked == ALL_KNOWN else perts_asked
     perts = [resolver.perturbation(s) for s in perts_list]
-    genes = [Resolved(g, "gene", g, True, "default: measured downstream gene") for g in measured] \
-        if genes_asked is None else [resolver.gene(s) for s in genes_asked]
+    genes = (
+        [Resolved(g, "gene", g, True, "default: measured downstream gene") for g in measured]
+        if genes_asked is None
+        else [resolver.gene(s) for s in genes_asked]
+    )
     if not encoder.describes_new_perturbations:
-        reason = f"model {record['config']['model'].get('name', type(encoder).__name__)} cannot describe a " \
-                 f"perturbation outside its training vocabulary: {encoder.new_perturbation_refusal}"
+        reason = (
+            f"model {record['config']['model'].get('name', type(encoder).__name__)} cannot describe a "
+            f"perturbation outside its training vocabulary: {encoder.new_perturbation_refusal}"
+        )
         for item in perts:
             if item.refused is None and not item.in_training_vocab:
                 item.refused = f"{item.asked} ({item.symbol}) is not in the training vocabulary; {reason}"
@@ -410,8 +452,11 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
         say(f"refused {len(refused)} symbols (listed in query.json)", level=logging.WARNING)
     if not answered_perts:
         first = next(p for p in perts if p.refused)
-        raise QueryError(first.refused if len(perts) == 1 else f"no perturbation can be answered ({len(perts)} asked); "
-                                                               f"the first: {first.refused}")
+        raise QueryError(
+            first.refused
+            if len(perts) == 1
+            else f"no perturbation can be answered ({len(perts)} asked); the first: {first.refused}"
+        )
     if not answered_genes:
         raise QueryError(f"no downstream gene can be answered ({len(genes)} asked); the first: {genes[0].refused}")
 
@@ -421,8 +466,11 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
         extended = replace(context, vocab=vocab)
         encoder.extend_vocabulary(extended)
         model.vocab = vocab
-        log.info("predict: %d perturbations outside the training vocabulary appended after its %d genes",
-                 len(new), len(context.vocab))
+        log.info(
+            "predict: %d perturbations outside the training vocabulary appended after its %d genes",
+            len(new),
+            len(context.vocab),
+        )
     flags = knowledge_flags(answered_perts, knowledge_root, allow_download)
     for item in perts:
         if item.refused is None:
@@ -430,18 +478,39 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
 
     device = torch.device(cfg.get("device") or "cpu")
     model.to(device)
-    say(f"scoring {len(answered_perts) * len(answered_genes):,} pairs ({len(answered_perts):,} perturbations x "
-        f"{len(answered_genes):,} genes) with {record['config']['model'].get('name')} from {ckpt_file}")
-    parts = PartStore(output_dir / PARTS_FOLDER, {
-        "checkpoint": str(ckpt_file), "checkpoint_bytes": ckpt_file.stat().st_size,
-        "checkpoint_mtime_ns": ckpt_file.stat().st_mtime_ns, "perts": answered_perts, "genes": answered_genes,
-        "evidence": bool(cfg.get("evidence", True)), "chunk_pairs": int(cfg.chunk_pairs)})
-    raw, scoring_seconds = score_in_parts(model, encoder, vocab, answered_perts, answered_genes, parts,
-                                          int(cfg.batch_size), int(cfg.chunk_pairs), device, bool(cfg.get("evidence", True)))
+    say(
+        f"scoring {len(answered_perts) * len(answered_genes):,} pairs ({len(answered_perts):,} perturbations x "
+        f"{len(answered_genes):,} genes) with {record['config']['model'].get('name')} from {ckpt_file}"
+    )
+    parts = PartStore(
+        output_dir / PARTS_FOLDER,
+        {
+            "checkpoint": str(ckpt_file),
+            "checkpoint_bytes": ckpt_file.stat().st_size,
+            "checkpoint_mtime_ns": ckpt_file.stat().st_mtime_ns,
+            "perts": answered_perts,
+            "genes": answered_genes,
+            "evidence": bool(cfg.get("evidence", True)),
+            "chunk_pairs": int(cfg.chunk_pairs),
+        },
+    )
+    raw, scoring_seconds = score_in_parts(
+        model,
+        encoder,
+        vocab,
+        answered_perts,
+        answered_genes,
+        parts,
+        int(cfg.batch_size),
+        int(cfg.chunk_pairs),
+        device,
+        bool(cfg.get("evidence", True)),
+    )
     scores = {key: raw[f"score_{key}"].to_numpy() for key in ("de", "dir") if f"score_{key}" in raw}
     calibrators = model.calibrators or {}
-    calibrated = {key: apply_calibrator(value, calibrators[key]) if key in calibrators else value
-                  for key, value in scores.items()}
+    calibrated = {
+        key: apply_calibrator(value, calibrators[key]) if key in calibrators else value for key, value in scores.items()
+    }
     frame = prediction_table(answered_perts, answered_genes, calibrated)
     for key, column in (("de", "p_de_uncalibrated"), ("dir", "p_up_given_de_uncalibrated")):
         if key in calibrators:
@@ -458,15 +527,23 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
         "model": record["config"]["model"].get("name"),
         "dataset": context.dataset,
         "task": context.task,
-        "asked": {"perts": perts_asked if perts_asked == ALL_KNOWN else list(perts_asked),
-                  "genes": "measured downstream genes (default)" if genes_asked is None else list(genes_asked)},
+        "asked": {
+            "perts": perts_asked if perts_asked == ALL_KNOWN else list(perts_asked),
+            "genes": "measured downstream genes (default)" if genes_asked is None else list(genes_asked),
+        },
         "perturbations": [asdict(p) for p in perts if p.refused is None],
-        "genes": ({"count": len(answered_genes), "default": True} if genes_asked is None
-                  else [asdict(g) for g in genes if g.refused is None]),
+        "genes": (
+            {"count": len(answered_genes), "default": True}
+            if genes_asked is None
+            else [asdict(g) for g in genes if g.refused is None]
+        ),
         "refused": [{"asked": r.asked, "role": r.role, "reason": r.refused} for r in refused],
-        "calibration": ({key: dict(value) for key, value in calibrators.items()} if calibrators else
-                        "none: the checkpoint holds no calibrator (trained before calibration existed); "
-                        "p_de and p_up_given_de are the model's scores"),
+        "calibration": (
+            {key: dict(value) for key, value in calibrators.items()}
+            if calibrators
+            else "none: the checkpoint holds no calibrator (trained before calibration existed); "
+            "p_de and p_up_given_de are the model's scores"
+        ),
         "pairs": int(len(frame)),
         "new_perturbations": len(new),
         "scoring_seconds": round(scoring_seconds, 3),
@@ -475,6 +552,8 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     }
     atomic_write_json(output_dir / "query.json", query)
     say("\n".join(summary_lines(frame, int(cfg.summary_top), int(cfg.summary_perts))))
-    say(f"{len(frame):,} predictions written to {output_dir / 'predictions.csv'} ({len(frame) / max(scoring_seconds, 1e-9):,.0f} "
-        f"pairs/s); the query and its resolution in query.json")
+    say(
+        f"{len(frame):,} predictions written to {output_dir / 'predictions.csv'} ({len(frame) / max(scoring_seconds, 1e-9):,.0f} "
+        f"pairs/s); the query and its resolution in query.json"
+    )
     return frame

@@ -41,6 +41,7 @@ RNG_KEY = "perturb_models_rng"
 
 # ---- checkpoint files ----------------------------------------------------------------------------
 
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO through ``io.atomic_writer``: a crash or a kill while saving leaves the
     previous ``last.ckpt`` intact instead of a torn file."""
@@ -66,7 +67,6 @@ def resolve_resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | 
     if not path.is_file():
         raise CheckpointError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     return str(path)
-
 
 
 # ---- ranks -------------------------------------------------------------------------------------------
@@ -159,8 +159,13 @@ def capture_rng_states() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     states: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -171,16 +176,27 @@ def capture_rng_states() -> dict[str, Any]:
 def restore_rng_states(states: Mapping[str, Any]) -> None:
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
     numpy_state = states["numpy"]
-    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         cuda = states["cuda"]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
         else:
-            log.warning("checkpoint holds CUDA RNG states of %d devices, this machine has %d: "
-                        "CUDA random draws will differ from the interrupted run", len(cuda), torch.cuda.device_count())
+            log.warning(
+                "checkpoint holds CUDA RNG states of %d devices, this machine has %d: "
+                "CUDA random draws will differ from the interrupted run",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
 
 
 class ExactResume(L.Callback):
@@ -201,8 +217,10 @@ class ExactResume(L.Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._pending = checkpoint.get(RNG_KEY)
         if self._pending is None:
-            log.warning("the checkpoint holds no RNG state (written by an older version): the resumed run "
-                        "will not draw the same dropout masks as an uninterrupted one")
+            log.warning(
+                "the checkpoint holds no RNG state (written by an older version): the resumed run "
+                "will not draw the same dropout masks as an uninterrupted one"
+            )
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self._pending is not None:
@@ -275,8 +293,13 @@ def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     return diffs
 
 
-def check_resume_compatible(path: str | os.PathLike, checkpoint: Mapping[str, Any], current: Mapping[str, Any],
-                            record_key: str, allow_mismatch: bool = False) -> None:
+def check_resume_compatible(
+    path: str | os.PathLike,
+    checkpoint: Mapping[str, Any],
+    current: Mapping[str, Any],
+    record_key: str,
+    allow_mismatch: bool = False,
+) -> None:
     """Refuse to resume from a checkpoint of a different run (``resume_mismatch_ok=true`` overrides)."""
     saved = checkpoint.get(record_key)
     if not saved or "config" not in saved:
@@ -286,7 +309,9 @@ def check_resume_compatible(path: str | os.PathLike, checkpoint: Mapping[str, An
         return
     shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
     if allow_mismatch:
-        log.warning("resuming %s although the run differs from the checkpoint's (resume_mismatch_ok=true): %s", path, shown)
+        log.warning(
+            "resuming %s although the run differs from the checkpoint's (resume_mismatch_ok=true): %s", path, shown
+        )
         return
     raise CheckpointError(
         f"{path} belongs to a different run: {shown}. Resume with the same options, start a new run folder, "

@@ -42,12 +42,30 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "de": Task("de", ("not_de", "de"), ("de",), ("de",), False,
-               "Question: is {gene} differentially expressed after the knockdown of {pert}? Answer:"),
-    "dir": Task("dir", ("down", "up"), ("de", "dir"), ("dir",), True,
-                "Question: {gene} is differentially expressed after the knockdown of {pert}; does it go up or down? Answer:"),
-    "joint": Task("joint", ("not_de", "down", "up"), ("de", "dir"), ("de", "dir"), False,
-                  "Question: after the knockdown of {pert}, is {gene} unchanged, down or up? Answer:"),
+    "de": Task(
+        "de",
+        ("not_de", "de"),
+        ("de",),
+        ("de",),
+        False,
+        "Question: is {gene} differentially expressed after the knockdown of {pert}? Answer:",
+    ),
+    "dir": Task(
+        "dir",
+        ("down", "up"),
+        ("de", "dir"),
+        ("dir",),
+        True,
+        "Question: {gene} is differentially expressed after the knockdown of {pert}; does it go up or down? Answer:",
+    ),
+    "joint": Task(
+        "joint",
+        ("not_de", "down", "up"),
+        ("de", "dir"),
+        ("de", "dir"),
+        False,
+        "Question: after the knockdown of {pert}, is {gene} unchanged, down or up? Answer:",
+    ),
 }
 TASK_NAMES = tuple(TASKS)
 
@@ -98,8 +116,9 @@ HEADLINE_METRIC = "auroc_per_gene"
 BENCHMARK_TASKS = ("de", "dir")
 """The two scored tasks of every PerturbQA dataset (the ``task`` column of predictions)."""
 
-COMPARISON_METRICS = tuple(f"{t}_{m}" for t in BENCHMARK_TASKS for m in ("auroc_per_gene", "genes_scored")) + \
-    tuple(f"{t}_{m}" for t in BENCHMARK_TASKS for m in ("auroc", "auprc"))
+COMPARISON_METRICS = tuple(f"{t}_{m}" for t in BENCHMARK_TASKS for m in ("auroc_per_gene", "genes_scored")) + tuple(
+    f"{t}_{m}" for t in BENCHMARK_TASKS for m in ("auroc", "auprc")
+)
 """Test metrics of a run's row in a comparison table, in column order."""
 
 

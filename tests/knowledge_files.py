@@ -5,16 +5,20 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-GENE_INFO_HEADER = ("#tax_id\tGeneID\tSymbol\tLocusTag\tSynonyms\tdbXrefs\tchromosome\tmap_location\tdescription\t"
-                    "type_of_gene\tSymbol_from_nomenclature_authority\tFull_name_from_nomenclature_authority\t"
-                    "Nomenclature_status\tOther_designations\tModification_date\tFeature_type")
+GENE_INFO_HEADER = (
+    "#tax_id\tGeneID\tSymbol\tLocusTag\tSynonyms\tdbXrefs\tchromosome\tmap_location\tdescription\t"
+    "type_of_gene\tSymbol_from_nomenclature_authority\tFull_name_from_nomenclature_authority\t"
+    "Nomenclature_status\tOther_designations\tModification_date\tFeature_type"
+)
 
 
 def gene_info_text(genes: list[tuple[int, str, str, str]]) -> str:
     """genes: (GeneID, Symbol, Synonyms joined by |, description)."""
     lines = [GENE_INFO_HEADER]
     for gid, sym, syn, desc in genes:
-        lines.append(f"9606\t{gid}\t{sym}\t-\t{syn or '-'}\tEnsembl:ENSG{gid:011d}\t1\t1p1\t{desc}\tprotein-coding\t-\t-\t-\t-\t20220912\t-")
+        lines.append(
+            f"9606\t{gid}\t{sym}\t-\t{syn or '-'}\tEnsembl:ENSG{gid:011d}\t1\t1p1\t{desc}\tprotein-coding\t-\t-\t-\t-\t20220912\t-"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -95,8 +99,11 @@ name: part of
 def write_knowledge(folder: Path, genes, annotations, qualifier=None, gz: bool = True) -> Path:
     """Write gene_info, gene2go and go-basic.obo into ``folder`` (gzip like the public files)."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"Homo_sapiens.gene_info": gene_info_text(genes), "gene2go": gene2go_text(annotations, qualifier),
-             "go-basic.obo": OBO_TEXT}
+    files = {
+        "Homo_sapiens.gene_info": gene_info_text(genes),
+        "gene2go": gene2go_text(annotations, qualifier),
+        "go-basic.obo": OBO_TEXT,
+    }
     for name, text in files.items():
         if gz:
             with gzip.open(folder / f"{name}.gz", "wt") as handle:

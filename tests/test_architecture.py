@@ -15,7 +15,7 @@ DOC = REPO / "docs" / "architecture.md"
 
 def doc_block(language: str, after: str) -> str:
     text = DOC.read_text()
-    section = text[text.index(after):]
+    section = text[text.index(after) :]
     match = re.search(rf"```{language}\n(.*?)```", section, re.S)
     assert match, f"no {language} block after {after!r} in {DOC}"
     return match.group(1)
@@ -28,18 +28,33 @@ def test_add_a_model_example_trains_and_reloads(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_models", raising=False)
     run = tmp_path / "run"
-    cfg = compose_config("train", ["model=dot", "data=synthetic", *FAST_CPU, "trainer.max_epochs=1",
-                                   "trainer.limit_train_batches=1", "trainer.num_sanity_val_steps=0",
-                                   f"hydra.searchpath=[file://{tmp_path / 'conf'}]"], run)
+    cfg = compose_config(
+        "train",
+        [
+            "model=dot",
+            "data=synthetic",
+            *FAST_CPU,
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=1",
+            "trainer.num_sanity_val_steps=0",
+            f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        ],
+        run,
+    )
     assert cfg.model.optimizer._target_ == "torch.optim.AdamW" and cfg.model.optimizer.lr == 3.0e-3
     metrics = train(cfg)
     assert (run / "predictions" / "test.csv").is_file() and metrics["test/de_genes_scored"] > 0
-    again = evaluate_checkpoint(run, tmp_path / "eval", compose_config("evaluate", FAST_CPU[1:], tmp_path / "eval").trainer)
+    again = evaluate_checkpoint(
+        run, tmp_path / "eval", compose_config("evaluate", FAST_CPU[1:], tmp_path / "eval").trainer
+    )
     assert again["test/de_auroc_per_gene"] == metrics["test/de_auroc_per_gene"]
 
 
 def python_sources() -> list:
-    return [p for folder in ("perturb_models", "benchmarks") for p in (REPO / folder).rglob("*.py")] + [REPO / "train.py", REPO / "evaluate.py"]
+    return [p for folder in ("perturb_models", "benchmarks") for p in (REPO / folder).rglob("*.py")] + [
+        REPO / "train.py",
+        REPO / "evaluate.py",
+    ]
 
 
 def test_hydra_compose_and_the_trainer_are_built_in_one_place_each():
@@ -47,6 +62,9 @@ def test_hydra_compose_and_the_trainer_are_built_in_one_place_each():
     through builders.build_trainer, so a run built anywhere is the run train.py builds."""
     composing = sorted(str(p.relative_to(REPO)) for p in python_sources() if "initialize_config_dir" in p.read_text())
     assert composing == ["perturb_models/config.py"]
-    trainers = sorted(str(p.relative_to(REPO)) for p in python_sources()
-                      if re.search(r"\b(L|pl|lightning)\.Trainer\(|\bTrainer\(", p.read_text()))
+    trainers = sorted(
+        str(p.relative_to(REPO))
+        for p in python_sources()
+        if re.search(r"\b(L|pl|lightning)\.Trainer\(|\bTrainer\(", p.read_text())
+    )
     assert trainers == [], f"Trainer built outside builders.build_trainer: {trainers}"

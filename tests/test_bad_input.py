@@ -25,20 +25,23 @@ from tests.test_perturbqa_files import GOOD_DE, write
 # ---- config ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.encoder.hidden_dim=0", "model.encoder.hidden_dim=0: must be an integer >= 1"),
-    ("model.encoder.embedding_dim=0", "model.encoder.embedding_dim=0: must be an integer >= 1"),
-    ("model.encoder.num_blocks=-1", "model.encoder.num_blocks=-1: must be an integer >= 0"),
-    ("model.encoder.dropout=1.0", "model.encoder.dropout=1.0: a dropout rate must be a number in [0, 1)"),
-    ("model.optimizer.lr=0", "model.optimizer.lr=0: the learning rate must be a number > 0"),
-    ("seed=abc", "seed=abc: must be an integer"),
-    ("seed=1.5", "seed=1.5: must be an integer"),
-    ("data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
-    ("data.val_fraction=1.5", "data.val_fraction=1.5: must be a number in (0, 1)"),
-    ("data.task=both", "data.task=both: must be one of de, dir, joint"),
-    ("trainer.max_epochs=0", "trainer.max_epochs=0: must be an integer >= 1"),
-    ("optimized_metric=test/de_auroc", "optimized_metric=test/de_auroc: must be a validation metric"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.encoder.hidden_dim=0", "model.encoder.hidden_dim=0: must be an integer >= 1"),
+        ("model.encoder.embedding_dim=0", "model.encoder.embedding_dim=0: must be an integer >= 1"),
+        ("model.encoder.num_blocks=-1", "model.encoder.num_blocks=-1: must be an integer >= 0"),
+        ("model.encoder.dropout=1.0", "model.encoder.dropout=1.0: a dropout rate must be a number in [0, 1)"),
+        ("model.optimizer.lr=0", "model.optimizer.lr=0: the learning rate must be a number > 0"),
+        ("seed=abc", "seed=abc: must be an integer"),
+        ("seed=1.5", "seed=1.5: must be an integer"),
+        ("data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
+        ("data.val_fraction=1.5", "data.val_fraction=1.5: must be a number in (0, 1)"),
+        ("data.task=both", "data.task=both: must be one of de, dir, joint"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0: must be an integer >= 1"),
+        ("optimized_metric=test/de_auroc", "optimized_metric=test/de_auroc: must be a validation metric"),
+    ],
+)
 def test_impossible_config_values_are_named_with_their_value(synthetic_cfg, override, message):
     with pytest.raises(ConfigError) as info:
         validate_config(synthetic_cfg(override))
@@ -74,7 +77,9 @@ def test_non_utf8_file_is_named_with_the_byte_and_line(tmp_path):
 def test_gzip_file_named_csv_is_named_with_how_to_decompress_it(tmp_path):
     path = tmp_path / "toy-de.csv"
     path.write_bytes(gzip.compress(b"pert,gene,label,split\nP1,G1,1,train\n"))
-    with pytest.raises(DataValidationError, match=rf"{path}: the file is gzip-compressed, not CSV text; decompress it \(gunzip"):
+    with pytest.raises(
+        DataValidationError, match=rf"{path}: the file is gzip-compressed, not CSV text; decompress it \(gunzip"
+    ):
         read_task_file(path)
 
 
@@ -84,15 +89,20 @@ def test_task_file_that_is_a_folder_is_named_not_downloaded(tmp_path):
         ensure_task_files("k562", ("de",), root=tmp_path, base_url="http://127.0.0.1:9")
 
 
-@pytest.mark.parametrize("column, value, named", [
-    ("pert", "P 1", "whitespace inside the name"),
-    ("pert", "P1\u200b", "an invisible or control character (U+200B)"),
-    ("gene", "G\u00a01", "an invisible or control character (U+00A0)"),
-    ("gene", "G\ufeff1", "an invisible or control character (U+FEFF)"),
-    ("gene", "G1'", "a quote (')"),
-    ("gene", "G  1", "two spaces in a row"),
-])
-def test_gene_symbols_with_inner_whitespace_or_invisible_characters_are_refused_with_the_line(tmp_path, column, value, named):
+@pytest.mark.parametrize(
+    "column, value, named",
+    [
+        ("pert", "P 1", "whitespace inside the name"),
+        ("pert", "P1\u200b", "an invisible or control character (U+200B)"),
+        ("gene", "G\u00a01", "an invisible or control character (U+00A0)"),
+        ("gene", "G\ufeff1", "an invisible or control character (U+FEFF)"),
+        ("gene", "G1'", "a quote (')"),
+        ("gene", "G  1", "two spaces in a row"),
+    ],
+)
+def test_gene_symbols_with_inner_whitespace_or_invisible_characters_are_refused_with_the_line(
+    tmp_path, column, value, named
+):
     rows = [list(r) for r in GOOD_DE]
     rows[3][0 if column == "pert" else 1] = value
     path = write(tmp_path, "toy-de.csv", [tuple(r) for r in rows])
@@ -110,11 +120,14 @@ def test_cluster_names_with_single_spaces_stay_valid_downstream_genes(tmp_path):
 # ---- checkpoints -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content, named", [
-    (b"", "the checkpoint is empty (0 bytes)"),
-    (b"<!DOCTYPE html><html><body>Not found</body></html>", "not a readable PyTorch checkpoint"),
-    ("truncated", "not a readable PyTorch checkpoint"),
-])
+@pytest.mark.parametrize(
+    "content, named",
+    [
+        (b"", "the checkpoint is empty (0 bytes)"),
+        (b"<!DOCTYPE html><html><body>Not found</body></html>", "not a readable PyTorch checkpoint"),
+        ("truncated", "not a readable PyTorch checkpoint"),
+    ],
+)
 def test_unreadable_checkpoint_is_named(tmp_path, content, named):
     path = tmp_path / "last.ckpt"
     if content == "truncated":
@@ -132,7 +145,9 @@ def test_truncated_last_checkpoint_stops_the_resume_naming_it(synthetic_cfg, tmp
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 torn")
-    with pytest.raises(CheckpointError, match=rf"{run / 'checkpoints' / 'last.ckpt'}: not a readable PyTorch checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=rf"{run / 'checkpoints' / 'last.ckpt'}: not a readable PyTorch checkpoint"
+    ):
         train(synthetic_cfg("ckpt_path=last", output_dir=run))
 
 
@@ -194,7 +209,9 @@ def test_checkpoints_follow_the_umask_too(tmp_path):
 def run_cli(args, **env):
     environment = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     environment.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", **env)
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.slow
@@ -208,8 +225,16 @@ def test_cli_user_errors_are_one_line_without_traceback_and_leave_no_empty_run_f
     assert not run.exists(), "a run refused at the start leaves no folder behind"
 
     # Offline: the download failure is one message (the URL and how to use local files), no folder left.
-    proc = run_cli(["train.py", "data=jurkat", f"data.root={tmp_path / 'empty'}", "data.base_url=http://127.0.0.1:9",
-                    "logger=none", f"hydra.run.dir={run}"])
+    proc = run_cli(
+        [
+            "train.py",
+            "data=jurkat",
+            f"data.root={tmp_path / 'empty'}",
+            "data.base_url=http://127.0.0.1:9",
+            "logger=none",
+            f"hydra.run.dir={run}",
+        ]
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in output
     assert output.count("Could not download PerturbQA file jurkat-de.csv from http://127.0.0.1:9/jurkat-de.csv") == 1
@@ -217,5 +242,7 @@ def test_cli_user_errors_are_one_line_without_traceback_and_leave_no_empty_run_f
     assert not run.exists() and not list((tmp_path / "empty").glob("*"))
 
     # HYDRA_FULL_ERROR=1 still shows the traceback, for debugging.
-    proc = run_cli(["train.py", "data=synthetic", "logger=none", "seed=abc", f"hydra.run.dir={run}"], HYDRA_FULL_ERROR="1")
+    proc = run_cli(
+        ["train.py", "data=synthetic", "logger=none", "seed=abc", f"hydra.run.dir={run}"], HYDRA_FULL_ERROR="1"
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "seed=abc: must be an integer" in proc.stderr

@@ -7,8 +7,13 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 
-from perturb_models.metrics import (_SortedPairs, auroc_per_gene, bootstrap_auroc_per_gene, intervals_from_predictions,
-                                    paired_bootstrap)
+from perturb_models.metrics import (
+    _SortedPairs,
+    auroc_per_gene,
+    bootstrap_auroc_per_gene,
+    intervals_from_predictions,
+    paired_bootstrap,
+)
 
 TRUE_SHIFT = 1.0
 TRUE_AUROC = float(norm.cdf(TRUE_SHIFT / math.sqrt(2)))  # positives ~ N(1, 1), negatives ~ N(0, 1)
@@ -27,7 +32,9 @@ def noisy_scores(rng, label):
 
 
 def frame(pert, gene, label, score, task="de"):
-    return pd.DataFrame({"pert": pert.astype(str), "gene": gene.astype(str), "task": task, "label": label, "score": score})
+    return pd.DataFrame(
+        {"pert": pert.astype(str), "gene": gene.astype(str), "task": task, "label": label, "score": score}
+    )
 
 
 def test_a_resample_scores_like_the_test_set_with_its_perturbations_duplicated():
@@ -106,8 +113,12 @@ def test_a_paired_test_refuses_prediction_files_on_different_pairs():
 def test_intervals_are_given_per_task_of_a_prediction_frame():
     rng = np.random.default_rng(6)
     pert, gene, label = screen(rng)
-    both = pd.concat([frame(pert, gene, label, noisy_scores(rng, label), "de"),
-                      frame(pert, gene, label, noisy_scores(rng, label), "dir")])
+    both = pd.concat(
+        [
+            frame(pert, gene, label, noisy_scores(rng, label), "de"),
+            frame(pert, gene, label, noisy_scores(rng, label), "dir"),
+        ]
+    )
     intervals = intervals_from_predictions(both, resamples=100)
     assert set(intervals) == {"de", "dir"}
     for task, interval in intervals.items():

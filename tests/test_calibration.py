@@ -11,8 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from perturb_models.calibration import (CALIBRATION_KEY, apply_calibrator, brier_score, expected_calibration_error,
-                                        fit_platt)
+from perturb_models.calibration import (
+    CALIBRATION_KEY,
+    apply_calibrator,
+    brier_score,
+    expected_calibration_error,
+    fit_platt,
+)
 from perturb_models.data.synthetic import make_synthetic_tables
 from perturb_models.evaluation import evaluate, find_checkpoint
 from perturb_models.metrics import auroc_per_gene
@@ -68,8 +73,9 @@ def run_on(tmp_path, name: str, poison_test: bool):
     data = tmp_path / f"data_{name}"
     write_dataset(data, poison_test)
     out = tmp_path / name
-    cfg = compose_config("train", ["data=custom", "data.name=toy", f"data.root={data}", *FAST_CPU, "trainer.max_epochs=2"],
-                         out)
+    cfg = compose_config(
+        "train", ["data=custom", "data.name=toy", f"data.root={data}", *FAST_CPU, "trainer.max_epochs=2"], out
+    )
     return train(cfg), out
 
 
@@ -91,8 +97,9 @@ def test_calibrators_never_see_test_labels_and_travel_in_the_checkpoint(tmp_path
         assert evaluated[key] == clean_metrics[key]
     # predict.py applies them too; the model's own scores are kept beside them.
     test_perts = json.loads((clean / "split.json").read_text())["test_perts"]
-    frame = predict(compose_config("predict", [f"ckpt_path={clean}", f"perts=[{','.join(test_perts[:3])}]"],
-                                   tmp_path / "predict"))
+    frame = predict(
+        compose_config("predict", [f"ckpt_path={clean}", f"perts=[{','.join(test_perts[:3])}]"], tmp_path / "predict")
+    )
     expected = apply_calibrator(frame["p_de_uncalibrated"].to_numpy(), clean_cal["de"])
     np.testing.assert_array_equal(frame["p_de"].to_numpy(), expected)
     assert json.loads((tmp_path / "predict" / "query.json").read_text())["calibration"]["dir"] == clean_cal["dir"]

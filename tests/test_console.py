@@ -14,23 +14,33 @@ import pytest
 from perturb_models.training import train
 from tests.conftest import REPO
 
-EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)  train/loss \d\.\d{4}  val/de_auroc_per_gene \d\.\d{4}  "
-                        r"val/dir_auroc_per_gene \d\.\d{4}  elapsed \d+:\d\d:\d\d  ETA \d+:\d\d:\d\d")
+EPOCH_LINE = re.compile(
+    r"epoch (\d+)/(\d+)  train/loss \d\.\d{4}  val/de_auroc_per_gene \d\.\d{4}  "
+    r"val/dir_auroc_per_gene \d\.\d{4}  elapsed \d+:\d\d:\d\d  ETA \d+:\d\d:\d\d"
+)
 
 
 def run_cli(args, **env):
     environment = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WANDB_SILENT")}
     environment.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", **env)
     # stdout is a pipe, as under nohup, SLURM or CI
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_help_is_the_projects_own(tmp_path):
     proc = run_cli(["train.py", "--help"])
     assert proc.returncode == 0
-    for text in ("perturb_models: train and compare models for the PerturbQA benchmark", "python train.py data=synthetic",
-                 "ckpt_path=last", "python evaluate.py", "outputs/<task>/<data>-<task>-<model>/<time>/",
-                 "gat, gat_text, gears", "data: base, custom, hepg2, jurkat, k562"):
+    for text in (
+        "perturb_models: train and compare models for the PerturbQA benchmark",
+        "python train.py data=synthetic",
+        "ckpt_path=last",
+        "python evaluate.py",
+        "outputs/<task>/<data>-<task>-<model>/<time>/",
+        "gat, gat_text, gears",
+        "data: base, custom, hepg2, jurkat, k562",
+    ):
         assert text in proc.stdout, text
     assert "Powered by Hydra" not in proc.stdout
 

@@ -90,12 +90,15 @@ def test_evaluation_shards_cover_every_row_once_across_ranks(n):
     shards = [torch.cat(list(SplitBatchSampler(n, 8, shuffle=False, rank=r, world_size=3))) for r in range(3)]
     assert sorted(torch.cat(shards).tolist()) == list(range(n))
     assert [len(SplitBatchSampler(n, 8, shuffle=False, rank=r, world_size=3)) for r in range(3)] == [
-        int(np.ceil(len(s) / 8)) for s in shards]
+        int(np.ceil(len(s) / 8)) for s in shards
+    ]
 
 
 def test_training_shards_have_equal_length_across_ranks():
-    lengths = {len(torch.cat(list(SplitBatchSampler(97, 8, shuffle=True, rank=r, world_size=3, equal_shards=True))))
-               for r in range(3)}
+    lengths = {
+        len(torch.cat(list(SplitBatchSampler(97, 8, shuffle=True, rank=r, world_size=3, equal_shards=True))))
+        for r in range(3)
+    }
     assert lengths == {32}
 
 

@@ -19,14 +19,18 @@ KEYS = ["pert", "gene", "task"]
 
 @pytest.mark.parametrize("num_rows,batch_size,world_size", [(2730, 97, 2), (11, 4, 3), (5, 8, 2), (1000, 1000, 4)])
 def test_evaluation_shards_cover_every_pair_exactly_once(num_rows, batch_size, world_size):
-    shards = [torch.cat(list(SplitBatchSampler(num_rows, batch_size, shuffle=False, rank=r, world_size=world_size)))
-              for r in range(world_size)]
+    shards = [
+        torch.cat(list(SplitBatchSampler(num_rows, batch_size, shuffle=False, rank=r, world_size=world_size)))
+        for r in range(world_size)
+    ]
     rows = torch.cat(shards)
     assert len(rows) == num_rows and torch.equal(rows.sort().values, torch.arange(num_rows))
 
 
 def test_training_shards_are_equal_length_and_disjoint():
-    samplers = [SplitBatchSampler(1001, 64, shuffle=True, seed=3, rank=r, world_size=2, equal_shards=True) for r in range(2)]
+    samplers = [
+        SplitBatchSampler(1001, 64, shuffle=True, seed=3, rank=r, world_size=2, equal_shards=True) for r in range(2)
+    ]
     shards = [torch.cat(list(s)) for s in samplers]
     assert len(shards[0]) == len(shards[1]) == 500 and len(samplers[0]) == len(samplers[1])
     assert not set(shards[0].tolist()) & set(shards[1].tolist())
@@ -36,8 +40,17 @@ def test_training_shards_are_equal_length_and_disjoint():
 def test_ddp_sim_run_matches_single_process_evaluation_and_writes_each_prediction_once(tmp_path):
     run = tmp_path / "ddp"
     # eval_batch_size=97: several uneven batches per rank, so the padded gather is exercised.
-    run_script(["train.py", "trainer=ddp_sim", "data=synthetic", *FAST_CPU, "trainer.max_epochs=1",
-                "data.eval_batch_size=97", f"hydra.run.dir={run}"])
+    run_script(
+        [
+            "train.py",
+            "trainer=ddp_sim",
+            "data=synthetic",
+            *FAST_CPU,
+            "trainer.max_epochs=1",
+            "data.eval_batch_size=97",
+            f"hydra.run.dir={run}",
+        ]
+    )
     assert (run / "train_ddp_process_1.log").is_file(), "the second DDP process did not run"
     ddp_metrics = json.loads((run / "metrics.json").read_text())
     ddp_predictions = pd.read_csv(run / "predictions" / "test.csv")

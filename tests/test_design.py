@@ -11,11 +11,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from perturb_models.design import (DesignError, GOSimilarity, binary_entropy, design, mean_entropy,
-                                   pick_farthest_first, pick_representative, select_batch)
+from perturb_models.design import (
+    DesignError,
+    GOSimilarity,
+    binary_entropy,
+    design,
+    mean_entropy,
+    pick_farthest_first,
+    pick_representative,
+    select_batch,
+)
 from tests.conftest import REPO, compose_config
 from tests.test_predict import _train, query_world  # noqa: F401  (fixture: knowledge for the synthetic genes)
-
 
 
 def _benchmark():
@@ -29,6 +36,7 @@ def _benchmark():
 
 
 # ---- strategies ---------------------------------------------------------------------------------
+
 
 def _similarity(*sets):
     return GOSimilarity([frozenset(s) if s is not None else None for s in sets])
@@ -101,15 +109,22 @@ def test_mix_ends_are_coverage_and_uncertainty():
     sim = GOSimilarity([frozenset(rng.choice(list("abcdefgh"), size=2, replace=False)) for _ in range(30)])
     u, pool, measured = rng.random(30), np.arange(30), np.arange(5)
     kw = dict(uncertainty=u, similarity=sim)
-    assert list(select_batch("mix", 8, pool, measured, weight=0.0, **kw)) == list(select_batch("coverage", 8, pool, measured, **kw))
-    assert list(select_batch("mix", 8, pool, measured, weight=1.0, **kw)) == list(select_batch("uncertainty", 8, pool, measured, **kw))
+    assert list(select_batch("mix", 8, pool, measured, weight=0.0, **kw)) == list(
+        select_batch("coverage", 8, pool, measured, **kw)
+    )
+    assert list(select_batch("mix", 8, pool, measured, weight=1.0, **kw)) == list(
+        select_batch("uncertainty", 8, pool, measured, **kw)
+    )
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: select_batch("greedy", 3, np.arange(5), np.array([0])), "strategy=greedy: unknown"),
-    (lambda: select_batch("random", 0, np.arange(5), np.array([0])), "size=0"),
-    (lambda: select_batch("random", 2, np.arange(3), np.arange(3)), "pool of candidates is empty"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: select_batch("greedy", 3, np.arange(5), np.array([0])), "strategy=greedy: unknown"),
+        (lambda: select_batch("random", 0, np.arange(5), np.array([0])), "size=0"),
+        (lambda: select_batch("random", 2, np.arange(3), np.arange(3)), "pool of candidates is empty"),
+    ],
+)
 def test_bad_requests_are_one_line_errors(call, message):
     with pytest.raises(DesignError, match=message) as info:
         call()
@@ -118,8 +133,8 @@ def test_bad_requests_are_one_line_errors(call, message):
 
 # ---- the retrospective simulation ------------------------------------------------------------------
 
-def test_simulation_end_to_end_resumes_and_its_full_pool_round_is_train_py_knn(
-        synthetic_cfg, query_world, tmp_path):  # noqa: F811
+
+def test_simulation_end_to_end_resumes_and_its_full_pool_round_is_train_py_knn(synthetic_cfg, query_world, tmp_path):  # noqa: F811
     sim = _benchmark()
 
     knowledge = f"knowledge.root={query_world['knowledge']}"
@@ -155,7 +170,9 @@ def test_simulation_end_to_end_resumes_and_its_full_pool_round_is_train_py_knn(
     assert sim.simulate("synthetic", 0, strategies, fractions, target_genes=20, csv=csv, overrides=[knowledge]) == 1
     again = pd.read_csv(csv)
     redone = again.loc[(again["strategy"] == "uncertainty") & (again["round"] == 1)].sort_values("task")
-    np.testing.assert_allclose(redone["test_auroc_per_gene"], rows.loc[dropped].sort_values("task")["test_auroc_per_gene"])
+    np.testing.assert_allclose(
+        redone["test_auroc_per_gene"], rows.loc[dropped].sort_values("task")["test_auroc_per_gene"]
+    )
     # The document and its plot come from the CSV.
     doc, plot = tmp_path / "design.md", tmp_path / "design.png"
     text = sim.write_doc(csv, doc, plot)
@@ -164,6 +181,7 @@ def test_simulation_end_to_end_resumes_and_its_full_pool_round_is_train_py_knn(
 
 
 # ---- the command -----------------------------------------------------------------------------------
+
 
 def _design(run, out, *overrides):
     return design(compose_config("design", [f"ckpt_path={run}", *overrides], out))
@@ -195,15 +213,23 @@ def test_design_proposes_unmeasured_knockdowns_by_each_strategy(synthetic_cfg, q
 def test_design_command_line_bad_requests_are_one_line(synthetic_cfg, query_world, tmp_path):  # noqa: F811
     run = _train(synthetic_cfg, query_world, "knn", tmp_path)
     measured = json.loads((run / "split.json").read_text())["train_perts"][0]
-    for overrides, words in ((["perts=all_known", "strategy=greedy"], "strategy=greedy: unknown"),
-                             (["perts=all_known", "size=0"], "size=0"),
-                             ([f"perts=[{measured}]"], "pool of candidates is empty")):
-        result = subprocess.run([sys.executable, "design.py", f"ckpt_path={run}", *overrides,
-                                 f"hydra.run.dir={tmp_path / 'cli'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    for overrides, words in (
+        (["perts=all_known", "strategy=greedy"], "strategy=greedy: unknown"),
+        (["perts=all_known", "size=0"], "size=0"),
+        ([f"perts=[{measured}]"], "pool of candidates is empty"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "design.py", f"ckpt_path={run}", *overrides, f"hydra.run.dir={tmp_path / 'cli'}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 2, result.stderr[-2000:]
         errors = [line for line in (result.stdout + result.stderr).splitlines() if "error" in line.lower()]
         assert len(errors) == 1 and words in errors[0], errors
-    help_text = subprocess.run([sys.executable, "design.py", "--help"], cwd=REPO, capture_output=True, text=True,
-                               timeout=120).stdout
+    help_text = subprocess.run(
+        [sys.executable, "design.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    ).stdout
     for words in ("strategy", "uncertainty | coverage | representative | mix", "proposal.csv", "docs/design.md"):
         assert words in help_text, words

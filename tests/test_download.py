@@ -74,7 +74,9 @@ from contextlib import contextmanager
 from perturb_models.data import perturbqa
 from perturb_models.io import download, download_marker
 
-BODY = b"pert,gene,label,split\n" + b"".join(f"P{i},G{i},{i % 2},{'test' if i >= 150 else 'train'}\n".encode() for i in range(200))
+BODY = b"pert,gene,label,split\n" + b"".join(
+    f"P{i},G{i},{i % 2},{'test' if i >= 150 else 'train'}\n".encode() for i in range(200)
+)
 
 
 class Misbehaving(http.server.BaseHTTPRequestHandler):
@@ -141,17 +143,25 @@ def serve(mode: str, body: bytes = BODY):
         server.server_close()
 
 
-@pytest.mark.parametrize("mode, reason", [
-    ("html", "the server sent an HTML page, not the file"),
-    ("truncated", r"cut short: \d+ of \d+ bytes"),
-    ("drip", r"not finished after the 1 s allowed for one file \(\d+ bytes received\); set PERTURB_DOWNLOAD_DEADLINE to allow more"),
-    ("stall", r"the server sent nothing for 1 s after 0 bytes"),
-])
+@pytest.mark.parametrize(
+    "mode, reason",
+    [
+        ("html", "the server sent an HTML page, not the file"),
+        ("truncated", r"cut short: \d+ of \d+ bytes"),
+        (
+            "drip",
+            r"not finished after the 1 s allowed for one file \(\d+ bytes received\); set PERTURB_DOWNLOAD_DEADLINE to allow more",
+        ),
+        ("stall", r"the server sent nothing for 1 s after 0 bytes"),
+    ],
+)
 def test_bad_server_responses_are_refused_and_nothing_is_kept(tmp_path, mode, reason):
     dest = tmp_path / "jurkat-de.csv"
     started = time.monotonic()
     with serve(mode) as url:
-        with pytest.raises(DownloadError, match=rf"Could not download the file from {url}/f.csv \({reason}\); nothing was written"):
+        with pytest.raises(
+            DownloadError, match=rf"Could not download the file from {url}/f.csv \({reason}\); nothing was written"
+        ):
             download(f"{url}/f.csv", dest, what="the file", timeout=1.0, deadline=1.0)
     assert time.monotonic() - started < 10
     assert not list(tmp_path.iterdir()), "nothing may be left behind, not even a .part file"
@@ -206,7 +216,9 @@ def test_invalid_file_we_downloaded_is_moved_aside_and_downloaded_again(http_fol
 
 def test_invalid_published_file_that_we_did_not_download_is_reported_with_the_advice_to_delete_it(tmp_path):
     (tmp_path / "jurkat-de.csv").write_text("pert,gene,label,split\nP1,G1,7,train\n")
-    with pytest.raises(DataValidationError, match=r"jurkat-de.csv line 2: label '?7'? .*delete it and it will be downloaded again"):
+    with pytest.raises(
+        DataValidationError, match=r"jurkat-de.csv line 2: label '?7'? .*delete it and it will be downloaded again"
+    ):
         load_task_tables("jurkat", "de", root=tmp_path, base_url="http://127.0.0.1:9")
     assert (tmp_path / "jurkat-de.csv").is_file()
 

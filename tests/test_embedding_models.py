@@ -17,8 +17,12 @@ from tests.conftest import N_SYNTHETIC_GENES as N_GENES, module_word_knowledge
 
 
 def test_embedding_mlp_learns_unseen_perturbations_from_a_planted_table(synthetic_cfg, planted_table, tmp_path, caplog):
-    cfg = synthetic_cfg("model=embedding_mlp", "trainer.max_epochs=4", "model.encoder.embeddings.source=table",
-                        f"model.encoder.embeddings.path={planted_table}")
+    cfg = synthetic_cfg(
+        "model=embedding_mlp",
+        "trainer.max_epochs=4",
+        "model.encoder.embeddings.source=table",
+        f"model.encoder.embeddings.path={planted_table}",
+    )
     with caplog.at_level("INFO"):
         metrics = train(cfg)
     assert "180 of 200 vocab symbols have a vector, 20 missing" in caplog.text
@@ -31,8 +35,12 @@ def test_embedding_mlp_learns_unseen_perturbations_from_a_planted_table(syntheti
 def test_embedding_mlp_with_a_trained_projection_keeps_the_table_frozen(synthetic_cfg, planted_table):
     from perturb_models.builders import build_datamodule, build_model
 
-    cfg = synthetic_cfg("model=embedding_mlp", "model.encoder.embeddings.source=table",
-                        f"model.encoder.embeddings.path={planted_table}", "model.encoder.projection_dim=16")
+    cfg = synthetic_cfg(
+        "model=embedding_mlp",
+        "model.encoder.embeddings.source=table",
+        f"model.encoder.embeddings.path={planted_table}",
+        "model.encoder.projection_dim=16",
+    )
     dm = build_datamodule(cfg.data)
     dm.setup()
     model = build_model(cfg, dm)
@@ -62,8 +70,12 @@ def test_random_embedding_control_is_seeded_by_the_run_seed(synthetic_cfg):
 def test_logreg_is_one_linear_layer_producing_logits_and_learns(synthetic_cfg, planted_table):
     from perturb_models.builders import build_datamodule, build_model
 
-    cfg = synthetic_cfg("model=logreg", "trainer.max_epochs=3", "model.encoder.embeddings.source=table",
-                        f"model.encoder.embeddings.path={planted_table}")
+    cfg = synthetic_cfg(
+        "model=logreg",
+        "trainer.max_epochs=3",
+        "model.encoder.embeddings.source=table",
+        f"model.encoder.embeddings.path={planted_table}",
+    )
     dm = build_datamodule(cfg.data)
     dm.setup()
     model = build_model(cfg, dm)
@@ -74,16 +86,24 @@ def test_logreg_is_one_linear_layer_producing_logits_and_learns(synthetic_cfg, p
     # Additive in (perturbation, gene), it cannot express the planted pert x gene modules (global AUROC
     # ~0.5 here): the check is that it trains (weights leave their zero start) and is scored.
     assert np.isfinite(metrics["test/de_auroc_per_gene"])
-    state = torch.load(cfg.paths.output_dir + "/checkpoints/last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(cfg.paths.output_dir + "/checkpoints/last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
     weight = next(v for k, v in state.items() if k.endswith("linear.weight"))
     assert weight.shape == (dm.context.num_classes, 2 * 9) and weight.abs().sum() > 0
 
 
 @pytest.mark.text
-def test_embedding_mlp_trains_on_minilm_text_embeddings_of_hand_written_knowledge(synthetic_cfg, minilm_encoder, tmp_path,
-                                                                                  isolated_cache):
+def test_embedding_mlp_trains_on_minilm_text_embeddings_of_hand_written_knowledge(
+    synthetic_cfg, minilm_encoder, tmp_path, isolated_cache
+):
     knowledge = module_word_knowledge(tmp_path / "k")
-    cfg = synthetic_cfg("model=embedding_mlp", "trainer.max_epochs=4", f"model.encoder.embeddings.knowledge_root={knowledge}",
-                        "model.encoder.embeddings.allow_download=false", "model.encoder.embeddings.batch_size=256")
+    cfg = synthetic_cfg(
+        "model=embedding_mlp",
+        "trainer.max_epochs=4",
+        f"model.encoder.embeddings.knowledge_root={knowledge}",
+        "model.encoder.embeddings.allow_download=false",
+        "model.encoder.embeddings.batch_size=256",
+    )
     metrics = train(cfg)
     assert metrics["test/de_auroc_per_gene"] > 0.6

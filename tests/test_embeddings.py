@@ -14,8 +14,12 @@ from tests.knowledge_files import write_knowledge
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.knowledge import embeddings as emb
 from perturb_models.knowledge.embeddings import (
-    full_spec, gene_embedding_table, load_embedding_table, random_embedding_table,
-    table_for_symbols, text_embedding_table,
+    full_spec,
+    gene_embedding_table,
+    load_embedding_table,
+    random_embedding_table,
+    table_for_symbols,
+    text_embedding_table,
 )
 
 GENES = ["AAA1", "BBB2", "CCC3"]
@@ -26,13 +30,15 @@ def _context(symbols, dataset="toy"):
     return SimpleNamespace(vocab=GeneVocab(symbols), dataset=dataset, clusters={})
 
 
-@pytest.mark.parametrize("fmt", ["csv", "csv_header", "tsv", "npy", "npy_genes_arg", "pt", "pt_genes_embeddings", "pkl"])
+@pytest.mark.parametrize(
+    "fmt", ["csv", "csv_header", "tsv", "npy", "npy_genes_arg", "pt", "pt_genes_embeddings", "pkl"]
+)
 def test_table_loader_reads_each_format(tmp_path, fmt):
     genes_arg = None
     if fmt.startswith("csv") or fmt == "tsv":
         sep = "," if fmt.startswith("csv") else "\t"
         path = tmp_path / f"table.{fmt[:3]}"
-        lines = ([sep.join(["gene"] + [f"d{i}" for i in range(4)])] if fmt == "csv_header" else [])
+        lines = [sep.join(["gene"] + [f"d{i}" for i in range(4)])] if fmt == "csv_header" else []
         lines += [sep.join([g] + [repr(float(v)) for v in row]) for g, row in zip(GENES, MATRIX)]
         path.write_text("\n".join(lines) + "\n")
     elif fmt == "npy":
@@ -80,8 +86,9 @@ def test_table_loader_errors_name_the_problem(tmp_path):
 
 
 def test_missing_genes_are_zero_flagged_and_counted_and_clusters_average_their_members(tmp_path, caplog):
-    table = table_for_symbols(["AAA1", "ZZZ9", "1-cluster", "bbb2"], GENES, MATRIX,
-                              clusters={"1-cluster": ["AAA1", "CCC3", "NOPE"]})
+    table = table_for_symbols(
+        ["AAA1", "ZZZ9", "1-cluster", "bbb2"], GENES, MATRIX, clusters={"1-cluster": ["AAA1", "CCC3", "NOPE"]}
+    )
     assert table.missing() == ["ZZZ9"]
     np.testing.assert_array_equal(table.matrix[1], 0)
     np.testing.assert_allclose(table.matrix[2], (MATRIX[0] + MATRIX[2]) / 2)
@@ -117,8 +124,12 @@ def test_gene_embeddings_module_is_vocab_ordered_with_a_missing_flag(tmp_path):
 
     path = tmp_path / "t.pkl"
     path.write_bytes(pickle.dumps(dict(zip(GENES, MATRIX))))
-    genes = GeneEmbeddings(_context(["CCC3", "AAA1", "QQQ"]), full_spec({"source": "table", "path": str(path)}),
-                           missing="zero", standardize=False)
+    genes = GeneEmbeddings(
+        _context(["CCC3", "AAA1", "QQQ"]),
+        full_spec({"source": "table", "path": str(path)}),
+        missing="zero",
+        standardize=False,
+    )
     features = genes(torch.arange(3))
     assert features.dtype == torch.float32 and features.shape == (3, 5)
     np.testing.assert_allclose(features[0, :4].numpy(), MATRIX[2])
@@ -127,8 +138,11 @@ def test_gene_embeddings_module_is_vocab_ordered_with_a_missing_flag(tmp_path):
 
 @pytest.mark.text
 def test_minilm_loads_offline_and_gives_384_d_unit_vectors(minilm_encoder):
-    vectors = emb.encode_texts(["Gene KRAS: KRAS proto-oncogene, GTPase.", "Gene TP53: tumor protein p53."],
-                               progress=False, model=minilm_encoder)
+    vectors = emb.encode_texts(
+        ["Gene KRAS: KRAS proto-oncogene, GTPase.", "Gene TP53: tumor protein p53."],
+        progress=False,
+        model=minilm_encoder,
+    )
     assert vectors.shape == (2, 384) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, rtol=1e-4)
     assert not np.allclose(vectors[0], vectors[1])
@@ -136,8 +150,11 @@ def test_minilm_loads_offline_and_gives_384_d_unit_vectors(minilm_encoder):
 
 @pytest.mark.text
 def test_text_embeddings_are_cached_on_disk_and_keyed_by_the_recipe(minilm_encoder, tmp_path, monkeypatch):
-    knowledge = write_knowledge(tmp_path / "k", [(1, "AAA1", "", "alpha gene"), (2, "BBB2", "", "beta gene")],
-                                [(1, "GO:0000005", "IDA", "Function")])
+    knowledge = write_knowledge(
+        tmp_path / "k",
+        [(1, "AAA1", "", "alpha gene"), (2, "BBB2", "", "beta gene")],
+        [(1, "GO:0000005", "IDA", "Function")],
+    )
     spec = {"knowledge_root": str(knowledge), "allow_download": False, "cache_dir": str(tmp_path / "cache")}
     first = text_embedding_table(["AAA1", "BBB2", "NOPE"], spec, progress=False)
     assert first.matrix.shape == (3, 384) and first.found.tolist() == [True, True, False]

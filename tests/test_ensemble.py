@@ -16,12 +16,17 @@ from perturb_models.training import train
 from tests.conftest import FAST_CPU, compose_config
 
 # Two cheap members that need no knowledge files: the learned-embedding MLP and the random-vector control.
-TWO_MEMBERS = ["model=ensemble", "model.encoder.members=[mlp,random_embedding]",
-               "+model@model.encoder.catalog.random_embedding=random_embedding"]
+TWO_MEMBERS = [
+    "model=ensemble",
+    "model.encoder.members=[mlp,random_embedding]",
+    "+model@model.encoder.catalog.random_embedding=random_embedding",
+]
 
 
 def ensemble_cfg(run_dir, *overrides):
-    return compose_config("train", [*TWO_MEMBERS, "data=synthetic", *FAST_CPU, "trainer.max_epochs=2", *overrides], run_dir)
+    return compose_config(
+        "train", [*TWO_MEMBERS, "data=synthetic", *FAST_CPU, "trainer.max_epochs=2", *overrides], run_dir
+    )
 
 
 def weights_of(run_dir) -> torch.Tensor:
@@ -88,8 +93,13 @@ def test_evaluate_rebuilds_the_ensemble_from_its_checkpoint_with_identical_metri
 def test_ensemble_over_finished_member_runs_reuses_them_with_the_same_weights(ensemble_run, tmp_path):
     run, metrics = ensemble_run
     reused = tmp_path / "reused"
-    again = train(ensemble_cfg(reused, f"+model.encoder.member_runs.mlp={run / 'members' / 'mlp'}",
-                               f"+model.encoder.member_runs.random_embedding={run / 'members' / 'random_embedding'}"))
+    again = train(
+        ensemble_cfg(
+            reused,
+            f"+model.encoder.member_runs.mlp={run / 'members' / 'mlp'}",
+            f"+model.encoder.member_runs.random_embedding={run / 'members' / 'random_embedding'}",
+        )
+    )
     assert not (reused / "members").exists()  # nothing retrained
     assert torch.equal(weights_of(reused), weights_of(run))
     assert again["test/de_auroc_per_gene"] == pytest.approx(metrics["test/de_auroc_per_gene"], abs=1e-9)
@@ -98,8 +108,14 @@ def test_ensemble_over_finished_member_runs_reuses_them_with_the_same_weights(en
 def test_member_run_with_another_recipe_is_refused(ensemble_run, tmp_path):
     run, _ = ensemble_run
     with pytest.raises(ValueError, match="another encoder config than model.encoder.catalog.mlp"):
-        train(ensemble_cfg(tmp_path / "r", "model.encoder.members=[mlp]", "model.encoder.catalog.mlp.encoder.hidden_dim=32",
-                           f"+model.encoder.member_runs.mlp={run / 'members' / 'mlp'}"))
+        train(
+            ensemble_cfg(
+                tmp_path / "r",
+                "model.encoder.members=[mlp]",
+                "model.encoder.catalog.mlp.encoder.hidden_dim=32",
+                f"+model.encoder.member_runs.mlp={run / 'members' / 'mlp'}",
+            )
+        )
 
 
 @pytest.mark.parametrize("combiner", ["loglik", "rank"])
@@ -146,8 +162,18 @@ def test_ensemble_weights_do_not_change_when_test_labels_change(tmp_path):
     results = {}
     for variant in ("clean", "poisoned"):
         run = tmp_path / f"run-{variant}"
-        cfg = compose_config("train", [*TWO_MEMBERS, "data=custom", "data.name=toy", f"data.root={tmp_path / variant}",
-                                       *FAST_CPU, "trainer.max_epochs=2"], run)
+        cfg = compose_config(
+            "train",
+            [
+                *TWO_MEMBERS,
+                "data=custom",
+                "data.name=toy",
+                f"data.root={tmp_path / variant}",
+                *FAST_CPU,
+                "trainer.max_epochs=2",
+            ],
+            run,
+        )
         results[variant] = (train(cfg), weights_of(run))
     (clean, clean_weights), (poisoned, poisoned_weights) = results["clean"], results["poisoned"]
     assert torch.equal(clean_weights, poisoned_weights)
@@ -192,7 +218,10 @@ def test_the_guard_falls_back_to_the_best_member_where_the_combination_ranks_wor
     assert report["best_member"] == "ranker" and report["difference"][0] < 0
     assert report["fallback"] == "ranker"
     assert report["members"]["ranker"] > report["ensemble_crossfit"]
-    assert guarded_report("de", scores, label, gene, pert, ["calibrated", "ranker"], "loglik", guard=False)["fallback"] is None
+    assert (
+        guarded_report("de", scores, label, gene, pert, ["calibrated", "ranker"], "loglik", guard=False)["fallback"]
+        is None
+    )
     # The rank combination all but keeps the ranker's ranking: within the noise of it, far above loglik's.
     ranked = guarded_report("de", scores, label, gene, pert, ["calibrated", "ranker"], "rank")
     low, high = ranked["difference"][1:3]
@@ -210,5 +239,7 @@ def test_the_guard_and_the_predictions_agree(ensemble_run):
         assert len(report["difference"]) == 4
         if report["fallback"] is not None:  # that member answers alone for the task
             member = pd.read_csv(run / "members" / report["fallback"] / "predictions" / "test.csv")
-            merged = ours.loc[ours["task"] == task].merge(member, on=["pert", "gene", "task", "label"], suffixes=("", "_m"))
+            merged = ours.loc[ours["task"] == task].merge(
+                member, on=["pert", "gene", "task", "label"], suffixes=("", "_m")
+            )
             np.testing.assert_allclose(merged["score"], merged["score_m"], atol=1e-5)

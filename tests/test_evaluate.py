@@ -17,21 +17,26 @@ from tests.conftest import REPO, compose_config
 def test_evaluate_rebuilds_from_checkpoint_with_identical_metrics_and_predictions(synthetic_cfg, tmp_path):
     trained = train(synthetic_cfg("trainer.max_epochs=3"))
     run = tmp_path / "run"
-    cfg = compose_config("evaluate", [f"ckpt_path={run}/checkpoints/best.ckpt", "trainer.enable_progress_bar=false"],
-                         tmp_path / "eval")
+    cfg = compose_config(
+        "evaluate", [f"ckpt_path={run}/checkpoints/best.ckpt", "trainer.enable_progress_bar=false"], tmp_path / "eval"
+    )
     evaluated = evaluate(cfg)
     for key, value in trained.items():
         if key.startswith("test/"):
             assert evaluated[key] == pytest.approx(value, abs=0, nan_ok=True), key
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == {
-        k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k.startswith("test/")}
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "eval" / "predictions" / "test.csv"),
-                                  pd.read_csv(run / "predictions" / "test.csv"))
+        k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k.startswith("test/")
+    }
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "eval" / "predictions" / "test.csv"), pd.read_csv(run / "predictions" / "test.csv")
+    )
 
 
 def test_evaluate_accepts_a_run_folder_and_rejects_a_foreign_file(synthetic_cfg, tmp_path):
     train(synthetic_cfg("trainer.max_epochs=1"))
-    cfg = compose_config("evaluate", [f"ckpt_path={tmp_path / 'run'}", "trainer.enable_progress_bar=false"], tmp_path / "eval")
+    cfg = compose_config(
+        "evaluate", [f"ckpt_path={tmp_path / 'run'}", "trainer.enable_progress_bar=false"], tmp_path / "eval"
+    )
     assert "test/de_auroc_per_gene" in evaluate(cfg)
     import torch
 
@@ -43,8 +48,11 @@ def test_evaluate_accepts_a_run_folder_and_rejects_a_foreign_file(synthetic_cfg,
 
 def test_evaluate_logs_the_test_metrics_to_the_chosen_logger(synthetic_cfg, tmp_path):
     train(synthetic_cfg("trainer.max_epochs=1"))
-    cfg = compose_config("evaluate", [f"ckpt_path={tmp_path / 'run'}", "logger=csv", "trainer.enable_progress_bar=false"],
-                         tmp_path / "eval")
+    cfg = compose_config(
+        "evaluate",
+        [f"ckpt_path={tmp_path / 'run'}", "logger=csv", "trainer.enable_progress_bar=false"],
+        tmp_path / "eval",
+    )
     evaluated = evaluate(cfg)
     logged = pd.read_csv(tmp_path / "eval" / "csv" / "metrics.csv")
     # test metrics are logged once, by the test loop, as test/... (final/ holds the validation metrics)
@@ -67,7 +75,9 @@ def test_comparison_table_has_one_row_per_run(synthetic_cfg, tmp_path):
     runs = two_seeds(synthetic_cfg, tmp_path)
     table = compare_runs(runs, tmp_path / "cmp")
     assert list(table["seed"]) == [0, 1]
-    assert {"model", "dataset", "task", "de_auroc_per_gene", "de_genes_scored", "dir_auroc_per_gene"} <= set(table.columns)
+    assert {"model", "dataset", "task", "de_auroc_per_gene", "de_genes_scored", "dir_auroc_per_gene"} <= set(
+        table.columns
+    )
     assert (tmp_path / "cmp" / "comparison.md").read_text().startswith("| run | model | dataset |")
     assert len(pd.read_csv(tmp_path / "cmp" / "comparison.csv")) == 2
 
@@ -82,7 +92,9 @@ def test_comparison_gives_intervals_and_paired_differences_against_the_reference
         # the reference run is compared with nobody; the other run's difference is its own minus the reference's
         assert math.isnan(reference[f"{task}_difference"]) and reference["reference"] == ""
         assert first["reference"] == str(runs[1])
-        assert first[f"{task}_difference"] == pytest.approx(first[f"{task}_auroc_per_gene"] - reference[f"{task}_auroc_per_gene"])
+        assert first[f"{task}_difference"] == pytest.approx(
+            first[f"{task}_auroc_per_gene"] - reference[f"{task}_auroc_per_gene"]
+        )
         assert first[f"{task}_difference_low"] <= first[f"{task}_difference"] <= first[f"{task}_difference_high"]
         assert 0 < first[f"{task}_p_value"] <= 1
     shown = (tmp_path / "cmp" / "comparison.md").read_text()
@@ -109,9 +121,16 @@ def test_command_line_train_then_evaluate(tmp_path):
     result = subprocess.run(train_cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/de_auroc_per_gene" in result.stdout
-    eval_cmd = [sys.executable, "evaluate.py", f"ckpt_path={run}/checkpoints/best.ckpt", f"hydra.run.dir={out}",
-                *common]
+    eval_cmd = [
+        sys.executable,
+        "evaluate.py",
+        f"ckpt_path={run}/checkpoints/best.ckpt",
+        f"hydra.run.dir={out}",
+        *common,
+    ]
     result = subprocess.run(eval_cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "metrics.json").read_text())["test/de_auroc_per_gene"] == \
-        json.loads((run / "metrics.json").read_text())["test/de_auroc_per_gene"]
+    assert (
+        json.loads((out / "metrics.json").read_text())["test/de_auroc_per_gene"]
+        == json.loads((run / "metrics.json").read_text())["test/de_auroc_per_gene"]
+    )

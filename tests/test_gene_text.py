@@ -15,9 +15,15 @@ GENE2GO_HEADER = "#tax_id\tGeneID\tGO_ID\tEvidence\tQualifier\tGO_term\tPubMed\t
 
 @pytest.fixture
 def knowledge(tmp_path):
-    folder = write_knowledge(tmp_path / "k", [(1, "AAA1", "OLDA|'OLDA|A-ONE", "alpha gene one"),
-                                              (2, "BBB2", "", "beta gene two"),
-                                              (3, "CCC3", "", "gamma gene")], [])
+    folder = write_knowledge(
+        tmp_path / "k",
+        [
+            (1, "AAA1", "OLDA|'OLDA|A-ONE", "alpha gene one"),
+            (2, "BBB2", "", "beta gene two"),
+            (3, "CCC3", "", "gamma gene"),
+        ],
+        [],
+    )
     rows = [  # GeneID, GO id, qualifier, term name, category
         (1, "GO:0000002", "-", "zeta process", "Process"),
         (1, "GO:0000001", "-", "alpha process", "Process"),
@@ -25,8 +31,10 @@ def knowledge(tmp_path):
         (1, "GO:0000007", "-", "nucleus", "Component"),
         (1, "GO:0000006", "NOT", "forbidden activity", "Function"),
         (2, "GO:0000005", "-", "kinase activity", "Function"),
-        *[(3, f"GO:00001{i:02d}", "-", f"{name} process", "Process")
-          for i, name in enumerate(["zeta", "alpha", "beta", "delta", "epsilon", "gamma"])],
+        *[
+            (3, f"GO:00001{i:02d}", "-", f"{name} process", "Process")
+            for i, name in enumerate(["zeta", "alpha", "beta", "delta", "epsilon", "gamma"])
+        ],
         (3, "GO:0000005", "-", "kinase activity", "Function"),
         (3, "GO:0000007", "-", "nucleus", "Component"),
     ]
@@ -38,9 +46,11 @@ def knowledge(tmp_path):
 
 def test_text_names_symbol_full_name_clean_synonyms_and_go_terms_in_alphabetical_order(knowledge):
     texts = build_gene_texts(["AAA1", "BBB2"], knowledge, allow_download=False).texts
-    assert texts["AAA1"] == ("Gene AAA1: alpha gene one. Also known as OLDA, A-ONE. Type: protein coding. "
-                             "Biological processes: alpha process, zeta process. Molecular functions: kinase activity. "
-                             "Cellular components: nucleus.")
+    assert texts["AAA1"] == (
+        "Gene AAA1: alpha gene one. Also known as OLDA, A-ONE. Type: protein coding. "
+        "Biological processes: alpha process, zeta process. Molecular functions: kinase activity. "
+        "Cellular components: nucleus."
+    )
     assert texts["BBB2"].endswith("Molecular functions: kinase activity.")
 
 
@@ -70,8 +80,10 @@ def test_length_budget_cuts_at_term_boundaries_and_keeps_every_aspect(knowledge)
     full = build_gene_texts(["CCC3"], knowledge, allow_download=False).texts["CCC3"]
     short = build_gene_texts(["CCC3"], knowledge, TextRecipe(max_chars=160), allow_download=False).texts["CCC3"]
     assert len(short) <= 160 < len(full)
-    assert short == ("Gene CCC3: gamma gene. Type: protein coding. Biological processes: alpha process. "
-                     "Molecular functions: kinase activity. Cellular components: nucleus.")
+    assert short == (
+        "Gene CCC3: gamma gene. Type: protein coding. Biological processes: alpha process. "
+        "Molecular functions: kinase activity. Cellular components: nucleus."
+    )
 
 
 def test_text_is_deterministic_and_recipe_version_tracks_parameters(knowledge):
@@ -86,9 +98,16 @@ def test_text_is_deterministic_and_recipe_version_tracks_parameters(knowledge):
 
 
 def test_clusters_get_their_name_and_sorted_members(knowledge):
-    texts = build_gene_texts(["AAA1", "12-oxidative phosphorylation"], knowledge,
-                             clusters={"12-oxidative phosphorylation": ["BBB2", "AAA1"]}, allow_download=False)
-    assert texts.texts["12-oxidative phosphorylation"] == "Gene cluster oxidative phosphorylation. Member genes: AAA1, BBB2."
+    texts = build_gene_texts(
+        ["AAA1", "12-oxidative phosphorylation"],
+        knowledge,
+        clusters={"12-oxidative phosphorylation": ["BBB2", "AAA1"]},
+        allow_download=False,
+    )
+    assert (
+        texts.texts["12-oxidative phosphorylation"]
+        == "Gene cluster oxidative phosphorylation. Member genes: AAA1, BBB2."
+    )
     assert texts.has_knowledge["12-oxidative phosphorylation"]
     assert len(cluster_text("1-x", [f"G{i}" for i in range(500)], TextRecipe(max_chars=100))) <= 100
 

@@ -18,12 +18,20 @@ from perturb_models.training import train
 from tests.conftest import compose_config
 from tests.script_runner import run_script
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pytest -m gpu on a GPU machine)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pytest -m gpu on a GPU machine)"),
+]
 
 GPU = ["logger=none", "trainer=gpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-SMALL = ["data=synthetic", "data.synthetic.n_genes=80", "data.synthetic.n_perts=60",
-         "data.synthetic.negatives_per_pert=12", "data.batch_size=64", "data.eval_batch_size=256"]
+SMALL = [
+    "data=synthetic",
+    "data.synthetic.n_genes=80",
+    "data.synthetic.n_perts=60",
+    "data.synthetic.negatives_per_pert=12",
+    "data.batch_size=64",
+    "data.eval_batch_size=256",
+]
 TINY_LLM = ["model=lora_llama_tiny", "data.task=joint", "trainer.max_epochs=2", *SMALL]
 
 
@@ -34,7 +42,9 @@ def cache(isolated_cache):
 
 def _evaluate(run, out, accelerator: str) -> dict:
     hardware = ["trainer=gpu"] if accelerator == "gpu" else ["trainer.accelerator=cpu"]
-    return evaluate(compose_config("evaluate", [f"ckpt_path={run}", *hardware, "trainer.enable_progress_bar=false"], out))
+    return evaluate(
+        compose_config("evaluate", [f"ckpt_path={run}", *hardware, "trainer.enable_progress_bar=false"], out)
+    )
 
 
 def test_bf16_mixed_training_and_evaluate_round_trip(tmp_path, cache):
@@ -60,7 +70,7 @@ def test_fused_adamw_on_cuda_parameters_steps_like_the_unfused_one():
         assert optimizer.defaults["fused"] is (fused is None)  # CUDA parameters: fused by default
         for _ in range(5):
             optimizer.zero_grad()
-            (param ** 2).sum().backward()
+            (param**2).sum().backward()
             optimizer.step()
         results.append(param.detach())
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
@@ -95,8 +105,19 @@ def test_knn_prior_step_zero_is_knn_on_gpu(cache):
 
 def test_ddp_strategy_on_one_gpu(tmp_path):
     run = tmp_path / "ddp"
-    run_script(["train.py", "trainer=ddp", "trainer.devices=1", "model=mlp", "trainer.max_epochs=1", "logger=none",
-                "trainer.enable_progress_bar=false", *SMALL, f"hydra.run.dir={run}"])
+    run_script(
+        [
+            "train.py",
+            "trainer=ddp",
+            "trainer.devices=1",
+            "model=mlp",
+            "trainer.max_epochs=1",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            *SMALL,
+            f"hydra.run.dir={run}",
+        ]
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["test/de_auroc_per_gene"] <= 1.0
     assert json.loads((run / "run.json").read_text())["status"] == "completed"

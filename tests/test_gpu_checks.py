@@ -21,13 +21,18 @@ def _load_gpu_checks():
 
 @pytest.mark.slow
 @pytest.mark.llm
-def test_gpu_checks_rehearsal_runs_every_check_and_fits_each_device_call(tmp_path, perturbqa_root, knowledge_root,
-                                                                         smollm2_installed):
+def test_gpu_checks_rehearsal_runs_every_check_and_fits_each_device_call(
+    tmp_path, perturbqa_root, knowledge_root, smollm2_installed
+):
     out = tmp_path / "rehearsal"
     # 4 minutes rather than the default 2: a loaded CI machine must not cut a check.
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_checks.py", "rehearse", "--out", str(out), "--budget-min", "4"],
-                          cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_checks.py", "rehearse", "--out", str(out), "--budget-min", "4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # The device calls are printed as they would be sent, each under the 64 MiB a call may carry.
     assert proc.stdout.count("--part 1") == 1 and proc.stdout.count("--part 2") == 1
@@ -36,8 +41,13 @@ def test_gpu_checks_rehearsal_runs_every_check_and_fits_each_device_call(tmp_pat
     part1 = json.loads((out / "part1" / "gpu.json").read_text())
     part2 = json.loads((out / "part2" / "gpu.json").read_text())
     status1 = {c["name"]: c["status"] for c in part1["checks"]}
-    assert status1 == {"environment": "ok", "lora_tiny": "ok", "framework_mlp": "ok", "framework_gears": "ok",
-                       "pytest_gpu": "ok"}, status1
+    assert status1 == {
+        "environment": "ok",
+        "lora_tiny": "ok",
+        "framework_mlp": "ok",
+        "framework_gears": "ok",
+        "pytest_gpu": "ok",
+    }, status1
     ratio = {c["name"]: c["figures"] for c in part1["checks"]}["framework_mlp"]
     assert ratio["plain_pairs_per_s"] > 0 and ratio["ratio"] > 0
     # Part 2 put the GGUF back together from the two halves, byte for byte.
@@ -53,18 +63,22 @@ def test_gpu_checks_rehearsal_runs_every_check_and_fits_each_device_call(tmp_pat
 def test_gpu_doc_is_generated_from_the_results_file():
     gpu_checks = _load_gpu_checks()
     stored = json.loads(gpu_checks.RESULTS_JSON.read_text()) if gpu_checks.RESULTS_JSON.is_file() else {"leases": []}
-    assert gpu_checks.GPU_DOC.read_text() == gpu_checks.doc_text(stored), \
+    assert gpu_checks.GPU_DOC.read_text() == gpu_checks.doc_text(stored), (
         "docs/gpu.md differs from benchmarks/results/gpu.json: run python benchmarks/gpu_checks.py doc"
+    )
 
 
 def test_a_budget_cut_check_is_recorded_as_cut_and_earlier_figures_stay(tmp_path):
     gpu_checks = _load_gpu_checks()
     lease = gpu_checks.Lease(1, tmp_path / "out", tmp_path / "bundle", gpu_checks.Budget(0.05), rehearse=True)
     lease.record("first", "ok", 1.0, "true", {"figure": 1})
-    entry = lease.command("sleeper", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
-                          estimate=0)
+    entry = lease.command(
+        "sleeper", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"], estimate=0
+    )
     assert entry["status"] == "cut" and entry["seconds"] < 10 and "started" in entry["error"]
     saved = json.loads((tmp_path / "out" / "gpu.json").read_text())
-    assert [c["name"] for c in saved["checks"]] == ["first", "sleeper"] and saved["checks"][0]["figures"] == {"figure": 1}
+    assert [c["name"] for c in saved["checks"]] == ["first", "sleeper"] and saved["checks"][0]["figures"] == {
+        "figure": 1
+    }
     skipped = lease.command("late", [sys.executable, "-c", "pass"], estimate=60)
     assert skipped["status"] == "skipped"

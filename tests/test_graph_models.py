@@ -37,8 +37,12 @@ def planted_knowledge(tmp_path, isolated_cache):
 
 
 def test_gat_learns_unseen_perturbations_from_the_go_graph_alone(synthetic_cfg, planted_knowledge, caplog):
-    cfg = synthetic_cfg("model=gat", "~model.encoder.graphs.coresponse", "trainer.max_epochs=6",
-                        f"model.encoder.graphs.go.knowledge_root={planted_knowledge}")
+    cfg = synthetic_cfg(
+        "model=gat",
+        "~model.encoder.graphs.coresponse",
+        "trainer.max_epochs=6",
+        f"model.encoder.graphs.go.knowledge_root={planted_knowledge}",
+    )
     with caplog.at_level("INFO"):
         metrics = train(cfg)
     assert "gat: 0 of 200 genes have no edge" in caplog.text
@@ -49,11 +53,19 @@ def test_gat_learns_unseen_perturbations_from_the_go_graph_alone(synthetic_cfg, 
 def test_gat_counts_genes_missing_from_every_graph_as_isolated(synthetic_cfg, planted_knowledge, tmp_path, caplog):
     # Knowledge for the first 150 genes only: the other 50 have no GO edge and (threshold 1.1) no co-response edge.
     from tests.knowledge_files import write_knowledge as write
+
     partial = tmp_path / "partial"
-    write(partial, [(i + 1, f"SYN{i:04d}", "", "") for i in range(150)],
-          [(i + 1, f"GO:10000{i % 8:02d}", "IDA", "Process") for i in range(150)])
-    cfg = synthetic_cfg("model=gat", "trainer.max_epochs=1", f"model.encoder.graphs.go.knowledge_root={partial}",
-                        "model.encoder.graphs.coresponse.threshold=1.1")
+    write(
+        partial,
+        [(i + 1, f"SYN{i:04d}", "", "") for i in range(150)],
+        [(i + 1, f"GO:10000{i % 8:02d}", "IDA", "Process") for i in range(150)],
+    )
+    cfg = synthetic_cfg(
+        "model=gat",
+        "trainer.max_epochs=1",
+        f"model.encoder.graphs.go.knowledge_root={partial}",
+        "model.encoder.graphs.coresponse.threshold=1.1",
+    )
     with caplog.at_level("INFO"):
         metrics = train(cfg)
     assert "gat: 50 of 200 genes have no edge in any graph" in caplog.text
@@ -61,8 +73,9 @@ def test_gat_counts_genes_missing_from_every_graph_as_isolated(synthetic_cfg, pl
 
 
 def test_gears_trains_with_go_for_perturbations_and_coresponse_for_genes(synthetic_cfg, planted_knowledge, tmp_path):
-    cfg = synthetic_cfg("model=gears", "trainer.max_epochs=6",
-                        f"model.encoder.pert_graphs.go.knowledge_root={planted_knowledge}")
+    cfg = synthetic_cfg(
+        "model=gears", "trainer.max_epochs=6", f"model.encoder.pert_graphs.go.knowledge_root={planted_knowledge}"
+    )
     metrics = train(cfg)
     assert metrics["test/de_auroc_per_gene"] > 0.6
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
@@ -73,19 +86,34 @@ def noise_knowledge(tmp_path):
     """gene_info + gene2go for the synthetic genes with noise GO terms only: a graph that knows nothing
     of the planted modules."""
     rng = np.random.default_rng(2)
-    annotations = [(i + 1, f"GO:20000{noise:02d}", "IDA", "Function")
-                   for i in range(200) for noise in rng.choice(40, size=2, replace=False)]
-    return write_knowledge(tmp_path / "noise_knowledge", [(i + 1, f"SYN{i:04d}", "", "") for i in range(200)], annotations)
+    annotations = [
+        (i + 1, f"GO:20000{noise:02d}", "IDA", "Function")
+        for i in range(200)
+        for noise in rng.choice(40, size=2, replace=False)
+    ]
+    return write_knowledge(
+        tmp_path / "noise_knowledge", [(i + 1, f"SYN{i:04d}", "", "") for i in range(200)], annotations
+    )
 
 
-def test_gat_node_features_carry_what_an_uninformative_graph_lacks(synthetic_cfg, noise_knowledge, planted_table,
-                                                                    tmp_path, caplog):
-    base = ["model=gat", "~model.encoder.graphs.coresponse", "trainer.max_epochs=6",
-            f"model.encoder.graphs.go.knowledge_root={noise_knowledge}"]
+def test_gat_node_features_carry_what_an_uninformative_graph_lacks(
+    synthetic_cfg, noise_knowledge, planted_table, tmp_path, caplog
+):
+    base = [
+        "model=gat",
+        "~model.encoder.graphs.coresponse",
+        "trainer.max_epochs=6",
+        f"model.encoder.graphs.go.knowledge_root={noise_knowledge}",
+    ]
     without = train(synthetic_cfg(*base, output_dir=tmp_path / "without"))
     with caplog.at_level("INFO"):
-        featured = train(synthetic_cfg(*base, f"model.encoder.node_features={{source:table,path:{planted_table}}}",
-                                       output_dir=tmp_path / "with"))
+        featured = train(
+            synthetic_cfg(
+                *base,
+                f"model.encoder.node_features={{source:table,path:{planted_table}}}",
+                output_dir=tmp_path / "with",
+            )
+        )
     assert "graph node features: table:" in caplog.text and "20 of 200 genes without a vector" in caplog.text
     assert featured["test/de_auroc_per_gene"] > 0.8
     assert featured["test/de_auroc_per_gene"] > without["test/de_auroc_per_gene"] + 0.2
@@ -96,12 +124,17 @@ def test_gat_node_features_carry_what_an_uninformative_graph_lacks(synthetic_cfg
 
 
 @pytest.mark.text
-def test_gears_trains_with_minilm_text_node_features_shared_by_both_branches(synthetic_cfg, minilm_encoder, tmp_path,
-                                                                            isolated_cache):
+def test_gears_trains_with_minilm_text_node_features_shared_by_both_branches(
+    synthetic_cfg, minilm_encoder, tmp_path, isolated_cache
+):
     knowledge = module_word_knowledge(tmp_path / "k", go_noise=True)
-    cfg = synthetic_cfg("model=gears", "trainer.max_epochs=4", f"model.encoder.pert_graphs.go.knowledge_root={knowledge}",
-                        "model.encoder.pert_graphs.go.allow_download=false",
-                        f"model.encoder.node_features={{source:text,knowledge_root:{knowledge},allow_download:false}}")
+    cfg = synthetic_cfg(
+        "model=gears",
+        "trainer.max_epochs=4",
+        f"model.encoder.pert_graphs.go.knowledge_root={knowledge}",
+        "model.encoder.pert_graphs.go.allow_download=false",
+        f"model.encoder.node_features={{source:text,knowledge_root:{knowledge},allow_download:false}}",
+    )
     metrics = train(cfg)
     state = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=False)["state_dict"]
     assert [k for k in state if k.endswith("node_features.table")] == ["encoder.node_features.table"]
@@ -112,8 +145,9 @@ def test_gears_trains_with_minilm_text_node_features_shared_by_both_branches(syn
 def test_gears_perturbation_branch_without_self_leaves_out_its_own_learned_vector_not_its_features():
     # A path 0 - 1 - 2 plus an isolated gene 3: with include_self=False and one hop, node 1's state is
     # made of nodes 0 and 2's vectors (and its own fixed features), so its own learned vector changes nothing.
-    graph = GeneGraph(4, torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]]), torch.zeros(4, dtype=torch.long),
-                      torch.ones(4), ["toy"])
+    graph = GeneGraph(
+        4, torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]]), torch.zeros(4, dtype=torch.long), torch.ones(4), ["toy"]
+    )
     torch.manual_seed(0)
     branch = SGBranch(graph, dim=8, hops=1, name="toy", include_self=False)
     before = branch()
@@ -150,8 +184,13 @@ def test_node_feature_spec_accepts_a_source_name_or_a_mapping_and_names_bad_keys
 
 
 def test_knn_needs_no_training_and_round_trips_through_evaluate(synthetic_cfg, tmp_path):
-    cfg = synthetic_cfg("model=knn", "~model.encoder.graphs.go", "+graph@model.encoder.graphs.coresponse=coresponse",
-                        "model.encoder.graphs.coresponse.candidates=train_perts", "trainer.max_epochs=5")
+    cfg = synthetic_cfg(
+        "model=knn",
+        "~model.encoder.graphs.go",
+        "+graph@model.encoder.graphs.coresponse=coresponse",
+        "model.encoder.graphs.coresponse.candidates=train_perts",
+        "trainer.max_epochs=5",
+    )
     metrics = train(cfg)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["epochs"] == 1  # one pass writes the checkpoint; nothing to fit
@@ -168,10 +207,19 @@ def tiny_knn(monkeypatch, symbols, rows, similarities, k):
     vocab = GeneVocab(symbols)
     pairs = pd.DataFrame(rows, columns=["pert", "gene", "de", "dir"])
     pairs["pert_idx"], pairs["gene_idx"] = vocab.encode(pairs["pert"]), vocab.encode(pairs["gene"])
-    context = SimpleNamespace(num_classes=2, num_genes=len(symbols), vocab=vocab, train_perts=("A", "B"),
-                              train_pairs=pairs, task="de", dataset="tiny", clusters={})
-    graph = GeneGraph(len(symbols), torch.tensor([[0, 1], [2, 2]]), torch.zeros(2, dtype=torch.long),
-                      torch.tensor(similarities))
+    context = SimpleNamespace(
+        num_classes=2,
+        num_genes=len(symbols),
+        vocab=vocab,
+        train_perts=("A", "B"),
+        train_pairs=pairs,
+        task="de",
+        dataset="tiny",
+        clusters={},
+    )
+    graph = GeneGraph(
+        len(symbols), torch.tensor([[0, 1], [2, 2]]), torch.zeros(2, dtype=torch.long), torch.tensor(similarities)
+    )
     monkeypatch.setattr("perturb_models.models.knn.build_graphs", lambda specs, ctx: graph)
     return KNNEncoder(context, graphs={"x": {}}, k=k, shrinkage=1.0, prior_strength=0.0)
 

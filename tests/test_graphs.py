@@ -11,7 +11,12 @@ from tests.knowledge_files import write_knowledge
 from perturb_models.data.datamodule import PerturbQADataModule
 from perturb_models.data.synthetic import make_synthetic_tables
 from perturb_models.knowledge.graphs import (
-    GeneGraph, build_graph, build_graphs, combine_graphs, go_similarity_graph, topk_similarity_edges,
+    GeneGraph,
+    build_graph,
+    build_graphs,
+    combine_graphs,
+    go_similarity_graph,
+    topk_similarity_edges,
 )
 from scipy import sparse
 
@@ -43,10 +48,16 @@ def test_cosine_topk_never_links_a_row_to_itself():
 
 GENES = [(1, "GA", "OLDA", ""), (2, "GB", "", ""), (3, "GC", "", ""), (4, "GD", "", ""), (5, "GE", "", "")]
 # Hand-written annotations on the tiny ontology of knowledge_files.OBO_TEXT.
-ANNOTATIONS = [(1, "GO:0000002", "IDA", "Process"), (1, "GO:0000005", "IDA", "Function"),
-               (2, "GO:0000002", "IEA", "Process"), (2, "GO:0000005", "IDA", "Function"),
-               (3, "GO:0000001", "IDA", "Process"), (3, "GO:0000007", "IDA", "Component"),
-               (4, "GO:0000007", "IDA", "Component"), (4, "GO:0000006", "IDA", "Function")]
+ANNOTATIONS = [
+    (1, "GO:0000002", "IDA", "Process"),
+    (1, "GO:0000005", "IDA", "Function"),
+    (2, "GO:0000002", "IEA", "Process"),
+    (2, "GO:0000005", "IDA", "Function"),
+    (3, "GO:0000001", "IDA", "Process"),
+    (3, "GO:0000007", "IDA", "Component"),
+    (4, "GO:0000007", "IDA", "Component"),
+    (4, "GO:0000006", "IDA", "Function"),
+]
 
 
 class Ctx:
@@ -54,6 +65,7 @@ class Ctx:
 
     def __init__(self, symbols, dataset="tiny"):
         from perturb_models.data.vocab import GeneVocab
+
         self.vocab = GeneVocab(symbols)
         self.dataset = dataset
         self.clusters = {}
@@ -66,7 +78,14 @@ class Ctx:
 def test_go_graph_from_files_resolves_synonyms_filters_aspects_and_evidence(tmp_path):
     root = write_knowledge(tmp_path / "kn", GENES, ANNOTATIONS)
     ctx = Ctx(["GB", "GC", "GD", "NOPE", "OLDA"])  # OLDA is GA's old name
-    base = {"kind": "go", "top_k": 5, "threshold": 0.1, "knowledge_root": str(root), "cache": False, "exclude_evidence": []}
+    base = {
+        "kind": "go",
+        "top_k": 5,
+        "threshold": 0.1,
+        "knowledge_root": str(root),
+        "cache": False,
+        "exclude_evidence": [],
+    }
     graph = build_graph(base, ctx)
     # OLDA(=GA) and GB share both terms (J=1); GC-GD share GO:0000007 (J=1/3).
     assert edges(graph) == {(4, 0): 1.0, (0, 4): 1.0, (2, 1): 0.3333, (1, 2): 0.3333}
@@ -86,8 +105,14 @@ def test_go_graph_from_files_resolves_synonyms_filters_aspects_and_evidence(tmp_
 def test_go_kg_links_genes_to_terms_and_drops_hub_terms(tmp_path):
     root = write_knowledge(tmp_path / "kn", GENES, ANNOTATIONS)
     ctx = Ctx(["GA", "GB", "GC", "GD"])
-    spec = {"kind": "go_kg", "max_term_degree": 2, "min_term_degree": 1, "knowledge_root": str(root), "cache": False,
-            "exclude_evidence": []}
+    spec = {
+        "kind": "go_kg",
+        "max_term_degree": 2,
+        "min_term_degree": 1,
+        "knowledge_root": str(root),
+        "cache": False,
+        "exclude_evidence": [],
+    }
     graph = build_graph(spec, ctx)
     assert set(graph.extra_nodes) == {"GO:0000001", "GO:0000002", "GO:0000005", "GO:0000006", "GO:0000007"}
     node = {t: 4 + i for i, t in enumerate(graph.extra_nodes)}
@@ -138,6 +163,7 @@ def test_coresponse_graph_changes_when_training_labels_change(tmp_path):
     pairs["de"] = 1 - pairs["de"]
     pairs["dir"] = np.where(pairs["de"] == 1, 1, -1)
     from dataclasses import replace
+
     g2 = build_graph(spec, replace(dm.context, train_pairs=pairs))
     assert not (g1.num_edges == g2.num_edges and torch.equal(g1.edge_index, g2.edge_index))
 
@@ -149,8 +175,10 @@ def test_graphs_are_cached_by_their_parameters_and_combined_with_one_edge_type_p
     annotations = [(i + 1, f"GO:000000{1 + i % 7}", "IDA", "Process") for i in range(len(genes))]
     write_knowledge(root, genes, annotations)
     cache = tmp_path / "cache"
-    specs = {"go": {"kind": "go", "knowledge_root": str(root), "cache_dir": str(cache), "exclude_evidence": []},
-             "coresponse": {"kind": "coresponse", "cache_dir": str(cache)}}
+    specs = {
+        "go": {"kind": "go", "knowledge_root": str(root), "cache_dir": str(cache), "exclude_evidence": []},
+        "coresponse": {"kind": "coresponse", "cache_dir": str(cache)},
+    }
     combined = build_graphs(specs, dm.context)
     assert len(list(cache.glob("*.pt"))) == 2
     assert combined.relations == ["go:go_similarity", "coresponse:coresponse"]
@@ -174,12 +202,19 @@ def test_embedding_graph_links_each_gene_to_its_nearest_vectors_and_is_not_cache
     table = tmp_path / "vectors.csv"
     # GA~GB and GC~GD (cosine ~0.99); the two pairs orthogonal; GE has no vector.
     table.write_text("GA,1,0.1,0\nGB,1,0,0.1\nGC,0,0,1\nGD,0.1,0,1\n")
-    spec = {"kind": "embedding", "embeddings": {"source": "table", "path": str(table)}, "top_k": 1,
-            "threshold": 0.5, "cache_dir": str(tmp_path / "cache")}
+    spec = {
+        "kind": "embedding",
+        "embeddings": {"source": "table", "path": str(table)},
+        "top_k": 1,
+        "threshold": 0.5,
+        "cache_dir": str(tmp_path / "cache"),
+    }
     graph = build_graph(spec, Ctx(["GA", "GB", "GC", "GD", "GE"]))
     assert set(edges(graph)) == {(1, 0), (0, 1), (3, 2), (2, 3)}
     assert all(w > 0.98 for w in edges(graph).values())
     assert graph.num_isolated_genes == 1 and graph.relations == ["embedding_similarity"]
     assert not (tmp_path / "cache").exists()  # the vectors are cached; the graph is rebuilt in ~1 s
     wider = build_graph(dict(spec, top_k=3, threshold=0.0), Ctx(["GA", "GB", "GC", "GD", "GE"]))
-    assert edges(wider)[(3, 0)] == pytest.approx(0.099, abs=1e-3) and (2, 0) not in edges(wider)  # cosine 0: not above 0
+    assert edges(wider)[(3, 0)] == pytest.approx(0.099, abs=1e-3) and (2, 0) not in edges(
+        wider
+    )  # cosine 0: not above 0

@@ -18,13 +18,22 @@ from perturb_models.gse.scoring import rouge1_recall
 from tests.conftest import FAST_CPU, compose_config
 
 
-@pytest.mark.parametrize("entries, message", [
-    ([{"genes": ["A", "B"], "label": "x"}, {"genes": [], "label": "y"}], r"entry 1: 'genes' must be a non-empty list"),
-    ([{"genes": ["A", 3], "label": None}], r"entry 0: 'genes' holds 3"),
-    ([{"genes": ["A"], "label": "x"}, {"genes": ["B"], "label": ""}], r"entry 1: 'label' must be a non-empty string or null"),
-    ([{"genes": ["A"]}], r"entry 0: missing key\(s\) label"),
-    ({"genes": ["A"]}, r"expected a non-empty JSON list"),
-])
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        (
+            [{"genes": ["A", "B"], "label": "x"}, {"genes": [], "label": "y"}],
+            r"entry 1: 'genes' must be a non-empty list",
+        ),
+        ([{"genes": ["A", 3], "label": None}], r"entry 0: 'genes' holds 3"),
+        (
+            [{"genes": ["A"], "label": "x"}, {"genes": ["B"], "label": ""}],
+            r"entry 1: 'label' must be a non-empty string or null",
+        ),
+        ([{"genes": ["A"]}], r"entry 0: missing key\(s\) label"),
+        ({"genes": ["A"]}, r"expected a non-empty JSON list"),
+    ],
+)
 def test_bad_gse_file_error_names_the_file_and_the_entry(tmp_path, entries, message):
     path = tmp_path / "k562_gene-gse.json"
     path.write_text(json.dumps(entries))
@@ -45,8 +54,11 @@ def test_gse_files_are_downloaded_like_every_perturbqa_file(http_folder, tmp_pat
     dm.prepare_data()
     dm.setup()
     # hidden .NAME.download.json files are the download records
-    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == \
-        ["k562_gene-gse.json", "k562_gw_mapping_full.json", "k562_pert-gse.json"]
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [
+        "k562_gene-gse.json",
+        "k562_gw_mapping_full.json",
+        "k562_pert-gse.json",
+    ]
     assert len(dm.context.clusters) == 2 and len(dm.context.scored) == 2
     assert set(dm.context.background) == {f"G{i:03d}" for i in range(96)}
     with pytest.raises(DataValidationError, match="downloads are off"):
@@ -71,15 +83,21 @@ def test_rouge1_recall_matches_perturbqa_on_hand_made_examples():
 def test_bertscore_prefers_the_right_label(minilm_encoder):
     from perturb_models.gse.scoring import bert_score
 
-    scores = bert_score(["cytoplasmic translation", "cytoplasmic translation", ""],
-                        ["translation", "cholesterol homeostasis", "translation"])
+    scores = bert_score(
+        ["cytoplasmic translation", "cytoplasmic translation", ""],
+        ["translation", "cholesterol homeostasis", "translation"],
+    )
     assert scores["f1"][0] > scores["f1"][1] > 0 and scores["f1"][2] == 0.0
 
 
 def test_enrichment_statistics_match_scipy_hypergeometric():
     population = [f"g{i}" for i in range(40)]
-    term_genes = {"T1": frozenset(population[:10]), "T2": frozenset(population[5:25]), "T3": frozenset(population[30:34]),
-                  "T4": frozenset(population[36:40])}
+    term_genes = {
+        "T1": frozenset(population[:10]),
+        "T2": frozenset(population[5:25]),
+        "T3": frozenset(population[30:34]),
+        "T4": frozenset(population[36:40]),
+    }
     gene_terms = {g: frozenset(t for t, m in term_genes.items() if g in m) for g in population}
     sets = GOSets(term_genes, {t: f"term {t}" for t in term_genes}, gene_terms, frozenset(population), {})
     cluster = population[:6] + ["g30", "not_in_population"]
@@ -123,7 +141,9 @@ def test_go_enrichment_run_names_clusters_and_evaluate_reproduces(gse_world, tmp
     assert json.loads((run / "run.json").read_text())["gse_kind"] == kind
     again = evaluate(compose_config("evaluate", [f"ckpt_path={run}"], tmp_path / "eval"))
     assert again == pytest.approx(metrics)
-    assert pd.read_csv(tmp_path / "eval" / "predictions" / "test.csv")["answer"].tolist() == predictions["answer"].tolist()
+    assert (
+        pd.read_csv(tmp_path / "eval" / "predictions" / "test.csv")["answer"].tolist() == predictions["answer"].tolist()
+    )
     # The comparison table of evaluate.py runs='[...]' carries the gene-set metric.
     table = evaluate(compose_config("evaluate", [f"runs=[{run},{tmp_path / 'eval'}]"], tmp_path / "cmp"))
     assert table["rouge1_recall"].tolist() == pytest.approx([metrics["test/rouge1_recall"]] * 2)
@@ -223,8 +243,14 @@ def test_validation_evidence_hides_the_answer_and_its_near_duplicates(gse_world,
     from perturb_models.builders import build_datamodule
     from perturb_models.gse.namer import jaccard
 
-    cfg = gse_cfg(tmp_path, "model=lora_llama_gse_tiny", "model.namer.train_examples=40", "model.namer.val_examples=3",
-                  "model.namer.hide_answer_train=1.0", "model.namer.evidence_k=20")
+    cfg = gse_cfg(
+        tmp_path,
+        "model=lora_llama_gse_tiny",
+        "model.namer.train_examples=40",
+        "model.namer.val_examples=3",
+        "model.namer.hide_answer_train=1.0",
+        "model.namer.evidence_k=20",
+    )
     dm = build_datamodule(cfg.data)
     namer = instantiate(cfg.model.namer, _convert_="all")
     namer.setup_knowledge(dm.context)
@@ -243,7 +269,9 @@ def test_validation_evidence_hides_the_answer_and_its_near_duplicates(gse_world,
     off.setup_knowledge(dm.context)
     train_off, val_off = off.build_examples(seed=0)
     assert all(e["hide"] is None for e in train_off + val_off)
-    assert [e["genes"] for e in train_off] == [e["genes"] for e in train], "the share hidden does not change the samples"
+    assert [e["genes"] for e in train_off] == [e["genes"] for e in train], (
+        "the share hidden does not change the samples"
+    )
     from perturb_models.gse.namer import LoRALlamaNamer
 
     with pytest.raises(ValueError, match="hide_answer_train must be a share"):
@@ -260,8 +288,15 @@ def test_smollm2_namer_loads_offline_learns_and_names(smollm2_installed, gse_wor
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # The small world holds a dozen GO terms: the tiny config's example sizes, the default model and prompt.
-    cfg = gse_cfg(tmp_path, "model=lora_llama_gse", "model.namer.max_new_tokens=4", "model.namer.train_examples=8",
-                  "model.namer.val_examples=2", "model.namer.min_genes=3", "model.namer.max_genes=6")
+    cfg = gse_cfg(
+        tmp_path,
+        "model=lora_llama_gse",
+        "model.namer.max_new_tokens=4",
+        "model.namer.train_examples=8",
+        "model.namer.val_examples=2",
+        "model.namer.min_genes=3",
+        "model.namer.max_genes=6",
+    )
     assert cfg.model.namer.descriptions == "gene_info" and cfg.model.namer.pretrained == "smollm2"
     dm = build_datamodule(cfg.data)
     namer = instantiate(cfg.model.namer, _convert_="all")

@@ -9,15 +9,26 @@ import pytest
 
 from tests.knowledge_files import OBO_TEXT, gene2go_text, gene_info_text, write_knowledge
 from perturb_models.knowledge import (
-    GODag, KnowledgeFileError, SymbolResolver, gene_term_sets, knowledge_file, read_gaf, read_gene2go,
-    read_gene_info, read_obo,
+    GODag,
+    KnowledgeFileError,
+    SymbolResolver,
+    gene_term_sets,
+    knowledge_file,
+    read_gaf,
+    read_gene2go,
+    read_gene_info,
+    read_obo,
 )
 from perturb_models.knowledge.__main__ import main as knowledge_cli
 
-GENES = [(1, "AARS1", "AARS|CMT2N", "alanyl-tRNA synthetase 1"), (2, "GARS1", "GARS|CMT2D", "glycyl-tRNA synthetase 1"),
-         (3, "GART", "GARS|AIRS|PGFT", "phosphoribosylglycinamide formyltransferase"),
-         (4, "TAFAZZIN", "TAZ", "tafazzin"), (5, "WWTR1", "TAZ", "WW domain containing transcription regulator 1"),
-         (6, "ABC", "-", "plain gene")]
+GENES = [
+    (1, "AARS1", "AARS|CMT2N", "alanyl-tRNA synthetase 1"),
+    (2, "GARS1", "GARS|CMT2D", "glycyl-tRNA synthetase 1"),
+    (3, "GART", "GARS|AIRS|PGFT", "phosphoribosylglycinamide formyltransferase"),
+    (4, "TAFAZZIN", "TAZ", "tafazzin"),
+    (5, "WWTR1", "TAZ", "WW domain containing transcription regulator 1"),
+    (6, "ABC", "-", "plain gene"),
+]
 
 
 def test_read_gene_info_parses_symbols_synonyms_description_and_ensembl(tmp_path):
@@ -60,8 +71,16 @@ def test_symbols_resolve_through_synonyms_for_renamed_genes_and_report_coverage(
 
 def test_read_gene2go_keeps_one_species_and_maps_categories_to_aspects(tmp_path):
     path = tmp_path / "gene2go"
-    path.write_text(gene2go_text([(1, "GO:0000002", "IDA", "Process"), (1, "GO:0000005", "IEA", "Function"),
-                                  (2, "GO:0000007", "ND", "Component")], qualifier={(1, "GO:0000005"): "NOT enables"}))
+    path.write_text(
+        gene2go_text(
+            [
+                (1, "GO:0000002", "IDA", "Process"),
+                (1, "GO:0000005", "IEA", "Function"),
+                (2, "GO:0000007", "ND", "Component"),
+            ],
+            qualifier={(1, "GO:0000005"): "NOT enables"},
+        )
+    )
     frame = read_gene2go(path)
     assert len(frame) == 3 and set(frame["gene"]) == {1, 2}
     assert list(frame["aspect"]) == ["P", "F", "C"]
@@ -75,10 +94,16 @@ def test_read_gene2go_keeps_one_species_and_maps_categories_to_aspects(tmp_path)
 def test_read_gaf_reads_symbol_term_evidence_and_aspect(tmp_path):
     path = tmp_path / "goa_human.gaf"
     row = "UniProtKB\tP49588\tAARS1\t{q}\t{go}\tPMID:1\t{ev}\t\t{asp}\talanyl-tRNA synthetase\tAARS|CMT2N\tprotein\ttaxon:9606\t20220101\tUniProt\t\t"
-    path.write_text("!gaf-version: 2.2\n!comment\n" + "\n".join([
-        row.format(q="enables", go="GO:0000005", ev="IDA", asp="F"),
-        row.format(q="involved_in", go="GO:0000099", ev="IMP", asp="P"),
-    ]) + "\n")
+    path.write_text(
+        "!gaf-version: 2.2\n!comment\n"
+        + "\n".join(
+            [
+                row.format(q="enables", go="GO:0000005", ev="IDA", asp="F"),
+                row.format(q="involved_in", go="GO:0000099", ev="IMP", asp="P"),
+            ]
+        )
+        + "\n"
+    )
     frame = read_gaf(path)
     assert list(frame["gene"]) == ["AARS1", "AARS1"]
     assert list(frame["evidence"]) == ["IDA", "IMP"] and list(frame["aspect"]) == ["F", "P"]
@@ -120,7 +145,9 @@ def test_annotations_propagate_up_is_a_and_part_of_but_not_regulates(tmp_path):
     assert dag.ancestors("GO:0000004") == {"GO:0008150"}
     assert GODag(terms, ("is_a", "part_of", "regulates")).ancestors("GO:0000004") >= {"GO:0000002", "GO:0000001"}
     table = read_gene2go(_write(tmp_path / "g2g", gene2go_text([(1, "GO:0000002", "IDA", "Process")])))
-    assert gene_term_sets(table, ontology=terms, propagate=True) == {1: frozenset({"GO:0000002", "GO:0000001", "GO:0000003"})}
+    assert gene_term_sets(table, ontology=terms, propagate=True) == {
+        1: frozenset({"GO:0000002", "GO:0000001", "GO:0000003"})
+    }
 
 
 def _write(path, text):
@@ -165,8 +192,21 @@ def test_offline_download_failure_names_where_files_were_looked_for(tmp_path, mo
 
 @pytest.mark.real_data
 def test_real_knowledge_files_cover_most_k562_genes(knowledge_root, perturbqa_root, capsys):
-    assert knowledge_cli(["coverage", "--data", "k562", "--root", str(knowledge_root),
-                          "--data-root", str(perturbqa_root), "--no-download"]) == 0
+    assert (
+        knowledge_cli(
+            [
+                "coverage",
+                "--data",
+                "k562",
+                "--root",
+                str(knowledge_root),
+                "--data-root",
+                str(perturbqa_root),
+                "--no-download",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     found, total = map(int, out.split("found")[0].split(":")[-1].strip().split("/"))
     assert total > 4000 and found / total > 0.97
@@ -185,7 +225,9 @@ def test_knowledge_library_never_imports_the_data_package():
         if path.name == "__main__.py":
             continue
         tree = ast.parse(path.read_text())
-        mains = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "main" for n in ast.walk(f)}
+        mains = {
+            id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "main" for n in ast.walk(f)
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and id(node) not in mains:
                 assert not (node.module or "").startswith("perturb_models.data"), f"{path.name} imports {node.module}"

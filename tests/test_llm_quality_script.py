@@ -22,12 +22,35 @@ def test_llm_quality_rows_are_paired_on_one_test_gene_subset(tmp_path, monkeypat
     import llm_quality
 
     csv = tmp_path / "q.csv"
-    llm_quality.main(["--csv", str(csv), "--data", "synthetic", "--model", "lora_llama_tiny", "--seeds", "0",
-                      "--prior-seeds", "0", "--baselines", "knn", "--test-genes", "8", "--val-genes", "3",
-                      "--max-train-perts", "10", "--max-steps", "2", "--runs-dir", str(tmp_path / "runs"),
-                      "--set", "model.scheduler.warmup_steps=1",
-                      # knn on synthetic genes: the co-response graph (no GO annotations for SYN genes)
-                      ])
+    llm_quality.main(
+        [
+            "--csv",
+            str(csv),
+            "--data",
+            "synthetic",
+            "--model",
+            "lora_llama_tiny",
+            "--seeds",
+            "0",
+            "--prior-seeds",
+            "0",
+            "--baselines",
+            "knn",
+            "--test-genes",
+            "8",
+            "--val-genes",
+            "3",
+            "--max-train-perts",
+            "10",
+            "--max-steps",
+            "2",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--set",
+            "model.scheduler.warmup_steps=1",
+            # knn on synthetic genes: the co-response graph (no GO annotations for SYN genes)
+        ]
+    )
     rows = pd.read_csv(csv)
     assert set(rows["model"]) == {"lora_llama_tiny", "lora_llama_tiny_prior", "knn"}
     assert set(rows["task"]) == {"de", "dir"}
@@ -35,7 +58,9 @@ def test_llm_quality_rows_are_paired_on_one_test_gene_subset(tmp_path, monkeypat
     assert (rows.loc[rows["task"] == "de", "genes_scored"] == 8).all()
     # Every row has its interval; the LLM rows their paired difference with knn on the same pairs.
     assert ((rows["ci_low"] <= rows["auroc_per_gene"]) & (rows["auroc_per_gene"] <= rows["ci_high"])).all()
-    for paired, figure, task in rows.loc[rows["model"] != "knn", ["paired", "auroc_per_gene", "task"]].itertuples(index=False):
+    for paired, figure, task in rows.loc[rows["model"] != "knn", ["paired", "auroc_per_gene", "task"]].itertuples(
+        index=False
+    ):
         knn = rows.loc[(rows["model"] == "knn") & (rows["task"] == task), "auroc_per_gene"].item()
         assert json.loads(paired)["knn"][0] == pytest.approx(figure - knn, abs=1e-6)
     assert rows.loc[rows["model"] == "knn", "paired"].isna().all()
@@ -44,10 +69,32 @@ def test_llm_quality_rows_are_paired_on_one_test_gene_subset(tmp_path, monkeypat
     assert ", p=" in table  # the paired column is shown
     assert subset_table(rows, "synthetic", 9).startswith("_no synthetic rows")
     # A rerun of one model and seed on the same subset replaces its rows instead of adding a second copy.
-    llm_quality.main(["--csv", str(csv), "--data", "synthetic", "--model", "lora_llama_tiny", "--seeds",
-                      "--prior-seeds", "0", "--baselines", "--test-genes", "8", "--val-genes", "3",
-                      "--max-train-perts", "10", "--max-steps", "2", "--runs-dir", str(tmp_path / "runs2"),
-                      "--set", "model.scheduler.warmup_steps=1"])
+    llm_quality.main(
+        [
+            "--csv",
+            str(csv),
+            "--data",
+            "synthetic",
+            "--model",
+            "lora_llama_tiny",
+            "--seeds",
+            "--prior-seeds",
+            "0",
+            "--baselines",
+            "--test-genes",
+            "8",
+            "--val-genes",
+            "3",
+            "--max-train-perts",
+            "10",
+            "--max-steps",
+            "2",
+            "--runs-dir",
+            str(tmp_path / "runs2"),
+            "--set",
+            "model.scheduler.warmup_steps=1",
+        ]
+    )
     again = pd.read_csv(csv)
     assert len(again) == len(rows) and again["model"].value_counts()["lora_llama_tiny_prior"] == 2
     with pytest.raises(SystemExit):

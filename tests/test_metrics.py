@@ -40,10 +40,15 @@ def test_genes_with_one_class_are_skipped_and_counted():
 
 
 def test_metrics_are_keyed_per_task_with_genes_scored():
-    frame = pd.DataFrame({
-        "pert": ["P1", "P2", "P1", "P2"], "gene": ["A", "A", "A", "A"], "task": ["de", "de", "dir", "dir"],
-        "label": [1, 0, 0, 1], "score": [0.9, 0.2, 0.4, 0.6],
-    })
+    frame = pd.DataFrame(
+        {
+            "pert": ["P1", "P2", "P1", "P2"],
+            "gene": ["A", "A", "A", "A"],
+            "task": ["de", "de", "dir", "dir"],
+            "label": [1, 0, 0, 1],
+            "score": [0.9, 0.2, 0.4, 0.6],
+        }
+    )
     metrics = metrics_from_predictions(frame, "test")
     assert metrics["test/de_auroc_per_gene"] == 1.0 and metrics["test/de_genes_scored"] == 1
     assert metrics["test/dir_auroc_per_gene"] == 1.0

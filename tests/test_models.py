@@ -26,11 +26,19 @@ from tests.conftest import CONF, FAST_CPU, compose_config, module_word_knowledge
 
 # Classifier models: every conf/model/*.yaml but _base and the gene-set namers (a `namer:` instead of an
 # `encoder:`), which belong to data=k562_gse and are tested in tests/test_gse.py.
-MODEL_CONFIGS = sorted(p.stem for p in (CONF / "model").glob("*.yaml")
-                       if not p.stem.startswith("_") and "namer" not in yaml.safe_load(p.read_text()))
+MODEL_CONFIGS = sorted(
+    p.stem
+    for p in (CONF / "model").glob("*.yaml")
+    if not p.stem.startswith("_") and "namer" not in yaml.safe_load(p.read_text())
+)
 TINY_LLAMA = yaml.safe_load((CONF / "model" / "lora_llama_tiny.yaml").read_text())["encoder"]["llama_config"]
-SMALL_DATA = ["data.synthetic.n_genes=80", "data.synthetic.n_perts=60", "data.synthetic.negatives_per_pert=12",
-              "data.batch_size=64", "data.eval_batch_size=1024"]
+SMALL_DATA = [
+    "data.synthetic.n_genes=80",
+    "data.synthetic.n_perts=60",
+    "data.synthetic.negatives_per_pert=12",
+    "data.batch_size=64",
+    "data.eval_batch_size=1024",
+]
 ONE_STEP = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.num_sanity_val_steps=0"]
 
 
@@ -53,15 +61,25 @@ def test_every_model_config_extends_the_base_config():
     for name in MODEL_CONFIGS:
         defaults = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text()).get("defaults", [])
         parents = [d for d in defaults if isinstance(d, str) and d != "_self_"]
-        assert parents and parents[0] in ["_base", *MODEL_CONFIGS], f"conf/model/{name}.yaml must list _base first in its defaults"
+        assert parents and parents[0] in ["_base", *MODEL_CONFIGS], (
+            f"conf/model/{name}.yaml must list _base first in its defaults"
+        )
 
 
 @pytest.mark.parametrize("model", MODEL_CONFIGS)
-def test_model_config_trains_one_step_writes_outputs_and_reloads_through_evaluate(model, knowledge_folder, tmp_path,
-                                                                                  isolated_cache, monkeypatch):
+def test_model_config_trains_one_step_writes_outputs_and_reloads_through_evaluate(
+    model, knowledge_folder, tmp_path, isolated_cache, monkeypatch
+):
     monkeypatch.delenv("PERTURB_KNOWLEDGE", raising=False)
-    overrides = [f"model={model}", "data=synthetic", *SMALL_DATA, *FAST_CPU, *ONE_STEP,
-                 f"knowledge.root={knowledge_folder}", "knowledge.allow_download=false"]
+    overrides = [
+        f"model={model}",
+        "data=synthetic",
+        *SMALL_DATA,
+        *FAST_CPU,
+        *ONE_STEP,
+        f"knowledge.root={knowledge_folder}",
+        "knowledge.allow_download=false",
+    ]
     probe = OmegaConf.to_container(compose_config("train", overrides, tmp_path / "probe").model, resolve=True)
     if _uses_text(probe):
         require_module("sentence_transformers", f"model={model} embeds gene texts")
@@ -74,15 +92,26 @@ def test_model_config_trains_one_step_writes_outputs_and_reloads_through_evaluat
     if probe["encoder"]["_target_"].endswith("SummerEncoder"):
         # the tiny random Llama answers (and writes 4-token summaries) instead of SmolLM2
         tiny = ",".join(f"{k}:{v}" for k, v in TINY_LLAMA.items())
-        overrides += [f"model.encoder.backend.llama_config={{{tiny}}}", "model.encoder.backend.pretrained=null",
-                      "model.encoder.backend.tokenizer=words", "model.encoder.summaries.max_new_tokens=4"]
+        overrides += [
+            f"model.encoder.backend.llama_config={{{tiny}}}",
+            "model.encoder.backend.pretrained=null",
+            "model.encoder.backend.tokenizer=words",
+            "model.encoder.summaries.max_new_tokens=4",
+        ]
     run = tmp_path / "run"
     cfg = compose_config("train", overrides, run)
 
     metrics = train(cfg)
 
-    for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "metrics.json", "run.json", "split.json",
-                 "predictions/test.csv", "predictions/val.csv"):
+    for name in (
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+        "metrics.json",
+        "run.json",
+        "split.json",
+        "predictions/test.csv",
+        "predictions/val.csv",
+    ):
         assert (run / name).is_file(), f"model={model} did not write {name}"
     assert json.loads((run / "run.json").read_text())["model"] == model
     assert metrics["test/de_genes_scored"] > 0 and metrics["test/dir_genes_scored"] > 0
@@ -93,7 +122,9 @@ def test_model_config_trains_one_step_writes_outputs_and_reloads_through_evaluat
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), (model, key)
     reloaded = pd.read_csv(tmp_path / "eval" / "predictions" / "test.csv")
     trained = pd.read_csv(run / "predictions" / "test.csv")
-    pd.testing.assert_frame_equal(reloaded[["pert", "gene", "task", "label"]], trained[["pert", "gene", "task", "label"]])
+    pd.testing.assert_frame_equal(
+        reloaded[["pert", "gene", "task", "label"]], trained[["pert", "gene", "task", "label"]]
+    )
     assert (reloaded["score"] - trained["score"]).abs().max() < 1e-6
 
 

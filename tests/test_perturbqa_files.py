@@ -8,8 +8,12 @@ import pytest
 from perturb_models.data.perturbqa import DataValidationError, load_task_tables, read_task_file
 
 GOOD_DE = [
-    ("P1", "G1", 1, "train"), ("P1", "G2", 0, "train"), ("P2", "G1", 0, "train"), ("P2", "G2", 1, "train"),
-    ("P3", "G1", 1, "test"), ("P3", "G2", 0, "test"),
+    ("P1", "G1", 1, "train"),
+    ("P1", "G2", 0, "train"),
+    ("P2", "G1", 0, "train"),
+    ("P2", "G2", 1, "train"),
+    ("P3", "G1", 1, "test"),
+    ("P3", "G2", 0, "test"),
 ]
 GOOD_DIR = [("P1", "G1", 1, "train"), ("P2", "G2", 0, "train"), ("P3", "G1", 1, "test")]
 

@@ -189,8 +189,18 @@ def test_custom_dataset_trains_on_the_built_files(built, synthetic_cfg, tmp_path
     from tests.conftest import compose_config, FAST_CPU
 
     folder, report, _ = built
-    cfg = compose_config("train", ["data=custom", "data.name=toy", f"data.root={folder}", *FAST_CPU,
-                                   "trainer.max_epochs=2", "data.batch_size=64"], tmp_path / "run")
+    cfg = compose_config(
+        "train",
+        [
+            "data=custom",
+            "data.name=toy",
+            f"data.root={folder}",
+            *FAST_CPU,
+            "trainer.max_epochs=2",
+            "data.batch_size=64",
+        ],
+        tmp_path / "run",
+    )
     metrics = train(cfg)
     assert metrics["test/de_genes_scored"] > 0
     assert 0.0 <= metrics["test/de_auroc"] <= 1.0

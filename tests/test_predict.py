@@ -18,7 +18,7 @@ from tests.conftest import REPO, compose_config, synthetic_modules
 from tests.knowledge_files import write_knowledge
 
 # Genes of the knowledge files that no synthetic data file contains (GeneIDs after the 200 SYN genes).
-NEW_GENE = (1001, "NEWA", "", "a module-3 gene")          # GO: module 3's term, like SYN genes of module 3
+NEW_GENE = (1001, "NEWA", "", "a module-3 gene")  # GO: module 3's term, like SYN genes of module 3
 MITO_GENE = (1002, "COX1", "MTCO1|COI", "cytochrome c oxidase subunit I")  # asked as MT-CO1
 NO_GO_GENE = (1003, "NOGO1", "", "a gene without GO annotation")
 AMBIGUOUS = [(1004, "AMBA", "TWOWAY", "first"), (1005, "AMBB", "TWOWAY", "second")]
@@ -36,8 +36,12 @@ def query_world(tmp_path, isolated_cache, monkeypatch):
         annotations.append((i + 1, f"GO:10000{module[i]:02d}", "IDA", "Process"))
         for noise in rng.choice(40, size=2, replace=False):
             annotations.append((i + 1, f"GO:20000{noise:02d}", "IDA", "Function"))
-    annotations += [(1001, "GO:1000003", "IDA", "Process"), (1002, "GO:1000005", "IDA", "Process"),
-                    (1004, "GO:1000001", "IDA", "Process"), (1005, "GO:1000002", "IDA", "Process")]
+    annotations += [
+        (1001, "GO:1000003", "IDA", "Process"),
+        (1002, "GO:1000005", "IDA", "Process"),
+        (1004, "GO:1000001", "IDA", "Process"),
+        (1005, "GO:1000002", "IDA", "Process"),
+    ]
     knowledge = write_knowledge(tmp_path / "knowledge", genes, annotations)
     monkeypatch.setenv("PERTURB_KNOWLEDGE", str(knowledge))
     vectors = np.eye(8)[np.r_[module, 3, 5]] * 3 + np.random.default_rng(2).normal(0, 0.3, size=(202, 8))
@@ -52,8 +56,11 @@ MODEL_OVERRIDES = {
     "gears": ["model=gears", "model.encoder.hidden_dim=16", "model.encoder.pair_hidden_dim=32"],
     "gat": ["model=gat", "model.encoder.hidden_dim=16", "model.encoder.pair_hidden_dim=32"],
     "embedding_mlp": ["model=embedding_mlp", "model.encoder.embeddings.source=table"],
-    "ensemble": ["model=ensemble", "model.encoder.members=[knn,embedding_mlp]",
-                 "model.encoder.catalog.embedding_mlp.encoder.embeddings.source=table"],
+    "ensemble": [
+        "model=ensemble",
+        "model.encoder.members=[knn,embedding_mlp]",
+        "model.encoder.catalog.embedding_mlp.encoder.embeddings.source=table",
+    ],
 }
 
 
@@ -81,15 +88,17 @@ def _assert_equals_evaluate(run, out) -> None:
     for task, column in (("de", "p_de"), ("dir", "p_up_given_de")):
         if f"{column}_uncalibrated" in predictions:  # evaluate.py's scores are the model's, before calibration
             column = f"{column}_uncalibrated"
-        merged = tested.loc[tested["task"] == task].merge(predictions[["pert", "gene", column]], on=["pert", "gene"],
-                                                          how="left")
+        merged = tested.loc[tested["task"] == task].merge(
+            predictions[["pert", "gene", column]], on=["pert", "gene"], how="left"
+        )
         assert merged[column].notna().all()
         np.testing.assert_array_equal(merged["score"].to_numpy(), merged[column].to_numpy(), err_msg=task)
 
 
 @pytest.mark.parametrize("name", list(MODEL_OVERRIDES))
 def test_known_perturbations_get_evaluate_scores_bit_for_bit_with_or_without_new_genes(
-        name, synthetic_cfg, query_world, tmp_path):
+    name, synthetic_cfg, query_world, tmp_path
+):
     run = _train(synthetic_cfg, query_world, name, tmp_path)
     test_perts = json.loads((run / "split.json").read_text())["test_perts"]
     _predict(run, tmp_path / "alone", f"perts=[{','.join(test_perts)}]")
@@ -110,10 +119,20 @@ def test_known_perturbations_get_evaluate_scores_bit_for_bit_with_or_without_new
 
 def test_an_ensemble_with_a_member_that_cannot_describe_new_genes_names_it(synthetic_cfg, query_world, tmp_path):
     run = tmp_path / "run"
-    train(synthetic_cfg("model=ensemble", "model.encoder.members=[knn,mlp]", f"knowledge.root={query_world['knowledge']}",
-                        "trainer.max_epochs=1", output_dir=run))
-    with pytest.raises(QueryError, match="model ensemble cannot describe a perturbation outside its training "
-                                         "vocabulary: member mlp: its gene vectors are embeddings"):
+    train(
+        synthetic_cfg(
+            "model=ensemble",
+            "model.encoder.members=[knn,mlp]",
+            f"knowledge.root={query_world['knowledge']}",
+            "trainer.max_epochs=1",
+            output_dir=run,
+        )
+    )
+    with pytest.raises(
+        QueryError,
+        match="model ensemble cannot describe a perturbation outside its training "
+        "vocabulary: member mlp: its gene vectors are embeddings",
+    ):
         _predict(run, tmp_path / "q", "perts=[NEWA]")
 
 
@@ -134,8 +153,11 @@ def test_a_new_gene_is_described_by_its_knowledge(synthetic_cfg, query_world, tm
 def test_mlp_refuses_a_gene_outside_its_vocabulary_in_one_line(synthetic_cfg, query_world, tmp_path, capsys):
     run = tmp_path / "run_mlp"
     train(synthetic_cfg("trainer.max_epochs=1", f"knowledge.root={query_world['knowledge']}", output_dir=run))
-    with pytest.raises(QueryError, match=r"NEWA \(NEWA\) is not in the training vocabulary; model mlp cannot describe "
-                                         r"a perturbation outside its training vocabulary: its gene vectors are embeddings"):
+    with pytest.raises(
+        QueryError,
+        match=r"NEWA \(NEWA\) is not in the training vocabulary; model mlp cannot describe "
+        r"a perturbation outside its training vocabulary: its gene vectors are embeddings",
+    ):
         _predict(run, tmp_path / "q", "perts=[NEWA]")
     # Known perturbations are still answered, the new one listed as refused.
     frame = _predict(run, tmp_path / "q2", "perts=[SYN0001,NEWA]")
@@ -146,14 +168,21 @@ def test_mlp_refuses_a_gene_outside_its_vocabulary_in_one_line(synthetic_cfg, qu
 
 def test_symbols_resolve_or_are_refused_with_candidates(synthetic_cfg, query_world, tmp_path):
     run = _train(synthetic_cfg, query_world, "knn", tmp_path)
-    frame = _predict(run, tmp_path / "q", "perts=[NOGO1,TWOWAY,SYN001,ENSG00000001001,syn0002]", "genes=[SYN0003,SYN0004]")
+    frame = _predict(
+        run, tmp_path / "q", "perts=[NOGO1,TWOWAY,SYN001,ENSG00000001001,syn0002]", "genes=[SYN0003,SYN0004]"
+    )
     query = json.loads((tmp_path / "q" / "query.json").read_text())
     reasons = {r["asked"]: r["reason"] for r in query["refused"]}
-    assert reasons["TWOWAY"].startswith("TWOWAY is a synonym of 2 genes: AMBA (ENSG00000001004), AMBB (ENSG00000001005)")
-    assert reasons["SYN001"].startswith("SYN001 is not a gene symbol, synonym or Ensembl id of gene_info; closest known "
-                                        "symbols: SYN0")
+    assert reasons["TWOWAY"].startswith(
+        "TWOWAY is a synonym of 2 genes: AMBA (ENSG00000001004), AMBB (ENSG00000001005)"
+    )
+    assert reasons["SYN001"].startswith(
+        "SYN001 is not a gene symbol, synonym or Ensembl id of gene_info; closest known symbols: SYN0"
+    )
     resolved = {p["asked"]: p for p in query["perturbations"]}
-    assert resolved["ENSG00000001001"]["symbol"] == "NEWA" and resolved["ENSG00000001001"]["resolved_by"].startswith("ensembl")
+    assert resolved["ENSG00000001001"]["symbol"] == "NEWA" and resolved["ENSG00000001001"]["resolved_by"].startswith(
+        "ensembl"
+    )
     assert resolved["syn0002"]["symbol"] == "SYN0002" and resolved["syn0002"]["in_training_vocab"]
     assert resolved["NOGO1"]["knowledge"] == "none"
     assert set(frame.loc[frame["pert"] == "NOGO1", "pert_knowledge"]) == {"none"}
@@ -168,8 +197,13 @@ def test_a_downstream_gene_the_model_never_scored_is_refused(synthetic_cfg, quer
 
 def test_command_line_reports_a_bad_query_in_one_error_line(synthetic_cfg, query_world, tmp_path):
     run = _train(synthetic_cfg, query_world, "knn", tmp_path)
-    result = subprocess.run([sys.executable, "predict.py", f"ckpt_path={run}", "perts=[KRSA]",
-                             f"hydra.run.dir={tmp_path / 'cli'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "predict.py", f"ckpt_path={run}", "perts=[KRSA]", f"hydra.run.dir={tmp_path / 'cli'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "KRSA is not a gene symbol" in errors[0], errors
@@ -177,9 +211,18 @@ def test_command_line_reports_a_bad_query_in_one_error_line(synthetic_cfg, query
 
 
 def test_help_says_what_to_ask_and_where_the_answers_go():
-    result = subprocess.run([sys.executable, "predict.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "predict.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    for words in ("perts=all_known", "genes", "predictions.csv", "query.json", "MT-CO1 -> COX1", "mlp and lora_llama refuse"):
+    for words in (
+        "perts=all_known",
+        "genes",
+        "predictions.csv",
+        "query.json",
+        "MT-CO1 -> COX1",
+        "mlp and lora_llama refuse",
+    ):
         assert words in result.stdout, words
 
 
@@ -201,12 +244,17 @@ def test_a_killed_screen_resumes_keeping_the_parts_it_wrote(synthetic_cfg, query
     monkeypatch.setattr(prediction, "score_pairs", dies_on_the_third_part)
     with pytest.raises(KeyboardInterrupt):
         _predict(run, tmp_path / "killed", *query)
-    assert sorted(p.name for p in (tmp_path / "killed" / prediction.PARTS_FOLDER).glob("part-*")) == \
-        ["part-000000.pkl", "part-000001.pkl"]
+    assert sorted(p.name for p in (tmp_path / "killed" / prediction.PARTS_FOLDER).glob("part-*")) == [
+        "part-000000.pkl",
+        "part-000001.pkl",
+    ]
     assert not (tmp_path / "killed" / "predictions.csv").exists()
     scored.clear()
-    monkeypatch.setattr(prediction, "score_pairs", lambda model, pert_idx, *args: (scored.append(len(pert_idx)),
-                                                                                   real_score_pairs(model, pert_idx, *args))[1])
+    monkeypatch.setattr(
+        prediction,
+        "score_pairs",
+        lambda model, pert_idx, *args: (scored.append(len(pert_idx)), real_score_pairs(model, pert_idx, *args))[1],
+    )
     resumed = _predict(run, tmp_path / "killed", *query)
     assert scored == [400]  # only the third part was scored again
     assert json.loads((tmp_path / "killed" / "query.json").read_text())["parts_reused"] == 2

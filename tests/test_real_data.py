@@ -41,8 +41,17 @@ def test_k562_datamodule_splits_and_labels(perturbqa_root):
 
 
 def test_mlp_trains_on_real_k562_for_a_few_batches(perturbqa_root, tmp_path):
-    cfg = compose_config("train", ["data=k562", f"data.root={perturbqa_root}", *FAST_CPU, "trainer.max_epochs=1",
-                                   "trainer.limit_train_batches=5"], tmp_path / "run")
+    cfg = compose_config(
+        "train",
+        [
+            "data=k562",
+            f"data.root={perturbqa_root}",
+            *FAST_CPU,
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=5",
+        ],
+        tmp_path / "run",
+    )
     metrics = train(cfg)
     assert metrics["test/de_pairs"] == 23_212
     assert metrics["test/de_genes_scored"] > 300
@@ -53,4 +62,7 @@ def test_mlp_trains_on_real_k562_for_a_few_batches(perturbqa_root, tmp_path):
 def test_every_dataset_config_composes(name):
     cfg = compose_config("train", [f"data={name}"] + (["data.name=mine"] if name == "custom" else []))
     assert cfg.data.task == "joint" and cfg.optimized_metric == "val/de_auroc_per_gene"
-    assert compose_config("train", [f"data={name}", "data.task=dir", "data.name=x"]).optimized_metric == "val/dir_auroc_per_gene"
+    assert (
+        compose_config("train", [f"data={name}", "data.task=dir", "data.name=x"]).optimized_metric
+        == "val/dir_auroc_per_gene"
+    )

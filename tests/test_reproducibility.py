@@ -29,8 +29,11 @@ def test_same_seed_gives_identical_metrics_and_predictions(synthetic_cfg, tmp_pa
 
     assert first == second  # exact: every val/ and test/ metric, bit for bit
     assert json.loads((runs[0] / "metrics.json").read_text()) == json.loads((runs[1] / "metrics.json").read_text())
-    pd.testing.assert_frame_equal(pd.read_csv(runs[0] / "predictions" / "test.csv"),
-                                  pd.read_csv(runs[1] / "predictions" / "test.csv"), check_exact=True)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(runs[0] / "predictions" / "test.csv"),
+        pd.read_csv(runs[1] / "predictions" / "test.csv"),
+        check_exact=True,
+    )
     assert json.loads((runs[0] / "split.json").read_text()) == json.loads((runs[1] / "split.json").read_text())
     # The seed reaches the run: another seed changes the validation split and the weights, so the metrics.
     assert other["test/de_auroc_per_gene"] != first["test/de_auroc_per_gene"]

@@ -6,46 +6,80 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from perturb_models.results import (LLM_DOC, QUALITY_CSV, README, README_BEGIN, README_END, RESULTS_DOC, quality_table,
-                                    read_quality_rows, read_throughput_rows, results_doc, throughput_table, with_llm_block,
-                                    with_llm_speed_block, with_readme_block, write_doc)
+from perturb_models.results import (
+    LLM_DOC,
+    QUALITY_CSV,
+    README,
+    README_BEGIN,
+    README_END,
+    RESULTS_DOC,
+    quality_table,
+    read_quality_rows,
+    read_throughput_rows,
+    results_doc,
+    throughput_table,
+    with_llm_block,
+    with_llm_speed_block,
+    with_readme_block,
+    write_doc,
+)
 
 
 def test_docs_results_page_is_generated_from_quality_csv():
-    assert RESULTS_DOC.read_text() == results_doc(read_quality_rows(QUALITY_CSV)), \
+    assert RESULTS_DOC.read_text() == results_doc(read_quality_rows(QUALITY_CSV)), (
         "docs/results.md differs from quality.csv: run python -m perturb_models.results"
+    )
 
 
 def test_readme_results_block_is_generated_from_quality_csv():
     text = README.read_text()
-    assert text == with_readme_block(text, quality_table(read_quality_rows(QUALITY_CSV))), \
+    assert text == with_readme_block(text, quality_table(read_quality_rows(QUALITY_CSV))), (
         "README's results table differs from quality.csv: run python -m perturb_models.results"
+    )
 
 
 def test_llm_page_table_is_generated_from_quality_csv():
     text = LLM_DOC.read_text()
-    assert text == with_llm_block(text, read_quality_rows(QUALITY_CSV)), \
-        "docs/llm.md's quality table differs from quality.csv: run python benchmarks/llm_quality.py --csv " \
+    assert text == with_llm_block(text, read_quality_rows(QUALITY_CSV)), (
+        "docs/llm.md's quality table differs from quality.csv: run python benchmarks/llm_quality.py --csv "
         "benchmarks/results/quality.csv --table"
+    )
 
 
 def test_llm_page_speed_table_is_generated_from_the_throughput_json():
     text = LLM_DOC.read_text()
-    assert text == with_llm_speed_block(text, read_throughput_rows()), \
+    assert text == with_llm_speed_block(text, read_throughput_rows()), (
         "docs/llm.md's speed table differs from benchmarks/results/llm_throughput.json: run python benchmarks/llm_throughput.py --table"
+    )
 
 
 def test_throughput_table_shows_load_and_gpu_only_columns():
-    row = {"model": "smollm2", "device": "CPU x2 threads", "batch_size": 8, "prompt_tokens_mean": 175.2,
-           "tokens_per_s": 1234.5, "pairs_per_s": 0.5, "load_average": 1.04}
-    table = throughput_table([row, {**row, "device": "H200", "mfu": 0.123, "max_memory_gib": 3.0, "load_average": None}])
+    row = {
+        "model": "smollm2",
+        "device": "CPU x2 threads",
+        "batch_size": 8,
+        "prompt_tokens_mean": 175.2,
+        "tokens_per_s": 1234.5,
+        "pairs_per_s": 0.5,
+        "load_average": 1.04,
+    }
+    table = throughput_table(
+        [row, {**row, "device": "H200", "mfu": 0.123, "max_memory_gib": 3.0, "load_average": None}]
+    )
     assert "| smollm2 | CPU x2 threads | 1.0 | 8 | 175 | 1,234 | 0.5 | – | – |" in table
     assert "| smollm2 | H200 | – | 8 | 175 | 1,234 | 0.5 | 12.3% | 3.0 |" in table
 
 
 def test_rewriting_changes_only_the_marked_block(tmp_path):
-    rows = pd.DataFrame({"model": ["m", "m"], "dataset": ["k562", "k562"], "task": ["de", "de"], "seed": [0, 1],
-                         "auroc_per_gene": [0.6, 0.7]})
+    rows = pd.DataFrame(
+        {
+            "model": ["m", "m"],
+            "dataset": ["k562", "k562"],
+            "task": ["de", "de"],
+            "seed": [0, 1],
+            "auroc_per_gene": [0.6, 0.7],
+        }
+    )
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_BEGIN}\nold table\n{README_END}\nrest\n")
     write_doc(rows, tmp_path / "results.md", readme)
@@ -59,9 +93,18 @@ def test_rewriting_changes_only_the_marked_block(tmp_path):
 
 
 def test_a_cell_shows_the_mean_of_the_seeds_intervals_and_how_many_seeds_have_one(tmp_path):
-    rows = pd.DataFrame({"model": "knn", "dataset": "k562", "task": "de", "seed": [0, 1, 2],
-                         "auroc_per_gene": [0.60, 0.62, 0.64], "ci_low": [0.58, 0.60, float("nan")],
-                         "ci_high": [0.62, 0.66, float("nan")], "overrides": ""})
+    rows = pd.DataFrame(
+        {
+            "model": "knn",
+            "dataset": "k562",
+            "task": "de",
+            "seed": [0, 1, 2],
+            "auroc_per_gene": [0.60, 0.62, 0.64],
+            "ci_low": [0.58, 0.60, float("nan")],
+            "ci_high": [0.62, 0.66, float("nan")],
+            "overrides": "",
+        }
+    )
     table = quality_table(rows)
     assert "| knn | 0.620 ± 0.020 (3) [0.590, 0.640; 2 of 3 seeds] |" in table
     assert "[95% interval]" in table

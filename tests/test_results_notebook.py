@@ -28,9 +28,19 @@ def two_runs_and_comparison(tmp_path_factory):
     runs = []
     for seed, hidden in ((0, 64), (1, 32)):
         out = base / f"mlp-seed{seed}"
-        cfg = compose_config("train", ["data=synthetic", *FAST_CPU, "trainer.max_epochs=2", f"seed={seed}",
-                                       f"model.encoder.hidden_dim={hidden}", "data.synthetic.n_genes=120",
-                                       "data.synthetic.n_perts=100"], out)
+        cfg = compose_config(
+            "train",
+            [
+                "data=synthetic",
+                *FAST_CPU,
+                "trainer.max_epochs=2",
+                f"seed={seed}",
+                f"model.encoder.hidden_dim={hidden}",
+                "data.synthetic.n_genes=120",
+                "data.synthetic.n_perts=100",
+            ],
+            out,
+        )
         train(cfg)
         runs.append(out)
     compare_runs(runs, base / "eval")
@@ -42,8 +52,9 @@ def execute(parameters: dict[str, str], tmp_path: Path):
     previous = {k: os.environ.get(k) for k in parameters}
     os.environ.update(parameters)  # the kernel inherits the environment: the notebook's env-var parameters
     try:
-        client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                         resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+        client = nbclient.NotebookClient(
+            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+        )
         client.execute()
     finally:
         for key, value in previous.items():
@@ -55,19 +66,30 @@ def execute(parameters: dict[str, str], tmp_path: Path):
 
 
 def outputs_of(notebook, kind: str) -> list:
-    return [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
-            if kind in o.get("data", {})]
+    return [
+        o
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+        if kind in o.get("data", {})
+    ]
 
 
 def test_results_notebook_runs_on_a_comparison_and_draws_every_figure(two_runs_and_comparison, tmp_path):
     base, runs = two_runs_and_comparison
     figures = tmp_path / "figures"
-    notebook = execute({"RESULTS_COMPARISON_DIR": str(base / "eval"), "RESULTS_RUN_DIRS": "",
-                        "RESULTS_FIGURES_DIR": str(figures)}, tmp_path)
+    notebook = execute(
+        {"RESULTS_COMPARISON_DIR": str(base / "eval"), "RESULTS_RUN_DIRS": "", "RESULTS_FIGURES_DIR": str(figures)},
+        tmp_path,
+    )
     # Figures: per-gene AUROC boxes, their intervals, ROC curves, model-vs-model scatter (two runs).
     assert len(outputs_of(notebook, "image/png")) == 4
-    assert sorted(p.name for p in figures.iterdir()) == ["per_gene_auroc.png", "per_gene_auroc_intervals.png",
-                                                          "per_gene_scatter.png", "roc_curves.png"]
+    assert sorted(p.name for p in figures.iterdir()) == [
+        "per_gene_auroc.png",
+        "per_gene_auroc_intervals.png",
+        "per_gene_scatter.png",
+        "roc_curves.png",
+    ]
     html = "".join(o["data"]["text/html"] for o in outputs_of(notebook, "text/html"))
     for seed in (0, 1):  # runs are named by run.json (model · data-task · seed), not by their timestamp folder
         assert f"mlp · synthetic-joint · seed {seed}" in html
@@ -80,8 +102,14 @@ def test_documented_command_paths_are_relative_to_where_the_notebook_runs(two_ru
     # cd notebooks && RESULTS_COMPARISON_DIR=../<comparison> RESULTS_FIGURES_DIR=../<figures> jupyter-execute ...
     base, runs = two_runs_and_comparison
     figures = tmp_path / "figures"
-    notebook = execute({"RESULTS_COMPARISON_DIR": os.path.relpath(base / "eval", NOTEBOOK.parent), "RESULTS_RUN_DIRS": "",
-                        "RESULTS_FIGURES_DIR": os.path.relpath(figures, NOTEBOOK.parent)}, tmp_path)
+    notebook = execute(
+        {
+            "RESULTS_COMPARISON_DIR": os.path.relpath(base / "eval", NOTEBOOK.parent),
+            "RESULTS_RUN_DIRS": "",
+            "RESULTS_FIGURES_DIR": os.path.relpath(figures, NOTEBOOK.parent),
+        },
+        tmp_path,
+    )
     assert len(outputs_of(notebook, "image/png")) == 4 and len(list(figures.glob("*.png"))) == 4
     # The executed copy the docs write next to the notebook is ignored by git.
     ignored = subprocess.run(["git", "check-ignore", "-q", "notebooks/results_executed.ipynb"], cwd=NOTEBOOK.parents[1])
@@ -90,8 +118,9 @@ def test_documented_command_paths_are_relative_to_where_the_notebook_runs(two_ru
 
 def test_results_notebook_reads_run_folders_without_a_comparison(two_runs_and_comparison, tmp_path):
     base, runs = two_runs_and_comparison
-    notebook = execute({"RESULTS_COMPARISON_DIR": "", "RESULTS_RUN_DIRS": str(runs[0]),
-                        "RESULTS_FIGURES_DIR": ""}, tmp_path)
+    notebook = execute(
+        {"RESULTS_COMPARISON_DIR": "", "RESULTS_RUN_DIRS": str(runs[0]), "RESULTS_FIGURES_DIR": ""}, tmp_path
+    )
     assert len(outputs_of(notebook, "image/png")) == 3  # boxes, intervals (bootstrapped here), ROC
     assert "One run only" in "".join(o["data"].get("text/markdown", "") for o in outputs_of(notebook, "text/markdown"))
 

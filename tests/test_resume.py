@@ -35,8 +35,11 @@ def test_stopped_run_with_dropout_resumes_to_bit_identical_weights_metrics_and_p
         assert torch.equal(tensor, b["state_dict"][name]), name
     assert metrics == expected
     for stage in ("val", "test"):
-        pd.testing.assert_frame_equal(pd.read_csv(straight / "predictions" / f"{stage}.csv"),
-                                      pd.read_csv(resumed / "predictions" / f"{stage}.csv"), check_exact=True)
+        pd.testing.assert_frame_equal(
+            pd.read_csv(straight / "predictions" / f"{stage}.csv"),
+            pd.read_csv(resumed / "predictions" / f"{stage}.csv"),
+            check_exact=True,
+        )
 
 
 @pytest.fixture
@@ -46,22 +49,34 @@ def one_epoch_run(synthetic_cfg, tmp_path):
     return run
 
 
-@pytest.mark.parametrize("override, named", [
-    ("seed=1", r"seed: 0 -> 1.*validation perturbations: \d+ differ"),
-    ("model.encoder.hidden_dim=64", r"model\.encoder\.hidden_dim: 256 -> 64"),
-    ("data.task=de", r"data\.task: joint -> de"),
-    ("data.synthetic.n_perts=150", r"data\.synthetic\.n_perts: 160 -> 150"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("seed=1", r"seed: 0 -> 1.*validation perturbations: \d+ differ"),
+        ("model.encoder.hidden_dim=64", r"model\.encoder\.hidden_dim: 256 -> 64"),
+        ("data.task=de", r"data\.task: joint -> de"),
+        ("data.synthetic.n_perts=150", r"data\.synthetic\.n_perts: 160 -> 150"),
+    ],
+)
 def test_resume_of_a_different_run_is_refused_naming_what_differs(synthetic_cfg, one_epoch_run, override, named):
     before = (one_epoch_run / "checkpoints" / "last.ckpt").read_bytes()
-    with pytest.raises(CheckpointError, match=rf"last\.ckpt belongs to a different run: .*{named}.*resume_mismatch_ok=true"):
+    with pytest.raises(
+        CheckpointError, match=rf"last\.ckpt belongs to a different run: .*{named}.*resume_mismatch_ok=true"
+    ):
         train(synthetic_cfg("trainer.max_epochs=2", "ckpt_path=last", override, output_dir=one_epoch_run))
     assert (one_epoch_run / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
 def test_resume_mismatch_ok_resumes_anyway(synthetic_cfg, one_epoch_run, caplog):
-    train(synthetic_cfg("trainer.max_epochs=2", "ckpt_path=last", "model.encoder.dropout=0.2",
-                        "resume_mismatch_ok=true", output_dir=one_epoch_run))
+    train(
+        synthetic_cfg(
+            "trainer.max_epochs=2",
+            "ckpt_path=last",
+            "model.encoder.dropout=0.2",
+            "resume_mismatch_ok=true",
+            output_dir=one_epoch_run,
+        )
+    )
     assert last_state(one_epoch_run)["epoch"] == 1
     assert "model.encoder.dropout: 0.1 -> 0.2" in caplog.text
 

@@ -24,8 +24,9 @@ def start_script(args: list[str], **env) -> subprocess.Popen:
     """``python ARGS`` as a user starts it: no HYDRA_FULL_ERROR, so errors are the project's one-liners."""
     environment = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     environment.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", **env)
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=environment, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None) -> None:
@@ -41,10 +42,19 @@ def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None)
 
 def hold_lock(run) -> subprocess.Popen:
     """Another process that holds the run folder's lock until killed."""
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time\nfrom perturb_models.runs import lock_run_folder\n"
-        f"with lock_run_folder({str(run)!r}):\n    print('locked', flush=True)\n    time.sleep(120)\n")],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time\nfrom perturb_models.runs import lock_run_folder\n"
+                f"with lock_run_folder({str(run)!r}):\n    print('locked', flush=True)\n    time.sleep(120)\n"
+            ),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -90,8 +100,9 @@ def test_ddp_ranks_and_slurm_tasks_beyond_the_first_do_not_take_the_lock(monkeyp
 @pytest.mark.slow
 def test_second_train_command_into_a_running_folder_refuses_in_one_line_and_sigterm_ends_the_first(tmp_path):
     run = tmp_path / "run"
-    first = start_script(["train.py", *FAST, "trainer.max_epochs=200", "callbacks.early_stopping.patience=1000",
-                          f"hydra.run.dir={run}"])
+    first = start_script(
+        ["train.py", *FAST, "trainer.max_epochs=200", "callbacks.early_stopping.patience=1000", f"hydra.run.dir={run}"]
+    )
     try:
         wait_for(lambda: (run / "checkpoints" / "last.ckpt").is_file(), 180, first)
         config_before = (run / ".hydra" / "config.yaml").read_text()

@@ -25,13 +25,31 @@ def load_quality():
 
 def result_rows() -> pd.DataFrame:
     """Two recipes on four lines: 'a' wins validation on k562/rpe1/hepg2, 'b' on k562_set and overall elsewhere."""
-    val = {("a", "k562"): 0.70, ("a", "rpe1"): 0.68, ("a", "hepg2"): 0.66, ("a", "k562_set"): 0.50,
-           ("b", "k562"): 0.60, ("b", "rpe1"): 0.61, ("b", "hepg2"): 0.62, ("b", "k562_set"): 0.90}
+    val = {
+        ("a", "k562"): 0.70,
+        ("a", "rpe1"): 0.68,
+        ("a", "hepg2"): 0.66,
+        ("a", "k562_set"): 0.50,
+        ("b", "k562"): 0.60,
+        ("b", "rpe1"): 0.61,
+        ("b", "hepg2"): 0.62,
+        ("b", "k562_set"): 0.90,
+    }
     rows = []
     for (recipe, line), v in val.items():
         for task in ("de", "dir"):
-            rows.append({"model": "knn", "recipe": recipe, "dataset": line, "task": task, "seed": 0,
-                         "val_auroc_per_gene": v, "auroc_per_gene": 1.0 - v, "genes_scored": 100})
+            rows.append(
+                {
+                    "model": "knn",
+                    "recipe": recipe,
+                    "dataset": line,
+                    "task": task,
+                    "seed": 0,
+                    "val_auroc_per_gene": v,
+                    "auroc_per_gene": 1.0 - v,
+                    "genes_scored": 100,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -75,13 +93,21 @@ def test_rows_without_validation_figures_cannot_be_selected_from():
 def test_old_quality_csv_reads_with_an_empty_validation_column(tmp_path):
     quality = load_quality()
     old = tmp_path / "quality.csv"
-    old.write_text("model,dataset,task,seed,auroc_per_gene,genes_scored,commit,wall_seconds,overrides\n"
-                   "knn,k562,de,0,0.65,665.0,abc1234,10.0,trainer.max_epochs=8\n")
+    old.write_text(
+        "model,dataset,task,seed,auroc_per_gene,genes_scored,commit,wall_seconds,overrides\n"
+        "knn,k562,de,0,0.65,665.0,abc1234,10.0,trainer.max_epochs=8\n"
+    )
     rows = quality.read_rows(old)
     assert list(rows.columns) == quality.COLUMNS
     assert math.isnan(rows.loc[0, "val_auroc_per_gene"])
-    new = {c: None for c in quality.COLUMNS} | {"model": "knn", "dataset": "k562", "task": "de", "seed": 0,
-                                                "auroc_per_gene": 0.7, "val_auroc_per_gene": 0.6}
+    new = {c: None for c in quality.COLUMNS} | {
+        "model": "knn",
+        "dataset": "k562",
+        "task": "de",
+        "seed": 0,
+        "auroc_per_gene": 0.7,
+        "val_auroc_per_gene": 0.6,
+    }
     stored = quality.store_row(old, [new], quality.COLUMNS, ["model", "dataset", "task", "seed"])
     assert len(stored) == 1 and stored.loc[0, "val_auroc_per_gene"] == 0.6  # a rerun replaces the old row
 
@@ -91,11 +117,19 @@ def test_a_full_test_rerun_never_replaces_a_test_gene_subset_row(tmp_path):
     csv = tmp_path / "quality.csv"
     row = {c: None for c in quality.COLUMNS} | {"model": "knn", "dataset": "k562", "task": "de", "seed": 0}
     keys = ["model", "dataset", "task", "seed"]
-    quality.store_row(csv, [row | {"auroc_per_gene": 0.68, "overrides": "data.task=joint data.test_genes=100 x=1"}],
-                      quality.COLUMNS, keys)
-    stored = quality.store_row(csv, [row | {"auroc_per_gene": 0.65, "overrides": "trainer.max_epochs=8"}], quality.COLUMNS, keys)
+    quality.store_row(
+        csv,
+        [row | {"auroc_per_gene": 0.68, "overrides": "data.task=joint data.test_genes=100 x=1"}],
+        quality.COLUMNS,
+        keys,
+    )
+    stored = quality.store_row(
+        csv, [row | {"auroc_per_gene": 0.65, "overrides": "trainer.max_epochs=8"}], quality.COLUMNS, keys
+    )
     assert sorted(stored["auroc_per_gene"]) == [0.65, 0.68]
-    stored = quality.store_row(csv, [row | {"auroc_per_gene": 0.64, "overrides": "trainer.max_epochs=8"}], quality.COLUMNS, keys)
+    stored = quality.store_row(
+        csv, [row | {"auroc_per_gene": 0.64, "overrides": "trainer.max_epochs=8"}], quality.COLUMNS, keys
+    )
     assert sorted(stored["auroc_per_gene"]) == [0.64, 0.68]  # the full-test row is replaced, the subset row kept
 
 
@@ -113,18 +147,39 @@ def test_gene_set_namer_recipe_is_chosen_on_validation_rouge_only():
     spec = importlib.util.spec_from_file_location("gse_bench", REPO / "benchmarks" / "gse_quality.py")
     gse = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gse)
-    rows = pd.DataFrame([{"method": "lora_llama_gse", "recipe": recipe, "kind": kind, "seed": 0,
-                          "val_rouge1_recall": val, "rouge1_recall": 1.0 - val}
-                         for recipe, val in (("hide0", 0.40), ("hide50", 0.55), ("hide100", 0.50)) for kind in ("gene", "pert")])
+    rows = pd.DataFrame(
+        [
+            {
+                "method": "lora_llama_gse",
+                "recipe": recipe,
+                "kind": kind,
+                "seed": 0,
+                "val_rouge1_recall": val,
+                "rouge1_recall": 1.0 - val,
+            }
+            for recipe, val in (("hide0", 0.40), ("hide50", 0.55), ("hide100", 0.50))
+            for kind in ("gene", "pert")
+        ]
+    )
     assert gse.choose(rows, list(gse.SEARCH_STAGE1)) == "hide50"
     poisoned = rows.assign(rouge1_recall=np.where(rows["recipe"] == "hide0", 1.0, 0.0))
     assert gse.choose(poisoned, list(gse.SEARCH_STAGE1)) == "hide50"
     # A recipe writes out every searched option, so it names the same runs whatever the config's defaults.
-    assert gse.namer_overrides("hide50_x4") == ["model.namer.hide_answer_train=0.5", "model.namer.train_examples=800",
-                                                "model.namer.max_new_tokens=12", "model.namer.descriptions=null"]
-    assert gse.namer_overrides("hide0_x4_tok24")[1:3] == ["model.namer.train_examples=800", "model.namer.max_new_tokens=24"]
+    assert gse.namer_overrides("hide50_x4") == [
+        "model.namer.hide_answer_train=0.5",
+        "model.namer.train_examples=800",
+        "model.namer.max_new_tokens=12",
+        "model.namer.descriptions=null",
+    ]
+    assert gse.namer_overrides("hide0_x4_tok24")[1:3] == [
+        "model.namer.train_examples=800",
+        "model.namer.max_new_tokens=24",
+    ]
     assert gse.search_stages(["v1", "hide0_x4_tok24", "hide50", "hide0", "hide0_x4"]) == [
-        ["hide0", "hide50"], ["hide0_x4"], ["hide0_x4_tok24"]]
+        ["hide0", "hide50"],
+        ["hide0_x4"],
+        ["hide0_x4_tok24"],
+    ]
     # Each seed draws its own validation examples: another seed's figure (here a high one) never sways the choice.
     other_seed = pd.concat([rows, rows.loc[rows["recipe"] == "hide0"].assign(seed=1, val_rouge1_recall=0.99)])
     assert gse.choose(other_seed, list(gse.SEARCH_STAGE1)) == "hide50"
@@ -135,8 +190,12 @@ def test_gene_set_namer_recipe_is_chosen_on_validation_rouge_only():
     with pytest.raises(SystemExit, match="unknown recipe 'hide0_x4_tok99'"):
         gse.namer_overrides("hide0_x4_tok99")
     with pytest.raises(ValueError, match="not a validation column"):
-        choose_recipe(rows.rename(columns={"method": "model"}).assign(dataset="k562_gse", task="gse"),
-                      "lora_llama_gse", ["k562_gse"], metric="rouge1_recall")
+        choose_recipe(
+            rows.rename(columns={"method": "model"}).assign(dataset="k562_gse", task="gse"),
+            "lora_llama_gse",
+            ["k562_gse"],
+            metric="rouge1_recall",
+        )
 
 
 def loco_rows_with_intervals(paired_knn: list[float], ensemble_ci: tuple[float, float]) -> pd.DataFrame:
@@ -147,36 +206,63 @@ def loco_rows_with_intervals(paired_knn: list[float], ensemble_ci: tuple[float, 
     for line in LINES:
         for model, figure in figures.items():
             recipe = "knn:r+gears:r+embedding_mlp:r" if model == "ensemble" else "r"
-            row = {"model": model, "recipe": recipe, "dataset": line, "task": "de", "seed": 0, "val_auroc_per_gene": 0.6,
-                   "auroc_per_gene": figure, "genes_scored": 100, "ci_low": figure - 0.02, "ci_high": figure + 0.02}
+            row = {
+                "model": model,
+                "recipe": recipe,
+                "dataset": line,
+                "task": "de",
+                "seed": 0,
+                "val_auroc_per_gene": 0.6,
+                "auroc_per_gene": figure,
+                "genes_scored": 100,
+                "ci_low": figure - 0.02,
+                "ci_high": figure + 0.02,
+            }
             if model == "ensemble":
-                row.update(ci_low=ensemble_ci[0], ci_high=ensemble_ci[1],
-                           paired=json.dumps({"knn": paired_knn, "gears": [0.055, 0.03, 0.08, 0.001]}))
+                row.update(
+                    ci_low=ensemble_ci[0],
+                    ci_high=ensemble_ci[1],
+                    paired=json.dumps({"knn": paired_knn, "gears": [0.055, 0.03, 0.08, 0.001]}),
+                )
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("paired_knn, verdict", [([0.005, -0.004, 0.014, 0.3], "holds"),
-                                                 ([0.005, -0.02, 0.03, 0.6], "unsure"),
-                                                 ([-0.03, -0.045, -0.015, 0.001], "fails")])
+@pytest.mark.parametrize(
+    "paired_knn, verdict",
+    [
+        ([0.005, -0.004, 0.014, 0.3], "holds"),
+        ([0.005, -0.02, 0.03, 0.6], "unsure"),
+        ([-0.03, -0.045, -0.015, 0.001], "fails"),
+    ],
+)
 def test_loco_goal_is_read_with_the_paired_interval_of_the_best_single_model(paired_knn, verdict):
     quality = load_quality()
     table = quality.loco_table(loco_rows_with_intervals(paired_knn, (0.68, 0.73)))
-    row = next(line for line in table.split("### LOCO, direction")[0].splitlines() if line.startswith("| the same with"))
+    row = next(
+        line for line in table.split("### LOCO, direction")[0].splitlines() if line.startswith("| the same with")
+    )
     cells = row.split(" | ")[1:]
     assert len(cells) == 4
     for cell in cells:
         # published best is fixed: the ensemble's own interval against +.03 above it; knn is the best single model
         assert f"vs knn [{paired_knn[1]:+.3f}, {paired_knn[2]:+.3f}]" in cell and cell.rstrip(" |").endswith(
-            f"{verdict} (1/1)")
+            f"{verdict} (1/1)"
+        )
     k562 = cells[0]  # published best .62: [.68 - .62, .73 - .62] = [+.060, +.110] lies above +.03
     assert k562.startswith("[+0.060, +0.110] holds")
 
 
 def test_fill_intervals_reruns_only_rows_without_their_interval():
     quality = load_quality()
-    rows = pd.DataFrame({"task": ["de", "dir"], "ci_low": [0.6, math.nan], "ci_high": [0.7, math.nan],
-                         "paired": [json.dumps({"knn": [0, 0, 0, 1]}), math.nan]})
+    rows = pd.DataFrame(
+        {
+            "task": ["de", "dir"],
+            "ci_low": [0.6, math.nan],
+            "ci_high": [0.7, math.nan],
+            "paired": [json.dumps({"knn": [0, 0, 0, 1]}), math.nan],
+        }
+    )
     fill = type("Args", (), {"fill_intervals": True})()
     assert list(quality.complete(rows, fill)["task"]) == ["de"]
     assert list(quality.complete(rows, None)["task"]) == ["de", "dir"]  # without the flag nothing reruns
@@ -189,9 +275,20 @@ def test_the_ensemble_combiner_is_chosen_on_the_other_lines_cross_fitted_validat
     rows = rows.loc[rows["model"] != "ensemble"]
     # rank wins validation on k562, rpe1 and hepg2; loglik only on k562_set (by far)
     val = {"k562": (0.60, 0.70), "rpe1": (0.60, 0.70), "hepg2": (0.60, 0.70), "k562_set": (0.95, 0.50)}
-    ensembles = [{"model": "ensemble", "recipe": f"knn:r+gears:r+embedding_mlp:r@{combiner}", "dataset": line,
-                  "task": "de", "seed": 0, "val_auroc_per_gene": v[i], "auroc_per_gene": 1.0 - v[i], "genes_scored": 100}
-                 for line, v in val.items() for i, combiner in enumerate(("loglik", "rank"))]
+    ensembles = [
+        {
+            "model": "ensemble",
+            "recipe": f"knn:r+gears:r+embedding_mlp:r@{combiner}",
+            "dataset": line,
+            "task": "de",
+            "seed": 0,
+            "val_auroc_per_gene": v[i],
+            "auroc_per_gene": 1.0 - v[i],
+            "genes_scored": 100,
+        }
+        for line, v in val.items()
+        for i, combiner in enumerate(("loglik", "rank"))
+    ]
     rows = pd.concat([rows, pd.DataFrame(ensembles)], ignore_index=True)
     # k562_set held out: rank has the better mean on the other three; k562 held out: loglik's k562_set lead wins
     assert quality.combiner_choice(rows, "k562_set") == "rank"

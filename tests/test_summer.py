@@ -35,17 +35,29 @@ from tests.conftest import FAST_CPU, compose_config, missing_input, module_word_
 require_module("transformers", "model=summer runs a language model")
 
 TINY = "{hidden_size:64,intermediate_size:128,num_hidden_layers:2,num_attention_heads:4,num_key_value_heads:2,max_position_embeddings:1024}"
-SMALL_DATA = ["data=synthetic", "data.synthetic.n_genes=80", "data.synthetic.n_perts=60",
-              "data.synthetic.negatives_per_pert=12", "data.eval_batch_size=1024"]
+SMALL_DATA = [
+    "data=synthetic",
+    "data.synthetic.n_genes=80",
+    "data.synthetic.n_perts=60",
+    "data.synthetic.negatives_per_pert=12",
+    "data.eval_batch_size=1024",
+]
 # Retrieval over the co-response graph (from the training pairs: no knowledge files needed).
 CORESPONSE = ["model.encoder.graphs.go.kind=coresponse", "model.encoder.gene_graphs.go.kind=coresponse"]
-TINY_LOCAL = ["model=summer", *CORESPONSE, "model.encoder.backend.pretrained=null", "model.encoder.backend.tokenizer=words",
-              f"model.encoder.backend.llama_config={TINY}", "model.encoder.summaries.source=none"]
+TINY_LOCAL = [
+    "model=summer",
+    *CORESPONSE,
+    "model.encoder.backend.pretrained=null",
+    "model.encoder.backend.tokenizer=words",
+    f"model.encoder.backend.llama_config={TINY}",
+    "model.encoder.summaries.source=none",
+]
 
 
 def summer_cfg(tmp_path: Path, *overrides: str, name: str = "run"):
-    return compose_config("train", [*SMALL_DATA, *FAST_CPU, "trainer.num_sanity_val_steps=0", *TINY_LOCAL, *overrides],
-                          tmp_path / name)
+    return compose_config(
+        "train", [*SMALL_DATA, *FAST_CPU, "trainer.num_sanity_val_steps=0", *TINY_LOCAL, *overrides], tmp_path / name
+    )
 
 
 def encoder_of(cfg, datamodule=None) -> SummerEncoder:
@@ -129,11 +141,20 @@ def test_logprob_scoring_trains_writes_outputs_reloads_and_reruns_from_the_cache
 
 
 def test_sample_scoring_with_cot_and_without_retrieval_counts_every_answer(tmp_path, isolated_cache):
-    cfg = summer_cfg(tmp_path, "model.encoder.scoring=sample", "model.encoder.cot=true", "model.encoder.samples=2",
-                     "model.encoder.max_new_tokens=6", "model.encoder.retrieval=false", "data.test_genes=4",
-                     "data.val_genes=2")
+    cfg = summer_cfg(
+        tmp_path,
+        "model.encoder.scoring=sample",
+        "model.encoder.cot=true",
+        "model.encoder.samples=2",
+        "model.encoder.max_new_tokens=6",
+        "model.encoder.retrieval=false",
+        "data.test_genes=4",
+        "data.val_genes=2",
+    )
     encoder, datamodule = encoder_of(cfg)
-    assert "Outcomes measured" not in encoder.prompt(0, 1) and "'Answer: <unchanged, down, up or insufficient>'" in encoder.prompt(0, 1)
+    assert "Outcomes measured" not in encoder.prompt(
+        0, 1
+    ) and "'Answer: <unchanged, down, up or insufficient>'" in encoder.prompt(0, 1)
     encoder.prepare_datamodule(datamodule)
     stats = encoder.stats
     pairs = len(datamodule.frames["val"]) + len(datamodule.frames["test"])
@@ -160,9 +181,15 @@ def test_logprob_scoring_with_cot_is_a_config_error(tmp_path, isolated_cache):
 
 def test_summaries_are_a_cached_artifact_other_models_read(tmp_path, isolated_cache):
     knowledge = module_word_knowledge(tmp_path / "knowledge", go_noise=True)
-    cfg = summer_cfg(tmp_path, f"knowledge.root={knowledge}", "knowledge.allow_download=false",
-                     "model.encoder.summaries.source=llm", "model.encoder.summaries.max_new_tokens=4",
-                     "data.test_genes=2", "data.val_genes=1")
+    cfg = summer_cfg(
+        tmp_path,
+        f"knowledge.root={knowledge}",
+        "knowledge.allow_download=false",
+        "model.encoder.summaries.source=llm",
+        "model.encoder.summaries.max_new_tokens=4",
+        "data.test_genes=2",
+        "data.val_genes=1",
+    )
     encoder, datamodule = encoder_of(cfg)
     encoder.prepare_datamodule(datamodule)
     path = encoder.summaries.path
@@ -205,8 +232,21 @@ def smollm2_server(tmp_path_factory, smollm2_installed):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
-               "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from transformers.cli.transformers import main; sys.exit(main())",
+        "serve",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--log-level",
+        "warning",
+    ]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -235,11 +275,20 @@ def smollm2_server(tmp_path_factory, smollm2_installed):
 
 def test_summer_against_a_real_openai_compatible_server(smollm2_server, tmp_path, isolated_cache):
     base_url, model = smollm2_server
-    served = ["model.encoder.backend.kind=openai", f"model.encoder.backend.base_url={base_url}",
-              f"model.encoder.backend.model='{model}'", "model.encoder.backend.concurrency=2",
-              "model.encoder.backend.timeout=120", "data.test_genes=2", "data.val_genes=1",
-              "model.encoder.scoring=sample", "model.encoder.samples=2", "model.encoder.answer_tokens=4",
-              "model.encoder.retrieval_budgets.random=2", "model.encoder.retrieval_budgets.both_similar=2"]
+    served = [
+        "model.encoder.backend.kind=openai",
+        f"model.encoder.backend.base_url={base_url}",
+        f"model.encoder.backend.model='{model}'",
+        "model.encoder.backend.concurrency=2",
+        "model.encoder.backend.timeout=120",
+        "data.test_genes=2",
+        "data.val_genes=1",
+        "model.encoder.scoring=sample",
+        "model.encoder.samples=2",
+        "model.encoder.answer_tokens=4",
+        "model.encoder.retrieval_budgets.random=2",
+        "model.encoder.retrieval_budgets.both_similar=2",
+    ]
     cfg = summer_cfg(tmp_path, *served)
     metrics = train(cfg)
     usage = json.loads((tmp_path / "run" / "run.json").read_text())["llm_usage"]
@@ -293,9 +342,18 @@ def fake_server():
                 text = "banana" if behaviour.mode == "banana" else "Answer: yes"
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                 if body.get("logprobs"):
-                    choice["logprobs"] = {"content": [{"token": "Yes", "logprob": -0.2, "top_logprobs": [
-                        {"token": "Yes", "logprob": -0.2}, {"token": " no", "logprob": -1.9}]}]}
-                payload = json.dumps({"choices": [choice], "usage": {"prompt_tokens": 11, "completion_tokens": 3}}).encode()
+                    choice["logprobs"] = {
+                        "content": [
+                            {
+                                "token": "Yes",
+                                "logprob": -0.2,
+                                "top_logprobs": [{"token": "Yes", "logprob": -0.2}, {"token": " no", "logprob": -1.9}],
+                            }
+                        ]
+                    }
+                payload = json.dumps(
+                    {"choices": [choice], "usage": {"prompt_tokens": 11, "completion_tokens": 3}}
+                ).encode()
             try:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -369,9 +427,16 @@ def test_logprobs_from_a_chat_server_are_read(fake_server, isolated_cache):
 def test_malformed_answers_are_counted_abstentions_not_zeros(fake_server, tmp_path, isolated_cache):
     url, behaviour = fake_server
     behaviour.mode = "banana"
-    cfg = summer_cfg(tmp_path, "model.encoder.backend.kind=openai", f"model.encoder.backend.base_url={url}",
-                     "model.encoder.backend.model=fake", "model.encoder.scoring=sample", "model.encoder.samples=3",
-                     "data.test_genes=2", "data.val_genes=1")
+    cfg = summer_cfg(
+        tmp_path,
+        "model.encoder.backend.kind=openai",
+        f"model.encoder.backend.base_url={url}",
+        "model.encoder.backend.model=fake",
+        "model.encoder.scoring=sample",
+        "model.encoder.samples=3",
+        "data.test_genes=2",
+        "data.val_genes=1",
+    )
     encoder, datamodule = encoder_of(cfg)
     encoder.prepare_datamodule(datamodule)
     stats = encoder.stats

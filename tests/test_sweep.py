@@ -24,10 +24,21 @@ def sweep_params(sweep_file: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_optuna_sweep_of_two_trials_reports_best_validation_value_with_separate_wandb_runs(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    run_script(["train.py", "-m", "sweep=optuna_mlp", "data=synthetic", "logger=wandb", "trainer.max_epochs=1",
-                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep_dir}",
-                f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}"])
+    run_script(
+        [
+            "train.py",
+            "-m",
+            "sweep=optuna_mlp",
+            "data=synthetic",
+            "logger=wandb",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            "hydra.sweeper.n_trials=2",
+            f"hydra.sweep.dir={sweep_dir}",
+            f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+        ]
+    )
     result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     trials = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
     assert [t.name for t in trials] == ["0", "1"]
@@ -67,8 +78,9 @@ def test_optuna_sweep_config_composes_and_each_searched_key_exists(sweep_file):
     assert cfg.model.name == sweep_file.stem.removeprefix("optuna_")
     absent = object()  # a key may exist with the value null (e.g. node_features)
     for key in sweep_params(sweep_file):
-        assert OmegaConf.select(cfg, key, default=absent) is not absent, \
+        assert OmegaConf.select(cfg, key, default=absent) is not absent, (
             f"{sweep_file.name} searches {key}, which model={cfg.model.name} lacks"
+        )
     assert OmegaConf.select(cfg, "model.encoder.no_such_key", default=absent) is absent
     assert cfg.optimized_metric.startswith("val/")
 
@@ -84,7 +96,7 @@ def test_wandb_sweep_mirrors_optuna_search_and_its_agent_command_composes(wandb_
     assert spec["program"] == "train.py" and "${args_no_hyphens}" in spec["command"]
     for key, grammar in sweep_params(optuna_file).items():
         if grammar.startswith("choice("):
-            choices = yaml.safe_load("[" + grammar[len("choice("):-1] + "]")
+            choices = yaml.safe_load("[" + grammar[len("choice(") : -1] + "]")
             assert spec["parameters"][key]["values"] == choices, key
 
     # What `wandb agent` runs: one sampled value per parameter, as key=value Hydra overrides.

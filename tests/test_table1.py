@@ -30,8 +30,11 @@ def table1_models() -> list[str]:
 def test_table1_covers_every_model_config_and_every_published_dataset_both_tasks():
     # *_tiny configs are test-sized models (random weights), not results to report; _base is no model;
     # gene-set namers (a `namer:` instead of an `encoder:`) belong to data=k562_gse.
-    models = {p.stem for p in (CONF / "model").glob("*.yaml") if not p.stem.endswith("_tiny") and p.stem != "_base"
-              and "namer" not in yaml.safe_load(p.read_text())}
+    models = {
+        p.stem
+        for p in (CONF / "model").glob("*.yaml")
+        if not p.stem.endswith("_tiny") and p.stem != "_base" and "namer" not in yaml.safe_load(p.read_text())
+    }
     assert set(table1_models()) == models and "mlp" in models and "lora_llama" in models
     assert set(TABLE1["data"].split(",")) == {"k562", "rpe1", "hepg2", "jurkat", "k562_set"}
     assert set(TABLE1["data.task"].split(",")) == {"de", "dir"}
@@ -42,9 +45,21 @@ def test_table1_covers_every_model_config_and_every_published_dataset_both_tasks
 def test_table1_multirun_on_synthetic_data_builds_the_seed_averaged_table(tmp_path):
     sweep = tmp_path / "table1"
     # Command-line values replace an axis of the grid: the MLP, synthetic data, the de task, two seeds.
-    run_script(["train.py", "experiment=table1", "model=mlp", "data=synthetic", "data.task=de", "seed=0,1", "logger=none",
-                "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                f"hydra.sweep.dir={sweep}"])
+    run_script(
+        [
+            "train.py",
+            "experiment=table1",
+            "model=mlp",
+            "data=synthetic",
+            "data.task=de",
+            "seed=0,1",
+            "logger=none",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
     runs = find_run_dirs([sweep])
     assert sorted(str(r.relative_to(sweep)) for r in runs) == ["mlp/synthetic-de/seed0", "mlp/synthetic-de/seed1"]
 

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from perturb_models.tasks import (QUESTIONS, TASKS, decode_scores, encode_labels, get_task, headline_metrics,
-                                  primary_metric)
+from perturb_models.tasks import (
+    QUESTIONS,
+    TASKS,
+    decode_scores,
+    encode_labels,
+    get_task,
+    headline_metrics,
+    primary_metric,
+)
 
 # File labels of four pairs: not DE, DE down, DE up, and not DE (direction unknown).
 DE = np.array([0, 1, 1, 0])
@@ -44,10 +51,15 @@ def test_joint_scores_give_de_and_direction():
 def test_files_metrics_and_questions_per_task():
     assert get_task("de").files == ("de",) and get_task("dir").files == get_task("joint").files == ("de", "dir")
     assert headline_metrics("joint") == ("de_auroc_per_gene", "dir_auroc_per_gene")
-    assert [primary_metric(t) for t in ("de", "dir", "joint")] == \
-        ["val/de_auroc_per_gene", "val/dir_auroc_per_gene", "val/de_auroc_per_gene"]
+    assert [primary_metric(t) for t in ("de", "dir", "joint")] == [
+        "val/de_auroc_per_gene",
+        "val/dir_auroc_per_gene",
+        "val/de_auroc_per_gene",
+    ]
     for task, question in QUESTIONS.items():
-        assert question.format(pert="P1", gene="G1").endswith("Answer:") and "P1" in question.format(pert="P1", gene="G1")
+        assert question.format(pert="P1", gene="G1").endswith("Answer:") and "P1" in question.format(
+            pert="P1", gene="G1"
+        )
 
 
 def test_an_unknown_task_names_the_valid_ones():

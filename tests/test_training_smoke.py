@@ -22,7 +22,14 @@ def test_training_run_writes_checkpoints_metrics_and_predictions(synthetic_cfg, 
     assert (run / "checkpoints" / "last.ckpt").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     for stage in ("val", "test"):
-        for key in ("de_auroc_per_gene", "de_genes_scored", "dir_auroc_per_gene", "dir_genes_scored", "de_auroc", "de_auprc"):
+        for key in (
+            "de_auroc_per_gene",
+            "de_genes_scored",
+            "dir_auroc_per_gene",
+            "dir_genes_scored",
+            "de_auroc",
+            "de_auprc",
+        ):
             assert f"{stage}/{key}" in metrics
     predictions = pd.read_csv(run / "predictions" / "test.csv")
     assert list(predictions.columns) == ["pert", "gene", "task", "label", "score"]

@@ -134,8 +134,17 @@ class SplitBatchSampler:
     shards cover every pair exactly once.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1, equal_shards: bool = False):
+    def __init__(
+        self,
+        num_rows: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        equal_shards: bool = False,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.num_rows, self.batch_size, self.shuffle, self.seed = num_rows, batch_size, shuffle, seed
@@ -166,7 +175,9 @@ class SplitBatchSampler:
     def __len__(self) -> int:
         rows = self.num_rows
         if self.world_size > 1:
-            rows = rows // self.world_size if self.equal_shards else len(range(self.rank, self.num_rows, self.world_size))
+            rows = (
+                rows // self.world_size if self.equal_shards else len(range(self.rank, self.num_rows, self.world_size))
+            )
         return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
 
 
@@ -222,12 +233,18 @@ class PerturbQADataModule(L.LightningDataModule):
         self.cell_line = cell_line or name
         self._fixed_vocab = list(vocab) if vocab is not None else None
         self._fixed_val_perts = list(val_perts) if val_perts is not None else None
-        for option, value in (("max_train_perts", max_train_perts), ("test_genes", test_genes), ("val_genes", val_genes)):
+        for option, value in (
+            ("max_train_perts", max_train_perts),
+            ("test_genes", test_genes),
+            ("val_genes", val_genes),
+        ):
             if value is not None and int(value) < 1:
                 raise ValueError(f"data.{option} must be a positive number or null, got {value}")
         self.max_train_perts = int(max_train_perts) if max_train_perts is not None else None
-        self.subset_genes = {"test": int(test_genes) if test_genes is not None else None,
-                             "val": int(val_genes) if val_genes is not None else None}
+        self.subset_genes = {
+            "test": int(test_genes) if test_genes is not None else None,
+            "val": int(val_genes) if val_genes is not None else None,
+        }
         self.subset_seed = int(subset_seed)
         self.subset_notes: dict[str, str] = {}
         self.splits: dict[str, PairTensors] = {}
@@ -237,14 +254,23 @@ class PerturbQADataModule(L.LightningDataModule):
     # ---- files -----------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self.name != "synthetic":
-            ensure_task_files(self.name, get_task(self.task).files, root=self.root, base_url=self.base_url, allow_download=self.download)
+            ensure_task_files(
+                self.name,
+                get_task(self.task).files,
+                root=self.root,
+                base_url=self.base_url,
+                allow_download=self.download,
+            )
 
     def load_tables(self) -> TaskTables:
         if self.name == "synthetic":
             de, dir_ = make_synthetic_tables(**self.synthetic)
-            return validate_tables("synthetic", de, dir_ if "dir" in get_task(self.task).files else None,
-                                   source="<synthetic>")
-        return load_task_tables(self.name, self.task, root=self.root, base_url=self.base_url, allow_download=self.download)
+            return validate_tables(
+                "synthetic", de, dir_ if "dir" in get_task(self.task).files else None, source="<synthetic>"
+            )
+        return load_task_tables(
+            self.name, self.task, root=self.root, base_url=self.base_url, allow_download=self.download
+        )
 
     # ---- splits ----------------------------------------------------------------------------------
     def _validation_perts(self, train_perts: Sequence[str]) -> list[str]:
@@ -256,7 +282,9 @@ class PerturbQADataModule(L.LightningDataModule):
                 raise FileNotFoundError(f"data.split_file={self.split_file}: no such file")
             saved = json.loads(path.read_text())
             if saved.get("dataset") not in (None, self.name):
-                raise DataValidationError(f"{path}: split was saved for dataset {saved.get('dataset')!r}, not {self.name!r}")
+                raise DataValidationError(
+                    f"{path}: split was saved for dataset {saved.get('dataset')!r}, not {self.name!r}"
+                )
             chosen = list(saved["val_perts"])
         else:
             return carve_validation_perts(train_perts, self.val_fraction, self.seed)
@@ -297,13 +325,15 @@ class PerturbQADataModule(L.LightningDataModule):
                 raise DataValidationError(f"{self.name}: the {stage_name} split is empty for task={self.task}")
             frame = self._subset(stage_name, frame)
             self.frames[stage_name] = frame
-            self.splits[stage_name] = PairTensors({
-                "pert": torch.as_tensor(frame["pert_idx"].to_numpy(), dtype=torch.long),
-                "gene": torch.as_tensor(frame["gene_idx"].to_numpy(), dtype=torch.long),
-                "label": torch.as_tensor(frame["label"].to_numpy(), dtype=torch.long),
-                "de": torch.as_tensor(frame["de"].to_numpy(), dtype=torch.long),
-                "dir": torch.as_tensor(frame["dir"].to_numpy(), dtype=torch.long),
-            })
+            self.splits[stage_name] = PairTensors(
+                {
+                    "pert": torch.as_tensor(frame["pert_idx"].to_numpy(), dtype=torch.long),
+                    "gene": torch.as_tensor(frame["gene_idx"].to_numpy(), dtype=torch.long),
+                    "label": torch.as_tensor(frame["label"].to_numpy(), dtype=torch.long),
+                    "de": torch.as_tensor(frame["de"].to_numpy(), dtype=torch.long),
+                    "dir": torch.as_tensor(frame["dir"].to_numpy(), dtype=torch.long),
+                }
+            )
         train = context_train
         mapping = read_cluster_mapping(tables.folder, self.name) if tables.folder is not None else {}
         self.context = DataContext(
@@ -329,22 +359,28 @@ class PerturbQADataModule(L.LightningDataModule):
             if self.max_train_perts < len(perts):
                 keep = set(rng.choice(perts, size=self.max_train_perts, replace=False).tolist())
                 frame = frame.loc[frame["pert"].isin(keep)].reset_index(drop=True)
-                self.subset_notes[stage] = (f"data.max_train_perts={self.max_train_perts}: fitting on {len(frame):,} pairs "
-                                            f"of {len(keep)} of the {len(perts)} training perturbations")
+                self.subset_notes[stage] = (
+                    f"data.max_train_perts={self.max_train_perts}: fitting on {len(frame):,} pairs "
+                    f"of {len(keep)} of the {len(perts)} training perturbations"
+                )
             return frame
         wanted = self.subset_genes.get(stage)
         if wanted is None:
             return frame
         scorable = scorable_genes(frame, self.task)
         if len(scorable) == 0:
-            raise DataValidationError(f"data.{stage}_genes={wanted}: no {stage} gene of {self.name} has a defined "
-                                      f"per-gene AUROC for task={self.task}")
+            raise DataValidationError(
+                f"data.{stage}_genes={wanted}: no {stage} gene of {self.name} has a defined "
+                f"per-gene AUROC for task={self.task}"
+            )
         chosen = set(rng.choice(scorable, size=min(wanted, len(scorable)), replace=False).tolist())
         subset = frame.loc[frame["gene"].isin(chosen)].reset_index(drop=True)
-        self.subset_notes[stage] = (f"data.{stage}_genes={wanted}: {stage} split cut to {len(chosen)} seeded genes of "
-                                    f"{frame['gene'].nunique():,} ({len(subset):,} of {len(frame):,} pairs, all pairs of each "
-                                    f"gene), drawn among the {len(scorable)} with a defined per-gene AUROC"
-                                    + (": NOT the official full-test figure" if stage == "test" else ""))
+        self.subset_notes[stage] = (
+            f"data.{stage}_genes={wanted}: {stage} split cut to {len(chosen)} seeded genes of "
+            f"{frame['gene'].nunique():,} ({len(subset):,} of {len(frame):,} pairs, all pairs of each "
+            f"gene), drawn among the {len(scorable)} with a defined per-gene AUROC"
+            + (": NOT the official full-test figure" if stage == "test" else "")
+        )
         return subset
 
     def split_record(self) -> dict[str, Any]:

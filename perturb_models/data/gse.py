@@ -31,8 +31,9 @@ def gse_file_name(kind: str) -> str:
     return f"k562_{kind}-gse.json"
 
 
-def ensure_published_file(name: str, root: str | os.PathLike | None = None, base_url: str | None = None,
-                          allow_download: bool = True) -> Path:
+def ensure_published_file(
+    name: str, root: str | os.PathLike | None = None, base_url: str | None = None, allow_download: bool = True
+) -> Path:
     """The local path of one published PerturbQA file, downloaded when missing."""
     folder = resolve_data_root(root)
     path = folder / name
@@ -50,7 +51,9 @@ def read_gse_file(path: str | os.PathLike) -> pd.DataFrame:
     for index, entry in enumerate(entries):
         where = f"{path} entry {index}"
         if not isinstance(entry, dict):
-            raise DataValidationError(f"{where}: expected an object with 'genes' and 'label', got {type(entry).__name__}")
+            raise DataValidationError(
+                f"{where}: expected an object with 'genes' and 'label', got {type(entry).__name__}"
+            )
         missing = [key for key in ("genes", "label") if key not in entry]
         if missing:
             raise DataValidationError(f"{where}: missing key(s) {', '.join(missing)}")
@@ -99,10 +102,19 @@ class GSEDataModule:
 
     task = "gse"
 
-    def __init__(self, name: str = "k562_gene", gse_kind: str = "gene", task: str = "gse", root: str | None = None,
-                 download: bool = True, base_url: str | None = None,
-                 background_file: str | None = "k562_gw_mapping_full.json", cell_line: str = "K562",
-                 bertscore_model: str | None = "minilm", bertscore_num_layers: int | None = None):
+    def __init__(
+        self,
+        name: str = "k562_gene",
+        gse_kind: str = "gene",
+        task: str = "gse",
+        root: str | None = None,
+        download: bool = True,
+        base_url: str | None = None,
+        background_file: str | None = "k562_gw_mapping_full.json",
+        cell_line: str = "K562",
+        bertscore_model: str | None = "minilm",
+        bertscore_num_layers: int | None = None,
+    ):
         gse_file_name(gse_kind)  # validates the kind
         if task != "gse":
             raise ValueError(f"data.task={task!r}: the gene set enrichment data has one task, gse")
@@ -125,19 +137,30 @@ class GSEDataModule:
         if self.context is not None:
             return
         folder = resolve_data_root(self.root)
-        tables = {kind: read_gse_file(ensure_published_file(gse_file_name(kind), self.root, self.base_url, self.download))
-                  for kind in GSE_KINDS}
+        tables = {
+            kind: read_gse_file(ensure_published_file(gse_file_name(kind), self.root, self.base_url, self.download))
+            for kind in GSE_KINDS
+        }
         background: dict[str, None] = {}
         if self.background_file:
-            background.update(dict.fromkeys(read_background(
-                ensure_published_file(self.background_file, self.root, self.base_url, self.download))))
+            background.update(
+                dict.fromkeys(
+                    read_background(
+                        ensure_published_file(self.background_file, self.root, self.base_url, self.download)
+                    )
+                )
+            )
         for table in tables.values():
             for genes in table["genes"]:
                 background.update(dict.fromkeys(genes))
         self.context = GSEContext(
-            dataset=self.name, kind=self.kind, clusters=tables[self.kind],
+            dataset=self.name,
+            kind=self.kind,
+            clusters=tables[self.kind],
             all_clusters={kind: list(t["genes"]) for kind, t in tables.items()},
-            background=tuple(background), source=str(folder))
+            background=tuple(background),
+            source=str(folder),
+        )
 
 
 def describe_clusters(clusters: pd.DataFrame) -> str:

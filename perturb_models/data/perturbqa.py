@@ -91,8 +91,10 @@ def ensure_task_files(
     paths = {kind: folder / task_file_name(name, kind) for kind in kinds}
     for path in paths.values():
         if path.exists() and not path.is_file():
-            raise DataValidationError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not a task CSV file; "
-                                      "remove or rename it")
+            raise DataValidationError(
+                f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not a task CSV file; "
+                "remove or rename it"
+            )
     missing = [kind for kind, path in paths.items() if not path.is_file()]
     if not missing:
         return paths
@@ -108,8 +110,9 @@ def ensure_task_files(
     return paths
 
 
-def fetch_published_files(paths: dict[str, Path], folder: Path, base_url: str | None = None,
-                          allow_download: bool = True) -> None:
+def fetch_published_files(
+    paths: dict[str, Path], folder: Path, base_url: str | None = None, allow_download: bool = True
+) -> None:
     """Download each ``file name -> local path`` from the PerturbQA repository (``base_url``, else
     ``$PERTURBQA_URL``, else the public one); one mechanism for every published file."""
     base_url = (base_url or os.environ.get("PERTURBQA_URL") or PERTURBQA_BASE_URL).rstrip("/")
@@ -121,8 +124,7 @@ def fetch_published_files(paths: dict[str, Path], folder: Path, base_url: str | 
         url = f"{base_url}/{name}"
         if not allow_download:
             raise DataValidationError(
-                f"{path} is missing and downloads are off (data.download=false). "
-                f"Fetch it from {url}, or " + hints[0]
+                f"{path} is missing and downloads are off (data.download=false). Fetch it from {url}, or " + hints[0]
             )
         kind = _task_kind(name)
         if kind is not None:
@@ -146,8 +148,15 @@ def download_task_file(file_name: str, kind: str, url: str, dest: Path, hints) -
     """Download one published task file, verified against ``OFFICIAL_FILES`` and validated, then kept."""
     size, sha256 = OFFICIAL_FILES.get(file_name, (None, None))
     try:
-        return download(url, dest, what=f"PerturbQA file {file_name}", alternatives=hints, size=size, sha256=sha256,
-                        check=lambda tmp: read_task_file(tmp, kind))
+        return download(
+            url,
+            dest,
+            what=f"PerturbQA file {file_name}",
+            alternatives=hints,
+            size=size,
+            sha256=sha256,
+            check=lambda tmp: read_task_file(tmp, kind),
+        )
     except DownloadError as exc:
         raise DownloadError(f"{exc}\n(Looked for the file in {dest.parent} first.)") from None
 
@@ -158,8 +167,14 @@ def _read_published(name: str, kind: str, path: Path, base_url: str | None, allo
     file_name = task_file_name(name, kind)
     official = OFFICIAL_FILES.get(file_name)
     if official is not None and path.stat().st_size != official[0]:
-        log.warning("%s has %d bytes, the official PerturbQA %s has %d: it is not the published file. If that is not "
-                    "intended, delete it and it will be downloaded again", path, path.stat().st_size, file_name, official[0])
+        log.warning(
+            "%s has %d bytes, the official PerturbQA %s has %d: it is not the published file. If that is not "
+            "intended, delete it and it will be downloaded again",
+            path,
+            path.stat().st_size,
+            file_name,
+            official[0],
+        )
     try:
         return read_task_file(path, kind)
     except DataValidationError as exc:
@@ -170,7 +185,9 @@ def _read_published(name: str, kind: str, path: Path, base_url: str | None, allo
             aside = path.with_name(f"{path.name}.invalid-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(path, aside)
             marker.unlink()
-            log.warning("%s (downloaded earlier) is not valid (%s); moved to %s and downloading it again", path, exc, aside)
+            log.warning(
+                "%s (downloaded earlier) is not valid (%s); moved to %s and downloading it again", path, exc, aside
+            )
             url = f"{(base_url or os.environ.get('PERTURBQA_URL') or PERTURBQA_BASE_URL).rstrip('/')}/{file_name}"
             download_task_file(file_name, kind, url, path, [])
             return read_task_file(path, kind)
@@ -191,11 +208,14 @@ def read_task_file(path: str | os.PathLike, kind: str = "de") -> pd.DataFrame:
         head = handle.read(8)
     for magic, kind_name, tool in _COMPRESSED:
         if head.startswith(magic):
-            raise DataValidationError(f"{path}: the file is {kind_name}-compressed, not CSV text; decompress it "
-                                      f"({tool} -c FILE > {path.name}) and try again")
+            raise DataValidationError(
+                f"{path}: the file is {kind_name}-compressed, not CSV text; decompress it "
+                f"({tool} -c FILE > {path.name}) and try again"
+            )
     try:
-        frame = pd.read_csv(path, dtype={"pert": str, "gene": str, "split": str}, keep_default_na=False,
-                            encoding="utf-8")
+        frame = pd.read_csv(
+            path, dtype={"pert": str, "gene": str, "split": str}, keep_default_na=False, encoding="utf-8"
+        )
     except pd.errors.EmptyDataError as exc:
         raise DataValidationError(f"{path}: the file is empty; expected a header pert,gene,label,split") from exc
     except UnicodeDecodeError as exc:
@@ -205,8 +225,13 @@ def read_task_file(path: str | os.PathLike, kind: str = "de") -> pd.DataFrame:
     return validate_task_frame(frame, source=str(path), kind=kind)
 
 
-_COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip"), (b"PK\x03\x04", "zip", "unzip -p"), (b"BZh", "bzip2", "bunzip2"),
-               (b"\xfd7zXZ", "xz", "unxz"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"))
+_COMPRESSED = (
+    (b"\x1f\x8b", "gzip", "gunzip"),
+    (b"PK\x03\x04", "zip", "unzip -p"),
+    (b"BZh", "bzip2", "bunzip2"),
+    (b"\xfd7zXZ", "xz", "unxz"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"),
+)
 
 
 def _bad_byte(path: Path, exc: UnicodeDecodeError) -> str:
@@ -225,7 +250,9 @@ def _bad_byte(path: Path, exc: UnicodeDecodeError) -> str:
 # any whitespace inside it is refused too; downstream "genes" may be named clusters with single spaces
 # ("12-oxidative phosphorylation" in k562_set), so the gene column refuses only the invisible ones,
 # doubled spaces and quotes.
-_INVISIBLE = "\\x00-\\x1f\\x7f-\\x9f\\u00a0\\u00ad\\u1680\\u180e\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u2064\\u3000\\ufeff"
+_INVISIBLE = (
+    "\\x00-\\x1f\\x7f-\\x9f\\u00a0\\u00ad\\u1680\\u180e\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u2064\\u3000\\ufeff"
+)
 _BAD_SYMBOL = {
     "pert": re.compile(f"[\\s{_INVISIBLE}\"'`]"),
     "gene": re.compile(f"[{_INVISIBLE}\"'`]|\\s\\s"),
@@ -288,9 +315,11 @@ def validate_task_frame(frame: pd.DataFrame, source: str, kind: str = "de") -> p
     duplicated = frame.duplicated(subset=["pert", "gene"], keep="first")
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
-        first = int(np.flatnonzero(
-            ((frame["pert"] == frame["pert"].iloc[row]) & (frame["gene"] == frame["gene"].iloc[row])).to_numpy()
-        )[0])
+        first = int(
+            np.flatnonzero(
+                ((frame["pert"] == frame["pert"].iloc[row]) & (frame["gene"] == frame["gene"].iloc[row])).to_numpy()
+            )[0]
+        )
         raise DataValidationError(
             f"{source} line {_line(row)}: duplicate pair (pert={frame['pert'].iloc[row]}, gene={frame['gene'].iloc[row]}), "
             f"already on line {_line(first)}; each (pert, gene) pair must appear once"

@@ -91,7 +91,7 @@ def _require_scanpy():
         import scanpy
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "building task files from an AnnData needs scanpy and anndata: pip install -e \".[screen]\" "
+            'building task files from an AnnData needs scanpy and anndata: pip install -e ".[screen]" '
             "(or pip install scanpy anndata)"
         ) from exc
     return scanpy
@@ -179,9 +179,7 @@ def _working_copy(adata, obs_key: str, control: str, layer: str | None, gene_key
         )
     if layer:
         if layer not in adata.layers:
-            raise PerturbseqError(
-                f"{source}: no layer {layer!r}; layers: {', '.join(adata.layers.keys()) or '(none)'}"
-            )
+            raise PerturbseqError(f"{source}: no layer {layer!r}; layers: {', '.join(adata.layers.keys()) or '(none)'}")
         matrix = adata.layers[layer]
     else:
         matrix = adata.X
@@ -213,17 +211,26 @@ def _de_tables_for(work, perts: Sequence[str], control: str, method: str) -> dic
     # Tie correction matters for Wilcoxon on sparse counts, where most values are tied zeros.
     extra = {"tie_correct": True} if method == "wilcoxon" else {}
     sc.tl.rank_genes_groups(
-        work, groupby=_GROUP_KEY, groups=list(perts), reference=control, method=method,
-        n_genes=work.n_vars, corr_method="benjamini-hochberg", key_added=_RESULT_KEY, **extra,
+        work,
+        groupby=_GROUP_KEY,
+        groups=list(perts),
+        reference=control,
+        method=method,
+        n_genes=work.n_vars,
+        corr_method="benjamini-hochberg",
+        key_added=_RESULT_KEY,
+        **extra,
     )
     result = work.uns[_RESULT_KEY]
     tables = {}
     for pert in perts:
-        tables[pert] = pd.DataFrame({
-            "gene": np.asarray(result["names"][pert]).astype(str),
-            "lfc": np.asarray(result["logfoldchanges"][pert], dtype=np.float64),
-            "pval_adj": np.asarray(result["pvals_adj"][pert], dtype=np.float64),
-        })
+        tables[pert] = pd.DataFrame(
+            {
+                "gene": np.asarray(result["names"][pert]).astype(str),
+                "lfc": np.asarray(result["logfoldchanges"][pert], dtype=np.float64),
+                "pval_adj": np.asarray(result["pvals_adj"][pert], dtype=np.float64),
+            }
+        )
     del work.uns[_RESULT_KEY]
     return tables
 
@@ -332,7 +339,7 @@ def build_task_files(
     target_excluded = 0
     with tqdm(total=len(perts), desc=f"DE tests ({method})", unit="pert", disable=not progress) as bar:
         for start in range(0, len(perts), chunk_size):
-            chunk = perts[start:start + chunk_size]
+            chunk = perts[start : start + chunk_size]
             for pert, table in _de_tables_for(work, chunk, control, method).items():
                 table = call_de(table, pval, lfc)
                 if pert in gene_set:
@@ -347,12 +354,16 @@ def build_task_files(
                 # not change when another one is added or skipped.
                 rng = np.random.default_rng([int(seed), position[pert]])
                 negatives = rng.choice(pool, size=n_neg, replace=False) if n_neg else np.array([], dtype=str)
-                rows.append(pd.DataFrame({
-                    "pert": pert,
-                    "gene": np.concatenate([positives["gene"].to_numpy(), negatives]).astype(str),
-                    "de": np.concatenate([np.ones(len(positives), np.int64), np.zeros(n_neg, np.int64)]),
-                    "up": np.concatenate([positives["up"].to_numpy(), np.zeros(n_neg, np.int64)]),
-                }))
+                rows.append(
+                    pd.DataFrame(
+                        {
+                            "pert": pert,
+                            "gene": np.concatenate([positives["gene"].to_numpy(), negatives]).astype(str),
+                            "de": np.concatenate([np.ones(len(positives), np.int64), np.zeros(n_neg, np.int64)]),
+                            "up": np.concatenate([positives["up"].to_numpy(), np.zeros(n_neg, np.int64)]),
+                        }
+                    )
+                )
             bar.update(len(chunk))
 
     pairs = pd.concat(rows, ignore_index=True)
@@ -360,8 +371,11 @@ def build_task_files(
     split = split_perturbations(kept, test_fraction, seed)
     pairs["split"] = pairs["pert"].map(split)
     # Train rows first, then test, as in the PerturbQA files.
-    pairs = pairs.sort_values(["split", "pert", "gene"], key=lambda c: c.map({"train": 0, "test": 1}) if c.name == "split" else c,
-                              kind="stable").reset_index(drop=True)
+    pairs = pairs.sort_values(
+        ["split", "pert", "gene"],
+        key=lambda c: c.map({"train": 0, "test": 1}) if c.name == "split" else c,
+        kind="stable",
+    ).reset_index(drop=True)
     for split_name in ("train", "test"):
         if not ((pairs["split"] == split_name) & (pairs["de"] == 1)).any():
             raise PerturbseqError(
@@ -377,15 +391,37 @@ def build_task_files(
     dir_path = atomic_write_dataframe(outdir / task_file_name(name, "dir"), tables.dir)
 
     report = BuildReport(
-        name=name, de_path=str(de_path), dir_path=str(dir_path), data_kind=kind, method=method,
-        params=dict(obs_key=obs_key, control=control, pval=pval, lfc=lfc, negatives_ratio=negatives_ratio,
-                    min_negatives=min_negatives, min_cells=min_cells, test_fraction=test_fraction, seed=seed,
-                    layer=layer, gene_key=gene_key, source=source),
-        n_cells=int(work.n_obs), n_genes=int(work.n_vars), n_control_cells=n_control,
-        perturbations_tested=len(perts), skipped_few_cells=skipped, no_de_genes=sorted(no_de),
-        target_excluded=target_excluded, de_pairs=int(pairs["de"].sum()),
-        up_pairs=int(dir_table["label"].sum()), down_pairs=int((dir_table["label"] == 0).sum()),
-        pairs=len(pairs), train_perts=sum(v == "train" for v in split.values()),
+        name=name,
+        de_path=str(de_path),
+        dir_path=str(dir_path),
+        data_kind=kind,
+        method=method,
+        params=dict(
+            obs_key=obs_key,
+            control=control,
+            pval=pval,
+            lfc=lfc,
+            negatives_ratio=negatives_ratio,
+            min_negatives=min_negatives,
+            min_cells=min_cells,
+            test_fraction=test_fraction,
+            seed=seed,
+            layer=layer,
+            gene_key=gene_key,
+            source=source,
+        ),
+        n_cells=int(work.n_obs),
+        n_genes=int(work.n_vars),
+        n_control_cells=n_control,
+        perturbations_tested=len(perts),
+        skipped_few_cells=skipped,
+        no_de_genes=sorted(no_de),
+        target_excluded=target_excluded,
+        de_pairs=int(pairs["de"].sum()),
+        up_pairs=int(dir_table["label"].sum()),
+        down_pairs=int((dir_table["label"] == 0).sum()),
+        pairs=len(pairs),
+        train_perts=sum(v == "train" for v in split.values()),
         test_perts=sum(v == "test" for v in split.values()),
     )
     atomic_write_json(outdir / f"{name}-build.json", asdict(report))
@@ -415,22 +451,43 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--obs-key", default="perturbation", help="obs column with each cell's perturbation label")
     build.add_argument("--control", default="non-targeting", help="the obs label of control cells")
     build.add_argument("--method", choices=METHODS, default="wilcoxon", help="scanpy rank_genes_groups test")
-    build.add_argument("--pval", type=float, default=0.05, help="DE when the Benjamini-Hochberg adjusted p-value is below this")
+    build.add_argument(
+        "--pval", type=float, default=0.05, help="DE when the Benjamini-Hochberg adjusted p-value is below this"
+    )
     build.add_argument("--lfc", type=float, default=0.5, help="... and |log2 fold change| is at least this")
-    build.add_argument("--negatives-ratio", type=float, default=1.0,
-                       help="sampled non-DE candidate genes per DE gene, per perturbation")
-    build.add_argument("--min-negatives", type=int, default=10,
-                       help="at least this many non-DE candidates per perturbation (so ones without DE genes still count)")
-    build.add_argument("--min-cells", type=int, default=20,
-                       help="perturbations with fewer cells are skipped (and listed); control needs as many")
+    build.add_argument(
+        "--negatives-ratio",
+        type=float,
+        default=1.0,
+        help="sampled non-DE candidate genes per DE gene, per perturbation",
+    )
+    build.add_argument(
+        "--min-negatives",
+        type=int,
+        default=10,
+        help="at least this many non-DE candidates per perturbation (so ones without DE genes still count)",
+    )
+    build.add_argument(
+        "--min-cells",
+        type=int,
+        default=20,
+        help="perturbations with fewer cells are skipped (and listed); control needs as many",
+    )
     build.add_argument("--test-fraction", type=float, default=0.2, help="share of perturbations in the test split")
     build.add_argument("--seed", type=int, default=0, help="seed of the negative sampling and the split")
-    build.add_argument("--data-kind", choices=DATA_KINDS, default="auto",
-                       help="auto: integer values are counts (normalize_total + log1p), large non-integers get log1p, "
-                            "small non-negative values are used as log-normalised")
+    build.add_argument(
+        "--data-kind",
+        choices=DATA_KINDS,
+        default="auto",
+        help="auto: integer values are counts (normalize_total + log1p), large non-integers get log1p, "
+        "small non-negative values are used as log-normalised",
+    )
     build.add_argument("--layer", default=None, help="use this layer instead of X (e.g. counts)")
-    build.add_argument("--gene-key", default=None,
-                       help="var column with gene symbols (default: var_names), e.g. gene_symbols when var_names are Ensembl ids")
+    build.add_argument(
+        "--gene-key",
+        default=None,
+        help="var column with gene symbols (default: var_names), e.g. gene_symbols when var_names are Ensembl ids",
+    )
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -439,10 +496,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         report = build_task_files(
-            args.input, args.outdir, name=args.name, obs_key=args.obs_key, control=args.control,
-            method=args.method, pval=args.pval, lfc=args.lfc, negatives_ratio=args.negatives_ratio,
-            min_negatives=args.min_negatives, min_cells=args.min_cells, test_fraction=args.test_fraction,
-            seed=args.seed, data_kind=args.data_kind, layer=args.layer, gene_key=args.gene_key,
+            args.input,
+            args.outdir,
+            name=args.name,
+            obs_key=args.obs_key,
+            control=args.control,
+            method=args.method,
+            pval=args.pval,
+            lfc=args.lfc,
+            negatives_ratio=args.negatives_ratio,
+            min_negatives=args.min_negatives,
+            min_cells=args.min_cells,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            data_kind=args.data_kind,
+            layer=args.layer,
+            gene_key=args.gene_key,
             progress=not args.no_progress,
         )
     except (PerturbseqError, FileNotFoundError) as exc:

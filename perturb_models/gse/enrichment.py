@@ -42,13 +42,26 @@ class GOSets:
 _CACHE: dict[tuple, GOSets] = {}
 
 
-def load_go_sets(background: Sequence[str], root: str | os.PathLike | None = None,
-                 aspects: Sequence[str] = ("P", "F", "C"), exclude_evidence: Sequence[str] = (),
-                 min_size: int = 3, max_size: int = 500, allow_download: bool = True) -> GOSets:
+def load_go_sets(
+    background: Sequence[str],
+    root: str | os.PathLike | None = None,
+    aspects: Sequence[str] = ("P", "F", "C"),
+    exclude_evidence: Sequence[str] = (),
+    min_size: int = 3,
+    max_size: int = 500,
+    allow_download: bool = True,
+) -> GOSets:
     """Propagated GO term sets over ``background`` symbols from gene_info + gene2go + GO OBO (memoised)."""
     from perturb_models.knowledge.files import knowledge_root
 
-    key = (tuple(background), str(knowledge_root(root)), tuple(aspects), tuple(exclude_evidence), int(min_size), int(max_size))
+    key = (
+        tuple(background),
+        str(knowledge_root(root)),
+        tuple(aspects),
+        tuple(exclude_evidence),
+        int(min_size),
+        int(max_size),
+    )
     if key in _CACHE:
         return _CACHE[key]
     from perturb_models.knowledge.files import knowledge_file
@@ -62,19 +75,30 @@ def load_go_sets(background: Sequence[str], root: str | os.PathLike | None = Non
     annotations = read_gene2go(knowledge_file("gene2go", root, allow_download))
     annotations = annotations.loc[annotations["gene"].isin(set(ids.values()))]
     ontology = read_obo(knowledge_file("go_obo", root, allow_download))
-    by_id = gene_term_sets(annotations, aspects=aspects, exclude_evidence=exclude_evidence, ontology=ontology,
-                           propagate=True)
+    by_id = gene_term_sets(
+        annotations, aspects=aspects, exclude_evidence=exclude_evidence, ontology=ontology, propagate=True
+    )
     gene_terms_all = {symbol: by_id[gid] for symbol, gid in ids.items() if gid in by_id}
     members: dict[str, set[str]] = {}
     for symbol, terms in gene_terms_all.items():
         for term in terms:
             members.setdefault(term, set()).add(symbol)
-    term_genes = {t: frozenset(g) for t, g in members.items()
-                  if min_size <= len(g) <= max_size and t in ontology and not ontology[t].is_obsolete}
+    term_genes = {
+        t: frozenset(g)
+        for t, g in members.items()
+        if min_size <= len(g) <= max_size and t in ontology and not ontology[t].is_obsolete
+    }
     gene_terms = {s: frozenset(t for t in ts if t in term_genes) for s, ts in gene_terms_all.items()}
     names = {t: ontology[t].name for t in term_genes}
-    info = {"background": len(background), "resolved": len(ids), "population": len(gene_terms_all),
-            "terms": len(term_genes), "aspects": list(aspects), "min_size": min_size, "max_size": max_size}
+    info = {
+        "background": len(background),
+        "resolved": len(ids),
+        "population": len(gene_terms_all),
+        "terms": len(term_genes),
+        "aspects": list(aspects),
+        "min_size": min_size,
+        "max_size": max_size,
+    }
     log.info("GO sets: %s", info)
     sets = GOSets(term_genes, names, gene_terms, frozenset(gene_terms_all), info)
     _CACHE[key] = sets
@@ -99,8 +123,18 @@ def enrich(genes: Iterable[str], sets: GOSets) -> pd.DataFrame:
     # BH over every term in the size range: the ones without a hit are tests with p = 1.
     untested = len(sets.term_genes) - len(terms)
     q = false_discovery_control(np.concatenate([p, np.ones(untested)]), method="bh")[: len(terms)]
-    table = pd.DataFrame({"go_id": terms, "name": [sets.names[t] for t in terms], "overlap": k, "term_size": K,
-                          "cluster_size": n, "population": N, "p_value": p, "q_value": q})
+    table = pd.DataFrame(
+        {
+            "go_id": terms,
+            "name": [sets.names[t] for t in terms],
+            "overlap": k,
+            "term_size": K,
+            "cluster_size": n,
+            "population": N,
+            "p_value": p,
+            "q_value": q,
+        }
+    )
     return table.sort_values(["p_value", "term_size", "go_id"], kind="mergesort").reset_index(drop=True)
 
 
@@ -110,16 +144,24 @@ class GOEnrichmentNamer:
 
     trainable = False
 
-    def __init__(self, aspects: Sequence[str] = ("P", "F", "C"), exclude_evidence: Sequence[str] = (),
-                 min_size: int = 3, max_size: int = 500, top_k: int = 5, knowledge_root: str | None = None):
+    def __init__(
+        self,
+        aspects: Sequence[str] = ("P", "F", "C"),
+        exclude_evidence: Sequence[str] = (),
+        min_size: int = 3,
+        max_size: int = 500,
+        top_k: int = 5,
+        knowledge_root: str | None = None,
+    ):
         self.aspects, self.exclude_evidence = list(aspects), list(exclude_evidence)
         self.min_size, self.max_size, self.top_k = int(min_size), int(max_size), int(top_k)
         self.knowledge_root = knowledge_root
         self.sets: GOSets | None = None
 
     def setup(self, context) -> None:
-        self.sets = load_go_sets(context.background, self.knowledge_root, self.aspects, self.exclude_evidence,
-                                 self.min_size, self.max_size)
+        self.sets = load_go_sets(
+            context.background, self.knowledge_root, self.aspects, self.exclude_evidence, self.min_size, self.max_size
+        )
 
     def fit(self, context, **unused) -> dict[str, float]:
         return {}
@@ -137,8 +179,13 @@ class GOEnrichmentNamer:
                 continue
             top = table.head(self.top_k)
             q = float(top["q_value"].iloc[0])
-            out.append({"answer": str(top["name"].iloc[0]), "score": max(0.0, -math.log10(max(q, 1e-300))),
-                        "evidence": "; ".join(top["name"])})
+            out.append(
+                {
+                    "answer": str(top["name"].iloc[0]),
+                    "score": max(0.0, -math.log10(max(q, 1e-300))),
+                    "evidence": "; ".join(top["name"]),
+                }
+            )
         return out
 
     def state(self) -> dict[str, Any]:

@@ -59,8 +59,9 @@ def jaccard(a: frozenset | set, b: frozenset | set) -> float:
     return len(a & b) / union if union else 0.0
 
 
-def eligible_terms(sets: GOSets, clusters: Sequence[Sequence[str]], min_size: int, max_size: int,
-                   exclude_jaccard: float) -> tuple[list[str], list[str]]:
+def eligible_terms(
+    sets: GOSets, clusters: Sequence[Sequence[str]], min_size: int, max_size: int, exclude_jaccard: float
+) -> tuple[list[str], list[str]]:
     """Terms usable for training (sorted), and the ones left out for being close to a cluster."""
     cluster_sets = [frozenset(c) for c in clusters]
     keep, excluded = [], []
@@ -75,9 +76,17 @@ def eligible_terms(sets: GOSets, clusters: Sequence[Sequence[str]], min_size: in
     return keep, excluded
 
 
-def sample_examples(sets: GOSets, terms: Sequence[str], count: int, clusters: Sequence[Sequence[str]],
-                    min_genes: int, max_genes: int, noise: float, max_cluster_cover: float,
-                    rng: random.Random) -> list[dict[str, Any]]:
+def sample_examples(
+    sets: GOSets,
+    terms: Sequence[str],
+    count: int,
+    clusters: Sequence[Sequence[str]],
+    min_genes: int,
+    max_genes: int,
+    noise: float,
+    max_cluster_cover: float,
+    rng: random.Random,
+) -> list[dict[str, Any]]:
     """``count`` examples ``{"term", "genes", "target"}``: a random subset of a term's genes (plus a share
     ``noise`` of random population genes, as real clusters are noisy), never covering more than
     ``max_cluster_cover`` of any cluster."""
@@ -111,17 +120,42 @@ class LoRALlamaNamer(L.LightningModule):
 
     trainable = True
 
-    def __init__(self, pretrained: str | None = "smollm2", tokenizer: str | None = None,
-                 llama_config: Mapping[str, Any] | None = None, lora: Mapping[str, Any] | None = None,
-                 train_examples: int = 200, val_examples: int = 24, min_genes: int = 4, max_genes: int = 16,
-                 noise: float = 0.2, term_min_size: int = 5, term_max_size: int = 200, exclude_jaccard: float = 0.2,
-                 max_cluster_cover: float = 0.5, hide_answer_train: float = 0.0, hide_answer_val: bool = True,
-                 hide_jaccard: float = 0.5, descriptions: str | Mapping[str, str] | None = None,
-                 described_genes: int = 6, max_description_chars: int = 40, max_prompt_genes: int = 20,
-                 evidence_k: int = 3, go: Mapping[str, Any] | None = None, knowledge_root: str | None = None,
-                 max_length: int = 192, max_new_tokens: int = 12, batch_size: int = 8, eval_batch_size: int = 16,
-                 max_epochs: int | None = 1, lr: float = 1e-3, weight_decay: float = 0.0, dtype: str = "float32",
-                 init_seed: int = 0, data_seed: int = 0):
+    def __init__(
+        self,
+        pretrained: str | None = "smollm2",
+        tokenizer: str | None = None,
+        llama_config: Mapping[str, Any] | None = None,
+        lora: Mapping[str, Any] | None = None,
+        train_examples: int = 200,
+        val_examples: int = 24,
+        min_genes: int = 4,
+        max_genes: int = 16,
+        noise: float = 0.2,
+        term_min_size: int = 5,
+        term_max_size: int = 200,
+        exclude_jaccard: float = 0.2,
+        max_cluster_cover: float = 0.5,
+        hide_answer_train: float = 0.0,
+        hide_answer_val: bool = True,
+        hide_jaccard: float = 0.5,
+        descriptions: str | Mapping[str, str] | None = None,
+        described_genes: int = 6,
+        max_description_chars: int = 40,
+        max_prompt_genes: int = 20,
+        evidence_k: int = 3,
+        go: Mapping[str, Any] | None = None,
+        knowledge_root: str | None = None,
+        max_length: int = 192,
+        max_new_tokens: int = 12,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        max_epochs: int | None = 1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        dtype: str = "float32",
+        init_seed: int = 0,
+        data_seed: int = 0,
+    ):
         super().__init__()
         _require_llm_extra()
         self.options = dict(pretrained=pretrained, tokenizer=tokenizer, llama_config=llama_config)
@@ -151,8 +185,14 @@ class LoRALlamaNamer(L.LightningModule):
     # ---- knowledge, examples, prompts ------------------------------------------------------------
     def setup_knowledge(self, context) -> None:
         go = {"aspects": ("P", "F", "C"), "min_size": 3, "max_size": 500, **self.go_options}
-        self.sets = load_go_sets(context.background, self.knowledge_root, go["aspects"], go.get("exclude_evidence", ()),
-                                 go["min_size"], go["max_size"])
+        self.sets = load_go_sets(
+            context.background,
+            self.knowledge_root,
+            go["aspects"],
+            go.get("exclude_evidence", ()),
+            go["min_size"],
+            go["max_size"],
+        )
         # One description source for every prompt: the gene texts of knowledge/text.py (prompts.resolve_descriptions).
         from perturb_models.models.prompts import resolve_descriptions
 
@@ -201,15 +241,21 @@ class LoRALlamaNamer(L.LightningModule):
         return "\n".join(lines)
 
     def build_examples(self, seed: int) -> tuple[list[dict], list[dict]]:
-        terms, excluded = eligible_terms(self.sets, self.clusters, self.term_min_size, self.term_max_size,
-                                         self.exclude_jaccard)
+        terms, excluded = eligible_terms(
+            self.sets, self.clusters, self.term_min_size, self.term_max_size, self.exclude_jaccard
+        )
         rng = random.Random(seed)
         shuffled = list(terms)
         rng.shuffle(shuffled)
         val_terms = shuffled[: self.val_examples]
-        train_terms = shuffled[self.val_examples:]
-        common = dict(clusters=self.clusters, min_genes=self.min_genes, max_genes=self.max_genes, noise=self.noise,
-                      max_cluster_cover=self.max_cluster_cover)
+        train_terms = shuffled[self.val_examples :]
+        common = dict(
+            clusters=self.clusters,
+            min_genes=self.min_genes,
+            max_genes=self.max_genes,
+            noise=self.noise,
+            max_cluster_cover=self.max_cluster_cover,
+        )
         # Validation first: its examples stay the same whatever the number of training examples.
         val = sample_examples(self.sets, val_terms, self.val_examples, rng=rng, **common)
         train = sample_examples(self.sets, train_terms, self.train_examples, rng=rng, **common)
@@ -218,8 +264,12 @@ class LoRALlamaNamer(L.LightningModule):
             example["hide"] = example["term"] if rng.random() < self.hide_answer_train else None
         for example in val:
             example["hide"] = example["term"] if self.hide_answer_val else None
-        self.fit_info.update(go_terms_eligible=len(terms), go_terms_excluded=len(excluded),
-                             train_examples=len(train), val_examples=len(val))
+        self.fit_info.update(
+            go_terms_eligible=len(terms),
+            go_terms_excluded=len(excluded),
+            train_examples=len(train),
+            val_examples=len(val),
+        )
         return train, val
 
     # ---- model -----------------------------------------------------------------------------------
@@ -236,22 +286,44 @@ class LoRALlamaNamer(L.LightningModule):
         if source == "words":
             # The local word-level tokenizer knows only the words it is built from: every symbol, every
             # term name and the template.
-            words = [*self.sets.population, *context.background, *self.sets.names.values(),
-                     PROMPT_HEAD, EVIDENCE_HEAD, QUESTION, "and more . ; ( ) ...", *self.describe.values()]
+            words = [
+                *self.sets.population,
+                *context.background,
+                *self.sets.names.values(),
+                PROMPT_HEAD,
+                EVIDENCE_HEAD,
+                QUESTION,
+                "and more . ; ( ) ...",
+                *self.describe.values(),
+            ]
         self.tokenizer = load_tokenizer(source, words)
         if self.tokenizer.eos_token is None:
             self.tokenizer.add_special_tokens({"eos_token": EOS_WORD})
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id, self.eos_id = int(self.tokenizer.pad_token_id), int(self.tokenizer.eos_token_id)
-        base = build_base_model(options["pretrained"], None, self.pad_id, len(self.tokenizer), options["llama_config"],
-                                self.dtype_name, self.init_seed, option="model.namer")
+        base = build_base_model(
+            options["pretrained"],
+            None,
+            self.pad_id,
+            len(self.tokenizer),
+            options["llama_config"],
+            self.dtype_name,
+            self.init_seed,
+            option="model.namer",
+        )
         if base.get_input_embeddings().num_embeddings < len(self.tokenizer):
-            raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, the model's embedding only "
-                             f"{base.get_input_embeddings().num_embeddings}")
-        config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=int(self.lora.get("r", 8)),
-                            lora_alpha=int(self.lora.get("alpha", 16)), lora_dropout=float(self.lora.get("dropout", 0.05)),
-                            target_modules=list(self.lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])))
+            raise ValueError(
+                f"tokenizer has {len(self.tokenizer)} tokens, the model's embedding only "
+                f"{base.get_input_embeddings().num_embeddings}"
+            )
+        config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=int(self.lora.get("r", 8)),
+            lora_alpha=int(self.lora.get("alpha", 16)),
+            lora_dropout=float(self.lora.get("dropout", 0.05)),
+            target_modules=list(self.lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.init_seed)
             self.model = get_peft_model(base, config)
@@ -261,10 +333,16 @@ class LoRALlamaNamer(L.LightningModule):
         self.register_state_dict_post_hook(_drop_frozen_weights)
         self.register_load_state_dict_post_hook(_allow_missing_frozen_weights)
 
-    def encode(self, genes: Sequence[str], target: str | None = None,
-               hide: str | None = None) -> tuple[list[int], list[int]]:
+    def encode(
+        self, genes: Sequence[str], target: str | None = None, hide: str | None = None
+    ) -> tuple[list[int], list[int]]:
         prompt = self.tokenizer(self.prompt(genes, hide), add_special_tokens=False)["input_ids"]
-        answer = [] if target is None else self.tokenizer(" " + target, add_special_tokens=False)["input_ids"][: self.max_new_tokens] + [self.eos_id]
+        answer = (
+            []
+            if target is None
+            else self.tokenizer(" " + target, add_special_tokens=False)["input_ids"][: self.max_new_tokens]
+            + [self.eos_id]
+        )
         room = self.max_length - len(answer)
         return prompt[-room:], answer  # cut from the left: the question stays at the end
 
@@ -276,7 +354,7 @@ class LoRALlamaNamer(L.LightningModule):
         for i, (p, a) in enumerate(items):  # right padding; loss on the answer tokens only
             n = len(p) + len(a)
             ids[i, :n] = torch.tensor(p + a)
-            labels[i, len(p):n] = torch.tensor(a)
+            labels[i, len(p) : n] = torch.tensor(a)
             mask[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
@@ -296,8 +374,10 @@ class LoRALlamaNamer(L.LightningModule):
         trainer = build_trainer(cfg, build_callbacks(cfg), list(loggers), **overrides)
         started = time.time()
         trainer.fit(self)
-        self.fit_info.update(fit_seconds=round(time.time() - started, 1),
-                             train_tokens_per_second=round(tokens * trainer.current_epoch / max(time.time() - started, 1e-9), 1))
+        self.fit_info.update(
+            fit_seconds=round(time.time() - started, 1),
+            train_tokens_per_second=round(tokens * trainer.current_epoch / max(time.time() - started, 1e-9), 1),
+        )
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         selectors = [c for c in trainer.checkpoint_callbacks if c.monitor == cfg.get("optimized_metric")]
         best = selectors[0].best_model_path if selectors else ""
@@ -305,17 +385,25 @@ class LoRALlamaNamer(L.LightningModule):
             state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
             self.load_state_dict(state)
             metrics[selectors[0].monitor] = float(selectors[0].best_model_score)
-        self.fit_info.update(best_checkpoint=best or None, epochs=trainer.current_epoch, global_step=trainer.global_step)
+        self.fit_info.update(
+            best_checkpoint=best or None, epochs=trainer.current_epoch, global_step=trainer.global_step
+        )
         return metrics
 
     def train_dataloader(self):
         generator = torch.Generator().manual_seed(self.data_seed)
-        return DataLoader(self.train_items, batch_size=self.batch_size, shuffle=True, generator=generator,
-                          collate_fn=self._collate_train)
+        return DataLoader(
+            self.train_items,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=self._collate_train,
+        )
 
     def val_dataloader(self):
-        return DataLoader(list(range(len(self.val_set))), batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=lambda idx: idx)
+        return DataLoader(
+            list(range(len(self.val_set))), batch_size=self.eval_batch_size, shuffle=False, collate_fn=lambda idx: idx
+        )
 
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
@@ -339,16 +427,18 @@ class LoRALlamaNamer(L.LightningModule):
             self.log("val/rouge1_recall", recall)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr,
-                                 weight_decay=self.weight_decay)
+        return torch.optim.AdamW(
+            [p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=self.weight_decay
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[RECORD_KEY] = self.run_record
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, clusters: Sequence[Sequence[str]],
-                 hide: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
+    def generate(
+        self, clusters: Sequence[Sequence[str]], hide: Sequence[str | None] | None = None
+    ) -> list[dict[str, Any]]:
         """Greedy answers; ``score`` is the mean log-probability of the answer's tokens. ``hide``: per cluster,
         a GO id left out of its evidence (validation examples only)."""
         was_training = self.model.training
@@ -357,17 +447,24 @@ class LoRALlamaNamer(L.LightningModule):
         prompts = [self.encode(g, hide=h)[0] for g, h in zip(clusters, hide)]
         out: list[dict[str, Any]] = []
         for start in range(0, len(prompts), self.eval_batch_size):
-            chunk = prompts[start:start + self.eval_batch_size]
+            chunk = prompts[start : start + self.eval_batch_size]
             width = max(len(p) for p in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for i, p in enumerate(chunk):  # left padding for generation
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
-            result = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                         max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
-                                         pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-                                         output_scores=True, return_dict_in_generate=True)
+                ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
+            result = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_id,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
             new = result.sequences[:, width:]
             logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in result.scores], dim=1)
             picked = logprobs.gather(-1, new.unsqueeze(-1)).squeeze(-1)

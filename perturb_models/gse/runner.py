@@ -41,16 +41,22 @@ def predict_and_score(namer, datamodule: GSEDataModule) -> tuple[dict[str, float
     """Answers for every cluster; ``test/`` metrics over the labelled ones (the official scoring)."""
     clusters = datamodule.context.clusters
     outputs = namer.predict([list(g) for g in clusters["genes"]])
-    frame = pd.DataFrame({
-        "cluster": clusters["cluster"].to_numpy(),
-        "genes": [join_genes(g) for g in clusters["genes"]],
-        "label": clusters["label"].to_numpy(),
-        "answer": [o["answer"] for o in outputs],
-        "score": [float(o["score"]) for o in outputs],
-    })
+    frame = pd.DataFrame(
+        {
+            "cluster": clusters["cluster"].to_numpy(),
+            "genes": [join_genes(g) for g in clusters["genes"]],
+            "label": clusters["label"].to_numpy(),
+            "answer": [o["answer"] for o in outputs],
+            "score": [float(o["score"]) for o in outputs],
+        }
+    )
     scored = frame["label"].notna().to_numpy()
-    means, per = score_answers(list(frame.loc[scored, "answer"]), list(frame.loc[scored, "label"]),
-                               datamodule.bertscore_model, datamodule.bertscore_num_layers)
+    means, per = score_answers(
+        list(frame.loc[scored, "answer"]),
+        list(frame.loc[scored, "label"]),
+        datamodule.bertscore_model,
+        datamodule.bertscore_num_layers,
+    )
     for key, values in per.items():
         column = np.full(len(frame), np.nan)
         column[scored] = values
@@ -74,15 +80,22 @@ def train_gse(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     namer = instantiate(cfg.model.namer, _convert_="all")
-    record = {"model": cfg.model.get("name", "model"), "dataset": datamodule.name, "task": "gse",
-              "gse_kind": datamodule.kind, "seed": int(cfg.seed), "commit": git_commit(),
-              "optimized_metric": cfg.get("optimized_metric")}
+    record = {
+        "model": cfg.model.get("name", "model"),
+        "dataset": datamodule.name,
+        "task": "gse",
+        "gse_kind": datamodule.kind,
+        "seed": int(cfg.seed),
+        "commit": git_commit(),
+        "optimized_metric": cfg.get("optimized_metric"),
+    }
     run_record = {"config": OmegaConf.to_container(cfg, resolve=True), "run": record}
     loggers = build_loggers(cfg)
     try:
         namer.setup(datamodule.context)
-        val_metrics = namer.fit(datamodule.context, cfg=cfg, loggers=loggers, output_dir=output_dir,
-                                run_record=run_record) or {}
+        val_metrics = (
+            namer.fit(datamodule.context, cfg=cfg, loggers=loggers, output_dir=output_dir, run_record=run_record) or {}
+        )
         test_metrics, predictions = predict_and_score(namer, datamodule)
         metrics = {**val_metrics, **test_metrics}
         best = output_dir / "checkpoints" / "best.ckpt"
@@ -97,8 +110,14 @@ def train_gse(cfg: DictConfig) -> dict[str, float]:
         finish_wandb(loggers)
 
 
-def evaluate_gse(checkpoint: dict[str, Any], record: dict[str, Any], ckpt_file: Path, output_dir: Path,
-                 trainer_cfg: DictConfig | None = None, data_root: str | None = None) -> dict[str, float]:
+def evaluate_gse(
+    checkpoint: dict[str, Any],
+    record: dict[str, Any],
+    ckpt_file: Path,
+    output_dir: Path,
+    trainer_cfg: DictConfig | None = None,
+    data_root: str | None = None,
+) -> dict[str, float]:
     """Rebuild data and namer from a GSE checkpoint's record, answer, score and write the outputs."""
     cfg = OmegaConf.create(record["config"])
     datamodule = build_datamodule(cfg.data, **({"root": data_root} if data_root else {}))

@@ -42,8 +42,13 @@ def resolve_bertscore_model(model: str) -> str:
     return os.path.expanduser(model)
 
 
-def bert_score(answers: Sequence[str], labels: Sequence[str], model: str = "minilm",
-               num_layers: int | None = None, batch_size: int = 64) -> dict[str, list[float]]:
+def bert_score(
+    answers: Sequence[str],
+    labels: Sequence[str],
+    model: str = "minilm",
+    num_layers: int | None = None,
+    batch_size: int = 64,
+) -> dict[str, list[float]]:
     """Per-pair BERTScore precision/recall/F1 (torchmetrics, no baseline rescaling, as in PerturbQA)."""
     from torchmetrics.text.bert import BERTScore
 
@@ -55,8 +60,12 @@ def bert_score(answers: Sequence[str], labels: Sequence[str], model: str = "mini
     keep = [i for i, a in enumerate(answers) if str(a).strip()]
     out = {k: [0.0] * len(answers) for k in ("precision", "recall", "f1")}
     if keep:
-        scorer = BERTScore(model_name_or_path=resolve_bertscore_model(model), num_layers=num_layers,
-                           batch_size=batch_size, verbose=False)
+        scorer = BERTScore(
+            model_name_or_path=resolve_bertscore_model(model),
+            num_layers=num_layers,
+            batch_size=batch_size,
+            verbose=False,
+        )
         scores = scorer([str(answers[i]) for i in keep], [str(labels[i]) for i in keep])
         for key in out:
             values = np.atleast_1d(scores[key].detach().cpu().numpy())
@@ -65,8 +74,12 @@ def bert_score(answers: Sequence[str], labels: Sequence[str], model: str = "mini
     return out
 
 
-def score_answers(answers: Sequence[str], labels: Sequence[str], bertscore_model: str | None = "minilm",
-                  bertscore_num_layers: int | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
+def score_answers(
+    answers: Sequence[str],
+    labels: Sequence[str],
+    bertscore_model: str | None = "minilm",
+    bertscore_num_layers: int | None = None,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Mean metrics (``rouge1_recall``, ``bertscore_f1``/precision/recall, ``clusters_scored``) and the
     per-cluster values. ``bertscore_model=None`` skips BERTScore."""
     per = {"rouge1_recall": rouge1_recall(answers, labels)}

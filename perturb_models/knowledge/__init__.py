@@ -5,7 +5,17 @@ from perturb_models.knowledge.gene_info import CoverageReport, SymbolResolver, r
 from perturb_models.knowledge.go import GODag, GOTerm, gene_term_sets, read_gaf, read_gene2go, read_obo
 
 __all__ = [
-    "KNOWLEDGE_FILES", "KnowledgeFileError", "knowledge_file", "knowledge_root",
-    "CoverageReport", "SymbolResolver", "read_gene_info",
-    "GODag", "GOTerm", "gene_term_sets", "read_gaf", "read_gene2go", "read_obo",
+    "KNOWLEDGE_FILES",
+    "KnowledgeFileError",
+    "knowledge_file",
+    "knowledge_root",
+    "CoverageReport",
+    "SymbolResolver",
+    "read_gene_info",
+    "GODag",
+    "GOTerm",
+    "gene_term_sets",
+    "read_gaf",
+    "read_gene2go",
+    "read_obo",
 ]

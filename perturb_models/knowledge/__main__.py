@@ -14,8 +14,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cov = sub.add_parser("coverage", help="report dataset genes found / missing in gene_info and gene2go")
     cov.add_argument("--data", required=True, help="dataset name (k562, rpe1, hepg2, jurkat, k562_set, or your own)")
-    cov.add_argument("--data-root", default=None, help="folder of the PerturbQA CSVs (default: $PERTURBQA_DATA, else cache)")
-    cov.add_argument("--root", default=None, help="folder of the knowledge files (default: $PERTURB_KNOWLEDGE, else cache)")
+    cov.add_argument(
+        "--data-root", default=None, help="folder of the PerturbQA CSVs (default: $PERTURBQA_DATA, else cache)"
+    )
+    cov.add_argument(
+        "--root", default=None, help="folder of the knowledge files (default: $PERTURB_KNOWLEDGE, else cache)"
+    )
     cov.add_argument("--no-download", action="store_true", help="fail instead of downloading missing files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -26,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     report = resolve_symbols(symbols, args.root, not args.no_download)
     print(report.summary(f"{args.data} genes in gene_info"))
     terms, _ = symbol_go_terms(symbols, args.root, allow_download=not args.no_download)
-    print(f"{args.data} genes with GO annotations (gene2go): {len(terms)}/{len(symbols)} ({len(terms) / max(1, len(symbols)):.1%})")
+    print(
+        f"{args.data} genes with GO annotations (gene2go): {len(terms)}/{len(symbols)} ({len(terms) / max(1, len(symbols)):.1%})"
+    )
     return 0
 
 

@@ -13,8 +13,9 @@ from perturb_models.knowledge.go import gene_term_sets, read_gaf, read_gene2go, 
 log = logging.getLogger(__name__)
 
 
-def resolve_symbols(symbols: Sequence[str], root: str | os.PathLike | None = None,
-                    allow_download: bool = True, title: str = "genes") -> CoverageReport:
+def resolve_symbols(
+    symbols: Sequence[str], root: str | os.PathLike | None = None, allow_download: bool = True, title: str = "genes"
+) -> CoverageReport:
     """Resolve dataset symbols to GeneIDs through gene_info (symbol, then synonyms); log the coverage."""
     resolver = SymbolResolver(read_gene_info(knowledge_file("gene_info", root, allow_download)))
     report = resolver.resolve_many(symbols)
@@ -22,10 +23,16 @@ def resolve_symbols(symbols: Sequence[str], root: str | os.PathLike | None = Non
     return report
 
 
-def symbol_go_terms(symbols: Sequence[str], root: str | os.PathLike | None = None, annotations: str = "gene2go",
-                    aspects: Iterable[str] | None = None, exclude_evidence: Iterable[str] = (),
-                    propagate: bool = False, relations: Iterable[str] = ("is_a", "part_of"),
-                    allow_download: bool = True) -> tuple[dict[str, frozenset[str]], CoverageReport]:
+def symbol_go_terms(
+    symbols: Sequence[str],
+    root: str | os.PathLike | None = None,
+    annotations: str = "gene2go",
+    aspects: Iterable[str] | None = None,
+    exclude_evidence: Iterable[str] = (),
+    propagate: bool = False,
+    relations: Iterable[str] = ("is_a", "part_of"),
+    allow_download: bool = True,
+) -> tuple[dict[str, frozenset[str]], CoverageReport]:
     """GO term set per dataset symbol (symbols without annotations are absent from the dict).
 
     ``annotations`` is ``gene2go`` (keyed by GeneID, joined through gene_info) or the path of a GAF file

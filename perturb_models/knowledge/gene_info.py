@@ -32,7 +32,9 @@ def read_gene_info(path: str | os.PathLike, tax_id: int | None = None) -> pd.Dat
         header = handle.readline().rstrip("\n").split("\t")
         missing = [c for c in GENE_INFO_COLUMNS if c not in header]
         if missing:
-            raise ValueError(f"{path}: not an NCBI gene_info file; header line lacks {', '.join(missing)} (got {header[:6]}...)")
+            raise ValueError(
+                f"{path}: not an NCBI gene_info file; header line lacks {', '.join(missing)} (got {header[:6]}...)"
+            )
         frame = pd.read_csv(handle, sep="\t", names=header, dtype=str, quoting=3, keep_default_na=False)
     if tax_id is not None:
         frame = frame.loc[frame["#tax_id"] == str(tax_id)]
@@ -47,16 +49,18 @@ def read_gene_info(path: str | os.PathLike, tax_id: int | None = None) -> pd.Dat
                 return ref.split(":", 1)[1]
         return None
 
-    out = pd.DataFrame({
-        "gene_id": frame["GeneID"].astype("int64").to_numpy(),
-        "symbol": frame["Symbol"].to_numpy(),
-        "synonyms": [_split(s) for s in frame["Synonyms"]],
-        "description": frame["description"].replace("-", "").to_numpy(),
-        "type_of_gene": frame["type_of_gene"].to_numpy(),
-        "ensembl": [ensembl(x) for x in frame["dbXrefs"]],
-        "chromosome": frame["chromosome"].to_numpy() if "chromosome" in frame else None,
-        "tax_id": frame["#tax_id"].astype("int64").to_numpy(),
-    })
+    out = pd.DataFrame(
+        {
+            "gene_id": frame["GeneID"].astype("int64").to_numpy(),
+            "symbol": frame["Symbol"].to_numpy(),
+            "synonyms": [_split(s) for s in frame["Synonyms"]],
+            "description": frame["description"].replace("-", "").to_numpy(),
+            "type_of_gene": frame["type_of_gene"].to_numpy(),
+            "ensembl": [ensembl(x) for x in frame["dbXrefs"]],
+            "chromosome": frame["chromosome"].to_numpy() if "chromosome" in frame else None,
+            "tax_id": frame["#tax_id"].astype("int64").to_numpy(),
+        }
+    )
     return out.reset_index(drop=True)
 
 
@@ -171,8 +175,11 @@ class SymbolResolver:
             candidates = candidates or ambiguous
         if candidates:
             named = ", ".join(f"{self._symbol_of[g]} ({self._ensembl_of(g) or f'GeneID {g}'})" for g in candidates)
-            return QueryAnswer(asked, refused=f"{text} is a synonym of {len(candidates)} genes: {named}; ask for "
-                                              "one by its symbol or Ensembl id")
+            return QueryAnswer(
+                asked,
+                refused=f"{text} is a synonym of {len(candidates)} genes: {named}; ask for "
+                "one by its symbol or Ensembl id",
+            )
         upper = text.upper()
         if not hasattr(self, "_synonym_upper"):
             merged: dict[str, set[int]] = defaultdict(set)
@@ -186,8 +193,9 @@ class SymbolResolver:
             ids = self._synonym_upper.get(form, [])
             if len(ids) == 1:
                 return QueryAnswer(asked, ids[0], self._symbol_of[ids[0]], "case")
-        return QueryAnswer(asked, refused=f"{text} is not a gene symbol, synonym or Ensembl id of gene_info"
-                                          + self._closest(text))
+        return QueryAnswer(
+            asked, refused=f"{text} is not a gene symbol, synonym or Ensembl id of gene_info" + self._closest(text)
+        )
 
     def _ensembl_of(self, gene_id: int) -> str | None:
         if not hasattr(self, "_ensembl_by_gene"):

@@ -15,11 +15,37 @@ import pandas as pd
 
 from perturb_models.knowledge.files import open_text
 
-ASPECTS = {"biological_process": "P", "molecular_function": "F", "cellular_component": "C",
-           "Process": "P", "Function": "F", "Component": "C", "P": "P", "F": "F", "C": "C"}
+ASPECTS = {
+    "biological_process": "P",
+    "molecular_function": "F",
+    "cellular_component": "C",
+    "Process": "P",
+    "Function": "F",
+    "Component": "C",
+    "P": "P",
+    "F": "F",
+    "C": "C",
+}
 GENE2GO_COLUMNS = ("#tax_id", "GeneID", "GO_ID", "Evidence", "Qualifier", "Category")
-GAF_COLUMNS = ("db", "db_object_id", "symbol", "qualifier", "go_id", "reference", "evidence", "with", "aspect",
-               "name", "synonyms", "type", "taxon", "date", "assigned_by", "extension", "gene_product_form")
+GAF_COLUMNS = (
+    "db",
+    "db_object_id",
+    "symbol",
+    "qualifier",
+    "go_id",
+    "reference",
+    "evidence",
+    "with",
+    "aspect",
+    "name",
+    "synonyms",
+    "type",
+    "taxon",
+    "date",
+    "assigned_by",
+    "extension",
+    "gene_product_form",
+)
 
 
 def normalise_aspects(aspects: Iterable[str] | str | None) -> tuple[str, ...] | None:
@@ -31,7 +57,9 @@ def normalise_aspects(aspects: Iterable[str] | str | None) -> tuple[str, ...] | 
     out = []
     for a in aspects:
         if a not in ASPECTS:
-            raise ValueError(f"unknown GO aspect {a!r}: expected one of P, F, C or biological_process, molecular_function, cellular_component")
+            raise ValueError(
+                f"unknown GO aspect {a!r}: expected one of P, F, C or biological_process, molecular_function, cellular_component"
+            )
         out.append(ASPECTS[a])
     return tuple(sorted(set(out)))
 
@@ -46,8 +74,9 @@ def read_gene2go(path: str | os.PathLike, tax_id: int | None = 9606, chunksize: 
         if missing:
             raise ValueError(f"{path}: not an NCBI gene2go file; header line lacks {', '.join(missing)} (got {header})")
         parts = []
-        for chunk in pd.read_csv(handle, sep="\t", names=header, dtype=str, quoting=3, keep_default_na=False,
-                                 chunksize=chunksize):
+        for chunk in pd.read_csv(
+            handle, sep="\t", names=header, dtype=str, quoting=3, keep_default_na=False, chunksize=chunksize
+        ):
             if tax_id is not None:
                 chunk = chunk.loc[chunk["#tax_id"] == str(tax_id)]
             parts.append(chunk)
@@ -55,15 +84,19 @@ def read_gene2go(path: str | os.PathLike, tax_id: int | None = 9606, chunksize: 
     unknown = ~frame["Category"].isin(list(ASPECTS))
     if unknown.any():
         row = frame.loc[unknown].iloc[0]
-        raise ValueError(f"{path}: GeneID {row['GeneID']}, {row['GO_ID']}: Category {row['Category']!r} is not Process/Function/Component")
-    return pd.DataFrame({
-        "gene": frame["GeneID"].astype("int64"),
-        "go_id": frame["GO_ID"],
-        "evidence": frame["Evidence"],
-        "qualifier": frame["Qualifier"].replace("-", ""),
-        "aspect": frame["Category"].map(ASPECTS),
-        "go_term": frame["GO_term"] if "GO_term" in frame else "",
-    })
+        raise ValueError(
+            f"{path}: GeneID {row['GeneID']}, {row['GO_ID']}: Category {row['Category']!r} is not Process/Function/Component"
+        )
+    return pd.DataFrame(
+        {
+            "gene": frame["GeneID"].astype("int64"),
+            "go_id": frame["GO_ID"],
+            "evidence": frame["Evidence"],
+            "qualifier": frame["Qualifier"].replace("-", ""),
+            "aspect": frame["Category"].map(ASPECTS),
+            "go_term": frame["GO_term"] if "GO_term" in frame else "",
+        }
+    )
 
 
 def read_gaf(path: str | os.PathLike) -> pd.DataFrame:
@@ -76,14 +109,19 @@ def read_gaf(path: str | os.PathLike) -> pd.DataFrame:
                 continue
             cols = line.rstrip("\n").split("\t")
             if len(cols) < 15:
-                raise ValueError(f"{path}: line {number}: a GAF row has at least 15 tab-separated columns, got {len(cols)}")
+                raise ValueError(
+                    f"{path}: line {number}: a GAF row has at least 15 tab-separated columns, got {len(cols)}"
+                )
             if cols[8] not in ("P", "F", "C"):
                 raise ValueError(f"{path}: line {number}: aspect {cols[8]!r} is not P, F or C")
             if not cols[4].startswith("GO:"):
                 raise ValueError(f"{path}: line {number}: GO id {cols[4]!r} does not start with 'GO:'")
-            rows.append((cols[2], cols[1], cols[4], cols[6], cols[3], cols[8],
-                         [s for s in cols[10].split("|") if s], cols[12]))
-    return pd.DataFrame(rows, columns=["gene", "db_object_id", "go_id", "evidence", "qualifier", "aspect", "synonyms", "taxon"])
+            rows.append(
+                (cols[2], cols[1], cols[4], cols[6], cols[3], cols[8], [s for s in cols[10].split("|") if s], cols[12])
+            )
+    return pd.DataFrame(
+        rows, columns=["gene", "db_object_id", "go_id", "evidence", "qualifier", "aspect", "synonyms", "taxon"]
+    )
 
 
 @dataclass
@@ -242,8 +280,12 @@ ROOT_TERMS = frozenset({"GO:0008150", "GO:0003674", "GO:0005575"})
 """biological_process, molecular_function, cellular_component: annotated to everything, informative of nothing."""
 
 
-def filter_annotations(annotations: pd.DataFrame, aspects: Iterable[str] | str | None = None,
-                       exclude_evidence: Iterable[str] = (), drop_root_terms: bool = False) -> pd.DataFrame:
+def filter_annotations(
+    annotations: pd.DataFrame,
+    aspects: Iterable[str] | str | None = None,
+    exclude_evidence: Iterable[str] = (),
+    drop_root_terms: bool = False,
+) -> pd.DataFrame:
     """The annotation rows every GO consumer keeps (graphs through ``gene_term_sets``, gene texts).
 
     ``NOT`` qualifiers are dropped (they state the gene does *not* have the function); ``aspects`` keeps
@@ -263,10 +305,15 @@ def filter_annotations(annotations: pd.DataFrame, aspects: Iterable[str] | str |
     return frame.loc[keep]
 
 
-def gene_term_sets(annotations: pd.DataFrame, aspects: Iterable[str] | str | None = None,
-                   exclude_evidence: Iterable[str] = (), ontology: Mapping[str, GOTerm] | None = None,
-                   propagate: bool = False, relations: Iterable[str] = ("is_a", "part_of"),
-                   drop_root_terms: bool = True) -> dict[object, frozenset[str]]:
+def gene_term_sets(
+    annotations: pd.DataFrame,
+    aspects: Iterable[str] | str | None = None,
+    exclude_evidence: Iterable[str] = (),
+    ontology: Mapping[str, GOTerm] | None = None,
+    propagate: bool = False,
+    relations: Iterable[str] = ("is_a", "part_of"),
+    drop_root_terms: bool = True,
+) -> dict[object, frozenset[str]]:
     """Gene -> set of GO ids from an annotation table, after filters.
 
     Rows are filtered by :func:`filter_annotations`; ``propagate`` adds every ancestor (needs
@@ -284,8 +331,10 @@ def gene_term_sets(annotations: pd.DataFrame, aspects: Iterable[str] | str | Non
         result = dag.propagate(sets)
         if aspects is not None:
             # Ancestors stay in their aspect for is_a/part_of; filter again in case a relation crosses aspects.
-            result = {g: frozenset(t for t in ts if ontology.get(t) is None or ontology[t].aspect in aspects)
-                      for g, ts in result.items()}
+            result = {
+                g: frozenset(t for t in ts if ontology.get(t) is None or ontology[t].aspect in aspects)
+                for g, ts in result.items()
+            }
     else:
         if ontology is not None:
             dag = GODag(ontology, relations)

@@ -75,8 +75,10 @@ class GeneGraph:
         return int((~self.gene_has_edge()).sum())
 
     def summary(self, name: str = "graph") -> str:
-        return (f"{name}: {self.num_genes} genes + {len(self.extra_nodes)} other nodes, {self.num_edges} edges, "
-                f"relations {self.relations}, {self.num_isolated_genes} genes without any edge")
+        return (
+            f"{name}: {self.num_genes} genes + {len(self.extra_nodes)} other nodes, {self.num_edges} edges, "
+            f"relations {self.relations}, {self.num_isolated_genes} genes without any edge"
+        )
 
     def validate(self) -> "GeneGraph":
         ei = self.edge_index
@@ -94,14 +96,31 @@ class GeneGraph:
         """The sub-graph of one relation type (same nodes)."""
         rel = self.relations.index(name)
         keep = self.edge_type == rel
-        return GeneGraph(self.num_genes, self.edge_index[:, keep], torch.zeros(int(keep.sum()), dtype=torch.long),
-                         self.edge_weight[keep], [name], list(self.extra_nodes), dict(self.info))
+        return GeneGraph(
+            self.num_genes,
+            self.edge_index[:, keep],
+            torch.zeros(int(keep.sum()), dtype=torch.long),
+            self.edge_weight[keep],
+            [name],
+            list(self.extra_nodes),
+            dict(self.info),
+        )
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        torch.save({"version": GRAPH_FORMAT_VERSION, "num_genes": self.num_genes, "edge_index": self.edge_index,
-                    "edge_type": self.edge_type, "edge_weight": self.edge_weight, "relations": self.relations,
-                    "extra_nodes": self.extra_nodes, "info": self.info}, buffer)
+        torch.save(
+            {
+                "version": GRAPH_FORMAT_VERSION,
+                "num_genes": self.num_genes,
+                "edge_index": self.edge_index,
+                "edge_type": self.edge_type,
+                "edge_weight": self.edge_weight,
+                "relations": self.relations,
+                "extra_nodes": self.extra_nodes,
+                "info": self.info,
+            },
+            buffer,
+        )
         return buffer.getvalue()
 
     @classmethod
@@ -109,8 +128,15 @@ class GeneGraph:
         data = torch.load(path, map_location="cpu", weights_only=False)
         if data.get("version") != GRAPH_FORMAT_VERSION:
             raise ValueError(f"{path}: graph cache of format {data.get('version')}, expected {GRAPH_FORMAT_VERSION}")
-        return cls(data["num_genes"], data["edge_index"], data["edge_type"], data["edge_weight"], data["relations"],
-                   data["extra_nodes"], data["info"]).validate()
+        return cls(
+            data["num_genes"],
+            data["edge_index"],
+            data["edge_type"],
+            data["edge_weight"],
+            data["relations"],
+            data["extra_nodes"],
+            data["info"],
+        ).validate()
 
 
 def combine_graphs(graphs: Mapping[str, GeneGraph]) -> GeneGraph:
@@ -135,15 +161,30 @@ def combine_graphs(graphs: Mapping[str, GeneGraph]) -> GeneGraph:
         parts_weight.append(graph.edge_weight)
         relations.extend(f"{source}:{r}" for r in graph.relations)
         extra.extend(f"{source}:{x}" for x in graph.extra_nodes)
-    return GeneGraph(n, torch.cat(parts_index, 1), torch.cat(parts_type), torch.cat(parts_weight).float(), relations,
-                     extra, {"sources": list(graphs)}).validate()
+    return GeneGraph(
+        n,
+        torch.cat(parts_index, 1),
+        torch.cat(parts_type),
+        torch.cat(parts_weight).float(),
+        relations,
+        extra,
+        {"sources": list(graphs)},
+    ).validate()
 
 
 # ---- similarity top-k -----------------------------------------------------------------------------
 
-def topk_similarity_edges(features: sparse.csr_matrix, top_k: int, threshold: float, metric: str = "jaccard",
-                          rows: np.ndarray | None = None, candidates: np.ndarray | None = None,
-                          chunk: int = 512, desc: str = "similarity") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def topk_similarity_edges(
+    features: sparse.csr_matrix,
+    top_k: int,
+    threshold: float,
+    metric: str = "jaccard",
+    rows: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
+    chunk: int = 512,
+    desc: str = "similarity",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each row ``i`` of ``rows``, its ``top_k`` most similar rows among ``candidates`` (not itself)
     with similarity strictly above ``threshold``. Returns ``(neighbour, row, similarity)`` arrays, so
     edges point from a neighbour to the row it describes.
@@ -166,7 +207,7 @@ def topk_similarity_edges(features: sparse.csr_matrix, top_k: int, threshold: fl
     cand = features[candidates].T.tocsc()
     src, dst, sim = [], [], []
     for start in tqdm(range(0, len(rows), chunk), desc=desc, leave=False, disable=len(rows) <= chunk):
-        block_rows = rows[start:start + chunk]
+        block_rows = rows[start : start + chunk]
         inter = np.asarray((features[block_rows] @ cand).todense())
         if metric == "jaccard":
             union = sizes[block_rows][:, None] + sizes[candidates][None, :] - inter
@@ -187,20 +228,39 @@ def topk_similarity_edges(features: sparse.csr_matrix, top_k: int, threshold: fl
         sim.append(best[r_idx, c_idx])
     if not src:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(src).astype(np.int64), np.concatenate(dst).astype(np.int64), np.concatenate(sim).astype(np.float32)
+    return (
+        np.concatenate(src).astype(np.int64),
+        np.concatenate(dst).astype(np.int64),
+        np.concatenate(sim).astype(np.float32),
+    )
 
 
 def _graph_from_edges(num_genes: int, src, dst, weight, relation: str, info: dict) -> GeneGraph:
-    return GeneGraph(num_genes, torch.as_tensor(np.stack([src, dst]), dtype=torch.long).reshape(2, -1),
-                     torch.zeros(len(src), dtype=torch.long), torch.as_tensor(weight, dtype=torch.float32),
-                     [relation], [], info).validate()
+    return GeneGraph(
+        num_genes,
+        torch.as_tensor(np.stack([src, dst]), dtype=torch.long).reshape(2, -1),
+        torch.zeros(len(src), dtype=torch.long),
+        torch.as_tensor(weight, dtype=torch.float32),
+        [relation],
+        [],
+        info,
+    ).validate()
 
 
 # ---- GO term sets for the vocab ------------------------------------------------------------------
 
-def vocab_term_sets(context, knowledge_root: str | None, annotations: str, aspects, exclude_evidence,
-                    propagate: bool, relations: Sequence[str], cluster_min_share: float,
-                    allow_download: bool) -> tuple[list[frozenset[str] | None], dict[str, Any]]:
+
+def vocab_term_sets(
+    context,
+    knowledge_root: str | None,
+    annotations: str,
+    aspects,
+    exclude_evidence,
+    propagate: bool,
+    relations: Sequence[str],
+    cluster_min_share: float,
+    allow_download: bool,
+) -> tuple[list[frozenset[str] | None], dict[str, Any]]:
     """One GO term set per vocab symbol (None when unannotated).
 
     A symbol that names a gene cluster (``context.clusters``, e.g. k562_set) gets
@@ -212,8 +272,9 @@ def vocab_term_sets(context, knowledge_root: str | None, annotations: str, aspec
     symbols = context.vocab.symbols
     clusters = context.clusters
     wanted = [s for s in symbols if s not in clusters] + sorted({m for ms in clusters.values() for m in ms})
-    terms, report = symbol_go_terms(wanted, knowledge_root, annotations, aspects, exclude_evidence, propagate,
-                                    relations, allow_download)
+    terms, report = symbol_go_terms(
+        wanted, knowledge_root, annotations, aspects, exclude_evidence, propagate, relations, allow_download
+    )
     sets: list[frozenset[str] | None] = []
     for s in symbols:
         if s in clusters:
@@ -227,8 +288,13 @@ def vocab_term_sets(context, knowledge_root: str | None, annotations: str, aspec
             sets.append(shared or None)
         else:
             sets.append(terms.get(s))
-    info = {"genes_in_gene_info": report.found, "genes_total": report.total, "missing_in_gene_info": len(report.missing),
-            "clusters_mapped": len(clusters), "genes_with_go": sum(s is not None for s in sets)}
+    info = {
+        "genes_in_gene_info": report.found,
+        "genes_total": report.total,
+        "missing_in_gene_info": len(report.missing),
+        "clusters_mapped": len(clusters),
+        "genes_with_go": sum(s is not None for s in sets),
+    }
     return sets, info
 
 
@@ -255,33 +321,66 @@ def _candidate_rows(context, candidates: str, usable: np.ndarray) -> np.ndarray:
     raise ValueError(f"graph candidates={candidates!r}: expected 'all' or 'train_perts'")
 
 
-def go_similarity_graph(sets: Sequence[frozenset[str] | None], top_k: int = 20, threshold: float = 0.1,
-                        candidates: np.ndarray | None = None) -> GeneGraph:
+def go_similarity_graph(
+    sets: Sequence[frozenset[str] | None], top_k: int = 20, threshold: float = 0.1, candidates: np.ndarray | None = None
+) -> GeneGraph:
     """GEARS' GO graph from term sets: Jaccard similarity, each gene's top-k neighbours above threshold
     (neighbours drawn from ``candidates`` when given, else from every annotated gene)."""
     matrix, _ = _incidence(sets)
     annotated = np.flatnonzero(np.asarray(matrix.sum(axis=1)).ravel() > 0)
     pool = annotated if candidates is None else np.intersect1d(annotated, candidates)
-    src, dst, sim = topk_similarity_edges(matrix, top_k, threshold, "jaccard", rows=annotated, candidates=pool,
-                                          desc="GO Jaccard")
+    src, dst, sim = topk_similarity_edges(
+        matrix, top_k, threshold, "jaccard", rows=annotated, candidates=pool, desc="GO Jaccard"
+    )
     return _graph_from_edges(len(sets), src, dst, sim, "go_similarity", {"annotated_genes": int(len(annotated))})
 
 
-def build_go(context, top_k: int = 20, threshold: float = 0.1, aspects=None, exclude_evidence=(), propagate: bool = False,
-             relations=("is_a", "part_of"), annotations: str = "gene2go", cluster_min_share: float = 0.1,
-             knowledge_root: str | None = None, allow_download: bool = True, candidates: str = "all", **_) -> GeneGraph:
-    sets, info = vocab_term_sets(context, knowledge_root, annotations, aspects, exclude_evidence, propagate, relations,
-                                 cluster_min_share, allow_download)
+def build_go(
+    context,
+    top_k: int = 20,
+    threshold: float = 0.1,
+    aspects=None,
+    exclude_evidence=(),
+    propagate: bool = False,
+    relations=("is_a", "part_of"),
+    annotations: str = "gene2go",
+    cluster_min_share: float = 0.1,
+    knowledge_root: str | None = None,
+    allow_download: bool = True,
+    candidates: str = "all",
+    **_,
+) -> GeneGraph:
+    sets, info = vocab_term_sets(
+        context,
+        knowledge_root,
+        annotations,
+        aspects,
+        exclude_evidence,
+        propagate,
+        relations,
+        cluster_min_share,
+        allow_download,
+    )
     pool = None if candidates == "all" else _candidate_rows(context, candidates, np.arange(len(sets)))
     graph = go_similarity_graph(sets, top_k, threshold, pool)
     graph.info.update(info)
     return graph
 
 
-def build_go_kg(context, max_term_degree: int = 300, min_term_degree: int = 2, term_relations=("is_a", "part_of"),
-                aspects=None, exclude_evidence=(), propagate: bool = False, annotations: str = "gene2go",
-                cluster_min_share: float = 0.1, knowledge_root: str | None = None, allow_download: bool = True,
-                **_) -> GeneGraph:
+def build_go_kg(
+    context,
+    max_term_degree: int = 300,
+    min_term_degree: int = 2,
+    term_relations=("is_a", "part_of"),
+    aspects=None,
+    exclude_evidence=(),
+    propagate: bool = False,
+    annotations: str = "gene2go",
+    cluster_min_share: float = 0.1,
+    knowledge_root: str | None = None,
+    allow_download: bool = True,
+    **_,
+) -> GeneGraph:
     """Genes linked to their GO terms (both directions) plus term-term ontology edges among kept terms.
 
     Terms annotated to more than ``max_term_degree`` vocab genes are hubs that connect everything to
@@ -290,8 +389,17 @@ def build_go_kg(context, max_term_degree: int = 300, min_term_degree: int = 2, t
     from perturb_models.knowledge.files import knowledge_file
     from perturb_models.knowledge.go import read_obo
 
-    sets, info = vocab_term_sets(context, knowledge_root, annotations, aspects, exclude_evidence, propagate,
-                                 term_relations, cluster_min_share, allow_download)
+    sets, info = vocab_term_sets(
+        context,
+        knowledge_root,
+        annotations,
+        aspects,
+        exclude_evidence,
+        propagate,
+        term_relations,
+        cluster_min_share,
+        allow_download,
+    )
     matrix, terms = _incidence(sets)
     degree = np.asarray(matrix.sum(axis=0)).ravel()
     kept = np.flatnonzero((degree <= max_term_degree) & (degree >= min_term_degree))
@@ -322,9 +430,15 @@ def build_go_kg(context, max_term_degree: int = 300, min_term_degree: int = 2, t
         dst += [d_arr, s_arr]
         types += [np.full(len(s_arr), r, np.int64), np.full(len(s_arr), r + 1, np.int64)]
     src_a, dst_a, types_a = np.concatenate(src), np.concatenate(dst), np.concatenate(types)
-    graph = GeneGraph(n, torch.as_tensor(np.stack([src_a, dst_a]), dtype=torch.long), torch.as_tensor(types_a),
-                      torch.ones(len(src_a), dtype=torch.float32), rel_names, [terms[t] for t in kept],
-                      dict(info, hub_terms_dropped=int((degree > max_term_degree).sum()), terms_kept=int(len(kept))))
+    graph = GeneGraph(
+        n,
+        torch.as_tensor(np.stack([src_a, dst_a]), dtype=torch.long),
+        torch.as_tensor(types_a),
+        torch.ones(len(src_a), dtype=torch.float32),
+        rel_names,
+        [terms[t] for t in kept],
+        dict(info, hub_terms_dropped=int((degree > max_term_degree).sum()), terms_kept=int(len(kept))),
+    )
     return graph.validate()
 
 
@@ -342,24 +456,40 @@ def response_matrix(train_pairs: pd.DataFrame, num_genes: int, signed: bool = Tr
     else:
         value = de.astype(np.float64)
     keep = value != 0
-    return sparse.csr_matrix((value[keep].astype(np.float32), (train_pairs["gene_idx"].to_numpy()[keep], col[keep])),
-                             shape=(num_genes, len(perts)))
+    return sparse.csr_matrix(
+        (value[keep].astype(np.float32), (train_pairs["gene_idx"].to_numpy()[keep], col[keep])),
+        shape=(num_genes, len(perts)),
+    )
 
 
-def build_coresponse(context, top_k: int = 20, threshold: float = 0.2, signed: bool = True, candidates: str = "all",
-                     **_) -> GeneGraph:
+def build_coresponse(
+    context, top_k: int = 20, threshold: float = 0.2, signed: bool = True, candidates: str = "all", **_
+) -> GeneGraph:
     """Genes linked when their DE responses across the training perturbations are similar (cosine, top-k)."""
     matrix = response_matrix(context.train_pairs, context.num_genes, signed)
     responsive = np.flatnonzero(np.asarray(abs(matrix).sum(axis=1)).ravel() > 0)
     pool = _candidate_rows(context, candidates, responsive)
-    src, dst, sim = topk_similarity_edges(matrix, top_k, threshold, "cosine", rows=responsive, candidates=pool,
-                                          desc="co-response")
-    return _graph_from_edges(context.num_genes, src, dst, sim, "coresponse",
-                             {"responsive_genes": int(len(responsive)), "train_perts": int(matrix.shape[1])})
+    src, dst, sim = topk_similarity_edges(
+        matrix, top_k, threshold, "cosine", rows=responsive, candidates=pool, desc="co-response"
+    )
+    return _graph_from_edges(
+        context.num_genes,
+        src,
+        dst,
+        sim,
+        "coresponse",
+        {"responsive_genes": int(len(responsive)), "train_perts": int(matrix.shape[1])},
+    )
 
 
-def build_embedding(context, embeddings: Mapping[str, Any] | None = None, top_k: int = 20, threshold: float = 0.5,
-                    candidates: str = "all", **_) -> GeneGraph:
+def build_embedding(
+    context,
+    embeddings: Mapping[str, Any] | None = None,
+    top_k: int = 20,
+    threshold: float = 0.5,
+    candidates: str = "all",
+    **_,
+) -> GeneGraph:
     """Genes linked when their embedding vectors are similar: each gene's top-k cosine neighbours above
     ``threshold``. Genes without a vector (zero rows) get no edge."""
     from perturb_models.knowledge.embeddings import full_spec, gene_embedding_table
@@ -367,10 +497,23 @@ def build_embedding(context, embeddings: Mapping[str, Any] | None = None, top_k:
     table = gene_embedding_table(context, full_spec(embeddings))
     found = np.flatnonzero(table.found)
     pool = _candidate_rows(context, candidates, found)
-    src, dst, sim = topk_similarity_edges(sparse.csr_matrix(table.matrix.astype(np.float32)), top_k, threshold,
-                                          "cosine", rows=found, candidates=pool, desc="embedding cosine")
-    return _graph_from_edges(context.num_genes, src, dst, sim, "embedding_similarity",
-                             {"source": table.source, "genes_with_vector": int(len(found))})
+    src, dst, sim = topk_similarity_edges(
+        sparse.csr_matrix(table.matrix.astype(np.float32)),
+        top_k,
+        threshold,
+        "cosine",
+        rows=found,
+        candidates=pool,
+        desc="embedding cosine",
+    )
+    return _graph_from_edges(
+        context.num_genes,
+        src,
+        dst,
+        sim,
+        "embedding_similarity",
+        {"source": table.source, "genes_with_vector": int(len(found))},
+    )
 
 
 BUILDERS = {"go": build_go, "go_kg": build_go_kg, "coresponse": build_coresponse, "embedding": build_embedding}
@@ -380,6 +523,7 @@ NON_KEY_PARAMS = {"cache", "cache_dir", "allow_download", "kind"}
 
 
 # ---- caching ----------------------------------------------------------------------------------------
+
 
 def _file_fingerprint(path: Path) -> dict[str, Any]:
     stat = path.stat()
@@ -393,8 +537,11 @@ def graph_cache_key(kind: str, params: Mapping[str, Any], context) -> str:
 
     digest = hashlib.sha256()
     clean = {k: v for k, v in sorted(params.items()) if k not in NON_KEY_PARAMS}
-    digest.update(json.dumps({"kind": kind, "params": clean, "version": GRAPH_FORMAT_VERSION}, sort_keys=True,
-                             default=str).encode())
+    digest.update(
+        json.dumps(
+            {"kind": kind, "params": clean, "version": GRAPH_FORMAT_VERSION}, sort_keys=True, default=str
+        ).encode()
+    )
     digest.update("\n".join(context.vocab.symbols).encode())
     if params.get("candidates", "all") != "all":
         digest.update("\n".join(context.train_perts).encode())
@@ -470,12 +617,33 @@ def build_graphs(specs: Mapping[str, Mapping[str, Any]], context) -> GeneGraph:
 EXTENSIBLE_KINDS = {"go": "go_similarity", "embedding": "embedding_similarity", "coresponse": "coresponse"}
 
 
-def _new_gene_go_edges(context, num_known: int, top_k: int = 20, threshold: float = 0.1, aspects=None,
-                       exclude_evidence=(), propagate: bool = False, relations=("is_a", "part_of"),
-                       annotations: str = "gene2go", cluster_min_share: float = 0.1, knowledge_root=None,
-                       allow_download: bool = True, candidates: str = "all", **_):
-    sets, _info = vocab_term_sets(context, knowledge_root, annotations, aspects, exclude_evidence, propagate, relations,
-                                  cluster_min_share, allow_download)
+def _new_gene_go_edges(
+    context,
+    num_known: int,
+    top_k: int = 20,
+    threshold: float = 0.1,
+    aspects=None,
+    exclude_evidence=(),
+    propagate: bool = False,
+    relations=("is_a", "part_of"),
+    annotations: str = "gene2go",
+    cluster_min_share: float = 0.1,
+    knowledge_root=None,
+    allow_download: bool = True,
+    candidates: str = "all",
+    **_,
+):
+    sets, _info = vocab_term_sets(
+        context,
+        knowledge_root,
+        annotations,
+        aspects,
+        exclude_evidence,
+        propagate,
+        relations,
+        cluster_min_share,
+        allow_download,
+    )
     matrix, _terms = _incidence(sets)
     annotated = np.flatnonzero(np.asarray(matrix.sum(axis=1)).ravel() > 0)
     known = annotated[annotated < num_known]
@@ -483,11 +651,14 @@ def _new_gene_go_edges(context, num_known: int, top_k: int = 20, threshold: floa
     rows = annotated[annotated >= num_known]
     if len(rows) == 0 or len(pool) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return topk_similarity_edges(matrix, top_k, threshold, "jaccard", rows=rows, candidates=pool, desc="GO Jaccard (new genes)")
+    return topk_similarity_edges(
+        matrix, top_k, threshold, "jaccard", rows=rows, candidates=pool, desc="GO Jaccard (new genes)"
+    )
 
 
-def _new_gene_embedding_edges(context, num_known: int, embeddings=None, top_k: int = 20, threshold: float = 0.5,
-                              candidates: str = "all", **_):
+def _new_gene_embedding_edges(
+    context, num_known: int, embeddings=None, top_k: int = 20, threshold: float = 0.5, candidates: str = "all", **_
+):
     from perturb_models.knowledge.embeddings import full_spec, symbols_embedding_table
 
     spec = full_spec(embeddings)
@@ -501,8 +672,15 @@ def _new_gene_embedding_edges(context, num_known: int, embeddings=None, top_k: i
     rows = np.flatnonzero(found[num_known:]) + num_known
     if len(rows) == 0 or len(pool) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return topk_similarity_edges(sparse.csr_matrix(matrix), top_k, threshold, "cosine", rows=rows, candidates=pool,
-                                 desc="embedding cosine (new genes)")
+    return topk_similarity_edges(
+        sparse.csr_matrix(matrix),
+        top_k,
+        threshold,
+        "cosine",
+        rows=rows,
+        candidates=pool,
+        desc="embedding cosine (new genes)",
+    )
 
 
 def _new_gene_coresponse_edges(context, num_known: int, **_):
@@ -510,8 +688,11 @@ def _new_gene_coresponse_edges(context, num_known: int, **_):
     return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
 
 
-_NEW_GENE_EDGES = {"go": _new_gene_go_edges, "embedding": _new_gene_embedding_edges,
-                   "coresponse": _new_gene_coresponse_edges}
+_NEW_GENE_EDGES = {
+    "go": _new_gene_go_edges,
+    "embedding": _new_gene_embedding_edges,
+    "coresponse": _new_gene_coresponse_edges,
+}
 
 
 def new_gene_edges(specs: Mapping[str, Mapping[str, Any]], context, num_known: int) -> GeneGraph:
@@ -528,8 +709,10 @@ def new_gene_edges(specs: Mapping[str, Mapping[str, Any]], context, num_known: i
     for position, (name, spec) in enumerate(specs.items()):
         kind = spec.get("kind")
         if kind not in EXTENSIBLE_KINDS:
-            raise ValueError(f"graph {name} (kind {kind}) cannot give genes outside the training vocabulary their "
-                             f"edges; kinds that can: {', '.join(EXTENSIBLE_KINDS)}")
+            raise ValueError(
+                f"graph {name} (kind {kind}) cannot give genes outside the training vocabulary their "
+                f"edges; kinds that can: {', '.join(EXTENSIBLE_KINDS)}"
+            )
         params = {k: v for k, v in spec.items() if k not in NON_KEY_PARAMS or k == "allow_download"}
         for key in ("aspects", "exclude_evidence", "relations"):
             if isinstance(params.get(key), (list, tuple)):
@@ -542,10 +725,15 @@ def new_gene_edges(specs: Mapping[str, Mapping[str, Any]], context, num_known: i
         log.info("graph %s: %d edges into %d new genes", name, len(src), n - num_known)
     src, dst = np.concatenate(src_all), np.concatenate(dst_all)
     relations = [f"{name}:{EXTENSIBLE_KINDS[spec['kind']]}" for name, spec in specs.items()]
-    graph = GeneGraph(n, torch.as_tensor(np.stack([src, dst]), dtype=torch.long).reshape(2, -1),
-                      torch.as_tensor(np.concatenate(type_all)), torch.as_tensor(np.concatenate(weight_all),
-                                                                                 dtype=torch.float32),
-                      relations, [], {"new_genes": n - num_known}).validate()
+    graph = GeneGraph(
+        n,
+        torch.as_tensor(np.stack([src, dst]), dtype=torch.long).reshape(2, -1),
+        torch.as_tensor(np.concatenate(type_all)),
+        torch.as_tensor(np.concatenate(weight_all), dtype=torch.float32),
+        relations,
+        [],
+        {"new_genes": n - num_known},
+    ).validate()
     if graph.num_edges and (int(graph.edge_index[0].max()) >= num_known or int(graph.edge_index[1].min()) < num_known):
         raise AssertionError("new-gene edges must point from a known gene into a new one")
     return graph

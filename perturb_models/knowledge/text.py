@@ -56,7 +56,9 @@ class TextRecipe:
         values = dict(values or {})
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown gene-text option(s) {unknown}; expected some of {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(
+                f"unknown gene-text option(s) {unknown}; expected some of {sorted(cls.__dataclass_fields__)}"
+            )
         if "aspects" in values:
             values["aspects"] = tuple(values["aspects"])
         return cls(**values)
@@ -97,8 +99,14 @@ def _term_items(term_ids: Sequence[str], names: Mapping[str, str], definitions: 
     return items
 
 
-def gene_text(symbol: str, name: str | None, synonyms: Sequence[str], gene_type: str | None,
-              terms_by_aspect: Mapping[str, Sequence[str]], recipe: TextRecipe) -> str:
+def gene_text(
+    symbol: str,
+    name: str | None,
+    synonyms: Sequence[str],
+    gene_type: str | None,
+    terms_by_aspect: Mapping[str, Sequence[str]],
+    recipe: TextRecipe,
+) -> str:
     """The text of one gene from its gene_info fields and its GO term labels (already ordered)."""
     head = [f"Gene {symbol}" + (f": {name}." if name else ".")]
     if recipe.synonyms and synonyms:
@@ -129,8 +137,13 @@ def cluster_text(cluster: str, members: Sequence[str], recipe: TextRecipe) -> st
     return _clip([head, f"Member genes: {', '.join(shown)}."], recipe.max_chars) or head[: recipe.max_chars]
 
 
-def build_gene_texts(symbols: Sequence[str], root: str | os.PathLike | None = None, recipe: TextRecipe | None = None,
-                     clusters: Mapping[str, Sequence[str]] | None = None, allow_download: bool = True) -> GeneTexts:
+def build_gene_texts(
+    symbols: Sequence[str],
+    root: str | os.PathLike | None = None,
+    recipe: TextRecipe | None = None,
+    clusters: Mapping[str, Sequence[str]] | None = None,
+    allow_download: bool = True,
+) -> GeneTexts:
     """Texts for ``symbols`` from the knowledge files in ``root`` (see ``knowledge_file``).
 
     Symbols resolve through gene_info (official symbol, then unambiguous synonyms). A symbol not found
@@ -164,7 +177,9 @@ def build_gene_texts(symbols: Sequence[str], root: str | os.PathLike | None = No
             names.update({t: term.name for t, term in ontology.items() if term.name})
         # Deterministic order: alphabetical term label inside each aspect.
         table = table.drop_duplicates(["gene", "go_id"]).assign(label=lambda f: f["go_id"].map(names))
-        for (gene, aspect), group in table.sort_values(["gene", "aspect", "label", "go_id"]).groupby(["gene", "aspect"], sort=False):
+        for (gene, aspect), group in table.sort_values(["gene", "aspect", "label", "go_id"]).groupby(
+            ["gene", "aspect"], sort=False
+        ):
             terms.setdefault(int(gene), {})[aspect] = list(group["go_id"])
     texts: dict[str, str] = {}
     has: dict[str, bool] = {}
@@ -183,13 +198,20 @@ def build_gene_texts(symbols: Sequence[str], root: str | os.PathLike | None = No
         syns += [s.strip("'\"") for s in row["synonyms"]]
         syns = [s for s in dict.fromkeys(syns) if s and s != symbol]
         by_aspect = {a: _term_items(ids, names, definitions) for a, ids in terms.get(gid, {}).items()}
-        texts[symbol] = gene_text(symbol, str(row["description"]) or None, syns, str(row["type_of_gene"]), by_aspect, recipe)
+        texts[symbol] = gene_text(
+            symbol, str(row["description"]) or None, syns, str(row["type_of_gene"]), by_aspect, recipe
+        )
         has[symbol] = True
     for cluster, members in clusters.items():
         texts[cluster] = cluster_text(cluster, members, recipe)
         has[cluster] = True
-    info = {"genes": len(genes), "genes_in_gene_info": report.found, "genes_missing": len(report.missing),
-            "genes_with_go": sum(1 for s in genes if report.mapping.get(s) in terms), "clusters": len(clusters)}
+    info = {
+        "genes": len(genes),
+        "genes_in_gene_info": report.found,
+        "genes_missing": len(report.missing),
+        "genes_with_go": sum(1 for s in genes if report.mapping.get(s) in terms),
+        "clusters": len(clusters),
+    }
     log.info("gene text (%s): %s", recipe.version, info)
     return GeneTexts({s: texts[s] for s in symbols}, {s: has[s] for s in symbols}, recipe, info)
 

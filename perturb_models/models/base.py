@@ -65,8 +65,10 @@ class Encoder(nn.Module):
     def extend_vocabulary(self, context: Any) -> None:
         """Give the genes appended to the training vocabulary (``context.vocab.symbols[n:]``, ``n`` the
         training vocabulary's size) their perturbation inputs, leaving every known gene's inputs as they are."""
-        raise NotImplementedError(f"{type(self).__name__} cannot describe a perturbation outside its training "
-                                  f"vocabulary: {self.new_perturbation_refusal}")
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot describe a perturbation outside its training "
+            f"vocabulary: {self.new_perturbation_refusal}"
+        )
 
     def evidence(self, pert: Any, gene: Any) -> dict[str, list]:
         """Columns explaining the answers for the pairs ``(pert[i], gene[i])`` (vocab indices); none by default."""
@@ -77,14 +79,19 @@ def check_encoder(encoder: nn.Module, num_classes: int) -> None:
     """Fail early, naming the class, when an encoder breaks the contract."""
     name = type(encoder).__name__
     if not isinstance(encoder, Encoder):
-        raise TypeError(f"model.encoder: {name} is not a perturb_models.models.base.Encoder; subclass it "
-                        "(see docs/architecture.md, 'Add a model')")
+        raise TypeError(
+            f"model.encoder: {name} is not a perturb_models.models.base.Encoder; subclass it "
+            "(see docs/architecture.md, 'Add a model')"
+        )
     dim = getattr(encoder, "output_dim", None)
     if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"model.encoder: {name}.output_dim must be a positive int (the width of forward's output), "
-                         f"got {dim!r}")
+        raise ValueError(
+            f"model.encoder: {name}.output_dim must be a positive int (the width of forward's output), got {dim!r}"
+        )
     if encoder.produces_logits and dim != num_classes:
-        raise ValueError(f"model.encoder: {name} produces logits of width {dim}, but the task has {num_classes} classes")
+        raise ValueError(
+            f"model.encoder: {name} produces logits of width {dim}, but the task has {num_classes} classes"
+        )
 
 
 def trainable_parameters(module: nn.Module) -> int:

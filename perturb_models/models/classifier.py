@@ -164,18 +164,25 @@ class PerturbationClassifier(L.LightningModule):
             scheduler = self.lr_schedulers()
             if scheduler is not None and self.scheduler_interval == "epoch":
                 metric = self.trainer.callback_metrics.get(self.monitor) if self.monitor else None
-                scheduler.step(metric) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
+                scheduler.step(metric) if isinstance(
+                    scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
+                ) else scheduler.step()
         # Nothing trainable: one pass writes the checkpoint; further epochs would repeat it exactly.
         if self.trainer is not None and not any(p.requires_grad for p in self.parameters()):
             self.trainer.should_stop = True
 
     def _collect(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
         logits = self(batch).float()
-        self._outputs.setdefault(stage, []).append({
-            "probs": torch.softmax(logits, dim=-1).detach(),
-            "pert": batch["pert"], "gene": batch["gene"], "de": batch["de"], "dir": batch["dir"],
-            "loss": (self.loss_fn(logits, batch["label"]).detach() * len(batch["label"])).view(1),
-        })
+        self._outputs.setdefault(stage, []).append(
+            {
+                "probs": torch.softmax(logits, dim=-1).detach(),
+                "pert": batch["pert"],
+                "gene": batch["gene"],
+                "de": batch["de"],
+                "dir": batch["dir"],
+                "loss": (self.loss_fn(logits, batch["label"]).detach() * len(batch["label"])).view(1),
+            }
+        )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._collect("val", batch)
@@ -197,9 +204,14 @@ class PerturbationClassifier(L.LightningModule):
 
     def _empty_outputs(self) -> dict[str, torch.Tensor]:
         long = dict(dtype=torch.long, device=self.device)
-        return {"probs": torch.zeros((0, self.num_classes), device=self.device), "pert": torch.zeros(0, **long),
-                "gene": torch.zeros(0, **long), "de": torch.zeros(0, **long), "dir": torch.zeros(0, **long),
-                "loss": torch.zeros(0, device=self.device)}
+        return {
+            "probs": torch.zeros((0, self.num_classes), device=self.device),
+            "pert": torch.zeros(0, **long),
+            "gene": torch.zeros(0, **long),
+            "de": torch.zeros(0, **long),
+            "dir": torch.zeros(0, **long),
+            "loss": torch.zeros(0, device=self.device),
+        }
 
     def _finish_epoch(self, stage: str) -> None:
         outputs = self._outputs.pop(stage, [])
@@ -216,8 +228,11 @@ class PerturbationClassifier(L.LightningModule):
             return
         scores = {k: v.double().numpy() for k, v in decode_scores(merged["probs"], self.task).items()}
         frame = prediction_frame(
-            self.vocab.decode(merged["pert"].tolist()), self.vocab.decode(merged["gene"].tolist()),
-            merged["de"].numpy(), merged["dir"].numpy(), scores,
+            self.vocab.decode(merged["pert"].tolist()),
+            self.vocab.decode(merged["gene"].tolist()),
+            merged["de"].numpy(),
+            merged["dir"].numpy(),
+            scores,
         )
         metrics = metrics_from_predictions(frame, stage)
         metrics[f"{stage}/loss"] = float(merged["loss"].sum() / len(merged["pert"]))  # sum of per-batch means x sizes
@@ -235,11 +250,15 @@ class PerturbationClassifier(L.LightningModule):
         self._finish_epoch("test")
         if self.calibrators and "test" in self.stage_predictions and "test" in self.stage_metrics:
             # Brier and ECE of the scores before and after calibration (ranking metrics are unchanged by it).
-            self.stage_metrics["test"].update(calibration_metrics(self.stage_predictions["test"], self.calibrators, "test"))
+            self.stage_metrics["test"].update(
+                calibration_metrics(self.stage_predictions["test"], self.calibrators, "test")
+            )
         note = getattr(getattr(self.trainer, "datamodule", None), "subset_notes", {}).get("test")
         if note and "test" in self.stage_metrics:
             # A subset's AUROC must not pass for the official full-test figure.
-            self.stage_metrics["test"]["test/genes_subset"] = float(self.trainer.datamodule.frames["test"]["gene"].nunique())
+            self.stage_metrics["test"]["test/genes_subset"] = float(
+                self.trainer.datamodule.frames["test"]["gene"].nunique()
+            )
             log.warning("test metrics scored on a gene subset: %s", note)
 
     # ---- optimisation ----------------------------------------------------------------------------
@@ -263,7 +282,9 @@ class PerturbationClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(RECORD_KEY, {}).get("vocab")
         if saved is not None and saved != self.vocab.symbols:
-            raise ValueError("checkpoint vocabulary differs from the DataModule's; rebuild the data from the checkpoint's record")
+            raise ValueError(
+                "checkpoint vocabulary differs from the DataModule's; rebuild the data from the checkpoint's record"
+            )
 
 
 def nan_to_none(metrics: dict[str, float]) -> dict[str, float | None]:

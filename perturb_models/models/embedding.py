@@ -35,8 +35,14 @@ class GeneEmbeddings(nn.Module):
     The table is a buffer saved in the checkpoint: a re-test uses the vectors the model was trained on.
     """
 
-    def __init__(self, context: DataContext, spec: Mapping[str, Any] | None, missing: str = "learned",
-                 standardize: bool = True, finetune: bool = False):
+    def __init__(
+        self,
+        context: DataContext,
+        spec: Mapping[str, Any] | None,
+        missing: str = "learned",
+        standardize: bool = True,
+        finetune: bool = False,
+    ):
         super().__init__()
         if missing not in MISSING_POLICIES:
             raise ValueError(f"model.encoder.missing={missing!r}: expected one of {', '.join(MISSING_POLICIES)}")
@@ -107,10 +113,19 @@ class EmbeddingMLPEncoder(Encoder):
             pretrained vector only when the table is frozen or the gene was seen in training).
     """
 
-    def __init__(self, context: DataContext, embeddings: Mapping[str, Any] | None = None, hidden_dim: int = 256,
-                 num_blocks: int = 2, dropout: float = 0.1, projection_dim: int | None = None,
-                 finetune: bool = False, missing: str = "learned", standardize: bool = True,
-                 input_dropout: float = 0.0):
+    def __init__(
+        self,
+        context: DataContext,
+        embeddings: Mapping[str, Any] | None = None,
+        hidden_dim: int = 256,
+        num_blocks: int = 2,
+        dropout: float = 0.1,
+        projection_dim: int | None = None,
+        finetune: bool = False,
+        missing: str = "learned",
+        standardize: bool = True,
+        input_dropout: float = 0.0,
+    ):
         super().__init__()
         self.genes = GeneEmbeddings(context, full_spec(embeddings), missing, standardize, finetune)
         dim = self.genes.output_dim
@@ -144,8 +159,13 @@ class LogRegEncoder(Encoder):
 
     produces_logits = True
 
-    def __init__(self, context: DataContext, embeddings: Mapping[str, Any] | None = None, missing: str = "zero",
-                 standardize: bool = True):
+    def __init__(
+        self,
+        context: DataContext,
+        embeddings: Mapping[str, Any] | None = None,
+        missing: str = "zero",
+        standardize: bool = True,
+    ):
         super().__init__()
         self.genes = GeneEmbeddings(context, full_spec(embeddings), missing, standardize, finetune=False)
         self.linear = nn.Linear(2 * self.genes.output_dim, context.num_classes)

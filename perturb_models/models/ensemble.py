@@ -116,8 +116,9 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def within_gene_pairs(labels: np.ndarray, genes: np.ndarray, max_pairs: int = 2_000_000,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def within_gene_pairs(
+    labels: np.ndarray, genes: np.ndarray, max_pairs: int = 2_000_000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(positive index, negative index, weight) of every positive-negative pair of the same gene; each gene
     with both classes weighs 1 / (genes scored) in total, as in the mean per-gene AUROC. Above ``max_pairs``
     a seeded sample of each gene's pairs keeps the per-gene weights."""
@@ -147,8 +148,14 @@ def within_gene_pairs(labels: np.ndarray, genes: np.ndarray, max_pairs: int = 2_
     return np.concatenate(pos_idx), np.concatenate(neg_idx), np.concatenate(weight)
 
 
-def rank_surrogate(weights: torch.Tensor, logits: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-                   pair_weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def rank_surrogate(
+    weights: torch.Tensor,
+    logits: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    pair_weight: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
     """The pairwise logistic loss of the combined logits over within-gene pairs (lower is better ranking)."""
     combined = logits @ weights
     return (pair_weight * nn.functional.softplus(-scale * (combined[pos] - combined[neg]))).sum()
@@ -164,8 +171,10 @@ def fit_rank_weights(scores: np.ndarray, labels: np.ndarray, genes: np.ndarray, 
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2 or len(scores) != len(labels) or len(labels) != len(genes):
-        raise ValueError(f"scores must be (N, M) with N = len(labels) = len(genes); got {scores.shape}, "
-                         f"{len(labels)} labels, {len(genes)} genes")
+        raise ValueError(
+            f"scores must be (N, M) with N = len(labels) = len(genes); got {scores.shape}, "
+            f"{len(labels)} labels, {len(genes)} genes"
+        )
     m = scores.shape[1]
     pos, neg, pair_weight = within_gene_pairs(labels, genes)
     if m == 1 or len(pos) == 0:
@@ -204,8 +213,15 @@ def fit_combiner(scores: np.ndarray, labels: np.ndarray, genes: np.ndarray, comb
     raise ValueError(f"model.encoder.combiner={combiner!r}: choose one of {', '.join(COMBINERS)}")
 
 
-def crossfit_scores(scores: np.ndarray, labels: np.ndarray, genes: np.ndarray, perts: np.ndarray, combiner: str,
-                    folds: int = 2, seed: int = 0) -> np.ndarray:
+def crossfit_scores(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    genes: np.ndarray,
+    perts: np.ndarray,
+    combiner: str,
+    folds: int = 2,
+    seed: int = 0,
+) -> np.ndarray:
     """The ensemble's validation scores with every pair scored by weights fitted on the *other* folds of
     validation perturbations: an honest validation figure for a combiner fitted on validation."""
     unique, pert_ids = np.unique(perts, return_inverse=True)
@@ -213,14 +229,26 @@ def crossfit_scores(scores: np.ndarray, labels: np.ndarray, genes: np.ndarray, p
     out = np.empty(len(labels))
     for k in range(folds):
         held, fit = fold == k, fold != k
-        weights = fit_combiner(scores[fit], labels[fit], genes[fit], combiner) if fit.any() \
+        weights = (
+            fit_combiner(scores[fit], labels[fit], genes[fit], combiner)
+            if fit.any()
             else np.full(scores.shape[1], 1.0 / scores.shape[1])
+        )
         out[held] = combine(scores[held], weights, combiner)
     return out
 
 
-def guarded_report(task: str, scores: np.ndarray, labels: np.ndarray, genes: np.ndarray, perts: np.ndarray,
-                   member_names: Sequence[str], combiner: str, folds: int = 2, guard: bool = True) -> dict[str, Any]:
+def guarded_report(
+    task: str,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    genes: np.ndarray,
+    perts: np.ndarray,
+    member_names: Sequence[str],
+    combiner: str,
+    folds: int = 2,
+    guard: bool = True,
+) -> dict[str, Any]:
     """Validation per-gene AUROC of each member and of the combination (cross-fitted over ``folds`` folds
     of validation perturbations), their paired difference (combination − best member: difference, 95%
     interval, p-value) and the guard's decision: ``fallback`` names the best member when the combination
@@ -233,16 +261,23 @@ def guarded_report(task: str, scores: np.ndarray, labels: np.ndarray, genes: np.
     members = {m: auroc_per_gene(labels, scores[:, j], genes)[0] for j, m in enumerate(member_names)}
     scored = {m: v for m, v in members.items() if not np.isnan(v)}
     best = max(scored, key=scored.get) if scored else member_names[0]
-    report: dict[str, Any] = {"combiner": combiner, "members": members, "best_member": best,
-                              "ensemble_crossfit": float("nan"), "difference": None, "fallback": None,
-                              "validation_pairs": int(len(labels))}
+    report: dict[str, Any] = {
+        "combiner": combiner,
+        "members": members,
+        "best_member": best,
+        "ensemble_crossfit": float("nan"),
+        "difference": None,
+        "fallback": None,
+        "validation_pairs": int(len(labels)),
+    }
     if len(member_names) == 1 or not scored:
         return report
     crossfit = crossfit_scores(scores, labels, genes, perts, combiner, folds)
     report["ensemble_crossfit"] = auroc_per_gene(labels, crossfit, genes)[0]
     frame = pd.DataFrame({"task": task, "pert": perts, "gene": genes, "label": labels})
-    paired = paired_bootstrap(frame.assign(score=crossfit), frame.assign(score=scores[:, list(member_names).index(best)]),
-                              task)
+    paired = paired_bootstrap(
+        frame.assign(score=crossfit), frame.assign(score=scores[:, list(member_names).index(best)]), task
+    )
     report["difference"] = [paired.difference, paired.low, paired.high, paired.p_value]
     if guard and paired.high < 0:
         report["fallback"] = best
@@ -264,10 +299,18 @@ class EnsembleEncoder(Encoder):
 
     produces_logits = True
 
-    def __init__(self, context: DataContext, members: Sequence[str], catalog: Mapping[str, Any],
-                 member_runs: Mapping[str, str] | None = None, member_overrides: Mapping[str, Any] | None = None,
-                 run: Mapping[str, Any] | None = None, combiner: str = "loglik", guard: bool = True,
-                 crossfit_folds: int = 2):
+    def __init__(
+        self,
+        context: DataContext,
+        members: Sequence[str],
+        catalog: Mapping[str, Any],
+        member_runs: Mapping[str, str] | None = None,
+        member_overrides: Mapping[str, Any] | None = None,
+        run: Mapping[str, Any] | None = None,
+        combiner: str = "loglik",
+        guard: bool = True,
+        crossfit_folds: int = 2,
+    ):
         super().__init__()
         if combiner not in COMBINERS:
             raise ValueError(f"model.encoder.combiner={combiner!r}: choose one of {', '.join(COMBINERS)}")
@@ -284,8 +327,10 @@ class EnsembleEncoder(Encoder):
             raise ValueError(f"model.encoder.members lists a model twice: {members}")
         absent = [m for m in members if m not in catalog]
         if absent:
-            raise ValueError(f"model.encoder.members lists {absent[0]!r}, which is not in model.encoder.catalog "
-                             f"(has {', '.join(catalog)}); add it with +model@model.encoder.catalog.{absent[0]}={absent[0]}")
+            raise ValueError(
+                f"model.encoder.members lists {absent[0]!r}, which is not in model.encoder.catalog "
+                f"(has {', '.join(catalog)}); add it with +model@model.encoder.catalog.{absent[0]}={absent[0]}"
+            )
         self.task = context.task
         self.context = context
         self.member_names = members
@@ -293,15 +338,19 @@ class EnsembleEncoder(Encoder):
         self.member_runs = dict(_plain(member_runs) or {})
         unknown = [m for m in self.member_runs if m not in members]
         if unknown:
-            raise ValueError(f"model.encoder.member_runs names {unknown[0]!r}, which is not a member ({', '.join(members)})")
+            raise ValueError(
+                f"model.encoder.member_runs names {unknown[0]!r}, which is not a member ({', '.join(members)})"
+            )
         self.member_overrides = dict(_plain(member_overrides) or {})
         self.run = dict(_plain(run) or {})
         shell = SimpleNamespace(context=context)
         metric = self.run.get("optimized_metric")
-        self.members = nn.ModuleDict({
-            m: build_model(OmegaConf.create({"model": self.member_configs[m], "optimized_metric": metric}), shell)
-            for m in members
-        })
+        self.members = nn.ModuleDict(
+            {
+                m: build_model(OmegaConf.create({"model": self.member_configs[m], "optimized_metric": metric}), shell)
+                for m in members
+            }
+        )
         # Members are fitted by their own runs and then fixed: the ensemble itself trains no parameter
         # (its weights are fitted on validation in prepare_datamodule), so it needs no optimizer.
         for parameter in self.members.parameters():
@@ -339,17 +388,27 @@ class EnsembleEncoder(Encoder):
         from perturb_models.training import train
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise RuntimeError(f"model=ensemble cannot train member {name!r} inside a multi-process run; train it "
-                               f"first and pass +model.encoder.member_runs.{name}=<its run folder>")
+            raise RuntimeError(
+                f"model=ensemble cannot train member {name!r} inside a multi-process run; train it "
+                f"first and pass +model.encoder.member_runs.{name}=<its run folder>"
+            )
         missing = [k for k in ("data", "trainer", "callbacks", "seed", "output_dir") if k not in self.run]
         if missing:
             raise ValueError(f"model.encoder.run lacks {', '.join(missing)}: the ensemble cannot train its members")
         out = Path(self.run["output_dir"]) / "members" / name
-        cfg = OmegaConf.create({
-            "model": self.member_configs[name], "data": self.run["data"], "trainer": self.run["trainer"],
-            "callbacks": self.run["callbacks"], "logger": {}, "paths": {"output_dir": str(out)},
-            "seed": self.run["seed"], "optimized_metric": self.run.get("optimized_metric"), "ckpt_path": None,
-        })
+        cfg = OmegaConf.create(
+            {
+                "model": self.member_configs[name],
+                "data": self.run["data"],
+                "trainer": self.run["trainer"],
+                "callbacks": self.run["callbacks"],
+                "logger": {},
+                "paths": {"output_dir": str(out)},
+                "seed": self.run["seed"],
+                "optimized_metric": self.run.get("optimized_metric"),
+                "ckpt_path": None,
+            }
+        )
         cfg = OmegaConf.merge(cfg, OmegaConf.create(self.member_overrides.get(name) or {}))
         # The ensemble's own callbacks point at its checkpoints/ folder; a member writes into its own.
         cfg.trainer.default_root_dir = str(out)
@@ -369,22 +428,27 @@ class EnsembleEncoder(Encoder):
         if record.get("vocab") != list(self.context.vocab.symbols):
             raise ValueError(f"{where} was trained on another gene vocabulary (another dataset?) than this run's")
         if list(record.get("val_perts", [])) != list(self.context.val_perts):
-            raise ValueError(f"{where} used other validation perturbations than this run (another seed or "
-                             f"val_fraction?); its validation predictions would not be held out")
+            raise ValueError(
+                f"{where} used other validation perturbations than this run (another seed or "
+                f"val_fraction?); its validation predictions would not be held out"
+            )
         saved = record["config"]["model"]["encoder"]
         wanted = _plain(self.member_configs[name]["encoder"])
         if saved != wanted:
             differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-            raise ValueError(f"{where} was trained with another encoder config than model.encoder.catalog.{name} "
-                             f"(differs in {', '.join(differ)}); set the catalog entry to the run's recipe")
+            raise ValueError(
+                f"{where} was trained with another encoder config than model.encoder.catalog.{name} "
+                f"(differs in {', '.join(differ)}); set the catalog entry to the run's recipe"
+            )
         self.members[name].load_state_dict(checkpoint["state_dict"])
         log.info("ensemble: member %s loaded from %s", name, ckpt_file)
 
     @torch.no_grad()
     def member_scores(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per task score key: (B, M) member scores in float64."""
-        per_member = [decode_scores(torch.softmax(self.members[m](batch).float(), dim=-1), self.task)
-                      for m in self.member_names]
+        per_member = [
+            decode_scores(torch.softmax(self.members[m](batch).float(), dim=-1), self.task) for m in self.member_names
+        ]
         return {k: torch.stack([s[k] for s in per_member], dim=1).double() for k in SCORE_KEYS[self.task]}
 
     @torch.no_grad()
@@ -415,19 +479,28 @@ class EnsembleEncoder(Encoder):
                 part["perts"].append(batch["pert"][keep].cpu())
         self.validation_report = {}
         for i, key in enumerate(keys):
-            scores, labels, genes, perts = (torch.cat(collected[key][name]).numpy()
-                                            for name in ("scores", "labels", "genes", "perts"))
+            scores, labels, genes, perts = (
+                torch.cat(collected[key][name]).numpy() for name in ("scores", "labels", "genes", "perts")
+            )
             w = fit_combiner(scores, labels, genes, self.combiner)
             self.weights[i] = torch.as_tensor(w, dtype=self.weights.dtype)
-            report = guarded_report(key, scores, labels, genes, perts, self.member_names, self.combiner,
-                                    self.crossfit_folds, self.guard)
+            report = guarded_report(
+                key, scores, labels, genes, perts, self.member_names, self.combiner, self.crossfit_folds, self.guard
+            )
             self.fallback[i] = -1 if report["fallback"] is None else self.member_names.index(report["fallback"])
             self.validation_report[key] = report
-            log.info("ensemble: %s %s weights %s (fitted on %d validation pairs); cross-fitted validation per-gene "
-                     "AUROC %.4f, best member %s %.4f%s", key, self.combiner,
-                     ", ".join(f"{m}={v:.3f}" for m, v in zip(self.member_names, w)), len(labels),
-                     report["ensemble_crossfit"], report["best_member"], report["members"][report["best_member"]],
-                     f"; guard: falls back to {report['fallback']}" if report["fallback"] else "")
+            log.info(
+                "ensemble: %s %s weights %s (fitted on %d validation pairs); cross-fitted validation per-gene "
+                "AUROC %.4f, best member %s %.4f%s",
+                key,
+                self.combiner,
+                ", ".join(f"{m}={v:.3f}" for m, v in zip(self.member_names, w)),
+                len(labels),
+                report["ensemble_crossfit"],
+                report["best_member"],
+                report["members"][report["best_member"]],
+                f"; guard: falls back to {report['fallback']}" if report["fallback"] else "",
+            )
         self.fitted.fill_(True)
         self.train(was_training)
         if self.run.get("output_dir"):
@@ -437,8 +510,12 @@ class EnsembleEncoder(Encoder):
 
     def weight_report(self) -> dict[str, Any]:
         """``ensemble_weights.json``: the weights per task score, then the combiner and the guard's figures."""
-        return {**self.weight_table(), "combiner": self.combiner, "guard": self.guard,
-                "validation": _json_safe(self.validation_report)}
+        return {
+            **self.weight_table(),
+            "combiner": self.combiner,
+            "guard": self.guard,
+            "validation": _json_safe(self.validation_report),
+        }
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the guard existed have no fallback: they combine every task.
@@ -446,8 +523,10 @@ class EnsembleEncoder(Encoder):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def weight_table(self) -> dict[str, dict[str, float]]:
-        return {key: {m: float(self.weights[i, j]) for j, m in enumerate(self.member_names)}
-                for i, key in enumerate(SCORE_KEYS[self.task])}
+        return {
+            key: {m: float(self.weights[i, j]) for j, m in enumerate(self.member_names)}
+            for i, key in enumerate(SCORE_KEYS[self.task])
+        }
 
     # ---- prediction ------------------------------------------------------------------------------
     @property
@@ -471,8 +550,10 @@ class EnsembleEncoder(Encoder):
         names = {"de": "p_de", "dir": "p_up_given_de"}
         columns: dict[str, list] = {}
         for start in range(0, len(pert), 8192):  # batches: a screen has millions of pairs
-            batch = {"pert": torch.as_tensor(pert[start:start + 8192], dtype=torch.long, device=self.weights.device),
-                     "gene": torch.as_tensor(gene[start:start + 8192], dtype=torch.long, device=self.weights.device)}
+            batch = {
+                "pert": torch.as_tensor(pert[start : start + 8192], dtype=torch.long, device=self.weights.device),
+                "gene": torch.as_tensor(gene[start : start + 8192], dtype=torch.long, device=self.weights.device),
+            }
             for key, values in self.member_scores(batch).items():
                 for j, member in enumerate(self.member_names):
                     columns.setdefault(f"{member}_{names[key]}", []).extend(values[:, j].cpu().numpy().tolist())

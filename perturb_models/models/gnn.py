@@ -30,8 +30,9 @@ from perturb_models.models.layers import PairMLP
 log = logging.getLogger(__name__)
 
 
-def node_feature_spec(node_features: str | Mapping[str, Any] | None,
-                      knowledge: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+def node_feature_spec(
+    node_features: str | Mapping[str, Any] | None, knowledge: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
     """``model.encoder.node_features`` as an embedding spec: null (no features), a source name
     (``text``, ``random``) or a full spec mapping (``{source: table, path: genept.pkl}``).
 
@@ -44,8 +45,10 @@ def node_feature_spec(node_features: str | Mapping[str, Any] | None,
             return None
         node_features = {"source": node_features}
     if not isinstance(node_features, Mapping):
-        raise ValueError(f"model.encoder.node_features={node_features!r}: expected null, a source name "
-                         "(text, table, random) or a mapping like {source: table, path: FILE}")
+        raise ValueError(
+            f"model.encoder.node_features={node_features!r}: expected null, a source name "
+            "(text, table, random) or a mapping like {source: table, path: FILE}"
+        )
     node_features = dict(node_features)
     for key, spec_key in (("root", "knowledge_root"), ("allow_download", "allow_download")):
         if knowledge is not None and knowledge.get(key) is not None:
@@ -56,15 +59,21 @@ def node_feature_spec(node_features: str | Mapping[str, Any] | None,
         raise ValueError(str(err).replace("model.encoder.embeddings", "model.encoder.node_features")) from None
 
 
-def build_node_features(context: DataContext, node_features: str | Mapping[str, Any] | None,
-                        knowledge: Mapping[str, Any] | None = None) -> GeneEmbeddings | None:
+def build_node_features(
+    context: DataContext, node_features: str | Mapping[str, Any] | None, knowledge: Mapping[str, Any] | None = None
+) -> GeneEmbeddings | None:
     """Fixed per-gene input features (standardised, plus a missing flag) or None."""
     spec = node_feature_spec(node_features, knowledge)
     if spec is None:
         return None
     features = GeneEmbeddings(context, spec, missing="learned", standardize=True, finetune=False)
-    log.info("graph node features: %s, %d dims, %d of %d genes without a vector",
-             features.source, features.output_dim - 1, features.num_missing, len(context.vocab))
+    log.info(
+        "graph node features: %s, %d dims, %d of %d genes without a vector",
+        features.source,
+        features.output_dim - 1,
+        features.num_missing,
+        len(context.vocab),
+    )
     return features
 
 
@@ -87,8 +96,12 @@ class NodeEmbedding(nn.Module):
         isolated = torch.zeros(graph.num_nodes, dtype=torch.bool)
         isolated[: graph.num_genes] = ~graph.gene_has_edge()
         self.register_buffer("isolated", isolated, persistent=False)
-        log.info("%s: %d of %d genes have no edge in any graph; they are isolated nodes with a learned embedding",
-                 name, int(isolated.sum()), graph.num_genes)
+        log.info(
+            "%s: %d of %d genes have no edge in any graph; they are isolated nodes with a learned embedding",
+            name,
+            int(isolated.sum()),
+            graph.num_genes,
+        )
         self.num_isolated = int(isolated.sum())
 
     def extend_vocabulary(self, num_new: int, new_has_edge: torch.Tensor) -> None:
@@ -96,10 +109,13 @@ class NodeEmbedding(nn.Module):
         plus the shared "no graph knowledge" vector for those without an edge. Gene nodes must be the
         graph's only nodes (graphs with other nodes, like ``go_kg``'s terms, cannot be extended)."""
         if self.table.num_embeddings != self.num_genes:
-            raise ValueError("a graph with nodes other than genes (go_kg) cannot take genes outside the training vocabulary")
+            raise ValueError(
+                "a graph with nodes other than genes (go_kg) cannot take genes outside the training vocabulary"
+            )
         weight = self.table.weight
-        self.table.weight = nn.Parameter(torch.cat([weight.detach(), weight.new_zeros(num_new, weight.shape[1])]),
-                                         requires_grad=weight.requires_grad)
+        self.table.weight = nn.Parameter(
+            torch.cat([weight.detach(), weight.new_zeros(num_new, weight.shape[1])]), requires_grad=weight.requires_grad
+        )
         self.table.num_embeddings += num_new
         self.isolated = torch.cat([self.isolated, ~new_has_edge.to(self.isolated.device)])
         self.num_genes += num_new
@@ -113,8 +129,10 @@ class NodeEmbedding(nn.Module):
         if self.feature_projection is None:
             return None
         if gene_features is None or gene_features.shape[0] != self.num_genes:
-            raise ValueError(f"node features: expected one row per gene ({self.num_genes}), got "
-                             f"{None if gene_features is None else tuple(gene_features.shape)}")
+            raise ValueError(
+                f"node features: expected one row per gene ({self.num_genes}), got "
+                f"{None if gene_features is None else tuple(gene_features.shape)}"
+            )
         projected = self.feature_projection(gene_features.to(self.table.weight.dtype))
         padding = projected.new_zeros(self.table.num_embeddings - self.num_genes, projected.shape[1])
         return torch.cat([projected, padding], dim=0)
@@ -139,8 +157,11 @@ def _extend_graph_buffers(module: nn.Module, prefix: str, new_edges: GeneGraph) 
     index = getattr(module, f"{prefix}_edge_index")
     edge_index = new_edges.edge_index.to(index.device)
     setattr(module, f"{prefix}_edge_index", torch.cat([index, edge_index], dim=1))
-    setattr(module, f"{prefix}_edge_type", torch.cat([getattr(module, f"{prefix}_edge_type"),
-                                                       new_edges.edge_type.to(index.device)]))
+    setattr(
+        module,
+        f"{prefix}_edge_type",
+        torch.cat([getattr(module, f"{prefix}_edge_type"), new_edges.edge_type.to(index.device)]),
+    )
     weight = getattr(module, f"{prefix}_edge_weight")
     setattr(module, f"{prefix}_edge_weight", torch.cat([weight, new_edges.edge_weight.to(weight.device, weight.dtype)]))
     return new_edges.gene_has_edge()
@@ -196,10 +217,21 @@ class GATEncoder(_CachedNodeStates):
         knowledge: the run's ``knowledge`` config (``root``, ``allow_download``) for text node features.
     """
 
-    def __init__(self, context: DataContext, graphs: Mapping[str, Mapping[str, Any]], hidden_dim: int = 64,
-                 num_layers: int = 2, heads: int = 4, dropout: float = 0.1, attention_dropout: float = 0.0,
-                 edge_dim: int = 16, pair_hidden_dim: int = 256, pair_blocks: int = 2,
-                 node_features: str | Mapping[str, Any] | None = None, knowledge: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        context: DataContext,
+        graphs: Mapping[str, Mapping[str, Any]],
+        hidden_dim: int = 64,
+        num_layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        edge_dim: int = 16,
+        pair_hidden_dim: int = 256,
+        pair_blocks: int = 2,
+        node_features: str | Mapping[str, Any] | None = None,
+        knowledge: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         if hidden_dim % heads:
             raise ValueError(f"model.encoder.hidden_dim={hidden_dim} must be a multiple of heads={heads}")
@@ -215,8 +247,15 @@ class GATEncoder(_CachedNodeStates):
         self.edge_weight_projection = nn.Linear(1, edge_dim, bias=False)
         self.norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(num_layers))
         self.convs = nn.ModuleList(
-            GATConv(hidden_dim, hidden_dim // heads, heads=heads, dropout=attention_dropout, edge_dim=edge_dim,
-                    add_self_loops=True, fill_value="mean")
+            GATConv(
+                hidden_dim,
+                hidden_dim // heads,
+                heads=heads,
+                dropout=attention_dropout,
+                edge_dim=edge_dim,
+                add_self_loops=True,
+                fill_value="mean",
+            )
             for _ in range(num_layers)
         )
         self.dropout = nn.Dropout(dropout)
@@ -226,7 +265,9 @@ class GATEncoder(_CachedNodeStates):
 
     def node_states(self) -> torch.Tensor:
         h = self.nodes(_all_gene_features(self.node_features))
-        edge_attr = self.edge_type_embedding(self.graph_edge_type) + self.edge_weight_projection(self.graph_edge_weight[:, None])
+        edge_attr = self.edge_type_embedding(self.graph_edge_type) + self.edge_weight_projection(
+            self.graph_edge_weight[:, None]
+        )
         for norm, conv in zip(self.norms, self.convs):
             h = h + self.dropout(nn.functional.gelu(conv(norm(h), self.graph_edge_index, edge_attr)))
         return self.out_norm(h)
@@ -265,8 +306,15 @@ class SGBranch(nn.Module):
     """Learned node embeddings (plus projected gene features, when given) smoothed by SGConv
     (K hops of normalised propagation, then a linear map)."""
 
-    def __init__(self, graph: GeneGraph, dim: int, hops: int, name: str, feature_dim: int | None = None,
-                 include_self: bool = True):
+    def __init__(
+        self,
+        graph: GeneGraph,
+        dim: int,
+        hops: int,
+        name: str,
+        feature_dim: int | None = None,
+        include_self: bool = True,
+    ):
         super().__init__()
         self.nodes = NodeEmbedding(graph, dim, name, feature_dim)
         _graph_buffers(self, graph, "graph")
@@ -303,19 +351,35 @@ class GEARSEncoder(_CachedNodeStates):
     vector of an unseen perturbation is never trained as a perturbation, so training perturbations are
     then represented the way test ones must be. ``true`` is GEARS' own recipe."""
 
-    def __init__(self, context: DataContext, pert_graphs: Mapping[str, Mapping[str, Any]],
-                 gene_graphs: Mapping[str, Mapping[str, Any]], hidden_dim: int = 64, hops: int = 2,
-                 dropout: float = 0.1, pair_hidden_dim: int = 256, pair_blocks: int = 2,
-                 node_features: str | Mapping[str, Any] | None = None, pert_include_self: bool = False,
-                 knowledge: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        context: DataContext,
+        pert_graphs: Mapping[str, Mapping[str, Any]],
+        gene_graphs: Mapping[str, Mapping[str, Any]],
+        hidden_dim: int = 64,
+        hops: int = 2,
+        dropout: float = 0.1,
+        pair_hidden_dim: int = 256,
+        pair_blocks: int = 2,
+        node_features: str | Mapping[str, Any] | None = None,
+        pert_include_self: bool = False,
+        knowledge: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         self.node_features = build_node_features(context, node_features, knowledge)
         feature_dim = _feature_dim(self.node_features)
         self.pert_graph_specs = {name: dict(spec) for name, spec in pert_graphs.items()}
-        self.pert_branch = SGBranch(build_graphs(pert_graphs, context), hidden_dim, hops, "gears perturbation graph",
-                                    feature_dim, include_self=pert_include_self)
-        self.gene_branch = SGBranch(build_graphs(gene_graphs, context), hidden_dim, hops, "gears gene graph",
-                                    feature_dim)
+        self.pert_branch = SGBranch(
+            build_graphs(pert_graphs, context),
+            hidden_dim,
+            hops,
+            "gears perturbation graph",
+            feature_dim,
+            include_self=pert_include_self,
+        )
+        self.gene_branch = SGBranch(
+            build_graphs(gene_graphs, context), hidden_dim, hops, "gears gene graph", feature_dim
+        )
         self.pair = PairMLP(3 * hidden_dim, pair_hidden_dim, pair_blocks, dropout)
         self.output_dim = pair_hidden_dim
 

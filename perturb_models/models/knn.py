@@ -84,15 +84,19 @@ class TrainingNeighbours:
         pairs = context.train_pairs
         codes = outcome_codes(pairs["de"].to_numpy(), pairs["dir"].to_numpy())
         # gene x pert, stored as code + 1 so that 0 means "not measured".
-        outcome = sparse.csr_matrix((codes + 1, (pairs["gene_idx"].to_numpy(), pairs["pert_idx"].to_numpy())),
-                                    shape=(n, n), dtype=np.int8)
+        outcome = sparse.csr_matrix(
+            (codes + 1, (pairs["gene_idx"].to_numpy(), pairs["pert_idx"].to_numpy())), shape=(n, n), dtype=np.int8
+        )
         outcome.sort_indices()
         self.outcome = outcome
         self.measured_count = np.diff(outcome.indptr)
         self.changed_count = np.bincount(pairs["gene_idx"].to_numpy()[codes != NOT_DE], minlength=n)
         has_neighbour = np.diff(similarity.indptr) > 0
-        log.info("retrieval: %d of %d genes have at least one training perturbation as graph neighbour",
-                 int(has_neighbour.sum()), n)
+        log.info(
+            "retrieval: %d of %d genes have at least one training perturbation as graph neighbour",
+            int(has_neighbour.sum()),
+            n,
+        )
 
     def extend_vocabulary(self, context: DataContext) -> None:
         """Similarity rows for the genes appended to the vocabulary, as perturbations: their graph
@@ -111,7 +115,9 @@ class TrainingNeighbours:
         rows = sparse.csr_matrix((weight[keep], (dst[keep] - known, src[keep])), shape=(n - known, n))
         rows.sum_duplicates()
         rows.sort_indices()
-        old = sparse.csr_matrix((self.similarity.data, self.similarity.indices, self.similarity.indptr), shape=(known, n))
+        old = sparse.csr_matrix(
+            (self.similarity.data, self.similarity.indices, self.similarity.indptr), shape=(known, n)
+        )
         self.similarity = sparse.vstack([old, rows], format="csr")
         indptr = np.concatenate([self.outcome.indptr, np.full(n - known, self.outcome.indptr[-1])])
         self.outcome = sparse.csr_matrix((self.outcome.data, self.outcome.indices, indptr), shape=(n, n))
@@ -151,9 +157,16 @@ class KNNEncoder(Encoder):
 
     produces_logits = True
 
-    def __init__(self, context: DataContext, graphs: Mapping[str, Mapping[str, Any]] | None = None, k: int = 20,
-                 shrinkage: float = 1.0, prior_strength: float = 5.0, power: float = 1.0,
-                 neighbours: TrainingNeighbours | None = None):
+    def __init__(
+        self,
+        context: DataContext,
+        graphs: Mapping[str, Mapping[str, Any]] | None = None,
+        k: int = 20,
+        shrinkage: float = 1.0,
+        prior_strength: float = 5.0,
+        power: float = 1.0,
+        neighbours: TrainingNeighbours | None = None,
+    ):
         super().__init__()
         if neighbours is None:
             if graphs is None:
@@ -173,8 +186,11 @@ class KNNEncoder(Encoder):
         self.global_rate = global_rate
         self.symbols = list(context.vocab.symbols)
         # A gene never scored in training gets the global class rates.
-        self.gene_rate = np.where(denominator > 0, (counts + prior_strength * global_rate) / np.maximum(denominator, 1e-12),
-                                  global_rate[None, :])
+        self.gene_rate = np.where(
+            denominator > 0,
+            (counts + prior_strength * global_rate) / np.maximum(denominator, 1e-12),
+            global_rate[None, :],
+        )
         self.shrinkage = float(shrinkage)
         self.output_dim = self.num_classes
 
@@ -191,16 +207,25 @@ class KNNEncoder(Encoder):
         """What the vote read: how many training knockdowns measured the gene, how the ``k`` most similar of
         them (the voters) responded, and the ``shown`` closest by name (``SYMBOL:outcome:similarity``)."""
         names = {NOT_DE: "not_de", DOWN: "down", UP: "up", DE_UNKNOWN_DIRECTION: "de"}
-        columns: dict[str, list] = {"measured_by": [], "voters_up": [], "voters_down": [], "voters_not_de": [],
-                                    "closest_knockdowns": []}
+        columns: dict[str, list] = {
+            "measured_by": [],
+            "voters_up": [],
+            "voters_down": [],
+            "voters_not_de": [],
+            "closest_knockdowns": [],
+        }
         for p, g in zip(np.asarray(pert).tolist(), np.asarray(gene).tolist()):
             perts, sims, codes = self.neighbours.nearest(p, g, self.k)
             columns["measured_by"].append(int(self.neighbours.measured_count[g]))
             columns["voters_up"].append(int((codes == UP).sum()))
             columns["voters_down"].append(int((codes == DOWN).sum()))
             columns["voters_not_de"].append(int((codes == NOT_DE).sum()))
-            columns["closest_knockdowns"].append("; ".join(
-                f"{self.symbols[q]}:{names[int(c)]}:{s:.3f}" for q, s, c in zip(perts[:shown], sims[:shown], codes[:shown])))
+            columns["closest_knockdowns"].append(
+                "; ".join(
+                    f"{self.symbols[q]}:{names[int(c)]}:{s:.3f}"
+                    for q, s, c in zip(perts[:shown], sims[:shown], codes[:shown])
+                )
+            )
         return columns
 
     def probabilities(self, pert: np.ndarray, gene: np.ndarray) -> np.ndarray:

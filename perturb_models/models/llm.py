@@ -102,14 +102,19 @@ def word_tokenizer(symbols: Sequence[str]):
 
     splitter = re.compile(r"\w+|[^\w\s]+")
     words: set[str] = set()
-    fixed = " ".join(list(QUESTIONS.values()) + [
-        "Cell line: . CRISPRi knockdown of ( ). Downstream gene:",
-        "In training, changed went up after of the knockdowns that measured it changed it.",
-        "Of the knockdowns most similar to that measured : changed it ( down, up), did not.",
-        "Closest (similarity, outcome): No knockdown similar to measured",
-        "DE not up down unchanged changed , ...",
-        # The evidence's counts and two-decimal similarities ("0.15" splits into 0 . 15).
-        " ".join(str(d) for d in range(1000)), " ".join(f"{d:02d}" for d in range(100))])
+    fixed = " ".join(
+        list(QUESTIONS.values())
+        + [
+            "Cell line: . CRISPRi knockdown of ( ). Downstream gene:",
+            "In training, changed went up after of the knockdowns that measured it changed it.",
+            "Of the knockdowns most similar to that measured : changed it ( down, up), did not.",
+            "Closest (similarity, outcome): No knockdown similar to measured",
+            "DE not up down unchanged changed , ...",
+            # The evidence's counts and two-decimal similarities ("0.15" splits into 0 . 15).
+            " ".join(str(d) for d in range(1000)),
+            " ".join(f"{d:02d}" for d in range(100)),
+        ]
+    )
     for text in [fixed, *symbols]:
         words.update(splitter.findall(str(text)))
     vocab = {"[PAD]": 0, "[UNK]": 1}
@@ -132,7 +137,9 @@ def load_tokenizer(source: str, symbols: Sequence[str] = ()):
         # Parsing a GGUF's vocabulary takes seconds; keep the converted tokenizer in the user cache.
         gguf = Path(location) / kwargs["gguf_file"]
         stat = gguf.stat()
-        saved = cache_dir("tokenizers", hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16])
+        saved = cache_dir(
+            "tokenizers", hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        )
         if (saved / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(saved)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
@@ -164,9 +171,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_base_model(pretrained: str | None, num_labels: int | None, pad_token_id: int, vocab_size: int,
-                     llama_config: Mapping[str, Any] | None = None, dtype: str = "float32", init_seed: int = 0,
-                     option: str = "model.encoder"):
+def build_base_model(
+    pretrained: str | None,
+    num_labels: int | None,
+    pad_token_id: int,
+    vocab_size: int,
+    llama_config: Mapping[str, Any] | None = None,
+    dtype: str = "float32",
+    init_seed: int = 0,
+    option: str = "model.encoder",
+):
     """The Llama base of both LLM models: ``LlamaForSequenceClassification`` with ``num_labels`` outputs
     (``lora_llama``), or ``LlamaForCausalLM`` when ``num_labels`` is None (``lora_llama_gse``). Pretrained
     weights (any source ``_source_kwargs`` locates), or a random model from ``llama_config``.
@@ -225,7 +239,7 @@ class PairTokens:
                 self.rows.append(torch.as_tensor(row, dtype=torch.int32))
 
     def add_packed(self, keys: np.ndarray, flat: np.ndarray, offsets: np.ndarray) -> None:
-        self.add(keys.tolist(), [flat[offsets[i]:offsets[i + 1]] for i in range(len(keys))])
+        self.add(keys.tolist(), [flat[offsets[i] : offsets[i + 1]] for i in range(len(keys))])
 
     @staticmethod
     def pack(ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -276,15 +290,29 @@ class LoRALlamaClassifier(Encoder):
     """
 
     produces_logits = True
-    new_perturbation_refusal = ("its prompts (gene descriptions, neighbour evidence) and their token cache are keyed "
-                                "by the training vocabulary; extending them to new genes is not implemented yet")
+    new_perturbation_refusal = (
+        "its prompts (gene descriptions, neighbour evidence) and their token cache are keyed "
+        "by the training vocabulary; extending them to new genes is not implemented yet"
+    )
 
-    def __init__(self, context, pretrained: str | None = "smollm2", tokenizer: str | None = None,
-                 llama_config: Mapping[str, Any] | None = None, lora: Mapping[str, Any] | None = None,
-                 prompt: Mapping[str, Any] | None = None, max_length: int = 256, micro_batch_tokens: int = 4096,
-                 gradient_checkpointing: bool = False, dtype: str = "float32", token_cache: bool = True,
-                 init_seed: int = 0, graphs: Mapping[str, Mapping[str, Any]] | None = None, prior: str | None = None,
-                 prior_options: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        context,
+        pretrained: str | None = "smollm2",
+        tokenizer: str | None = None,
+        llama_config: Mapping[str, Any] | None = None,
+        lora: Mapping[str, Any] | None = None,
+        prompt: Mapping[str, Any] | None = None,
+        max_length: int = 256,
+        micro_batch_tokens: int = 4096,
+        gradient_checkpointing: bool = False,
+        dtype: str = "float32",
+        token_cache: bool = True,
+        init_seed: int = 0,
+        graphs: Mapping[str, Mapping[str, Any]] | None = None,
+        prior: str | None = None,
+        prior_options: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         _require_llm_extra()
         from peft import LoraConfig, TaskType, get_peft_model
@@ -294,8 +322,10 @@ class LoRALlamaClassifier(Encoder):
         self.symbols = list(context.vocab.symbols)
         self.max_length, self.micro_batch_tokens = int(max_length), int(micro_batch_tokens)
         if self.micro_batch_tokens < self.max_length:
-            raise ValueError(f"model.encoder.micro_batch_tokens={micro_batch_tokens} must be >= max_length={max_length} "
-                             "(one prompt must fit in a micro-batch)")
+            raise ValueError(
+                f"model.encoder.micro_batch_tokens={micro_batch_tokens} must be >= max_length={max_length} "
+                "(one prompt must fit in a micro-batch)"
+            )
         self.use_token_cache = bool(token_cache)
         tokenizer_source = tokenizer or (pretrained if llama_config is None else "words")
         self.tokenizer = load_tokenizer(tokenizer_source, self.symbols)
@@ -323,21 +353,36 @@ class LoRALlamaClassifier(Encoder):
 
             self.prior = KNNEncoder(context, neighbours=neighbours, **dict(prior_options or {}))
         self.data_fingerprint = hashlib.sha1(
-            "|".join([context.dataset, str(context.source), str(len(context.train_pairs)),
-                      hashlib.sha1(context.train_pairs.loc[:, ["pert", "gene", "de", "dir"]].to_csv(index=False).encode()).hexdigest(),
-                      hashlib.sha1("\n".join(self.symbols).encode()).hexdigest()]).encode()
+            "|".join(
+                [
+                    context.dataset,
+                    str(context.source),
+                    str(len(context.train_pairs)),
+                    hashlib.sha1(
+                        context.train_pairs.loc[:, ["pert", "gene", "de", "dir"]].to_csv(index=False).encode()
+                    ).hexdigest(),
+                    hashlib.sha1("\n".join(self.symbols).encode()).hexdigest(),
+                ]
+            ).encode()
         ).hexdigest()[:16]
 
-        base = build_base_model(pretrained, context.num_classes, self.pad_token_id, len(self.tokenizer),
-                                llama_config, dtype, init_seed)
+        base = build_base_model(
+            pretrained, context.num_classes, self.pad_token_id, len(self.tokenizer), llama_config, dtype, init_seed
+        )
         if base.get_input_embeddings().num_embeddings < len(self.tokenizer):
-            raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, the model's embedding only "
-                             f"{base.get_input_embeddings().num_embeddings}")
+            raise ValueError(
+                f"tokenizer has {len(self.tokenizer)} tokens, the model's embedding only "
+                f"{base.get_input_embeddings().num_embeddings}"
+            )
         self.base_record = base_weights_record(pretrained, llama_config, init_seed, base)  # before LoRA is injected
         lora = dict(lora or {})
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
-                            lora_dropout=float(lora.get("dropout", 0.05)),
-                            target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])))
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=int(lora.get("r", 8)),
+            lora_alpha=int(lora.get("alpha", 16)),
+            lora_dropout=float(lora.get("dropout", 0.05)),
+            target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+        )
         self.model = get_peft_model(base, config)  # SEQ_CLS: the score head is trained and saved with the adapter
         # Trainable weights in float32 over a (possibly bf16) frozen base: optimizer updates of a few
         # 1e-4 would vanish in bf16's 8-bit mantissa. LoRA casts its input itself; the head needs a hook.
@@ -345,7 +390,11 @@ class LoRALlamaClassifier(Encoder):
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
         for name, module in self.model.named_modules():
-            if isinstance(module, nn.Linear) and name.split(".")[-1] == "score" or name.endswith("modules_to_save.default"):
+            if (
+                isinstance(module, nn.Linear)
+                and name.split(".")[-1] == "score"
+                or name.endswith("modules_to_save.default")
+            ):
                 if isinstance(module, nn.Linear) and module.weight.requires_grad:
                     module.register_forward_pre_hook(_cast_input_to_weight_dtype)
                     if self.prior is not None:
@@ -370,29 +419,49 @@ class LoRALlamaClassifier(Encoder):
         self.register_load_state_dict_post_hook(_allow_missing_frozen_weights)
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
-        log.info("LoRA Llama classifier: %s trainable of %s parameters (%.3f%%)", f"{trainable:,}", f"{total:,}",
-                 100 * trainable / total)
+        log.info(
+            "LoRA Llama classifier: %s trainable of %s parameters (%.3f%%)",
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+        )
 
     # ---- tokens -----------------------------------------------------------------------------------------
     def cache_key(self, pairs_fingerprint: str) -> str:
         settings = {k: v for k, v in self.prompts.settings().items()}
-        parts = json.dumps({"tokenizer": self.tokenizer_id, "prompt": settings, "graphs": self.graph_key,
-                            "max_length": self.max_length, "data": self.data_fingerprint, "pairs": pairs_fingerprint},
-                           sort_keys=True)
+        parts = json.dumps(
+            {
+                "tokenizer": self.tokenizer_id,
+                "prompt": settings,
+                "graphs": self.graph_key,
+                "max_length": self.max_length,
+                "data": self.data_fingerprint,
+                "pairs": pairs_fingerprint,
+            },
+            sort_keys=True,
+        )
         return hashlib.sha1(parts.encode()).hexdigest()[:20]
 
     def _tokenise(self, perts: Sequence[str], genes: Sequence[str], desc: str | None = None) -> list[list[int]]:
         ids: list[list[int]] = []
         chunk = 2048
-        for start in tqdm(range(0, len(perts), chunk), desc=desc or "tokenising prompts", disable=desc is None or len(perts) <= chunk,
-                          leave=False):
-            texts = [self.prompts(p, g) for p, g in zip(perts[start:start + chunk], genes[start:start + chunk])]
-            out = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_length)["input_ids"]
+        for start in tqdm(
+            range(0, len(perts), chunk),
+            desc=desc or "tokenising prompts",
+            disable=desc is None or len(perts) <= chunk,
+            leave=False,
+        ):
+            texts = [self.prompts(p, g) for p, g in zip(perts[start : start + chunk], genes[start : start + chunk])]
+            out = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_length)[
+                "input_ids"
+            ]
             ids.extend(out)
         bad = [i for i, row in enumerate(ids) if self.pad_token_id in row]
         if bad:
             # Last-token pooling looks for the last non-pad token: a pad id inside a prompt would cut it short.
-            raise ValueError(f"the prompt of ({perts[bad[0]]}, {genes[bad[0]]}) contains the pad token id {self.pad_token_id}")
+            raise ValueError(
+                f"the prompt of ({perts[bad[0]]}, {genes[bad[0]]}) contains the pad token id {self.pad_token_id}"
+            )
         return ids
 
     def tokenise_split(self, pert_idx: np.ndarray, gene_idx: np.ndarray, name: str = "split") -> Path | None:
@@ -402,7 +471,11 @@ class LoRALlamaClassifier(Encoder):
         todo = np.array([k for k in keys.tolist() if k not in self.tokens.row_of], dtype=np.int64)
         if len(todo) == 0:
             return None
-        path = cache_dir("llm_tokens", f"{self.cache_key(hashlib.sha1(keys.tobytes()).hexdigest())}.pt") if self.use_token_cache else None
+        path = (
+            cache_dir("llm_tokens", f"{self.cache_key(hashlib.sha1(keys.tobytes()).hexdigest())}.pt")
+            if self.use_token_cache
+            else None
+        )
         if path is not None and path.is_file():
             stored = torch.load(path, map_location="cpu", weights_only=True)
             self.tokens.add_packed(stored["keys"].numpy(), stored["flat"].numpy(), stored["offsets"].numpy())
@@ -417,8 +490,10 @@ class LoRALlamaClassifier(Encoder):
             import io as _io
 
             buffer = _io.BytesIO()
-            torch.save({"keys": torch.from_numpy(keys), "flat": torch.from_numpy(flat),
-                        "offsets": torch.from_numpy(offsets)}, buffer)
+            torch.save(
+                {"keys": torch.from_numpy(keys), "flat": torch.from_numpy(flat), "offsets": torch.from_numpy(offsets)},
+                buffer,
+            )
             atomic_write_bytes(path, buffer.getvalue())
             log.info("%s: %d prompts tokenised, cached in %s", name, len(keys), path)
         return path
@@ -431,8 +506,12 @@ class LoRALlamaClassifier(Encoder):
             print(self.estimate_times(datamodule), flush=True)
 
     def split_tokens(self, frame) -> int:
-        return sum(len(r) for r in self.batch_tokens(torch.as_tensor(frame["pert_idx"].to_numpy()),
-                                                     torch.as_tensor(frame["gene_idx"].to_numpy())))
+        return sum(
+            len(r)
+            for r in self.batch_tokens(
+                torch.as_tensor(frame["pert_idx"].to_numpy()), torch.as_tensor(frame["gene_idx"].to_numpy())
+            )
+        )
 
     def estimate_times(self, datamodule, pairs: int = 8) -> str:
         """Estimated CPU time of one training epoch, one validation and the test, from one timed training
@@ -440,7 +519,10 @@ class LoRALlamaClassifier(Encoder):
         import time
 
         frame = datamodule.frames["train"].head(pairs)
-        batch = {"pert": torch.as_tensor(frame["pert_idx"].to_numpy()), "gene": torch.as_tensor(frame["gene_idx"].to_numpy())}
+        batch = {
+            "pert": torch.as_tensor(frame["pert_idx"].to_numpy()),
+            "gene": torch.as_tensor(frame["gene_idx"].to_numpy()),
+        }
         tokens = self.split_tokens(frame)
         trainable = [p for p in self.parameters() if p.requires_grad]
         saved = [None if p.grad is None else p.grad.clone() for p in trainable]
@@ -456,23 +538,31 @@ class LoRALlamaClassifier(Encoder):
             p.grad = grad
         split = {stage: self.split_tokens(f) for stage, f in datamodule.frames.items()}
         minutes = {stage: split[stage] / (train_rate if stage == "train" else eval_rate) / 60 for stage in split}
-        sizes = ", ".join(f"{stage} {len(f):,} pairs / {split[stage]:,} tokens" for stage, f in datamodule.frames.items())
+        sizes = ", ".join(
+            f"{stage} {len(f):,} pairs / {split[stage]:,} tokens" for stage, f in datamodule.frames.items()
+        )
         training = f"training epoch ~{minutes.get('train', 0):.1f} min"
         batches, run_batches = train_batches(datamodule)
         if run_batches < batches:  # trainer.limit_train_batches cuts the epoch: say what this run will take
-            training = (f"training ~{minutes.get('train', 0) * run_batches / batches:.1f} min ({run_batches} of "
-                        f"{batches} batches an epoch; the full epoch ~{minutes.get('train', 0):.1f} min)")
-        return (f"[lora_llama] estimated CPU time: {training}, validation ~{minutes.get('val', 0):.1f} min, test "
-                f"~{minutes.get('test', 0):.1f} min ({sizes}; measured {train_rate:.0f} training / {eval_rate:.0f} "
-                f"inference tokens/s on {torch.get_num_threads()} threads)")
+            training = (
+                f"training ~{minutes.get('train', 0) * run_batches / batches:.1f} min ({run_batches} of "
+                f"{batches} batches an epoch; the full epoch ~{minutes.get('train', 0):.1f} min)"
+            )
+        return (
+            f"[lora_llama] estimated CPU time: {training}, validation ~{minutes.get('val', 0):.1f} min, test "
+            f"~{minutes.get('test', 0):.1f} min ({sizes}; measured {train_rate:.0f} training / {eval_rate:.0f} "
+            f"inference tokens/s on {torch.get_num_threads()} threads)"
+        )
 
     def batch_tokens(self, pert: torch.Tensor, gene: torch.Tensor) -> list[torch.Tensor]:
         """Token ids per pair of a batch; pairs never seen before are tokenised now (kept in memory)."""
         keys = self.tokens.keys(pert, gene)
         missing = [k for k in dict.fromkeys(keys) if k not in self.tokens.row_of]
         if missing:
-            ids = self._tokenise([self.symbols[k // self.num_genes] for k in missing],
-                                 [self.symbols[k % self.num_genes] for k in missing])
+            ids = self._tokenise(
+                [self.symbols[k // self.num_genes] for k in missing],
+                [self.symbols[k % self.num_genes] for k in missing],
+            )
             self.tokens.add(missing, ids)
         return [self.tokens.rows[self.tokens.row_of[k]] for k in keys]
 
@@ -484,9 +574,11 @@ class LoRALlamaClassifier(Encoder):
     def set_extra_state(self, state: dict) -> None:
         saved = (state or {}).get("base_weights", {})
         if saved.get("sha256") and self.base_record.get("sha256") and saved["sha256"] != self.base_record["sha256"]:
-            raise ValueError(f"this adapter was trained on base weights {saved.get('pretrained') or 'random'} "
-                             f"(sha256 {saved['sha256'][:12]}), but the base loaded now is "
-                             f"{self.base_record.get('pretrained') or 'random'} (sha256 {self.base_record['sha256'][:12]})")
+            raise ValueError(
+                f"this adapter was trained on base weights {saved.get('pretrained') or 'random'} "
+                f"(sha256 {saved['sha256'][:12]}), but the base loaded now is "
+                f"{self.base_record.get('pretrained') or 'random'} (sha256 {self.base_record['sha256'][:12]})"
+            )
 
     def micro_batches(self, rows: Sequence[torch.Tensor]) -> list[list[int]]:
         """Positions of the rows per micro-batch: longest first, each at most ``micro_batch_tokens`` padded tokens."""
@@ -527,8 +619,9 @@ class LoRALlamaClassifier(Encoder):
     accumulates_gradients = True
     """The classifier trains this encoder with :meth:`accumulate` (manual optimisation) instead of one backward."""
 
-    def accumulate(self, batch: dict[str, torch.Tensor], loss_fn: nn.CrossEntropyLoss,
-                   backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    def accumulate(
+        self, batch: dict[str, torch.Tensor], loss_fn: nn.CrossEntropyLoss, backward: Callable[[torch.Tensor], None]
+    ) -> torch.Tensor:
         """Forward and backward one micro-batch at a time; gradients sum to those of the batch's mean loss.
 
         ``loss_fn``'s class weights are honoured (the mean is weighted, as in ``CrossEntropyLoss``). Only one
@@ -593,8 +686,12 @@ def base_weights_record(pretrained: str | None, llama_config: Mapping[str, Any] 
             step = max(1, flat.numel() // RANDOM_BASE_SAMPLE)
             digest.update(f"{name}:{tuple(tensor.shape)}".encode())
             digest.update(flat[::step][:RANDOM_BASE_SAMPLE].float().cpu().numpy().tobytes())
-        return {"pretrained": None, "llama_config": dict(llama_config or {}), "init_seed": int(init_seed),
-                "sha256": digest.hexdigest()}
+        return {
+            "pretrained": None,
+            "llama_config": dict(llama_config or {}),
+            "init_seed": int(init_seed),
+            "sha256": digest.hexdigest(),
+        }
     location, kwargs = _source_kwargs(pretrained)
     folder = Path(location)
     if "gguf_file" in kwargs:
@@ -609,8 +706,12 @@ def base_weights_record(pretrained: str | None, llama_config: Mapping[str, Any] 
     for path in files:
         digest.update(path.name.encode())
         digest.update(_file_sha256(path).encode())
-    return {"pretrained": pretrained, "location": str(folder), "files": [p.name for p in files],
-            "sha256": digest.hexdigest() if files else None}
+    return {
+        "pretrained": pretrained,
+        "location": str(folder),
+        "files": [p.name for p in files],
+        "sha256": digest.hexdigest() if files else None,
+    }
 
 
 def _drop_frozen_weights(module: LoRALlamaClassifier, state_dict, prefix: str, local_metadata) -> None:
@@ -628,8 +729,13 @@ def _allow_missing_frozen_weights(module: LoRALlamaClassifier, incompatible_keys
             missing.remove(key)
 
 
-def adamw(params, lr: float = 2e-4, weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999),
-          fused: bool | None = None) -> torch.optim.AdamW:
+def adamw(
+    params,
+    lr: float = 2e-4,
+    weight_decay: float = 0.0,
+    betas: Sequence[float] = (0.9, 0.999),
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
     """AdamW, fused (one kernel for all parameters) when every parameter is on a CUDA device and ``fused``
     is not false; the fused kernel does not exist on CPU."""
     params = list(params)

@@ -17,11 +17,19 @@ class MLPEncoder(Encoder):
     perturbation still has an embedding when its gene was trained in the downstream role.
     """
 
-    new_perturbation_refusal = ("its gene vectors are embeddings learned from the training pairs only; a gene "
-                                "outside the training vocabulary has no vector, and no knowledge file can give it one")
+    new_perturbation_refusal = (
+        "its gene vectors are embeddings learned from the training pairs only; a gene "
+        "outside the training vocabulary has no vector, and no knowledge file can give it one"
+    )
 
-    def __init__(self, context: DataContext, embedding_dim: int = 128, hidden_dim: int = 256,
-                 num_blocks: int = 2, dropout: float = 0.1):
+    def __init__(
+        self,
+        context: DataContext,
+        embedding_dim: int = 128,
+        hidden_dim: int = 256,
+        num_blocks: int = 2,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.embedding = nn.Embedding(context.num_genes, embedding_dim)
         nn.init.normal_(self.embedding.weight, std=0.1)

@@ -62,8 +62,13 @@ class KnowledgeDescriptions:
     Built lazily and picklable (spawned DDP workers rebuild nothing: the table travels with it).
     """
 
-    def __init__(self, symbols: Sequence[str], root: str | None = None, recipe: Mapping[str, Any] | None = None,
-                 allow_download: bool = False):
+    def __init__(
+        self,
+        symbols: Sequence[str],
+        root: str | None = None,
+        recipe: Mapping[str, Any] | None = None,
+        allow_download: bool = False,
+    ):
         from perturb_models.knowledge.text import TextRecipe, build_gene_texts
 
         self.recipe = TextRecipe.from_mapping(recipe or PROMPT_TEXT_RECIPE)
@@ -90,8 +95,9 @@ def knowledge_available(root: str | None = None) -> bool:
         return False
 
 
-def resolve_descriptions(source: DescriptionSource, symbols: Sequence[str] = (),
-                         knowledge_root: str | None = None) -> Callable[[str], str | None] | None:
+def resolve_descriptions(
+    source: DescriptionSource, symbols: Sequence[str] = (), knowledge_root: str | None = None
+) -> Callable[[str], str | None] | None:
     """Any description source as a ``symbol -> text or None`` callable.
 
     ``source`` may be None / ``none`` (no descriptions); ``summer`` (the gene summaries ``model=summer``
@@ -109,8 +115,10 @@ def resolve_descriptions(source: DescriptionSource, symbols: Sequence[str] = (),
             return stored_summaries("gene").get
         if source in ("auto", "knowledge"):
             if source == "auto" and not knowledge_available(knowledge_root):
-                log.warning("prompt descriptions: no gene_info file in the knowledge folder ($PERTURB_KNOWLEDGE); "
-                            "prompts carry gene symbols only")
+                log.warning(
+                    "prompt descriptions: no gene_info file in the knowledge folder ($PERTURB_KNOWLEDGE); "
+                    "prompts carry gene symbols only"
+                )
                 return None
             return KnowledgeDescriptions(symbols, knowledge_root, allow_download=source == "knowledge")
         if ":" in source:
@@ -118,7 +126,9 @@ def resolve_descriptions(source: DescriptionSource, symbols: Sequence[str] = (),
             try:
                 target = getattr(importlib.import_module(module_name), attribute)
             except (ImportError, AttributeError) as error:
-                raise ValueError(f"descriptions={source!r}: cannot import {attribute} from {module_name} ({error})") from error
+                raise ValueError(
+                    f"descriptions={source!r}: cannot import {attribute} from {module_name} ({error})"
+                ) from error
             if callable(target) and not isinstance(target, Mapping):
                 try:
                     produced = target()
@@ -128,7 +138,9 @@ def resolve_descriptions(source: DescriptionSource, symbols: Sequence[str] = (),
                     target = produced
             source = target
         else:
-            raise ValueError(f"descriptions={source!r}: expected null, auto, knowledge, summer or 'package.module:attribute'")
+            raise ValueError(
+                f"descriptions={source!r}: expected null, auto, knowledge, summer or 'package.module:attribute'"
+            )
     if isinstance(source, Mapping):
         table = dict(source)
         return table.get
@@ -151,17 +163,28 @@ class PromptBuilder:
         max_description_chars: descriptions are cut to this many characters.
     """
 
-    def __init__(self, cell_line: str, task: str, vocab=None, neighbours=None, descriptions: DescriptionSource = None,
-                 retrieval_k: int = 20, show: int = 3, max_description_chars: int = 160, knowledge_root: str | None = None,
-                 description_setting: str | None = None):
+    def __init__(
+        self,
+        cell_line: str,
+        task: str,
+        vocab=None,
+        neighbours=None,
+        descriptions: DescriptionSource = None,
+        retrieval_k: int = 20,
+        show: int = 3,
+        max_description_chars: int = 160,
+        knowledge_root: str | None = None,
+        description_setting: str | None = None,
+    ):
         if task not in QUESTIONS:
             raise ValueError(f"task must be one of {', '.join(QUESTIONS)}, got {task!r}")
         self.cell_line, self.task = cell_line, task
         self.vocab = vocab
         symbols = list(vocab.symbols) if vocab is not None else []
         self.describe = resolve_descriptions(descriptions, symbols, knowledge_root)
-        self.description_setting = description_setting or (descriptions if isinstance(descriptions, str) else
-                                                           type(descriptions).__name__)
+        self.description_setting = description_setting or (
+            descriptions if isinstance(descriptions, str) else type(descriptions).__name__
+        )
         self.retrieval_k, self.show = int(retrieval_k), int(show)
         self.max_description_chars = int(max_description_chars)
         self.neighbours = neighbours if self.retrieval_k > 0 else None
@@ -170,11 +193,16 @@ class PromptBuilder:
 
     def settings(self) -> dict:
         """What changes the text besides the pair (part of the token cache key)."""
-        return {"template": TEMPLATE_VERSION, "task": self.task, "cell_line": self.cell_line,
-                "descriptions": self.description_setting if self.describe is not None else None,
-                "recipe": getattr(getattr(self.describe, "recipe", None), "version", None),
-                "retrieval_k": self.retrieval_k if self.neighbours is not None else 0, "show": self.show,
-                "max_description_chars": self.max_description_chars}
+        return {
+            "template": TEMPLATE_VERSION,
+            "task": self.task,
+            "cell_line": self.cell_line,
+            "descriptions": self.description_setting if self.describe is not None else None,
+            "recipe": getattr(getattr(self.describe, "recipe", None), "version", None),
+            "retrieval_k": self.retrieval_k if self.neighbours is not None else 0,
+            "show": self.show,
+            "max_description_chars": self.max_description_chars,
+        }
 
     def _named(self, symbol: str) -> str:
         text = self.describe(symbol) if self.describe is not None else None
@@ -209,8 +237,10 @@ class PromptBuilder:
                 up = int(self.neighbours.outcome[g].data.tolist().count(3))
                 lines.append(f"In training, {gene} went up after {up} of the {measured} knockdowns that changed it.")
             else:
-                lines.append(f"In training, {gene} changed after {int(self.neighbours.changed_count[g])} of the "
-                             f"{measured} knockdowns that measured it.")
+                lines.append(
+                    f"In training, {gene} changed after {int(self.neighbours.changed_count[g])} of the "
+                    f"{measured} knockdowns that measured it."
+                )
         names, sims, codes = self.nearest(pert, gene)
         if len(names):
             down, up = int((codes == 1).sum()), int((codes == 2).sum())
@@ -222,8 +252,10 @@ class PromptBuilder:
             else:
                 counts = f"{changed} changed it, {len(names) - changed} did not"
             lines.append(f"Of the {len(names)} knockdowns most similar to {pert} that measured {gene}: {counts}.")
-            closest = ", ".join(f"{n} {s:.2f} {OUTCOME_WORDS[int(c)]}" for n, s, c in
-                                zip(names[: self.show], sims[: self.show], codes[: self.show]))
+            closest = ", ".join(
+                f"{n} {s:.2f} {OUTCOME_WORDS[int(c)]}"
+                for n, s, c in zip(names[: self.show], sims[: self.show], codes[: self.show])
+            )
             if closest:
                 lines.append(f"Closest (similarity, outcome): {closest}.")
         elif measured:
@@ -241,8 +273,9 @@ class PromptBuilder:
         return "\n".join(lines)
 
 
-def builder_from_context(context, graphs: Mapping[str, Mapping[str, Any]] | None = None, neighbours=None,
-                         power: float = 1.0, **options) -> PromptBuilder:
+def builder_from_context(
+    context, graphs: Mapping[str, Mapping[str, Any]] | None = None, neighbours=None, power: float = 1.0, **options
+) -> PromptBuilder:
     """A :class:`PromptBuilder` over a DataModule's ``DataContext`` (training pairs only).
 
     The neighbours are ``neighbours`` when given, else built from ``graphs`` (the ``model=knn`` machinery).
@@ -251,18 +284,30 @@ def builder_from_context(context, graphs: Mapping[str, Mapping[str, Any]] | None
         from perturb_models.models.knn import TrainingNeighbours
 
         neighbours = TrainingNeighbours(context, graphs, power)
-    return PromptBuilder(cell_line=context.cell_line or context.dataset, task=context.task,
-                         vocab=context.vocab, neighbours=neighbours, **options)
+    return PromptBuilder(
+        cell_line=context.cell_line or context.dataset,
+        task=context.task,
+        vocab=context.vocab,
+        neighbours=neighbours,
+        **options,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Print the LLM prompts of (perturbation, gene) pairs as model=lora_llama builds them.")
-    parser.add_argument("--pair", nargs=2, action="append", metavar=("PERT", "GENE"), default=[],
-                        help="a pair to print (repeatable)")
-    parser.add_argument("--first-test", type=int, default=0, help="also print the first N test pairs that have evidence")
-    parser.add_argument("--coverage", action="store_true",
-                        help="also print the share of test pairs whose prompt carries retrieved neighbours")
+        description="Print the LLM prompts of (perturbation, gene) pairs as model=lora_llama builds them."
+    )
+    parser.add_argument(
+        "--pair", nargs=2, action="append", metavar=("PERT", "GENE"), default=[], help="a pair to print (repeatable)"
+    )
+    parser.add_argument(
+        "--first-test", type=int, default=0, help="also print the first N test pairs that have evidence"
+    )
+    parser.add_argument(
+        "--coverage",
+        action="store_true",
+        help="also print the share of test pairs whose prompt carries retrieved neighbours",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of train.py, e.g. data=k562 data.task=joint")
     args = parser.parse_args(argv)
 
@@ -287,10 +332,14 @@ def main(argv: list[str] | None = None) -> None:
         test = datamodule.frames["test"]
         found = [len(builder.retrieved(p, g)) for p, g in zip(test["pert"], test["gene"])]
         with_evidence = sum(1 for n in found if n)
-        print(f"test pairs with retrieved neighbours: {with_evidence:,} of {len(found):,} ({with_evidence / len(found):.1%}); "
-              f"{sum(found) / len(found):.1f} neighbours per pair on average (retrieval_k={builder.retrieval_k})\n")
+        print(
+            f"test pairs with retrieved neighbours: {with_evidence:,} of {len(found):,} ({with_evidence / len(found):.1%}); "
+            f"{sum(found) / len(found):.1f} neighbours per pair on average (retrieval_k={builder.retrieval_k})\n"
+        )
     for pert, gene in pairs:
-        stage = next((s for s, f in datamodule.frames.items() if ((f["pert"] == pert) & (f["gene"] == gene)).any()), None)
+        stage = next(
+            (s for s, f in datamodule.frames.items() if ((f["pert"] == pert) & (f["gene"] == gene)).any()), None
+        )
         print(builder(pert, gene))
         print(f"[({pert}, {gene}) is in the {stage} split]\n" if stage else f"[({pert}, {gene}) is in no split]\n")
 

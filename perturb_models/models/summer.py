@@ -50,16 +50,26 @@ PROMPT_VERSION = "1"
 """Bump when the answer prompts change (the response cache is keyed by the prompt text anyway)."""
 
 # About 50 knowledge entries per gene, as the paper's summaries read: synonyms and up to 16 GO terms per aspect.
-SUMMARY_TEXT_RECIPE = {"synonyms": True, "go": True, "aspects": ["P", "F", "C"], "max_terms_per_aspect": 16,
-                       "max_synonyms": 6, "max_chars": 1600}
+SUMMARY_TEXT_RECIPE = {
+    "synonyms": True,
+    "go": True,
+    "aspects": ["P", "F", "C"],
+    "max_terms_per_aspect": 16,
+    "max_synonyms": 6,
+    "max_chars": 1600,
+}
 
 ROLES = {
-    "pert": ("Summarize what is known about the human gene {symbol} that matters when it is knocked down with "
-             "CRISPRi: its function, the pathways and complexes it belongs to, and which genes or processes "
-             "lose its activity.\nFacts about {symbol}:\n{facts}\nSummary in two or three sentences:"),
-    "gene": ("Summarize what is known about the human gene {symbol} as a gene whose expression may change "
-             "after another gene is knocked down: its function, the pathways and complexes it belongs to, "
-             "and what regulates its expression.\nFacts about {symbol}:\n{facts}\nSummary in two or three sentences:"),
+    "pert": (
+        "Summarize what is known about the human gene {symbol} that matters when it is knocked down with "
+        "CRISPRi: its function, the pathways and complexes it belongs to, and which genes or processes "
+        "lose its activity.\nFacts about {symbol}:\n{facts}\nSummary in two or three sentences:"
+    ),
+    "gene": (
+        "Summarize what is known about the human gene {symbol} as a gene whose expression may change "
+        "after another gene is knocked down: its function, the pathways and complexes it belongs to, "
+        "and what regulates its expression.\nFacts about {symbol}:\n{facts}\nSummary in two or three sentences:"
+    ),
 }
 
 # Per task: the answer options in class order, and the abstention option.
@@ -67,16 +77,24 @@ OPTIONS = {"de": ("no", "yes"), "dir": ("down", "up"), "joint": ("unchanged", "d
 ABSTAIN = "insufficient"
 QUESTIONS = {
     "de": "Question: is {gene} differentially expressed after the CRISPRi knockdown of {pert}?",
-    "dir": ("Question: {gene} is differentially expressed after the CRISPRi knockdown of {pert}. Does its "
-            "expression go up or down?"),
+    "dir": (
+        "Question: {gene} is differentially expressed after the CRISPRi knockdown of {pert}. Does its "
+        "expression go up or down?"
+    ),
     "joint": "Question: after the CRISPRi knockdown of {pert}, is the expression of {gene} unchanged, down or up?",
 }
 OUTCOME = {NOT_DE: "unchanged", DOWN: "down", UP: "up", 3: "changed"}
 CATEGORIES = ("same_pert", "same_gene", "both_similar", "random")
-CATEGORY_TITLES = {"same_pert": "same knockdown, similar gene", "same_gene": "same gene, similar knockdown",
-                   "both_similar": "similar knockdown, similar gene", "random": "other experiments"}
-COT = ("Think step by step about the two genes and the experiments above, then give your final answer on the "
-       "last line as 'Answer: {options}'.")
+CATEGORY_TITLES = {
+    "same_pert": "same knockdown, similar gene",
+    "same_gene": "same gene, similar knockdown",
+    "both_similar": "similar knockdown, similar gene",
+    "random": "other experiments",
+}
+COT = (
+    "Think step by step about the two genes and the experiments above, then give your final answer on the "
+    "last line as 'Answer: {options}'."
+)
 DIRECT = "Answer with exactly one word: {options}."
 
 
@@ -89,9 +107,18 @@ def option_list(task: str, cot: bool) -> str:
 
 def template_words() -> list[str]:
     """Every fixed text of the prompts (the word-level test tokenizer learns these words)."""
-    return [*ROLES.values(), *QUESTIONS.values(), *OPTIONS["joint"], *OPTIONS["de"], ABSTAIN, COT, DIRECT,
-            "Cell line: CRISPRi screen in cells. Knocked-down gene Downstream gene Outcomes measured in training "
-            "experiments knockdown of -> evidence Answer: changed", *CATEGORY_TITLES.values()]
+    return [
+        *ROLES.values(),
+        *QUESTIONS.values(),
+        *OPTIONS["joint"],
+        *OPTIONS["de"],
+        ABSTAIN,
+        COT,
+        DIRECT,
+        "Cell line: CRISPRi screen in cells. Knocked-down gene Downstream gene Outcomes measured in training "
+        "experiments knockdown of -> evidence Answer: changed",
+        *CATEGORY_TITLES.values(),
+    ]
 
 
 # ---- answers -------------------------------------------------------------------------------------------
@@ -102,13 +129,21 @@ def parse_answer(text: str, task: str, cot: bool) -> int | None | str:
     text = text.strip()
     if cot:
         marks = list(re.finditer(r"answer\s*[:\-]", text, flags=re.IGNORECASE))
-        segment = text[marks[-1].end():] if marks else (text.splitlines()[-1] if text else "")
+        segment = text[marks[-1].end() :] if marks else (text.splitlines()[-1] if text else "")
     else:
         segment = text
     words = re.findall(r"[a-z]+", segment.lower())
     options = OPTIONS[task]
-    aliases = {"increase": "up", "increased": "up", "upregulated": "up", "decrease": "down", "decreased": "down",
-               "downregulated": "down", "not": "no" if task == "de" else "unchanged", "unaffected": "unchanged"}
+    aliases = {
+        "increase": "up",
+        "increased": "up",
+        "upregulated": "up",
+        "decrease": "down",
+        "decreased": "down",
+        "downregulated": "down",
+        "not": "no" if task == "de" else "unchanged",
+        "unaffected": "unchanged",
+    }
     for word in words:
         if word == ABSTAIN:
             return None
@@ -131,14 +166,23 @@ class SummerRetrieval:
         seed: seed of the random fill (drawn per pair, so a pair always sees the same examples).
     """
 
-    def __init__(self, context: DataContext, graphs: Mapping[str, Any], gene_graphs: Mapping[str, Any] | None,
-                 budgets: Mapping[str, int], power: float = 1.0, seed: int = 0,
-                 neighbours: TrainingNeighbours | None = None):
+    def __init__(
+        self,
+        context: DataContext,
+        graphs: Mapping[str, Any],
+        gene_graphs: Mapping[str, Any] | None,
+        budgets: Mapping[str, int],
+        power: float = 1.0,
+        seed: int = 0,
+        neighbours: TrainingNeighbours | None = None,
+    ):
         from perturb_models.knowledge.graphs import build_graphs
 
         unknown = sorted(set(budgets) - set(CATEGORIES))
         if unknown:
-            raise ConfigError(f"model.encoder.retrieval_budgets: unknown categories {unknown}; expected {list(CATEGORIES)}")
+            raise ConfigError(
+                f"model.encoder.retrieval_budgets: unknown categories {unknown}; expected {list(CATEGORIES)}"
+            )
         self.budgets = {c: int(budgets.get(c, 0)) for c in CATEGORIES}
         self.neighbours = neighbours or TrainingNeighbours(context, graphs, power)
         n = context.num_genes
@@ -147,8 +191,9 @@ class SummerRetrieval:
             graph = build_graphs(gene_graphs, context)
             src, dst = graph.edge_index.numpy()
             keep = (src < n) & (dst < n) & (src != dst)
-            similarity = sparse.csr_matrix((graph.edge_weight.numpy()[keep].astype(np.float64), (dst[keep], src[keep])),
-                                           shape=(n, n))
+            similarity = sparse.csr_matrix(
+                (graph.edge_weight.numpy()[keep].astype(np.float64), (dst[keep], src[keep])), shape=(n, n)
+            )
             similarity.sum_duplicates()
             self.gene_similarity = similarity
         pairs = context.train_pairs
@@ -209,7 +254,9 @@ class SummerRetrieval:
                 take(p, g, code, "both_similar")
         if budget["random"] and len(self.train_gene):
             rng = np.random.default_rng([self.seed, pert, gene])
-            draws = rng.choice(len(self.train_gene), size=min(len(self.train_gene), 3 * budget["random"]), replace=False)
+            draws = rng.choice(
+                len(self.train_gene), size=min(len(self.train_gene), 3 * budget["random"]), replace=False
+            )
             found = 0
             for row in draws.tolist():
                 p, g = int(self.train_pert[row]), int(self.train_gene[row])
@@ -241,8 +288,16 @@ class GeneSummaries:
     itself (``knowledge``), or none. LLM summaries are written by greedy decoding and kept in an artifact
     file shared by every run with the same LLM, summary prompts, text recipe and knowledge files."""
 
-    def __init__(self, source: str, symbols: Sequence[str], backend: Backend | None, knowledge_root: str | None,
-                 allow_download: bool, max_new_tokens: int = 128, recipe: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        source: str,
+        symbols: Sequence[str],
+        backend: Backend | None,
+        knowledge_root: str | None,
+        allow_download: bool,
+        max_new_tokens: int = 128,
+        recipe: Mapping[str, Any] | None = None,
+    ):
         if source not in ("llm", "knowledge", "none", "auto"):
             raise ConfigError(f"model.encoder.summaries.source must be llm, knowledge, auto or none, got {source!r}")
         from perturb_models.models.prompts import knowledge_available
@@ -251,7 +306,9 @@ class GeneSummaries:
         if source == "auto":
             source = "llm" if knowledge_available(knowledge_root) else "none"
             if source == "none":
-                log.warning("summer: no gene_info file in the knowledge folder ($PERTURB_KNOWLEDGE); prompts name genes only")
+                log.warning(
+                    "summer: no gene_info file in the knowledge folder ($PERTURB_KNOWLEDGE); prompts name genes only"
+                )
         self.source = source
         self.backend, self.max_new_tokens = backend, int(max_new_tokens)
         self.recipe = dict(recipe or SUMMARY_TEXT_RECIPE)
@@ -265,9 +322,18 @@ class GeneSummaries:
         texts = build_gene_texts(list(symbols), knowledge_root, recipe_obj, allow_download=allow_download)
         self.facts = {s: re.sub(r"\.\s+", ".\n", t) for s, t in texts.texts.items() if texts.has_knowledge[s]}
         if source == "llm":
-            key = hashlib.sha1(json.dumps({"llm": backend.fingerprint, "v": SUMMARY_VERSION, "recipe": recipe_obj.version,
-                                           "tokens": self.max_new_tokens,
-                                           "knowledge": knowledge_identity(knowledge_root)}, sort_keys=True).encode()).hexdigest()[:16]
+            key = hashlib.sha1(
+                json.dumps(
+                    {
+                        "llm": backend.fingerprint,
+                        "v": SUMMARY_VERSION,
+                        "recipe": recipe_obj.version,
+                        "tokens": self.max_new_tokens,
+                        "knowledge": knowledge_identity(knowledge_root),
+                    },
+                    sort_keys=True,
+                ).encode()
+            ).hexdigest()[:16]
             self.path = cache_dir("summer_summaries", f"{key}.json")
             if self.path.is_file():
                 self.table = json.loads(self.path.read_text()).get("summaries", {})
@@ -276,14 +342,19 @@ class GeneSummaries:
         """Write the missing summaries of ``{role: symbols}`` (LLM source) and save the artifact."""
         if self.source != "llm":
             return
-        jobs = [(role, s) for role, symbols in wanted.items() for s in dict.fromkeys(symbols)
-                if s in self.facts and role not in self.table.get(s, {})]
+        jobs = [
+            (role, s)
+            for role, symbols in wanted.items()
+            for s in dict.fromkeys(symbols)
+            if s in self.facts and role not in self.table.get(s, {})
+        ]
         if not jobs:
             return
         log.info("summer: writing %d gene summaries with %s", len(jobs), getattr(self.backend, "name", "the LLM"))
         prompts = [ROLES[role].format(symbol=s, facts=self.facts[s]) for role, s in jobs]
-        texts = self.backend.generate(prompts, samples=1, max_new_tokens=self.max_new_tokens, temperature=0.0,
-                                      progress="summarising genes")
+        texts = self.backend.generate(
+            prompts, samples=1, max_new_tokens=self.max_new_tokens, temperature=0.0, progress="summarising genes"
+        )
         for (role, s), (text,) in zip(jobs, texts):
             self.table.setdefault(s, {})[role] = " ".join(text.split())
         if self.path is not None:
@@ -291,8 +362,19 @@ class GeneSummaries:
             for s, roles in self.table.items():  # another run may have added genes meanwhile
                 stored.setdefault(s, {}).update(roles)
             self.table = stored
-            atomic_write_text(self.path, json.dumps({"llm": self.backend.describe(), "version": SUMMARY_VERSION,
-                                                     "recipe": self.recipe, "summaries": stored}, indent=1, sort_keys=True))
+            atomic_write_text(
+                self.path,
+                json.dumps(
+                    {
+                        "llm": self.backend.describe(),
+                        "version": SUMMARY_VERSION,
+                        "recipe": self.recipe,
+                        "summaries": stored,
+                    },
+                    indent=1,
+                    sort_keys=True,
+                ),
+            )
 
     def __call__(self, symbol: str, role: str) -> str | None:
         if self.source == "knowledge":
@@ -336,20 +418,37 @@ class SummerEncoder(Encoder):
 
     produces_logits = True
 
-    def __init__(self, context: DataContext, backend: Mapping[str, Any] | None = None, scoring: str = "logprob",
-                 cot: bool = False, samples: int = 3, temperature: float = 0.6, top_p: float = 0.9,
-                 max_new_tokens: int = 1024, answer_tokens: int = 8, retrieval: bool = True,
-                 retrieval_budgets: Mapping[str, int] | None = None, graphs: Mapping[str, Any] | None = None,
-                 gene_graphs: Mapping[str, Any] | None = None, power: float = 1.0,
-                 summaries: Mapping[str, Any] | None = None, knowledge_root: str | None = None,
-                 allow_download: bool = False, seed: int = 0, price_per_input_token: float | None = None,
-                 price_per_output_token: float | None = None):
+    def __init__(
+        self,
+        context: DataContext,
+        backend: Mapping[str, Any] | None = None,
+        scoring: str = "logprob",
+        cot: bool = False,
+        samples: int = 3,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_new_tokens: int = 1024,
+        answer_tokens: int = 8,
+        retrieval: bool = True,
+        retrieval_budgets: Mapping[str, int] | None = None,
+        graphs: Mapping[str, Any] | None = None,
+        gene_graphs: Mapping[str, Any] | None = None,
+        power: float = 1.0,
+        summaries: Mapping[str, Any] | None = None,
+        knowledge_root: str | None = None,
+        allow_download: bool = False,
+        seed: int = 0,
+        price_per_input_token: float | None = None,
+        price_per_output_token: float | None = None,
+    ):
         super().__init__()
         if scoring not in ("logprob", "sample"):
             raise ConfigError(f"model.encoder.scoring must be logprob or sample, got {scoring!r}")
         if scoring == "logprob" and cot:
-            raise ConfigError("model.encoder.cot=true needs model.encoder.scoring=sample (a chain of thought is "
-                              "generated; logprob scoring reads one next-token distribution)")
+            raise ConfigError(
+                "model.encoder.cot=true needs model.encoder.scoring=sample (a chain of thought is "
+                "generated; logprob scoring reads one next-token distribution)"
+            )
         if int(samples) < 1:
             raise ConfigError(f"model.encoder.samples must be >= 1, got {samples}")
         self.task = context.task
@@ -368,15 +467,30 @@ class SummerEncoder(Encoder):
         self.retrieval = None
         if retrieval:
             if not graphs:
-                raise ConfigError("model.encoder.retrieval=true needs model.encoder.graphs (see conf/model/summer.yaml)")
+                raise ConfigError(
+                    "model.encoder.retrieval=true needs model.encoder.graphs (see conf/model/summer.yaml)"
+                )
             budgets = dict(retrieval_budgets or {"same_pert": 5, "same_gene": 10, "both_similar": 5, "random": 5})
             self.retrieval = SummerRetrieval(context, graphs, gene_graphs, budgets, power, seed)
         summaries = dict(summaries or {})
-        self.summaries = GeneSummaries(summaries.get("source", "auto"), self.symbols, self.backend, knowledge_root,
-                                       allow_download, summaries.get("max_new_tokens", 128), summaries.get("recipe"))
+        self.summaries = GeneSummaries(
+            summaries.get("source", "auto"),
+            self.symbols,
+            self.backend,
+            knowledge_root,
+            allow_download,
+            summaries.get("max_new_tokens", 128),
+            summaries.get("recipe"),
+        )
         self.memo: dict[tuple[int, int], np.ndarray] = {}
-        self.stats = {"pairs": 0, "abstained_pairs": 0, "abstained_answers": 0, "unparsed_answers": 0, "answers": 0,
-                      "examples_shown": 0}
+        self.stats = {
+            "pairs": 0,
+            "abstained_pairs": 0,
+            "abstained_answers": 0,
+            "unparsed_answers": 0,
+            "answers": 0,
+            "examples_shown": 0,
+        }
         self.stats.update({f"examples_{c}": 0 for c in CATEGORIES})
 
     # ---- prompts ----------------------------------------------------------------------------------------
@@ -391,8 +505,10 @@ class SummerEncoder(Encoder):
             if examples:
                 lines.append(f"Outcomes measured in training experiments in {self.cell_line} cells:")
                 for q, h, code, category in examples:
-                    lines.append(f"- knockdown of {self.symbols[q]} -> {self.symbols[h]}: {OUTCOME[code]} "
-                                 f"({CATEGORY_TITLES[category]})")
+                    lines.append(
+                        f"- knockdown of {self.symbols[q]} -> {self.symbols[h]}: {OUTCOME[code]} "
+                        f"({CATEGORY_TITLES[category]})"
+                    )
         lines.append(QUESTIONS[self.task].format(pert=p, gene=g))
         lines.append((COT if self.cot else DIRECT).format(options=option_list(self.task, self.cot)))
         prompt = "\n".join(lines)
@@ -428,9 +544,15 @@ class SummerEncoder(Encoder):
                 self.memo[(p, g)] = probs / probs.sum()
         else:
             tokens = self.max_new_tokens if self.cot else self.answer_tokens
-            texts = self.backend.generate(prompts, samples=self.samples, max_new_tokens=tokens,
-                                          temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-                                          progress=f"summer {what}")
+            texts = self.backend.generate(
+                prompts,
+                samples=self.samples,
+                max_new_tokens=tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                seed=self.seed,
+                progress=f"summer {what}",
+            )
             for (p, g), answers in zip(todo, texts):
                 votes = np.zeros(self.num_classes)
                 for text in answers:
@@ -453,9 +575,23 @@ class SummerEncoder(Encoder):
         """Usage and answer counts of this process: requests, tokens in/out (and per pair), cache hits, abstentions."""
         usage = self.backend.usage.as_dict(*self.prices)
         pairs = max(1, self.stats["pairs"])
-        return {"backend": self.backend.identity, "scoring": self.scoring, "cot": self.cot, **usage, **self.stats,
-                "tokens_per_pair": round((usage["prompt_tokens"] + usage["completion_tokens"] +
-                                          usage["cached_prompt_tokens"] + usage["cached_completion_tokens"]) / pairs, 1)}
+        return {
+            "backend": self.backend.identity,
+            "scoring": self.scoring,
+            "cot": self.cot,
+            **usage,
+            **self.stats,
+            "tokens_per_pair": round(
+                (
+                    usage["prompt_tokens"]
+                    + usage["completion_tokens"]
+                    + usage["cached_prompt_tokens"]
+                    + usage["cached_completion_tokens"]
+                )
+                / pairs,
+                1,
+            ),
+        }
 
     def prepare_datamodule(self, datamodule) -> None:
         """Answer the validation and test pairs once, batched (training pairs are never sent to the LLM)."""
@@ -469,13 +605,15 @@ class SummerEncoder(Encoder):
             from perturb_models.console import say
 
             report = self.report()
-            say(f"[summer] {report['pairs']:,} pairs answered by {getattr(self.backend, 'name', 'the LLM')}: "
+            say(
+                f"[summer] {report['pairs']:,} pairs answered by {getattr(self.backend, 'name', 'the LLM')}: "
                 f"{report['requests']:,} requests ({report['cached']:,} answers from the cache), "
                 f"{report['prompt_tokens']:,} tokens in, {report['completion_tokens']:,} out, "
                 f"{report['tokens_per_pair']} tokens per pair, {report['seconds']} s; "
                 f"{report['abstained_pairs']:,} pairs all-abstained, {report['abstained_answers']:,} abstentions and "
                 f"{report['unparsed_answers']:,} unreadable answers counted"
-                + (f"; estimated cost {report['cost']}" if "cost" in report else ""))
+                + (f"; estimated cost {report['cost']}" if "cost" in report else "")
+            )
             module = getattr(getattr(datamodule, "trainer", None), "lightning_module", None)
             record = getattr(module, "run_record", {}).get("run") if module is not None else None
             if isinstance(record, dict):
@@ -487,8 +625,9 @@ class SummerEncoder(Encoder):
     def set_extra_state(self, state: dict) -> None:
         saved = (state or {}).get("backend")
         if saved and saved != self.backend.identity:
-            log.warning("summer: this checkpoint's answers came from %s; answering with %s now", saved,
-                        self.backend.identity)
+            log.warning(
+                "summer: this checkpoint's answers came from %s; answering with %s now", saved, self.backend.identity
+            )
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = batch["pert"].device
