@@ -209,7 +209,9 @@ def simulate(
             if name in ("uncertainty", "mix"):
                 uncertainty = np.zeros(n)
                 uncertainty[open_] = pool_uncertainty(
-                    lambda p, g: encoder_scores(encoder, context.task, p, g), pool_idx[open_], target_idx
+                    lambda p, g, encoder=encoder: encoder_scores(encoder, context.task, p, g),
+                    pool_idx[open_],
+                    target_idx,
                 )
             picks = select_batch(
                 name,
@@ -350,7 +352,7 @@ def write_plot(frame, shown: list[str], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:  # the notebook extra
-        raise SystemExit(f"--doc draws docs/design.png with matplotlib: pip install -e '.[notebook]' ({exc})")
+        raise SystemExit(f"--doc draws docs/design.png with matplotlib: pip install -e '.[notebook]' ({exc})") from exc
     groups = sorted(frame.groupby(["dataset", "task"]).groups)
     cols = 2
     rows_n = math.ceil(len(groups) / cols)

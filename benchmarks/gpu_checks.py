@@ -831,12 +831,17 @@ def doc_text(stored: dict) -> str:
         out += [
             f"## Lease of {lease['lease']}",
             "",
-            f"- GPU: {env.get('device', '?')} ({env.get('memory_gib', '?')} GiB, {env.get('multiprocessors', '?')} SMs), "
+            f"- GPU: {env.get('device', '?')} ({env.get('memory_gib', '?')} GiB, {env.get('multiprocessors', '?')} "
+            f"SMs), "
             f"`nvidia-smi`: {env.get('nvidia_smi', '?')}",
-            f"- Software: Python {env.get('python', '?')}, torch {env.get('torch', '?')} (CUDA {env.get('cuda', '?')}), "
-            f"transformers {env.get('transformers', '?')}, peft {env.get('peft', '?')}, lightning {env.get('lightning', '?')}, "
-            f"torch-geometric {env.get('torch_geometric', '?')}, pandas {env.get('pandas', '?')}; bf16 {env.get('bf16', '?')}; {env.get('cpus', '?')} CPUs",
-            f"- Measured dense bf16 matmul (8192³, mean of 10 after 3 warm-ups): **{fmt(env.get('matmul_bf16_tflops'), 0)} TFLOP/s**, "
+            f"- Software: Python {env.get('python', '?')}, torch {env.get('torch', '?')} (CUDA "
+            f"{env.get('cuda', '?')}), "
+            f"transformers {env.get('transformers', '?')}, peft {env.get('peft', '?')}, lightning "
+            f"{env.get('lightning', '?')}, "
+            f"torch-geometric {env.get('torch_geometric', '?')}, pandas {env.get('pandas', '?')}; bf16 "
+            f"{env.get('bf16', '?')}; {env.get('cpus', '?')} CPUs",
+            f"- Measured dense bf16 matmul (8192³, mean of 10 after 3 warm-ups): "
+            f"**{fmt(env.get('matmul_bf16_tflops'), 0)} TFLOP/s**, "
             "the MFU denominator below (the H200's data sheet says 989)",
             f"- Commit: {', '.join(commits)}; parts run at "
             + ", ".join(f"{p['started']} (part {p['part']}, budget {p['budget_min']} min)" for p in parts),
@@ -877,7 +882,8 @@ def doc_text(stored: dict) -> str:
                 "MFU: model FLOPs (llm_throughput.py's docstring) over the matmul peak measured above; the data-sheet "
                 "column divides by 989.",
                 "",
-                "| shape | batch | micro-batch tokens | checkpointing | tokens/s | pairs/s | TFLOP/s | MFU (measured peak) "
+                "| shape | batch | micro-batch tokens | checkpointing | tokens/s | pairs/s | TFLOP/s | MFU (measured "
+                "peak) "
                 "| MFU (989) | peak memory GiB |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             ]
@@ -905,7 +911,8 @@ def doc_text(stored: dict) -> str:
                 "",
                 f"`model=lora_llama` with the real SmolLM2-135M-Instruct weights, one `joint` run each, trained on "
                 f"`trainer.limit_train_batches` batches of {LLM_BATCH} pairs of the whole training split (the number "
-                f"chosen from the budget and part 1's speed: planned {fmt(speed.get('planned'), 0)} pairs/s), validated "
+                f"chosen from the budget and part 1's speed: planned {fmt(speed.get('planned'), 0)} pairs/s), "
+                f"validated "
                 "on the whole validation split and tested on the whole test split. Rows are in "
                 "`benchmarks/results/quality.csv`.",
                 "",

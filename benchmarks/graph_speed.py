@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from omegaconf import OmegaConf
 
-    from perturb_models.knowledge.graphs import build_graph
     from perturb_models.builders import build_datamodule, build_model
+    from perturb_models.knowledge.graphs import build_graph
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default="k562")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = iter(datamodule.train_dataloader())
         model.train()
 
-        def step():
+        def step(model=model, optimizer=optimizer, datamodule=datamodule):
             nonlocal batches
             try:
                 batch = next(batches)
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - started
         params = sum(p.numel() for p in model.parameters())
         print(
-            f"model {model_name:<6} {args.steps / elapsed:6.2f} steps/s  ({args.batch_size * args.steps / elapsed:8.0f} pairs/s, "
+            f"model {model_name:<6} {args.steps / elapsed:6.2f} steps/s  "
+            f"({args.batch_size * args.steps / elapsed:8.0f} pairs/s, "
             f"batch {args.batch_size}, {params} parameters)"
         )
     return 0

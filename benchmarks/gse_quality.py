@@ -40,8 +40,8 @@ from perturb_models.config import compose_config  # noqa: E402
 from perturb_models.evaluation import find_checkpoint, load_run_record  # noqa: E402
 from perturb_models.gse.runner import evaluate_gse  # noqa: E402
 from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
-from perturb_models.results import replace_block  # noqa: E402
 from perturb_models.outputs import git_commit  # noqa: E402
+from perturb_models.results import replace_block  # noqa: E402
 from perturb_models.training import train  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "gse_quality.csv"
@@ -139,7 +139,7 @@ def search_stages(recipes) -> list[list[str]]:
     return [stage1, stage2, stage3]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_recipe(method: str) -> str:
     """The searched recipe that ``conf/model/<method>.yaml`` holds now ("default" for a method without search)."""
     if method != "lora_llama_gse":
@@ -279,7 +279,8 @@ def table(results: pd.DataFrame) -> str:
         spread = f" ± {r.std(ddof=0):.3f}" if len(g) > 1 else ""
         name = f"{recipe} (default)" if recipe == defaults[method] and recipe != "default" else recipe
         lines.append(
-            f"| `{method}` | {name} | {kind} | {'–' if v.isna().all() else f'{v.mean():.3f}'} | {r.mean():.3f}{spread} | "
+            f"| `{method}` | {name} | {kind} | {'–' if v.isna().all() else f'{v.mean():.3f}'} | "
+            f"{r.mean():.3f}{spread} | "
             f"{b.mean():.3f} | {int(g['clusters_scored'].iloc[0])} | {', '.join(str(s) for s in g['seed'])} | "
             f"{g['wall_seconds'].mean() / 60:.1f} |"
         )

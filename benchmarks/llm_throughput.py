@@ -212,7 +212,7 @@ def measure(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
         result["bf16_peak_tflops"] = peak
         result["peak_source"] = args.peak_source if args.peak_tflops else "data sheet (dense bf16)"
         result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
-    del encoder, optimizer
+    encoder = optimizer = None  # free this shape's weights before the next one
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

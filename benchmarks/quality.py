@@ -5,9 +5,9 @@ cell giving both the ``de`` and the ``dir`` row; rows appended to ``benchmarks/r
     python benchmarks/quality.py --table          # only regenerate docs/results.md and README's table from the CSV
 
 Resumable: a (model, dataset, task, seed) already in the CSV is skipped (with ``--fill-intervals``, only
-if the row has its bootstrap interval: rows made before intervals existed are rerun and replaced). Every run uses the model's
-default config plus the grid's budget overrides (``--set``, and the CPU budget below), recorded per row
-in the ``overrides`` column. Needs the PerturbQA files ($PERTURBQA_DATA) and, for graph models,
+if the row has its bootstrap interval: rows made before intervals existed are rerun and replaced).
+Every run uses the model's default config plus the grid's budget overrides (``--set``, and the CPU budget
+below), recorded per row in the ``overrides`` column. Needs the PerturbQA files ($PERTURBQA_DATA) and, for graph models,
 the knowledge files ($PERTURB_KNOWLEDGE).
 """
 
@@ -30,15 +30,15 @@ sys.path.insert(0, str(REPO))
 from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
 
 # The tables (docs/results.md, the README block) are made by the package, one code path for both.
-from perturb_models.results import (
+from perturb_models.results import (  # noqa: E402
     PUBLISHED,
     README,
     full_test,
     interval_text,
-    quality_table as results_table,  # noqa: E402
     seed_interval,
     write_doc,
 )
+from perturb_models.results import quality_table as results_table  # noqa: E402
 
 # auroc_per_gene is the test figure (reported, never used to choose anything); val_auroc_per_gene is the
 # validation figure of the same run (the selected checkpoint), the only one selection code reads.
@@ -367,7 +367,8 @@ def goal_with_intervals(rows: pd.DataFrame, published: float, single: str) -> st
     if n == 0:
         return "no interval yet"
     parts = [
-        f"[{low - published:+.3f}, {high - published:+.3f}] {verdict(low - published, high - published, GOAL_ABOVE_PUBLISHED)}"
+        f"[{low - published:+.3f}, {high - published:+.3f}] "
+        f"{verdict(low - published, high - published, GOAL_ABOVE_PUBLISHED)}"
     ]
     paired = (
         [json.loads(p)[single] for p in rows["paired"].dropna() if single in json.loads(p)]
@@ -479,7 +480,8 @@ a logarithmic pool minimising a pairwise logistic loss between positive and nega
 same downstream gene (each gene weighing the same: the smooth surrogate of the per-gene AUROC). The guard
 (`model.encoder.guard`) scores the combination on validation pairs its weights never saw (2-fold cross-fitting
 over validation perturbations) and, per task, lets the best member answer alone where the combination ranks
-worse by more than the noise (the 95% paired interval of the difference below 0); `ensemble_weights.json` says so, with the paired difference and its interval. A one-member ensemble is
+worse by more than the noise (the 95% paired interval of the difference below 0); `ensemble_weights.json` says so,
+with the paired difference and its interval. A one-member ensemble is
 that member. In the LOCO rows above the members are the recipes chosen for the held-out line, loaded from their
 runs of that line and seed, and the combiner is chosen on the other lines' cross-fitted validation figures
 (ensemble rows with `@combiner` in their recipe; their `val_auroc_per_gene` is that cross-fitted figure).
@@ -561,7 +563,7 @@ def ensemble_overrides(dataset: str, seed: int, task: str, choices: dict[str, st
     return extra
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_combiner() -> str:
     """``model.encoder.combiner`` of conf/model/ensemble.yaml."""
     from perturb_models.config import compose_config

@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from perturb_models.builders import build_datamodule, build_model, build_trainer  # noqa: E402
 from perturb_models.config import compose_config  # noqa: E402
 from perturb_models.data.datamodule import SplitBatchSampler  # noqa: E402
-from perturb_models.builders import build_datamodule, build_model, build_trainer  # noqa: E402
 
 
 class PairCounter(L.Callback):
@@ -52,8 +52,9 @@ class PairCounter(L.Callback):
 
 
 def plain_loop(
-    model, dataset, batch_size: int, epochs: int, seed: int, warmup: int, device: torch.device = torch.device("cpu")
+    model, dataset, batch_size: int, epochs: int, seed: int, warmup: int, device: torch.device | None = None
 ) -> float:
+    device = device or torch.device("cpu")
     model.to(device)
     encoder, head = model.encoder, model.head
     params = [p for p in list(encoder.parameters()) + list(head.parameters()) if p.requires_grad]
@@ -134,7 +135,8 @@ def main() -> None:
     template = build_model(cfg, datamodule)
     train_split = datamodule.splits["train"]
     print(
-        f"model={args.model} accelerator={args.accelerator} dataset={args.dataset} train pairs={len(train_split)} batch={cfg.data.batch_size} "
+        f"model={args.model} accelerator={args.accelerator} dataset={args.dataset} train pairs={len(train_split)} "
+        f"batch={cfg.data.batch_size} "
         f"epochs/round={args.epochs} threads={torch.get_num_threads()}"
     )
 

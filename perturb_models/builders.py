@@ -69,7 +69,7 @@ def wandb_mode() -> str:
 
 def build_loggers(cfg: DictConfig) -> list:
     loggers = []
-    for name, logger_cfg in (cfg.get("logger") or {}).items():
+    for logger_cfg in (cfg.get("logger") or {}).values():
         if logger_cfg is None or "_target_" not in logger_cfg:
             continue
         if "Wandb" in logger_cfg._target_:
@@ -128,5 +128,6 @@ def finish_wandb(loggers: list) -> None:
                 )
             else:  # W&B has just printed the `wandb sync` command itself; say only why it ran offline
                 say(
-                    "W&B ran offline (no credentials, or WANDB_MODE=offline): upload the run with the wandb sync command above"
+                    "W&B ran offline (no credentials, or WANDB_MODE=offline): upload the run with the wandb sync "
+                    "command above"
                 )

@@ -3,8 +3,8 @@ command lines, so each of them gets exactly the config ``python train.py <overri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra

@@ -2,13 +2,14 @@
 
 The model section is checked by option name, so every model (and any new one) gets the same rules:
 sizes (``*_dim``, ``dim``, ``*_size``, ``*_heads``, ``k``, ``top_k``) are integers > 0, counts
-(``num_*``, ``*_layers``, other ``*_k``) integers >= 0, dropouts in [0, 1), learning rates > 0. A size of 0 would otherwise train
-a model with constant predictions (AUROC exactly .5) and exit 0.
+(``num_*``, ``*_layers``, other ``*_k``) integers >= 0, dropouts in [0, 1), learning rates > 0.
+A size of 0 would otherwise train a model with constant predictions (AUROC exactly .5) and exit 0.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 

@@ -18,8 +18,9 @@ import logging
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any
 
 import lightning as L
 

@@ -5,19 +5,22 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from perturb_models.builders import build_datamodule, build_loggers, build_model, finish_wandb
 from perturb_models.calibration import CALIBRATION_KEY
 from perturb_models.console import say
 from perturb_models.errors import CheckpointError
 from perturb_models.io import atomic_write_dataframe, atomic_write_text
-from perturb_models.models.classifier import RECORD_KEY
 from perturb_models.metrics import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+from perturb_models.models.classifier import RECORD_KEY
+from perturb_models.outputs import git_commit, publish_run
 from perturb_models.results import (
     comparison_view,
     find_run_dirs,
@@ -26,10 +29,8 @@ from perturb_models.results import (
     summarize_runs,
     with_uncertainty,
 )
-from perturb_models.tasks import COMPARISON_METRICS, GSE_TASK
-from perturb_models.builders import build_datamodule, build_loggers, build_model, finish_wandb
-from perturb_models.outputs import git_commit, publish_run
 from perturb_models.runs import load_checkpoint
+from perturb_models.tasks import COMPARISON_METRICS, GSE_TASK
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:

@@ -29,10 +29,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ class Usage:
     retries: int = 0
     seconds: float = 0.0
 
-    def add(self, other: "Usage") -> None:
+    def add(self, other: Usage) -> None:
         for key, value in asdict(other).items():
             setattr(self, key, getattr(self, key) + value)
 
@@ -502,7 +503,7 @@ class OpenAIBackend(Backend):
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
                 reason = getattr(error, "reason", error)
                 problem = (
-                    "timed out after {:g} s".format(self.timeout)
+                    f"timed out after {self.timeout:g} s"
                     if isinstance(reason, TimeoutError) or "timed out" in str(reason)
                     else f"cannot connect ({reason})"
                 )

@@ -8,8 +8,8 @@ both classes. Direction is scored on DE-positive pairs only.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

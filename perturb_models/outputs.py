@@ -4,8 +4,9 @@ loggers' summary and the console table; plus the provenance a record carries (th
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf

@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -553,7 +554,8 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     atomic_write_json(output_dir / "query.json", query)
     say("\n".join(summary_lines(frame, int(cfg.summary_top), int(cfg.summary_perts))))
     say(
-        f"{len(frame):,} predictions written to {output_dir / 'predictions.csv'} ({len(frame) / max(scoring_seconds, 1e-9):,.0f} "
+        f"{len(frame):,} predictions written to {output_dir / 'predictions.csv'} "
+        f"({len(frame) / max(scoring_seconds, 1e-9):,.0f} "
         f"pairs/s); the query and its resolution in query.json"
     )
     return frame

@@ -21,9 +21,10 @@ import fcntl
 import logging
 import os
 import random
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -204,8 +205,9 @@ class ExactResume(L.Callback):
 
     Restoring happens in ``on_train_start`` (after the sanity check, which Lightning runs with an
     isolated RNG, and after the dataloader set-up, right before the first resumed step), so the first
-    random draw after the restore is the one the uninterrupted run made after the checkpoint was written. A multi-process (DDP) checkpoint holds
-    rank 0's states only, so ranks do not restore them there: a DDP resume is approximate.
+    random draw after the restore is the one the uninterrupted run made after the checkpoint was written.
+    A multi-process (DDP) checkpoint holds rank 0's states only, so ranks do not restore them there:
+    a DDP resume is approximate.
     """
 
     def __init__(self) -> None:

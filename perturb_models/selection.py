@@ -9,7 +9,7 @@ figure cannot reach a choice even by mistake.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import pandas as pd
 

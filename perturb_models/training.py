@@ -13,7 +13,6 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from perturb_models.calibration import fit_validation_calibrators, save_calibrators
 from perturb_models.builders import (
     build_callbacks,
     build_datamodule,
@@ -22,6 +21,7 @@ from perturb_models.builders import (
     build_trainer,
     finish_wandb,
 )
+from perturb_models.calibration import fit_validation_calibrators, save_calibrators
 from perturb_models.config_checks import validate_config
 from perturb_models.errors import RunInterrupted
 from perturb_models.io import atomic_write_json

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from omegaconf import DictConfig
 
-from perturb_models.config import CONF_DIR as CONF, compose_config  # noqa: F401  (re-exported for the tests)
+from perturb_models.config import CONF_DIR as CONF  # noqa: F401  (re-exported for the tests)
+from perturb_models.config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,10 @@ def perturbqa_root() -> Path:
     """
     root = _real_data_root()
     if root is None:
-        message = f"real PerturbQA files not found: set PERTURBQA_DATA to a folder with k562-de.csv (now {os.environ.get('PERTURBQA_DATA')!r})"
+        message = (
+            "real PerturbQA files not found: set PERTURBQA_DATA to a folder with k562-de.csv "
+            f"(now {os.environ.get('PERTURBQA_DATA')!r})"
+        )
         missing_input(message)
     return root
 
@@ -116,7 +120,10 @@ def knowledge_root() -> Path:
     root = os.environ.get("PERTURB_KNOWLEDGE")
     if root and (Path(root) / "Homo_sapiens.gene_info.gz").is_file() and (Path(root) / "gene2go.gz").is_file():
         return Path(root)
-    message = f"real knowledge files not found: set PERTURB_KNOWLEDGE to a folder with Homo_sapiens.gene_info.gz, gene2go.gz, go-basic.obo.gz (now {root!r})"
+    message = (
+        "real knowledge files not found: set PERTURB_KNOWLEDGE to a folder with Homo_sapiens.gene_info.gz, "
+        f"gene2go.gz, go-basic.obo.gz (now {root!r})"
+    )
     missing_input(message)
 
 

@@ -17,7 +17,8 @@ def gene_info_text(genes: list[tuple[int, str, str, str]]) -> str:
     lines = [GENE_INFO_HEADER]
     for gid, sym, syn, desc in genes:
         lines.append(
-            f"9606\t{gid}\t{sym}\t-\t{syn or '-'}\tEnsembl:ENSG{gid:011d}\t1\t1p1\t{desc}\tprotein-coding\t-\t-\t-\t-\t20220912\t-"
+            f"9606\t{gid}\t{sym}\t-\t{syn or '-'}\tEnsembl:ENSG{gid:011d}\t1\t1p1\t{desc}\t"
+            "protein-coding\t-\t-\t-\t-\t20220912\t-"
         )
     return "\n".join(lines) + "\n"
 

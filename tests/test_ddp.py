@@ -9,9 +9,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import FAST_CPU, compose_config
 from perturb_models.data.datamodule import SplitBatchSampler
 from perturb_models.evaluation import evaluate_checkpoint
+from tests.conftest import FAST_CPU, compose_config
 from tests.script_runner import run_script
 
 KEYS = ["pert", "gene", "task"]

@@ -1,12 +1,18 @@
 """Missing PerturbQA files are downloaded (from a local HTTP server here) or fail with a clear message."""
 
+import hashlib
+import http.server
 import os
+import threading
+import time
+from contextlib import contextmanager
 
 import pandas as pd
 import pytest
 
+from perturb_models.data import perturbqa
 from perturb_models.data.perturbqa import DataValidationError, ensure_task_files, load_task_tables
-from perturb_models.io import DownloadError
+from perturb_models.io import DownloadError, download, download_marker
 from tests.test_perturbqa_files import GOOD_DE, GOOD_DIR, write
 
 
@@ -65,14 +71,6 @@ def test_data_root_falls_back_to_environment_then_cache(tmp_path, monkeypatch, i
 
 # ---- servers that misbehave, on 127.0.0.1; each handler stops by itself within a few seconds ----------
 
-import hashlib
-import http.server
-import threading
-import time
-from contextlib import contextmanager
-
-from perturb_models.data import perturbqa
-from perturb_models.io import download, download_marker
 
 BODY = b"pert,gene,label,split\n" + b"".join(
     f"P{i},G{i},{i % 2},{'test' if i >= 150 else 'train'}\n".encode() for i in range(200)
@@ -150,7 +148,8 @@ def serve(mode: str, body: bytes = BODY):
         ("truncated", r"cut short: \d+ of \d+ bytes"),
         (
             "drip",
-            r"not finished after the 1 s allowed for one file \(\d+ bytes received\); set PERTURB_DOWNLOAD_DEADLINE to allow more",
+            r"not finished after the 1 s allowed for one file \(\d+ bytes received\); set PERTURB_DOWNLOAD_DEADLINE "
+            r"to allow more",
         ),
         ("stall", r"the server sent nothing for 1 s after 0 bytes"),
     ],

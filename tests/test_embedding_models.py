@@ -12,8 +12,8 @@ import torch
 
 from perturb_models.evaluation import evaluate_checkpoint
 from perturb_models.training import train
-
-from tests.conftest import N_SYNTHETIC_GENES as N_GENES, module_word_knowledge
+from tests.conftest import N_SYNTHETIC_GENES as N_GENES
+from tests.conftest import module_word_knowledge
 
 
 def test_embedding_mlp_learns_unseen_perturbations_from_a_planted_table(synthetic_cfg, planted_table, tmp_path, caplog):

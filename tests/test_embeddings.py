@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.knowledge_files import write_knowledge
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.knowledge import embeddings as emb
 from perturb_models.knowledge.embeddings import (
@@ -21,6 +20,7 @@ from perturb_models.knowledge.embeddings import (
     table_for_symbols,
     text_embedding_table,
 )
+from tests.knowledge_files import write_knowledge
 
 GENES = ["AAA1", "BBB2", "CCC3"]
 MATRIX = np.arange(12, dtype=np.float32).reshape(3, 4) / 10

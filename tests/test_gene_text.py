@@ -7,8 +7,8 @@ import gzip
 
 import pytest
 
-from tests.knowledge_files import write_knowledge
 from perturb_models.knowledge.text import TextRecipe, build_gene_texts, cluster_text, main
+from tests.knowledge_files import write_knowledge
 
 GENE2GO_HEADER = "#tax_id\tGeneID\tGO_ID\tEvidence\tQualifier\tGO_term\tPubMed\tCategory"
 

@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import module_word_knowledge, synthetic_modules
-from tests.knowledge_files import write_knowledge
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.evaluation import evaluate_checkpoint
 from perturb_models.knowledge.graphs import GeneGraph
 from perturb_models.models.gnn import SGBranch, node_feature_spec
 from perturb_models.models.knn import KNNEncoder
 from perturb_models.training import train
+from tests.conftest import module_word_knowledge, synthetic_modules
+from tests.knowledge_files import write_knowledge
 
 
 @pytest.fixture

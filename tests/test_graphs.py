@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import sparse
 
-from tests.knowledge_files import write_knowledge
 from perturb_models.data.datamodule import PerturbQADataModule
 from perturb_models.data.synthetic import make_synthetic_tables
 from perturb_models.knowledge.graphs import (
@@ -18,7 +18,7 @@ from perturb_models.knowledge.graphs import (
     go_similarity_graph,
     topk_similarity_edges,
 )
-from scipy import sparse
+from tests.knowledge_files import write_knowledge
 
 
 def edges(graph: GeneGraph) -> dict[tuple[int, int], float]:

@@ -184,8 +184,9 @@ def _assert_no_example_holds_a_cluster(examples, clusters, max_cover=0.5):
 
 
 def test_go_term_training_set_never_contains_a_scored_cluster(gse_world, tmp_path):
-    from perturb_models.builders import build_datamodule
     from hydra.utils import instantiate
+
+    from perturb_models.builders import build_datamodule
 
     cfg = gse_cfg(tmp_path, "model=lora_llama_gse_tiny", "model.namer.train_examples=200", "model.namer.val_examples=2")
     dm = build_datamodule(cfg.data)

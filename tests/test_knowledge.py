@@ -7,7 +7,6 @@ import gzip
 
 import pytest
 
-from tests.knowledge_files import OBO_TEXT, gene2go_text, gene_info_text, write_knowledge
 from perturb_models.knowledge import (
     GODag,
     KnowledgeFileError,
@@ -20,6 +19,7 @@ from perturb_models.knowledge import (
     read_obo,
 )
 from perturb_models.knowledge.__main__ import main as knowledge_cli
+from tests.knowledge_files import OBO_TEXT, gene2go_text, gene_info_text, write_knowledge
 
 GENES = [
     (1, "AARS1", "AARS|CMT2N", "alanyl-tRNA synthetase 1"),
@@ -93,7 +93,10 @@ def test_read_gene2go_keeps_one_species_and_maps_categories_to_aspects(tmp_path)
 
 def test_read_gaf_reads_symbol_term_evidence_and_aspect(tmp_path):
     path = tmp_path / "goa_human.gaf"
-    row = "UniProtKB\tP49588\tAARS1\t{q}\t{go}\tPMID:1\t{ev}\t\t{asp}\talanyl-tRNA synthetase\tAARS|CMT2N\tprotein\ttaxon:9606\t20220101\tUniProt\t\t"
+    row = (
+        "UniProtKB\tP49588\tAARS1\t{q}\t{go}\tPMID:1\t{ev}\t\t{asp}\talanyl-tRNA synthetase\tAARS|CMT2N\tprotein\t"
+        "taxon:9606\t20220101\tUniProt\t\t"
+    )
     path.write_text(
         "!gaf-version: 2.2\n!comment\n"
         + "\n".join(

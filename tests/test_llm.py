@@ -14,9 +14,9 @@ pytest.importorskip("peft")
 
 import torch  # noqa: E402
 
+from perturb_models.builders import build_datamodule, build_model  # noqa: E402
 from perturb_models.evaluation import evaluate  # noqa: E402
 from perturb_models.models.prompts import builder_from_context, outcome_word  # noqa: E402
-from perturb_models.builders import build_datamodule, build_model  # noqa: E402
 from perturb_models.training import train  # noqa: E402
 
 SMALL_SYNTHETIC = [
@@ -138,9 +138,8 @@ def test_descriptions_are_pluggable_mapping_callable_or_import_path(synthetic_cf
 
 
 def test_descriptions_come_from_the_embedding_models_gene_text(knowledge_root, monkeypatch):
-    from perturb_models.knowledge.text import build_gene_texts
+    from perturb_models.knowledge.text import TextRecipe, build_gene_texts
     from perturb_models.models.prompts import PROMPT_TEXT_RECIPE, resolve_descriptions
-    from perturb_models.knowledge.text import TextRecipe
 
     describe = resolve_descriptions("knowledge", ["TP53", "NOT_A_GENE"], str(knowledge_root))
     text = build_gene_texts(["TP53"], str(knowledge_root), TextRecipe.from_mapping(PROMPT_TEXT_RECIPE)).texts["TP53"]
@@ -153,9 +152,8 @@ def test_descriptions_come_from_the_embedding_models_gene_text(knowledge_root, m
 
 
 def test_prompt_cli_prints_a_pair(synthetic_cfg, capsys):
-    from perturb_models.models.prompts import main
-
     from perturb_models.data.datamodule import PerturbQADataModule
+    from perturb_models.models.prompts import main
 
     dm = PerturbQADataModule(name="synthetic", task="de")  # what the CLI builds for data=synthetic
     dm.setup()
@@ -343,7 +341,7 @@ def test_micro_batch_accumulation_gives_the_gradients_of_one_big_batch(synthetic
     events: list[str] = []
     real_model_forward = encoder.model.forward
     encoder.model.forward = lambda *a, **k: events.append("forward") or real_model_forward(*a, **k)
-    loss = encoder.accumulate(batch, model.loss_fn, lambda l: events.append("backward") or l.backward())
+    loss = encoder.accumulate(batch, model.loss_fn, lambda loss: events.append("backward") or loss.backward())
     encoder.model.forward = real_model_forward
     small = _grads(model)
     assert loss == pytest.approx(float(model.loss_fn(model(batch), batch["label"])), rel=1e-5)
@@ -368,7 +366,7 @@ def test_class_weighted_accumulation_matches_the_weighted_mean_loss(synthetic_cf
     big = _grads(model)
     model.zero_grad(set_to_none=True)
     encoder.micro_batch_tokens = encoder.max_length
-    encoder.accumulate(batch, model.loss_fn, lambda l: l.backward())
+    encoder.accumulate(batch, model.loss_fn, lambda loss: loss.backward())
     for name, grad in _grads(model).items():
         torch.testing.assert_close(grad, big[name], atol=1e-6, rtol=1e-4, msg=name)
 
@@ -381,7 +379,7 @@ def test_trainable_weights_are_float32_over_a_bfloat16_base(synthetic_cfg, cache
     assert trainable and set(trainable.values()) == {torch.float32}, trainable
     assert any("score" in n for n in trainable) and frozen == {torch.bfloat16}
     batch = dm.splits["train"][torch.arange(8)]
-    loss = model.encoder.accumulate(batch, model.loss_fn, lambda l: l.backward())  # no autocast: mixed dtypes run
+    loss = model.encoder.accumulate(batch, model.loss_fn, lambda loss: loss.backward())  # no autocast: mixed dtypes run
     assert torch.isfinite(loss)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 

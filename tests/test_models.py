@@ -17,10 +17,10 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from perturb_models.builders import build_datamodule, build_model
 from perturb_models.evaluation import evaluate_checkpoint
 from perturb_models.models.base import Encoder
 from perturb_models.models.classifier import PerturbationClassifier
-from perturb_models.builders import build_datamodule, build_model
 from perturb_models.training import train
 from tests.conftest import CONF, FAST_CPU, compose_config, module_word_knowledge, require_module
 

@@ -87,8 +87,8 @@ def test_unknown_dataset_name_lists_the_known_ones(tmp_path):
 
 
 def test_unknown_dataset_name_through_the_config_fails_before_training(tmp_path):
-    from tests.conftest import compose_config
     from perturb_models.training import train
+    from tests.conftest import compose_config
 
     cfg = compose_config("train", ["data.name=k563", f"data.root={tmp_path}", "logger=none"], tmp_path / "run")
     with pytest.raises(DataValidationError, match="Unknown dataset 'k563'"):

@@ -94,7 +94,8 @@ def test_planted_up_and_down_genes_are_recovered_with_their_direction(screen, tm
     wrong = [pair for pair, up in truth.items() if direction[pair] != up]
     assert not wrong, f"planted pairs with the wrong direction: {wrong[:5]}"
     false_calls = [pair for pair in called if pair not in truth]
-    # 12 perturbations x ~140 unplanted genes tested; BH at 5% plus a fold-change floor keeps false calls under 1% (some come from normalize_total: strong up genes shrink the rest).
+    # 12 perturbations x ~140 unplanted genes tested; BH at 5% plus a fold-change floor keeps false calls
+    # under 1% (some come from normalize_total: strong up genes shrink the rest).
     assert len(false_calls) <= 12, false_calls
     assert report.de_pairs == len(called) and report.up_pairs + report.down_pairs == report.de_pairs
 
@@ -186,7 +187,7 @@ def test_cli_builds_files_and_reports_errors(built, tmp_path, capsys):
 
 
 def test_custom_dataset_trains_on_the_built_files(built, synthetic_cfg, tmp_path):
-    from tests.conftest import compose_config, FAST_CPU
+    from tests.conftest import FAST_CPU, compose_config
 
     folder, report, _ = built
     cfg = compose_config(

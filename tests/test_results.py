@@ -49,7 +49,8 @@ def test_llm_page_table_is_generated_from_quality_csv():
 def test_llm_page_speed_table_is_generated_from_the_throughput_json():
     text = LLM_DOC.read_text()
     assert text == with_llm_speed_block(text, read_throughput_rows()), (
-        "docs/llm.md's speed table differs from benchmarks/results/llm_throughput.json: run python benchmarks/llm_throughput.py --table"
+        "docs/llm.md's speed table differs from benchmarks/results/llm_throughput.json: run python "
+        "benchmarks/llm_throughput.py --table"
     )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +33,10 @@ from tests.conftest import FAST_CPU, compose_config, missing_input, module_word_
 
 require_module("transformers", "model=summer runs a language model")
 
-TINY = "{hidden_size:64,intermediate_size:128,num_hidden_layers:2,num_attention_heads:4,num_key_value_heads:2,max_position_embeddings:1024}"
+TINY = (
+    "{hidden_size:64,intermediate_size:128,num_hidden_layers:2,num_attention_heads:4,num_key_value_heads:2,"
+    "max_position_embeddings:1024}"
+)
 SMALL_DATA = [
     "data=synthetic",
     "data.synthetic.n_genes=80",
@@ -98,7 +100,7 @@ def test_retrieval_takes_training_pairs_by_category_within_budgets(tmp_path, iso
     seen = {c: 0 for c in CATEGORIES}
     for p, g in zip(test["pert_idx"].tolist()[:40], test["gene_idx"].tolist()[:40]):
         examples = retrieval.examples(p, g)
-        for q, h, code, category in examples:
+        for q, h, _code, category in examples:
             assert (q, h) in train_pairs and q in train_perts and (q, h) != (p, g)
             seen[category] += 1
         for category in CATEGORIES:
@@ -162,7 +164,7 @@ def test_sample_scoring_with_cot_and_without_retrieval_counts_every_answer(tmp_p
     read = stats["answers"] - stats["unparsed_answers"] - stats["abstained_answers"]
     # a pair is scored from its readable answers, or counted as all-abstained with equal probabilities
     assert stats["abstained_pairs"] <= stats["pairs"] and read >= 0
-    for (p, g), probs in encoder.memo.items():
+    for probs in encoder.memo.values():
         assert probs.sum() == pytest.approx(1.0)
     assert encoder.backend.usage.completion_tokens > 0
     # the same settings read every sample from the cache

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import CONF
 from perturb_models.evaluation import compare_runs
 from perturb_models.results import find_run_dirs
+from tests.conftest import CONF
 from tests.script_runner import run_script
 
 TABLE1 = yaml.safe_load((CONF / "experiment" / "table1.yaml").read_text())["hydra"]["sweeper"]["params"]

@@ -56,7 +56,7 @@ def test_files_metrics_and_questions_per_task():
         "val/dir_auroc_per_gene",
         "val/de_auroc_per_gene",
     ]
-    for task, question in QUESTIONS.items():
+    for question in QUESTIONS.values():
         assert question.format(pert="P1", gene="G1").endswith("Answer:") and "P1" in question.format(
             pert="P1", gene="G1"
         )

@@ -6,9 +6,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -79,7 +80,8 @@ def merge_task_tables(tables: TaskTables, task: str) -> pd.DataFrame:
             row = pairs.loc[unlabelled].iloc[0]
             raise DataValidationError(
                 f"{tables.source}: DE pair (pert={row['pert']}, gene={row['gene']}) has no row in "
-                f"{tables.name}-dir.csv ({int(unlabelled.sum())} such pairs); task={task} needs a direction for every DE pair"
+                f"{tables.name}-dir.csv ({int(unlabelled.sum())} such pairs); task={task} needs a direction for "
+                f"every DE pair"
             )
     if get_task(task).de_pairs_only:
         pairs = pairs.loc[pairs["de"] == 1]

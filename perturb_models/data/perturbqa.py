@@ -117,7 +117,8 @@ def fetch_published_files(
     ``$PERTURBQA_URL``, else the public one); one mechanism for every published file."""
     base_url = (base_url or os.environ.get("PERTURBQA_URL") or PERTURBQA_BASE_URL).rstrip("/")
     hints = [
-        "point the project at a folder that holds the files: data.root=/path/to/folder or PERTURBQA_DATA=/path/to/folder",
+        "point the project at a folder that holds the files: data.root=/path/to/folder or "
+        "PERTURBQA_DATA=/path/to/folder",
         f"or place {', '.join(paths)} in {folder}",
     ]
     for name, path in paths.items():
@@ -321,7 +322,8 @@ def validate_task_frame(frame: pd.DataFrame, source: str, kind: str = "de") -> p
             )[0]
         )
         raise DataValidationError(
-            f"{source} line {_line(row)}: duplicate pair (pert={frame['pert'].iloc[row]}, gene={frame['gene'].iloc[row]}), "
+            f"{source} line {_line(row)}: duplicate pair (pert={frame['pert'].iloc[row]}, "
+            f"gene={frame['gene'].iloc[row]}), "
             f"already on line {_line(first)}; each (pert, gene) pair must appear once"
         )
     for split in SPLITS:
@@ -354,7 +356,8 @@ def validate_dir_against_de(de: pd.DataFrame, dir_: pd.DataFrame, de_source: str
     if moved.any():
         row = merged.loc[moved, "index"].iloc[0]
         raise DataValidationError(
-            f"{dir_source} line {_line(row)}: split {dir_.loc[row, 'split']!r} differs from the same pair's split in {de_source}"
+            f"{dir_source} line {_line(row)}: split {dir_.loc[row, 'split']!r} differs from the same pair's split in "
+            f"{de_source}"
         )
 
 

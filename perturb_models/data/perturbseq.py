@@ -21,9 +21,10 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -186,7 +187,8 @@ def _working_copy(adata, obs_key: str, control: str, layer: str | None, gene_key
     if gene_key:
         if gene_key not in adata.var.columns:
             raise PerturbseqError(
-                f"{source}: var has no column {gene_key!r}; var columns: {', '.join(map(str, adata.var.columns)) or '(none)'}"
+                f"{source}: var has no column {gene_key!r}; var columns: "
+                f"{', '.join(map(str, adata.var.columns)) or '(none)'}"
             )
         genes = adata.var[gene_key].astype(str).str.strip()
     else:
@@ -320,7 +322,8 @@ def build_task_files(
     n_control = int(cell_counts[control])
     if n_control < min_cells:
         raise PerturbseqError(
-            f"{source}: only {n_control} control cell(s) ({obs_key}={control!r}); at least min_cells={min_cells} are needed"
+            f"{source}: only {n_control} control cell(s) ({obs_key}={control!r}); at least min_cells={min_cells} are "
+            f"needed"
         )
     candidates = cell_counts.drop(index=control)
     skipped = {str(p): int(n) for p, n in candidates.items() if n < min_cells}
@@ -328,7 +331,8 @@ def build_task_files(
     if not perts:
         raise PerturbseqError(
             f"{source}: no perturbation has at least min_cells={min_cells} cells "
-            f"({len(candidates)} perturbation label(s), at most {int(candidates.max()) if len(candidates) else 0} cells)"
+            f"({len(candidates)} perturbation label(s), at most {int(candidates.max()) if len(candidates) else 0} "
+            f"cells)"
         )
 
     genes = work.var_names.to_numpy().astype(str)

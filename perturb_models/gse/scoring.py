@@ -13,7 +13,7 @@ extra. Figures with another BERTScore model are not comparable to the paper's.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.summary(f"{args.data} genes in gene_info"))
     terms, _ = symbol_go_terms(symbols, args.root, allow_download=not args.no_download)
     print(
-        f"{args.data} genes with GO annotations (gene2go): {len(terms)}/{len(symbols)} ({len(terms) / max(1, len(symbols)):.1%})"
+        f"{args.data} genes with GO annotations (gene2go): {len(terms)}/{len(symbols)} "
+        f"({len(terms) / max(1, len(symbols)):.1%})"
     )
     return 0
 

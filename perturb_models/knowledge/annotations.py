@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from perturb_models.knowledge.files import knowledge_file
 from perturb_models.knowledge.gene_info import CoverageReport, SymbolResolver, read_gene_info

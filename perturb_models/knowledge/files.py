@@ -70,7 +70,8 @@ def knowledge_file(
         if path.is_file():
             return path
         raise KnowledgeFileError(
-            f"unknown knowledge file {kind!r}: expected one of {', '.join(KNOWLEDGE_FILES)} or the path of an existing file"
+            f"unknown knowledge file {kind!r}: expected one of {', '.join(KNOWLEDGE_FILES)} or the path of an "
+            f"existing file"
         )
     spec = KNOWLEDGE_FILES[kind]
     folder = knowledge_root(root)
@@ -103,4 +104,4 @@ def open_text(path: str | os.PathLike):
         magic = handle.read(2)
     if magic == b"\x1f\x8b":
         return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import pandas as pd
 
@@ -90,7 +90,8 @@ class CoverageReport:
         share = self.found / self.total if self.total else float("nan")
         lines = [
             f"{title}: {self.found}/{self.total} found ({share:.1%}): {len(self.by_symbol)} by symbol, "
-            f"{len(self.by_synonym)} through a synonym, {len(self.by_ensembl)} by Ensembl id; {len(self.missing)} missing",
+            f"{len(self.by_synonym)} through a synonym, {len(self.by_ensembl)} by Ensembl id; {len(self.missing)} "
+            f"missing",
         ]
         if self.by_synonym:
             shown = ", ".join(f"{k}->{v}" for k, v in list(sorted(self.by_synonym.items()))[:10])

@@ -8,8 +8,8 @@ Annotation tables share one shape: columns ``gene`` (GeneID for gene2go, symbol 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import pandas as pd
 
@@ -58,7 +58,8 @@ def normalise_aspects(aspects: Iterable[str] | str | None) -> tuple[str, ...] | 
     for a in aspects:
         if a not in ASPECTS:
             raise ValueError(
-                f"unknown GO aspect {a!r}: expected one of P, F, C or biological_process, molecular_function, cellular_component"
+                f"unknown GO aspect {a!r}: expected one of P, F, C or biological_process, molecular_function, "
+                f"cellular_component"
             )
         out.append(ASPECTS[a])
     return tuple(sorted(set(out)))
@@ -85,7 +86,8 @@ def read_gene2go(path: str | os.PathLike, tax_id: int | None = 9606, chunksize: 
     if unknown.any():
         row = frame.loc[unknown].iloc[0]
         raise ValueError(
-            f"{path}: GeneID {row['GeneID']}, {row['GO_ID']}: Category {row['Category']!r} is not Process/Function/Component"
+            f"{path}: GeneID {row['GeneID']}, {row['GO_ID']}: Category {row['Category']!r} is not "
+            f"Process/Function/Component"
         )
     return pd.DataFrame(
         {

@@ -22,9 +22,10 @@ import io
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -80,7 +81,7 @@ class GeneGraph:
             f"relations {self.relations}, {self.num_isolated_genes} genes without any edge"
         )
 
-    def validate(self) -> "GeneGraph":
+    def validate(self) -> GeneGraph:
         ei = self.edge_index
         if ei.dim() != 2 or ei.shape[0] != 2:
             raise ValueError(f"edge_index must be (2, E), got {tuple(ei.shape)}")
@@ -92,7 +93,7 @@ class GeneGraph:
             raise ValueError(f"edge_type {int(self.edge_type.max())} has no name in relations {self.relations}")
         return self
 
-    def relation(self, name: str) -> "GeneGraph":
+    def relation(self, name: str) -> GeneGraph:
         """The sub-graph of one relation type (same nodes)."""
         rel = self.relations.index(name)
         keep = self.edge_type == rel
@@ -124,7 +125,7 @@ class GeneGraph:
         return buffer.getvalue()
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "GeneGraph":
+    def from_file(cls, path: str | os.PathLike) -> GeneGraph:
         data = torch.load(path, map_location="cpu", weights_only=False)
         if data.get("version") != GRAPH_FORMAT_VERSION:
             raise ValueError(f"{path}: graph cache of format {data.get('version')}, expected {GRAPH_FORMAT_VERSION}")

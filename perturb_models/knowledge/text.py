@@ -18,8 +18,8 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
 
 from perturb_models.knowledge.files import knowledge_file
 
@@ -52,7 +52,7 @@ class TextRecipe:
         return f"{TEXT_VERSION}-{hashlib.sha256(params.encode()).hexdigest()[:10]}"
 
     @classmethod
-    def from_mapping(cls, values: Mapping | None) -> "TextRecipe":
+    def from_mapping(cls, values: Mapping | None) -> TextRecipe:
         values = dict(values or {})
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
         if unknown:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import pandas as pd
@@ -74,7 +75,8 @@ class PerturbationClassifier(L.LightningModule):
         trainable = trainable_parameters(self)
         if trainable and optimizer is None:
             raise ValueError(
-                f"model.optimizer is null, but {type(encoder).__name__} (+ head) has {trainable:,} trainable parameters: "
+                f"model.optimizer is null, but {type(encoder).__name__} (+ head) has {trainable:,} trainable "
+                f"parameters: "
                 "they would never be updated. Give an optimizer (conf/model/_base.yaml has the default), or freeze them"
             )
         self.optimizer_factory = optimizer

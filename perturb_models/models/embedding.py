@@ -10,7 +10,8 @@ The random-Gaussian control is ``EmbeddingMLPEncoder`` with ``embeddings.source=
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch

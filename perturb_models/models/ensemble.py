@@ -35,9 +35,10 @@ loads them from the checkpoint alone.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -362,7 +363,7 @@ class EnsembleEncoder(Encoder):
         self.register_buffer("fallback", torch.full((len(keys),), -1, dtype=torch.long))
         self.output_dim = context.num_classes
 
-    def train(self, mode: bool = True) -> "EnsembleEncoder":
+    def train(self, mode: bool = True) -> EnsembleEncoder:
         # Members are fixed predictors: no dropout, whatever mode the ensemble is in.
         super().train(mode)
         self.members.eval()

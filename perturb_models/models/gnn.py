@@ -14,15 +14,16 @@ than only what message passing brings from its neighbours.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from torch_geometric.nn import GATConv, SGConv
 
 from perturb_models.data.datamodule import DataContext
-from perturb_models.knowledge.graphs import GeneGraph, build_graphs
 from perturb_models.knowledge.embeddings import full_spec
+from perturb_models.knowledge.graphs import GeneGraph, build_graphs
 from perturb_models.models.base import Encoder
 from perturb_models.models.embedding import GeneEmbeddings
 from perturb_models.models.layers import PairMLP

@@ -23,8 +23,9 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -386,7 +387,7 @@ class LoRALlamaClassifier(Encoder):
         self.model = get_peft_model(base, config)  # SEQ_CLS: the score head is trained and saved with the adapter
         # Trainable weights in float32 over a (possibly bf16) frozen base: optimizer updates of a few
         # 1e-4 would vanish in bf16's 8-bit mantissa. LoRA casts its input itself; the head needs a hook.
-        for name, param in self.model.named_parameters():
+        for param in self.model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
         for name, module in self.model.named_modules():
@@ -405,7 +406,7 @@ class LoRALlamaClassifier(Encoder):
                             if module.bias is not None:
                                 module.bias.zero_()
         if gradient_checkpointing:
-            # transformers 5 names it activation checkpointing (the old name warns); older releases only have the old one
+            # transformers 5 names it activation checkpointing (the old name warns); older releases have the old one
             if hasattr(self.model, "activation_checkpointing_enable"):
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:

@@ -22,7 +22,8 @@ import argparse
 import importlib
 import logging
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         found = [len(builder.retrieved(p, g)) for p, g in zip(test["pert"], test["gene"])]
         with_evidence = sum(1 for n in found if n)
         print(
-            f"test pairs with retrieved neighbours: {with_evidence:,} of {len(found):,} ({with_evidence / len(found):.1%}); "
+            f"test pairs with retrieved neighbours: {with_evidence:,} of {len(found):,} "
+            f"({with_evidence / len(found):.1%}); "
             f"{sum(found) / len(found):.1f} neighbours per pair on average (retrieval_k={builder.retrieval_k})\n"
         )
     for pert, gene in pairs:
