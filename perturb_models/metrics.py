@@ -16,6 +16,8 @@ import pandas as pd
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
+from perturb_models.tasks import scored_pairs
+
 
 def auroc_per_gene(labels, scores, genes) -> tuple[float, int]:
     """Mean over genes of the AUROC of ``scores`` against binary ``labels``; genes with one class are skipped.
@@ -71,7 +73,7 @@ def prediction_frame(
             )
         )
     if "dir" in scores:
-        keep = direction >= 0
+        keep, _ = scored_pairs("dir", de, direction)
         parts.append(
             pd.DataFrame(
                 {

@@ -1,6 +1,6 @@
 """What a PerturbQA task means, in one place: its classes and their order, how labels are encoded and
-class probabilities decoded into the scores the benchmark ranks by, which files it reads, which metrics
-it reports, and how a prompt asks the question.
+class probabilities decoded into the scores the benchmark ranks by, which files it reads, which pairs score
+each benchmark task, which metrics it reports, and how a prompt asks the question and words an outcome.
 
 The benchmark has two scored tasks per dataset, ``de`` (is the downstream gene differentially expressed
 after the knockdown?) and ``dir`` (for DE pairs: up or down?). A model learns one of three training
@@ -10,10 +10,36 @@ both benchmark tasks from one model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+# Outcome codes of a training pair, whatever the task: what retrieval counts and prompts describe, and what
+# each task's class label is derived from (``Task.class_of_outcome``).
+NOT_DE, DOWN, UP, DE_UNKNOWN_DIRECTION = 0, 1, 2, 3
+
+OUTCOME_WORDS = {NOT_DE: "unchanged", DOWN: "down", UP: "up", DE_UNKNOWN_DIRECTION: "changed"}
+"""How prompts and evidence columns word an outcome code."""
+
+
+def outcome_codes(de: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """0 not DE, 1 down, 2 up, 3 DE with no direction known (task ``de`` reads no direction file)."""
+    de, direction = np.asarray(de), np.asarray(direction)
+    return np.where(de != 1, NOT_DE, np.where(direction == 1, UP, np.where(direction == 0, DOWN, DE_UNKNOWN_DIRECTION)))
+
+
+def scored_pairs(benchmark_task: str, de, direction):
+    """Which pairs score ``benchmark_task`` and their 0/1 targets: every pair for ``de`` (target: DE or
+    not), the pairs with a known direction for ``dir`` (the direction file covers DE pairs only; target: up).
+    Works on numpy arrays and torch tensors alike; the metrics, the prediction files and the ensemble's
+    validation fit all select pairs through it."""
+    if benchmark_task == "de":
+        return de >= 0, de
+    if benchmark_task == "dir":
+        return direction >= 0, direction
+    raise ValueError(f"benchmark task must be de or dir, got {benchmark_task!r}")
 
 
 @dataclass(frozen=True)
@@ -27,6 +53,8 @@ class Task:
         scores: the benchmark tasks it scores (``joint`` scores both).
         de_pairs_only: trains and scores on DE-positive pairs only (``dir``).
         question: the prompt question of the LLM classifiers (``{pert}``, ``{gene}`` filled in).
+        outcome_classes: the class id of each outcome code (``NOT_DE``, ``DOWN``, ``UP``,
+            ``DE_UNKNOWN_DIRECTION``), -1 where the task has no class for it.
     """
 
     name: str
@@ -35,10 +63,46 @@ class Task:
     scores: tuple[str, ...]
     de_pairs_only: bool
     question: str
+    outcome_classes: tuple[int, int, int, int]
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def class_of_outcome(self, codes: np.ndarray) -> np.ndarray:
+        """Class ids of outcome codes under this task (-1: no class, e.g. a not-DE pair under ``dir``)."""
+        return np.asarray(self.outcome_classes)[np.asarray(codes)]
+
+    def encode_labels(self, de: np.ndarray, direction: np.ndarray) -> np.ndarray:
+        """Class ids from the file labels (``de`` 0/1; ``dir`` 1 up, 0 down, -1 not DE / unknown).
+
+        de -> 0 not DE / 1 DE; dir -> 0 down / 1 up; joint -> 0 not DE / 1 down / 2 up.
+        """
+        if self.name == "de":
+            return np.asarray(de).astype(np.int64)
+        if self.name == "dir":
+            return np.asarray(direction).astype(np.int64)
+        return np.where(np.asarray(de) == 1, 1 + np.asarray(direction), 0).astype(np.int64)
+
+    def decode(self, probabilities: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Class probabilities -> the score of each benchmark task this task scores.
+
+        joint: DE score = 1 - p(not DE); direction score = p(up) / (p(down) + p(up)). de: p(DE). dir: p(up).
+        """
+        if self.name == "joint":
+            de = 1.0 - probabilities[:, 0]
+            moving = probabilities[:, 1] + probabilities[:, 2]
+            direction = probabilities[:, 2] / moving.clamp_min(1e-12)
+            return {"de": de, "dir": direction}
+        return {self.scores[0]: probabilities[:, 1]}
+
+    def probabilities(self, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The inverse of ``decode``: class probabilities whose decoded scores are ``scores``."""
+        if self.name == "joint":
+            de, up = scores["de"], scores["dir"]
+            return torch.stack([1.0 - de, de * (1.0 - up), de * up], dim=1)
+        p = scores[self.scores[0]]
+        return torch.stack([1.0 - p, p], dim=1)
 
 
 TASKS: dict[str, Task] = {
@@ -49,6 +113,7 @@ TASKS: dict[str, Task] = {
         ("de",),
         False,
         "Question: is {gene} differentially expressed after the knockdown of {pert}? Answer:",
+        (0, 1, 1, 1),
     ),
     "dir": Task(
         "dir",
@@ -57,6 +122,7 @@ TASKS: dict[str, Task] = {
         ("dir",),
         True,
         "Question: {gene} is differentially expressed after the knockdown of {pert}; does it go up or down? Answer:",
+        (-1, 0, 1, -1),  # dir training pairs are all DE with a direction
     ),
     "joint": Task(
         "joint",
@@ -65,6 +131,7 @@ TASKS: dict[str, Task] = {
         ("de", "dir"),
         False,
         "Question: after the knockdown of {pert}, is {gene} unchanged, down or up? Answer:",
+        (0, 1, 2, -1),
     ),
 }
 TASK_NAMES = tuple(TASKS)
@@ -82,32 +149,13 @@ def get_task(name: str) -> Task:
 
 
 def encode_labels(de: np.ndarray, direction: np.ndarray, task: str) -> np.ndarray:
-    """Class ids of ``task`` from the file labels (``de`` 0/1; ``dir`` 1 up, 0 down, -1 not DE / unknown).
-
-    de -> 0 not DE / 1 DE; dir -> 0 down / 1 up; joint -> 0 not DE / 1 down / 2 up.
-    """
-    task = get_task(task).name
-    if task == "de":
-        return np.asarray(de).astype(np.int64)
-    if task == "dir":
-        return np.asarray(direction).astype(np.int64)
-    return np.where(np.asarray(de) == 1, 1 + np.asarray(direction), 0).astype(np.int64)
+    """Class ids of ``task`` from the file labels (``Task.encode_labels``)."""
+    return get_task(task).encode_labels(de, direction)
 
 
 def decode_scores(probabilities: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
-    """Class probabilities -> the score of each benchmark task that ``task`` scores.
-
-    joint: DE score = 1 - p(not DE); direction score = p(up) / (p(down) + p(up)). de: p(DE). dir: p(up).
-    """
-    task = get_task(task).name
-    if task == "joint":
-        de = 1.0 - probabilities[:, 0]
-        moving = probabilities[:, 1] + probabilities[:, 2]
-        direction = probabilities[:, 2] / moving.clamp_min(1e-12)
-        return {"de": de, "dir": direction}
-    if task == "de":
-        return {"de": probabilities[:, 1]}
-    return {"dir": probabilities[:, 1]}
+    """Class probabilities -> the score of each benchmark task that ``task`` scores (``Task.decode``)."""
+    return get_task(task).decode(probabilities)
 
 
 HEADLINE_METRIC = "auroc_per_gene"
@@ -116,17 +164,17 @@ HEADLINE_METRIC = "auroc_per_gene"
 BENCHMARK_TASKS = ("de", "dir")
 """The two scored tasks of every PerturbQA dataset (the ``task`` column of predictions)."""
 
-COMPARISON_METRICS = tuple(f"{t}_{m}" for t in BENCHMARK_TASKS for m in ("auroc_per_gene", "genes_scored")) + tuple(
-    f"{t}_{m}" for t in BENCHMARK_TASKS for m in ("auroc", "auprc")
-)
-"""Test metrics of a run's row in a comparison table, in column order."""
-
-
 GSE_TASK = "gse"
 """Gene set enrichment (data=k562_gse): name a cluster of genes; a generation task with its own runner
 (perturb_models/gse), scored by ROUGE-1 recall of the label and BERTScore."""
 GSE_METRICS = ("rouge1_recall", "bertscore_f1")
-COMPARISON_METRICS = COMPARISON_METRICS + GSE_METRICS
+
+COMPARISON_METRICS = (
+    tuple(f"{t}_{m}" for t in BENCHMARK_TASKS for m in ("auroc_per_gene", "genes_scored"))
+    + tuple(f"{t}_{m}" for t in BENCHMARK_TASKS for m in ("auroc", "auprc"))
+    + GSE_METRICS
+)
+"""Test metrics of a run's row in a comparison table, in column order (the pair tasks', then gene sets')."""
 
 
 def headline_metrics(task: str) -> tuple[str, ...]:

@@ -65,3 +65,34 @@ def test_files_metrics_and_questions_per_task():
 def test_an_unknown_task_names_the_valid_ones():
     with pytest.raises(ValueError, match="data.task must be one of de, dir, joint, got 'both'"):
         get_task("both")
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_class_of_an_outcome_code_is_the_label_the_task_encodes(task):
+    from perturb_models.tasks import outcome_codes
+
+    t = get_task(task)
+    rows = slice(1, 3) if t.de_pairs_only else slice(None)
+    de, direction = DE[rows], DIRECTION[rows]
+    assert list(t.class_of_outcome(outcome_codes(de, direction))) == list(encode_labels(de, direction, task))
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_probabilities_invert_the_decoded_scores(task):
+    t = get_task(task)
+    probs = torch.softmax(torch.randn(32, t.num_classes, generator=torch.Generator().manual_seed(0)), dim=-1)
+    scores = t.decode(probs.double())
+    assert set(scores) == set(t.scores)
+    torch.testing.assert_close(t.probabilities(scores), probs.double())
+
+
+def test_scored_pairs_select_the_same_pairs_from_arrays_and_tensors():
+    from perturb_models.tasks import scored_pairs
+
+    for benchmark_task, expected in (("de", [True] * 4), ("dir", [False, True, True, False])):
+        keep, target = scored_pairs(benchmark_task, DE, DIRECTION)
+        keep_t, target_t = scored_pairs(benchmark_task, torch.as_tensor(DE), torch.as_tensor(DIRECTION))
+        assert list(keep) == expected == keep_t.tolist()
+        assert list(target[keep]) == target_t[keep_t].tolist()
+    with pytest.raises(ValueError, match="de or dir"):
+        scored_pairs("joint", DE, DIRECTION)

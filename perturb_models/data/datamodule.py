@@ -107,7 +107,8 @@ def scorable_genes(frame: pd.DataFrame, task: str) -> np.ndarray:
     moving = frame.loc[frame["de"] == 1]
     dir_ok = moving.loc[moving["dir"] >= 0].groupby("gene")["dir"].nunique() == 2
     de_genes, dir_genes = set(de_ok.index[de_ok]), set(dir_ok.index[dir_ok])
-    genes = de_genes if task == "de" else dir_genes if task == "dir" else de_genes & dir_genes
+    scorable = {"de": de_genes, "dir": dir_genes}
+    genes = set.intersection(*(scorable[scored] for scored in get_task(task).scores))
     return np.array(sorted(genes), dtype=object)
 
 

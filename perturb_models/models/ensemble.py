@@ -47,11 +47,10 @@ from torch import nn
 
 from perturb_models.data.datamodule import DataContext
 from perturb_models.models.base import Encoder
-from perturb_models.tasks import decode_scores
+from perturb_models.tasks import get_task, scored_pairs
 
 log = logging.getLogger(__name__)
 
-SCORE_KEYS = {"joint": ("de", "dir"), "de": ("de",), "dir": ("dir",)}
 
 
 def _json_safe(value: Any) -> Any:
@@ -332,7 +331,7 @@ class EnsembleEncoder(Encoder):
                 f"model.encoder.members lists {absent[0]!r}, which is not in model.encoder.catalog "
                 f"(has {', '.join(catalog)}); add it with +model@model.encoder.catalog.{absent[0]}={absent[0]}"
             )
-        self.task = context.task
+        self.task = get_task(context.task)
         self.context = context
         self.member_names = members
         self.member_configs = {m: catalog[m] for m in members}
@@ -356,7 +355,7 @@ class EnsembleEncoder(Encoder):
         # (its weights are fitted on validation in prepare_datamodule), so it needs no optimizer.
         for parameter in self.members.parameters():
             parameter.requires_grad_(False)
-        keys = SCORE_KEYS[self.task]
+        keys = self.task.scores
         self.register_buffer("weights", torch.full((len(keys), len(members)), 1.0 / len(members), dtype=torch.float64))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         # Per task score: the member the guard fell back to (its index), or -1 for the combination.
@@ -448,9 +447,9 @@ class EnsembleEncoder(Encoder):
     def member_scores(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per task score key: (B, M) member scores in float64."""
         per_member = [
-            decode_scores(torch.softmax(self.members[m](batch).float(), dim=-1), self.task) for m in self.member_names
+            self.task.decode(torch.softmax(self.members[m](batch).float(), dim=-1)) for m in self.member_names
         ]
-        return {k: torch.stack([s[k] for s in per_member], dim=1).double() for k in SCORE_KEYS[self.task]}
+        return {k: torch.stack([s[k] for s in per_member], dim=1).double() for k in self.task.scores}
 
     @torch.no_grad()
     def fit_weights(self, loader) -> None:
@@ -459,20 +458,14 @@ class EnsembleEncoder(Encoder):
         best member, that member alone answers for the task."""
         was_training = self.training
         self.eval()
-        keys = SCORE_KEYS[self.task]
+        keys = self.task.scores
         collected = {k: {"scores": [], "labels": [], "genes": [], "perts": []} for k in keys}
         for batch in loader:
             batch = {k: v.to(self.weights.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             member = self.member_scores(batch)
             for key in keys:
-                if self.task == "joint" and key == "dir":
-                    # Direction is scored on DE pairs whose direction is known, as in the metrics.
-                    keep = (batch["de"] == 1) & (batch["dir"] >= 0)
-                    target = batch["dir"]
-                elif self.task == "joint":
-                    keep, target = torch.ones_like(batch["de"], dtype=torch.bool), batch["de"]
-                else:
-                    keep, target = torch.ones_like(batch["label"], dtype=torch.bool), batch["label"]
+                # The pairs that score this task and their targets, as in the metrics.
+                keep, target = scored_pairs(key, batch["de"], batch["dir"])
                 part = collected[key]
                 part["scores"].append(member[key][keep].cpu())
                 part["labels"].append(target[keep].cpu())
@@ -526,7 +519,7 @@ class EnsembleEncoder(Encoder):
     def weight_table(self) -> dict[str, dict[str, float]]:
         return {
             key: {m: float(self.weights[i, j]) for j, m in enumerate(self.member_names)}
-            for i, key in enumerate(SCORE_KEYS[self.task])
+            for i, key in enumerate(self.task.scores)
         }
 
     # ---- prediction ------------------------------------------------------------------------------
@@ -565,7 +558,7 @@ class EnsembleEncoder(Encoder):
     def combined_scores(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per task score: the guard's member where it fell back, else the pooled members."""
         out = {}
-        for i, key in enumerate(SCORE_KEYS[self.task]):
+        for i, key in enumerate(self.task.scores):
             member = int(self.fallback[i])
             if member >= 0:
                 out[key] = scores[key][:, member]
@@ -577,12 +570,6 @@ class EnsembleEncoder(Encoder):
         return out
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        combined = self.combined_scores(self.member_scores(batch))
-        if self.task == "joint":
-            de, up = combined["de"], combined["dir"]
-            probs = torch.stack([1.0 - de, de * (1.0 - up), de * up], dim=1)
-        else:
-            p = combined[self.task]
-            probs = torch.stack([1.0 - p, p], dim=1)
+        probs = self.task.probabilities(self.combined_scores(self.member_scores(batch)))
         # Log-probabilities: the classifier's softmax gives these probabilities back.
         return torch.log(probs.clamp_min(1e-12)).float()

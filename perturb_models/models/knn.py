@@ -27,26 +27,9 @@ from scipy import sparse
 from perturb_models.data.datamodule import DataContext
 from perturb_models.knowledge.graphs import build_graphs
 from perturb_models.models.base import Encoder
+from perturb_models.tasks import DE_UNKNOWN_DIRECTION, DOWN, NOT_DE, UP, get_task, outcome_codes
 
 log = logging.getLogger(__name__)
-
-# Outcome codes of a training pair, whatever the task: what the prompts say and what each task's label is.
-NOT_DE, DOWN, UP, DE_UNKNOWN_DIRECTION = 0, 1, 2, 3
-
-
-def outcome_codes(de: np.ndarray, direction: np.ndarray) -> np.ndarray:
-    """0 not DE, 1 down, 2 up, 3 DE with no direction known (task ``de`` reads no direction file)."""
-    de, direction = np.asarray(de), np.asarray(direction)
-    return np.where(de != 1, NOT_DE, np.where(direction == 1, UP, np.where(direction == 0, DOWN, DE_UNKNOWN_DIRECTION)))
-
-
-def code_to_class(task: str) -> np.ndarray:
-    """Class label of each outcome code under ``task`` (de: DE or not; dir: down/up; joint: not DE/down/up)."""
-    if task == "de":
-        return np.array([0, 1, 1, 1])
-    if task == "dir":
-        return np.array([-1, 0, 1, -1])  # dir training pairs are all DE with a direction
-    return np.array([0, 1, 2, -1])
 
 
 class TrainingNeighbours:
@@ -176,7 +159,7 @@ class KNNEncoder(Encoder):
         self.neighbours = neighbours
         self.num_classes = context.num_classes
         self.k = int(k)
-        self.classes = code_to_class(context.task)
+        self.classes = np.asarray(get_task(context.task).outcome_classes)
         n = context.num_genes
         pairs = context.train_pairs
         labels = self.classes[outcome_codes(pairs["de"].to_numpy(), pairs["dir"].to_numpy())]

@@ -51,7 +51,7 @@ OUTCOME_WORDS = {0: "unchanged", 1: "down", 2: "up", 3: "changed"}
 
 def outcome_word(de: int, direction: int, task: str) -> str:
     """The observed outcome of a training pair, as the prompts write it."""
-    from perturb_models.models.knn import outcome_codes
+    from perturb_models.tasks import outcome_codes
 
     return OUTCOME_WORDS[int(outcome_codes(np.array([de]), np.array([direction]))[0])]
 

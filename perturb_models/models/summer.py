@@ -41,7 +41,8 @@ from perturb_models.errors import ConfigError
 from perturb_models.io import atomic_write_text, cache_dir
 from perturb_models.llm_backends import Backend, build_backend
 from perturb_models.models.base import Encoder
-from perturb_models.models.knn import DOWN, NOT_DE, UP, TrainingNeighbours
+from perturb_models.models.knn import TrainingNeighbours
+from perturb_models.tasks import DOWN, NOT_DE, UP
 
 log = logging.getLogger(__name__)
 
