@@ -1,7 +1,7 @@
 """Builders: the DataModule, the classifier, the loggers, the callbacks and the Trainer of a Hydra config.
 
-``train.py``, ``evaluate.py``, the ensemble, the gene-set runner, the benchmarks and the tests all build
-through these functions, so a run built anywhere is the run ``train.py`` would build.
+The runners (``perturb_models/runners``), ``predict.py``, the benchmarks and the tests all build through
+these functions, so a run built anywhere is the run ``train.py`` would build.
 """
 
 from __future__ import annotations
@@ -32,11 +32,14 @@ def build_datamodule(data_cfg: DictConfig, **overrides: Any) -> PerturbQADataMod
     return datamodule
 
 
-def build_model(cfg: DictConfig, datamodule: PerturbQADataModule) -> PerturbationClassifier:
-    """The shared classifier around the encoder of ``cfg.model``; dimensions come from the DataModule."""
+def build_model(cfg: DictConfig, datamodule: PerturbQADataModule, **encoder_inputs: Any) -> PerturbationClassifier:
+    """The shared classifier around the encoder of ``cfg.model``; dimensions come from the DataModule.
+
+    ``encoder_inputs`` are extra constructor arguments a runner hands the encoder (the stacking runner's
+    ``build_member``). Code that may meet any model builds it through ``runners.build_model_for``."""
     context = datamodule.context
     encoder_factory = instantiate(cfg.model.encoder, _partial_=True, _convert_="all")
-    encoder = encoder_factory(context=context)
+    encoder = encoder_factory(context=context, **encoder_inputs)
     optimizer = instantiate(cfg.model.optimizer) if cfg.model.get("optimizer") else None
     scheduler = instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None
     return PerturbationClassifier(

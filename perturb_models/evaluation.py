@@ -10,17 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from perturb_models.builders import build_datamodule, build_loggers, build_model, finish_wandb
-from perturb_models.calibration import CALIBRATION_KEY
-from perturb_models.console import say
-from perturb_models.errors import CheckpointError
 from perturb_models.io import atomic_write_dataframe, atomic_write_text
 from perturb_models.metrics import DEFAULT_LEVEL, DEFAULT_RESAMPLES
-from perturb_models.models.classifier import RECORD_KEY
-from perturb_models.outputs import git_commit, publish_run
 from perturb_models.results import (
     comparison_view,
     find_run_dirs,
@@ -29,30 +22,11 @@ from perturb_models.results import (
     summarize_runs,
     with_uncertainty,
 )
-from perturb_models.runs import load_checkpoint
-from perturb_models.tasks import COMPARISON_METRICS, GSE_TASK
+from perturb_models.runners import runner_for
+from perturb_models.runs import find_checkpoint, load_run_record
+from perturb_models.tasks import COMPARISON_METRICS
 
-
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run folder (its ``checkpoints/best.ckpt``, else ``last.ckpt``)."""
-    path = Path(os.path.expanduser(str(path)))
-    if path.is_dir():
-        for name in ("best.ckpt", "last.ckpt"):
-            if (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name
-        raise CheckpointError(f"{path} is a folder without checkpoints/best.ckpt or checkpoints/last.ckpt")
-    if not path.is_file():
-        raise CheckpointError(f"ckpt_path={path}: no such checkpoint file or run folder")
-    return path
-
-
-def load_run_record(ckpt_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The checkpoint and the record that ``train`` stored in it (config, vocab, validation split)."""
-    checkpoint = load_checkpoint(ckpt_file)
-    record = checkpoint.get(RECORD_KEY)
-    if not record or "config" not in record:
-        raise CheckpointError(f"{ckpt_file} was not written by perturb_models' train.py (no '{RECORD_KEY}' record)")
-    return checkpoint, record
+__all__ = ["compare_runs", "evaluate", "evaluate_checkpoint", "find_checkpoint", "load_run_record", "read_run"]
 
 
 def evaluate_checkpoint(
@@ -62,50 +36,16 @@ def evaluate_checkpoint(
     data_root: str | None = None,
     evaluate_cfg: DictConfig | None = None,
 ) -> dict[str, float]:
-    """Rebuild data and model from the checkpoint alone, test, and write metrics and predictions.
+    """Rebuild data and model from the checkpoint alone (through the run's runner), test, and write metrics
+    and predictions.
 
     ``evaluate_cfg`` (evaluate.py's config) brings its ``logger`` choice; the loggers see the run's own
     config (model, data, seed) with this evaluation's ``logger``, ``paths``, ``task_name`` and ``run_name``.
     """
     ckpt_file = find_checkpoint(ckpt_path)
     checkpoint, record = load_run_record(ckpt_file)
-    if record["config"].get("data", {}).get("task") == GSE_TASK:  # gene set enrichment: perturb_models.gse
-        from perturb_models.gse.runner import evaluate_gse
-
-        return evaluate_gse(checkpoint, record, ckpt_file, output_dir, trainer_cfg, data_root)
-    cfg = OmegaConf.create(record["config"])
-    overrides: dict[str, Any] = {"vocab": record["vocab"], "val_perts": record["val_perts"]}
-    if data_root:
-        overrides["root"] = data_root
-    datamodule = build_datamodule(cfg.data, **overrides)
-    model = build_model(cfg, datamodule)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.calibrators = checkpoint.get(CALIBRATION_KEY)
-    if not model.calibrators:
-        say(
-            f"{ckpt_file} holds no calibrator (written before calibration existed, or not the run's selected "
-            "checkpoint): scores are uncalibrated, metrics.json has no Brier/ECE"
-        )
-    logged_cfg = cfg
-    if evaluate_cfg is not None:
-        own = {key: evaluate_cfg.get(key) for key in ("logger", "paths", "task_name", "run_name")}
-        logged_cfg = OmegaConf.merge(
-            {k: v for k, v in record["config"].items() if k not in own},
-            OmegaConf.create(OmegaConf.to_container(OmegaConf.create(own), resolve=False)),
-        )
-        # paths.output_dir of evaluate.py is an interpolation of the Hydra run folder: resolve it there.
-        OmegaConf.update(logged_cfg, "paths.output_dir", str(output_dir))
-    loggers = build_loggers(logged_cfg)
-    try:
-        trainer = instantiate(trainer_cfg, logger=loggers or False, _convert_="all")
-        trainer.test(model, datamodule=datamodule, verbose=False)
-        metrics = dict(model.stage_metrics["test"])
-        run = dict(record.get("run", {}), checkpoint=str(ckpt_file), evaluated_with_commit=git_commit())
-        if trainer.is_global_zero:
-            publish_run(output_dir, model.stage_predictions, run, metrics, loggers, logged_cfg)
-        return metrics
-    finally:
-        finish_wandb(loggers)
+    runner = runner_for(record["config"])
+    return runner.evaluate(checkpoint, record, ckpt_file, output_dir, trainer_cfg, data_root, evaluate_cfg)
 
 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:

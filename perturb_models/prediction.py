@@ -36,7 +36,7 @@ from perturb_models.console import say
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.errors import ConfigError, UserError
 from perturb_models.io import atomic_write_dataframe, atomic_write_json, atomic_write_text
-from perturb_models.tasks import GSE_TASK, decode_scores
+from perturb_models.tasks import decode_scores
 
 log = logging.getLogger(__name__)
 
@@ -374,22 +374,24 @@ def score_in_parts(
 
 def _load(cfg: DictConfig):
     """The checkpoint's record, DataModule and model with its weights (as evaluate.py rebuilds them)."""
-    from perturb_models.builders import build_datamodule, build_model
-    from perturb_models.evaluation import find_checkpoint, load_run_record
+    from perturb_models.builders import build_datamodule
+    from perturb_models.runners import runner_for
+    from perturb_models.runs import find_checkpoint, load_run_record
 
     ckpt_file = find_checkpoint(cfg.ckpt_path)
     checkpoint, record = load_run_record(ckpt_file)
     run_cfg = OmegaConf.create(record["config"])
-    if run_cfg.data.get("task") == GSE_TASK:
+    runner = runner_for(run_cfg)
+    if not runner.predicts_pairs:
         raise ConfigError(
-            f"{ckpt_file} is a gene set enrichment run (data.task=gse): predict.py asks pair models "
-            "(which genes change after a knockdown); name gene sets with evaluate.py"
+            f"{ckpt_file} is a {runner.name} run (data.task={run_cfg.data.get('task')}): predict.py asks pair "
+            "models (which genes change after a knockdown); name gene sets with evaluate.py"
         )
     overrides: dict[str, Any] = {"vocab": record["vocab"], "val_perts": record["val_perts"]}
     if cfg.get("data_root"):
         overrides["root"] = cfg.data_root
     datamodule = build_datamodule(run_cfg.data, **overrides)
-    model = build_model(run_cfg, datamodule)
+    model = runner.build_model(run_cfg, datamodule)
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
     model.calibrators = checkpoint.get(CALIBRATION_KEY)

@@ -13,6 +13,8 @@
 - ``resolve_resume_checkpoint``: ``ckpt_path=last`` or a path, checked, with a one-line error.
 - ``load_checkpoint`` / ``check_resume_compatible``: read a checkpoint with a one-line error when it is
   not one, and refuse to resume a run whose data, task, seed, validation split or model differ.
+- ``find_checkpoint`` / ``load_run_record``: a run folder or checkpoint file given by a user, and the
+  record (config, vocabulary, validation split) that every run stores under ``RECORD_KEY``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from lightning.fabric.plugins import TorchCheckpointIO
 
 from perturb_models.errors import CheckpointError, RunFolderBusy
 from perturb_models.io import atomic_writer
+
+RECORD_KEY = "perturb_models"
+"""The checkpoint key of a run's record: its resolved config, vocabulary, validation split and run facts."""
 
 log = logging.getLogger(__name__)
 
@@ -319,3 +324,25 @@ def check_resume_compatible(
         f"{path} belongs to a different run: {shown}. Resume with the same options, start a new run folder, "
         f"or pass resume_mismatch_ok=true if you mean it"
     )
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run folder (its ``checkpoints/best.ckpt``, else ``last.ckpt``)."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        for name in ("best.ckpt", "last.ckpt"):
+            if (path / "checkpoints" / name).is_file():
+                return path / "checkpoints" / name
+        raise CheckpointError(f"{path} is a folder without checkpoints/best.ckpt or checkpoints/last.ckpt")
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={path}: no such checkpoint file or run folder")
+    return path
+
+
+def load_run_record(ckpt_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checkpoint and the record that ``train`` stored in it (config, vocab, validation split)."""
+    checkpoint = load_checkpoint(ckpt_file)
+    record = checkpoint.get(RECORD_KEY)
+    if not record or "config" not in record:
+        raise CheckpointError(f"{ckpt_file} was not written by perturb_models' train.py (no '{RECORD_KEY}' record)")
+    return checkpoint, record

@@ -68,3 +68,61 @@ def test_hydra_compose_and_the_trainer_are_built_in_one_place_each():
         if re.search(r"\b(L|pl|lightning)\.Trainer\(|\bTrainer\(", p.read_text())
     )
     assert trainers == [], f"Trainer built outside builders.build_trainer: {trainers}"
+
+
+# Models only compute: the orchestration (training, evaluation, builders, outputs, runners) sits above them.
+MODEL_CODE = ("perturb_models/models", "perturb_models/gse")
+ORCHESTRATION = ("training", "evaluation", "builders", "outputs", "runners")
+
+
+def imported_modules(path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_model_code_never_imports_the_orchestration():
+    offenders = {}
+    for folder in MODEL_CODE:
+        for path in (REPO / folder).rglob("*.py"):
+            bad = sorted(
+                m
+                for m in imported_modules(path)
+                if any(m == f"perturb_models.{o}" or m.startswith(f"perturb_models.{o}.") for o in ORCHESTRATION)
+            )
+            if bad:
+                offenders[str(path.relative_to(REPO))] = bad
+    assert offenders == {}, f"model code imports the orchestration: {offenders}"
+
+
+def test_training_and_evaluation_dispatch_to_runners_without_task_branches():
+    for name in ("training.py", "evaluation.py"):
+        text = (REPO / "perturb_models" / name).read_text()
+        assert "GSE_TASK" not in text and 'task") ==' not in text, f"{name} branches on a task name"
+        assert "runner_for" in text
+
+
+def test_every_runner_is_registered_under_its_name_and_every_model_class_names_one():
+    from hydra.utils import get_class
+
+    from perturb_models.runners import RUNNERS, Runner
+
+    assert all(isinstance(r, Runner) and key == r.name and r.tasks for key, r in RUNNERS.items())
+    import yaml
+
+    targets = set()
+    for path in (REPO / "conf" / "model").glob("*.yaml"):
+        model = yaml.safe_load(path.read_text())
+        for key in ("encoder", "namer"):
+            if isinstance(model.get(key), dict) and model[key].get("_target_"):
+                targets.add(model[key]["_target_"])
+    assert targets, "no model class found in conf/model"
+    for target in sorted(targets):
+        assert getattr(get_class(target), "runner", None) in RUNNERS, f"{target} names no registered runner"

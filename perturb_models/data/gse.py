@@ -96,8 +96,8 @@ class GSEContext:
 class GSEDataModule:
     """``data=k562_gse data.gse_kind=gene|pert``: the clusters of one kind, validated.
 
-    Not a Lightning DataModule: there is nothing to batch for the classifier; gene-set models take the
-    :class:`GSEContext` and build what they train on themselves (see ``perturb_models.gse``).
+    The ``gene_sets`` runner's DataModule (not a Lightning one: there is nothing to batch for a classifier);
+    namers take the :class:`GSEContext` and build what they train on themselves (see ``perturb_models.gse``).
     """
 
     task = "gse"

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from perturb_models.gse.base import Namer
+
 log = logging.getLogger(__name__)
 
 
@@ -139,11 +141,9 @@ def enrich(genes: Iterable[str], sets: GOSets) -> pd.DataFrame:
     return table.sort_values(["p_value", "term_size", "go_id"], kind="mergesort").reset_index(drop=True)
 
 
-class GOEnrichmentNamer:
+class GOEnrichmentNamer(Namer):
     """``model=go_enrichment``: the answer is the name of the most significant GO term of the cluster;
     the top-k terms are kept as evidence. No training."""
-
-    trainable = False
 
     def __init__(
         self,
@@ -163,9 +163,6 @@ class GOEnrichmentNamer:
         self.sets = load_go_sets(
             context.background, self.knowledge_root, self.aspects, self.exclude_evidence, self.min_size, self.max_size
         )
-
-    def fit(self, context, **unused) -> dict[str, float]:
-        return {}
 
     def predict(self, clusters: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
         """Per cluster: ``answer`` (top term name, '' when no term is hit), ``score`` (-log10 q of the top
@@ -188,9 +185,3 @@ class GOEnrichmentNamer:
                 }
             )
         return out
-
-    def state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from perturb_models.gse.base import Namer
 from perturb_models.gse.enrichment import GOSets, enrich, load_go_sets
 from perturb_models.gse.scoring import rouge1_recall
 from perturb_models.models.classifier import RECORD_KEY
@@ -116,7 +116,7 @@ def sample_examples(
     return examples
 
 
-class LoRALlamaNamer(L.LightningModule):
+class LoRALlamaNamer(Namer, L.LightningModule):
     """Causal Llama + LoRA that generates a short name for a gene list (see the module docstring)."""
 
     trainable = True
@@ -360,9 +360,7 @@ class LoRALlamaNamer(L.LightningModule):
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     # ---- training --------------------------------------------------------------------------------
-    def fit(self, context, cfg=None, loggers=(), output_dir=None, run_record=None) -> dict[str, float]:
-        from perturb_models.builders import build_callbacks, build_trainer
-
+    def prepare_fit(self, run_record: dict[str, Any]) -> None:
         self.run_record = dict(run_record or {})
         train, val = self.build_examples(self.data_seed)
         self.train_items = [self.encode(e["genes"], e["target"], e["hide"]) for e in train]
@@ -370,26 +368,10 @@ class LoRALlamaNamer(L.LightningModule):
         tokens = sum(len(p) + len(a) for p, a in self.train_items)
         self.fit_info.update(train_tokens_per_epoch=tokens)
         log.info("lora_llama_gse: %s; %d training tokens per epoch", self.fit_info, tokens)
+
+    def trainer_overrides(self) -> dict[str, Any]:
         # Every validation pass generates: no sanity pass (the first epoch's end validates anyway).
-        overrides = {"num_sanity_val_steps": 0, **({"max_epochs": int(self.max_epochs)} if self.max_epochs else {})}
-        trainer = build_trainer(cfg, build_callbacks(cfg), list(loggers), **overrides)
-        started = time.time()
-        trainer.fit(self)
-        self.fit_info.update(
-            fit_seconds=round(time.time() - started, 1),
-            train_tokens_per_second=round(tokens * trainer.current_epoch / max(time.time() - started, 1e-9), 1),
-        )
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        selectors = [c for c in trainer.checkpoint_callbacks if c.monitor == cfg.get("optimized_metric")]
-        best = selectors[0].best_model_path if selectors else ""
-        if best:
-            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-            self.load_state_dict(state)
-            metrics[selectors[0].monitor] = float(selectors[0].best_model_score)
-        self.fit_info.update(
-            best_checkpoint=best or None, epochs=trainer.current_epoch, global_step=trainer.global_step
-        )
-        return metrics
+        return {"num_sanity_val_steps": 0, **({"max_epochs": int(self.max_epochs)} if self.max_epochs else {})}
 
     def train_dataloader(self):
         generator = torch.Generator().manual_seed(self.data_seed)

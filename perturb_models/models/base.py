@@ -25,6 +25,9 @@ The contract:
   in ``new_perturbation_refusal``; ``predict.py`` prints that reason when asked about such a gene.
 - ``evidence(pert, gene)`` (optional): per-pair columns that explain an answer (the retrieval model's
   closest training knockdowns); ``predict.py`` writes them next to the probabilities.
+- ``runner`` (class attribute, default ``"pairs"``): the kind of run that fits and evaluates the model
+  (``perturb_models/runners``); the stacking ensemble names ``"stacking"``. Models only compute: fitting,
+  checkpoint selection and outputs belong to the runner.
 - Trainable parameters need an optimizer (``model.optimizer``); an encoder with none (retrieval) trains
   for one pass that writes the checkpoint, then is validated and tested like any other.
 """
@@ -42,6 +45,9 @@ class Encoder(nn.Module):
 
     Subclasses call ``super().__init__()``, set ``self.output_dim`` and implement ``forward``.
     """
+
+    runner: str = "pairs"
+    """The kind of run that trains and evaluates this model (``perturb_models.runners.RUNNERS``)."""
 
     produces_logits: bool = False
     """True when ``forward`` returns one logit per class (no head is added)."""

@@ -17,6 +17,7 @@ from perturb_models.calibration import calibration_metrics
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.metrics import metrics_from_predictions, prediction_frame
 from perturb_models.models.base import check_encoder, trainable_parameters
+from perturb_models.runs import RECORD_KEY
 from perturb_models.tasks import decode_scores, get_task
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 # this module evaluates (see _quiet_sync_advice).
 _SYNC_ADVICE = r".*self\.log\('(val|test)/.*sync_dist=True.*"
 
-RECORD_KEY = "perturb_models"
 """Checkpoint key holding what rebuilds a run: the resolved config, the vocab and the split."""
 
 

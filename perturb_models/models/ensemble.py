@@ -1,12 +1,12 @@
 """``model=ensemble``: stacking of member models' class probabilities, weights fitted on validation only.
 
-Each member is an ordinary model of the project (its config from ``conf/model/``). When the ensemble is
-fitted (the setup of its first ``trainer.fit``), every member is either
-
-- trained by the project's own ``perturb_models.training.train`` into ``<run>/members/<name>`` (same data,
-  seed and validation split as the ensemble; its trainer and callbacks, plus ``member_overrides.<name>``), or
-- loaded from a finished run of that member (``member_runs.<name>``: a run folder or checkpoint of the same
-  dataset, seed and validation split), which costs no training.
+Each member is an ordinary model of the project (its config from ``conf/model/``). Its kind of run,
+``stacking`` (``perturb_models/runners/stacking.py``), first gives every member a finished run: either
+trained as its own run into ``<run>/members/<name>`` (same data, seed and validation split as the ensemble;
+its trainer and callbacks, plus ``member_overrides.<name>``), or one the user names
+(``member_runs.<name>``: a run folder or checkpoint of the same dataset, seed and validation split), which
+costs no training. When the ensemble is fitted (the setup of its first ``trainer.fit``), it loads every
+member from its run.
 
 Then the members are frozen and the combination is fitted on the validation perturbations only, per task
 score (DE, and direction on DE pairs), by one of two combiners (``combiner``; ``COMBINERS`` below):
@@ -28,16 +28,15 @@ weights, every member's and the combination's validation figures, the paired dif
 interval and p-value) and the fallback. A one-member ensemble is that member. Test labels are never read here.
 
 The ensemble's checkpoint holds every member's weights and the combination weights; ``evaluate.py``
-rebuilds the members from ``catalog`` (the members' model configs, stored in the ensemble's config) and
-loads them from the checkpoint alone.
+rebuilds the members from ``catalog`` (the members' model configs, stored in the ensemble's config, built
+by the runner's ``build_member``) and loads them from the checkpoint alone.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -47,10 +46,10 @@ from torch import nn
 
 from perturb_models.data.datamodule import DataContext
 from perturb_models.models.base import Encoder
+from perturb_models.runs import find_checkpoint, load_run_record
 from perturb_models.tasks import get_task, scored_pairs
 
 log = logging.getLogger(__name__)
-
 
 
 def _json_safe(value: Any) -> Any:
@@ -290,20 +289,23 @@ class EnsembleEncoder(Encoder):
     Args:
         members: names of the members, each a key of ``catalog``.
         catalog: model configs (as under ``conf/model/``) the members are built from.
-        member_runs: optional name -> finished run folder or checkpoint to load instead of training.
-        member_overrides: optional name -> config merged into that member's training config
+        build_member: the runner's factory of a member model (a classifier) from its model config.
+        member_runs: name -> finished run folder or checkpoint each member is loaded from when the ensemble
+            is fitted (the stacking runner fills in the members it trained).
+        member_overrides: name -> config merged into that member's training config by the runner
             (e.g. ``{data: {batch_size: 1024}, trainer: {max_epochs: 12}}``).
-        run: the ensemble run's data, trainer, callbacks, seed, output_dir and optimized_metric (the members
-            train under them; interpolated from the root config by conf/model/ensemble.yaml).
+        run: ignored; configs written before runners existed carry it.
     """
 
     produces_logits = True
+    runner = "stacking"
 
     def __init__(
         self,
         context: DataContext,
         members: Sequence[str],
         catalog: Mapping[str, Any],
+        build_member: Callable[[Mapping[str, Any]], nn.Module] | None = None,
         member_runs: Mapping[str, str] | None = None,
         member_overrides: Mapping[str, Any] | None = None,
         run: Mapping[str, Any] | None = None,
@@ -318,8 +320,11 @@ class EnsembleEncoder(Encoder):
             raise ValueError(f"model.encoder.crossfit_folds={crossfit_folds}: needs at least 2 folds")
         self.combiner, self.guard, self.crossfit_folds = combiner, bool(guard), int(crossfit_folds)
         self.validation_report: dict[str, Any] = {}
-        from perturb_models.builders import build_model
-
+        if build_member is None:
+            raise ValueError(
+                "EnsembleEncoder needs build_member (its runner's member factory): build model=ensemble "
+                "through perturb_models.runners (train.py, evaluate.py, predict.py do)"
+            )
         members, catalog = list(_plain(members) or []), _plain(catalog) or {}
         if not members:
             raise ValueError("model.encoder.members is empty: list at least one model (e.g. [knn, gears])")
@@ -342,15 +347,7 @@ class EnsembleEncoder(Encoder):
                 f"model.encoder.member_runs names {unknown[0]!r}, which is not a member ({', '.join(members)})"
             )
         self.member_overrides = dict(_plain(member_overrides) or {})
-        self.run = dict(_plain(run) or {})
-        shell = SimpleNamespace(context=context)
-        metric = self.run.get("optimized_metric")
-        self.members = nn.ModuleDict(
-            {
-                m: build_model(OmegaConf.create({"model": self.member_configs[m], "optimized_metric": metric}), shell)
-                for m in members
-            }
-        )
+        self.members = nn.ModuleDict({m: build_member(self.member_configs[m]) for m in members})
         # Members are fitted by their own runs and then fixed: the ensemble itself trains no parameter
         # (its weights are fitted on validation in prepare_datamodule), so it needs no optimizer.
         for parameter in self.members.parameters():
@@ -376,52 +373,17 @@ class EnsembleEncoder(Encoder):
                 prepare(datamodule)
         if bool(self.fitted):
             return
+        absent = [name for name in self.member_names if not self.member_runs.get(name)]
+        if absent:
+            raise ValueError(
+                f"ensemble member {absent[0]!r} has no run to load: the stacking runner trains the members "
+                f"(train.py model=ensemble), or pass +model.encoder.member_runs.{absent[0]}=<its run folder>"
+            )
         for name in self.member_names:
-            source = self.member_runs.get(name) or self._train_member(name)
-            self._load_member(name, source)
+            self._load_member(name, self.member_runs[name])
         self.fit_weights(datamodule.val_dataloader())
 
-    def _train_member(self, name: str) -> Path:
-        """Train one member with the project's ``train`` into ``<run>/members/<name>``; its run folder."""
-        import torch.distributed as dist
-
-        from perturb_models.training import train
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise RuntimeError(
-                f"model=ensemble cannot train member {name!r} inside a multi-process run; train it "
-                f"first and pass +model.encoder.member_runs.{name}=<its run folder>"
-            )
-        missing = [k for k in ("data", "trainer", "callbacks", "seed", "output_dir") if k not in self.run]
-        if missing:
-            raise ValueError(f"model.encoder.run lacks {', '.join(missing)}: the ensemble cannot train its members")
-        out = Path(self.run["output_dir"]) / "members" / name
-        cfg = OmegaConf.create(
-            {
-                "model": self.member_configs[name],
-                "data": self.run["data"],
-                "trainer": self.run["trainer"],
-                "callbacks": self.run["callbacks"],
-                "logger": {},
-                "paths": {"output_dir": str(out)},
-                "seed": self.run["seed"],
-                "optimized_metric": self.run.get("optimized_metric"),
-                "ckpt_path": None,
-            }
-        )
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(self.member_overrides.get(name) or {}))
-        # The ensemble's own callbacks point at its checkpoints/ folder; a member writes into its own.
-        cfg.trainer.default_root_dir = str(out)
-        for callback in cfg.callbacks.values():
-            if callback is not None and "dirpath" in callback:
-                callback.dirpath = str(out / "checkpoints")
-        log.info("ensemble: training member %s into %s", name, out)
-        train(cfg)
-        return out
-
     def _load_member(self, name: str, source: str | Path) -> None:
-        from perturb_models.evaluation import find_checkpoint, load_run_record
-
         ckpt_file = find_checkpoint(source)
         checkpoint, record = load_run_record(ckpt_file)
         where = f"member {name!r} ({ckpt_file})"
@@ -497,10 +459,6 @@ class EnsembleEncoder(Encoder):
             )
         self.fitted.fill_(True)
         self.train(was_training)
-        if self.run.get("output_dir"):
-            from perturb_models.io import atomic_write_json
-
-            atomic_write_json(Path(self.run["output_dir"]) / "ensemble_weights.json", self.weight_report())
 
     def weight_report(self) -> dict[str, Any]:
         """``ensemble_weights.json``: the weights per task score, then the combiner and the guard's figures."""
