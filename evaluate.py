@@ -2,25 +2,12 @@
 
 ``python evaluate.py ckpt_path=outputs/.../checkpoints/best.ckpt``
 ``python evaluate.py runs='[RUN_DIR1,RUN_DIR2]'``
+
+The command is ``perturb_models/cli/evaluate.py`` (installed as ``perturb-evaluate``); this file runs it from
+a checkout.
 """
 
-import hydra
-from omegaconf import DictConfig
-
-import perturb_models  # noqa: F401  (registers the config resolvers)
-from perturb_models.console import quiet_known_noise, route_library_logs
-from perturb_models.errors import cli_errors
-from perturb_models.evaluation import evaluate
-
-quiet_known_noise()
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    route_library_logs()
-    with cli_errors():
-        evaluate(cfg)
-
+from perturb_models.cli.evaluate import main
 
 if __name__ == "__main__":
     main()

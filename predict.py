@@ -2,25 +2,12 @@
 
 ``python predict.py ckpt_path=RUN_DIR perts='[KRAS,MT-CO1]'``
 ``python predict.py ckpt_path=RUN_DIR perts=all_known genes='[HBG1,GATA1]'``
+
+The command is ``perturb_models/cli/predict.py`` (installed as ``perturb-predict``); this file runs it from
+a checkout.
 """
 
-import hydra
-from omegaconf import DictConfig
-
-import perturb_models  # noqa: F401  (registers the config resolvers)
-from perturb_models.console import quiet_known_noise, route_library_logs
-from perturb_models.errors import cli_errors
-from perturb_models.prediction import predict
-
-quiet_known_noise()
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
-    route_library_logs()
-    with cli_errors(run_folder_of=lambda: cfg.paths.output_dir):
-        predict(cfg)
-
+from perturb_models.cli.predict import main
 
 if __name__ == "__main__":
     main()

@@ -1,24 +1,10 @@
-"""Train one model on one PerturbQA dataset: ``python train.py model=mlp data=k562`` (``--help`` for more)."""
+"""Train one model on one PerturbQA dataset: ``python train.py model=mlp data=k562`` (``--help`` for more).
 
-import hydra
-from omegaconf import DictConfig
+The command is ``perturb_models/cli/train.py`` (installed as ``perturb-train``); this file runs it from
+a checkout.
+"""
 
-import perturb_models  # noqa: F401  (registers the config resolvers)
-from perturb_models.console import quiet_known_noise, route_library_logs
-from perturb_models.errors import cli_errors
-from perturb_models.training import train
-
-quiet_known_noise()
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    route_library_logs()
-    with cli_errors(run_folder_of=lambda: cfg.paths.output_dir):
-        metrics = train(cfg)
-    # The value a Hydra sweeper (Optuna) optimises.
-    return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
-
+from perturb_models.cli.train import main
 
 if __name__ == "__main__":
     main()

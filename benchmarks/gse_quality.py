@@ -35,11 +35,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from docs_tables import replace_block  # noqa: E402
 
 from perturb_models.config import compose_config  # noqa: E402
 from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
 from perturb_models.outputs import git_commit  # noqa: E402
-from perturb_models.results import replace_block  # noqa: E402
 from perturb_models.runners.gene_sets import evaluate_gse  # noqa: E402
 from perturb_models.runs import find_checkpoint, load_run_record  # noqa: E402
 from perturb_models.training import train  # noqa: E402

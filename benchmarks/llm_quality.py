@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from docs_tables import LLM_DOC, read_quality_rows, subset_table, with_llm_block  # noqa: E402
 from quality import COLUMNS, budget_overrides, paired_with_members, run_cell, store_row  # noqa: E402
 
 from perturb_models.io import atomic_write_text  # noqa: E402
-from perturb_models.results import LLM_DOC, read_quality_rows, subset_table, with_llm_block  # noqa: E402
 
 
 def llm_overrides(args: argparse.Namespace, prior: bool) -> list[str]:

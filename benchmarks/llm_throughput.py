@@ -35,6 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = {
     "tiny": dict(
@@ -310,7 +311,7 @@ def main() -> None:
     if args.json:
         atomic_write_json(args.json, rows)
     if args.record:
-        from perturb_models.results import LLM_SPEED_JSON, read_throughput_rows
+        from docs_tables import LLM_SPEED_JSON, read_throughput_rows
 
         key = lambda r: (r["model"], r["device"], r["batch_size"])  # noqa: E731
         fresh = {key(r) for r in rows}
@@ -319,8 +320,9 @@ def main() -> None:
 
 
 def write_speed_table() -> None:
+    from docs_tables import LLM_DOC, read_throughput_rows, throughput_table, with_llm_speed_block
+
     from perturb_models.io import atomic_write_text
-    from perturb_models.results import LLM_DOC, read_throughput_rows, throughput_table, with_llm_speed_block
 
     rows = read_throughput_rows()
     atomic_write_text(LLM_DOC, with_llm_speed_block(LLM_DOC.read_text(), rows))

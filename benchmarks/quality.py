@@ -26,11 +26,10 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
-
-# The tables (docs/results.md, the README block) are made by the package, one code path for both.
-from perturb_models.results import (  # noqa: E402
+# The tables (docs/results.md, the README block) are made by docs_tables.py, one code path for both.
+from docs_tables import (  # noqa: E402
     PUBLISHED,
     README,
     full_test,
@@ -38,7 +37,9 @@ from perturb_models.results import (  # noqa: E402
     seed_interval,
     write_doc,
 )
-from perturb_models.results import quality_table as results_table  # noqa: E402
+from docs_tables import quality_table as results_table  # noqa: E402
+
+from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
 
 # auroc_per_gene is the test figure (reported, never used to choose anything); val_auroc_per_gene is the
 # validation figure of the same run (the selected checkpoint), the only one selection code reads.

@@ -1,5 +1,12 @@
-"""The project's Hydra configs composed from Python: the one ``compose`` for tests, benchmarks and helper
-command lines, so each of them gets exactly the config ``python train.py <overrides>`` would run."""
+"""The project's Hydra configs: where they are, and composed from Python (the one ``compose`` for tests,
+benchmarks and helper command lines, so each of them gets exactly the config ``python train.py <overrides>``
+would run).
+
+The configs live in the repository's ``conf/``; a wheel installs a copy as the ``perturb_models.conf``
+package (``pyproject.toml`` maps it). A source checkout (``python train.py``, an editable install) uses its
+``conf/``, so edits there take effect; an installed package uses its copy, which Hydra's command lines find
+through the ``pkg://perturb_models.conf`` search path.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,18 @@ from omegaconf import DictConfig, open_dict
 
 import perturb_models  # noqa: F401  (registers the config resolvers)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_PACKAGE = "perturb_models.conf"
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def running_from_checkout() -> bool:
+    """Whether this package is the ``perturb_models/`` of a source checkout (with its ``conf/`` beside it)."""
+    return (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "conf" / "train.yaml").is_file()
+
+
+# The config folder (the checkout's conf/, else the installed copy) and the same for @hydra.main.
+CONF_DIR = _CHECKOUT / "conf" if running_from_checkout() else Path(__file__).resolve().parent / "conf"
+HYDRA_CONFIG_PATH = str(CONF_DIR) if running_from_checkout() else f"pkg://{CONF_PACKAGE}"
 
 
 def compose_config(

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from perturb_models.config import running_from_checkout
 from perturb_models.console import say
 from perturb_models.data.datamodule import PerturbQADataModule
 from perturb_models.io import atomic_write_dataframe, atomic_write_json
@@ -18,7 +19,10 @@ from perturb_models.models.classifier import nan_to_none
 
 
 def git_commit() -> str | None:
-    """The commit of the code that ran, when it runs from a git checkout."""
+    """The commit of the code that ran, when it runs from a git checkout (an installed copy has none: the git
+    repository around its site-packages, if any, is not this code's)."""
+    if not running_from_checkout():
+        return None
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -39,7 +39,7 @@ def test_help_is_the_projects_own(tmp_path):
         "python evaluate.py",
         "outputs/<task>/<data>-<task>-<model>/<time>/",
         "gat, gat_text, gears",
-        "data: base, custom, hepg2, jurkat, k562",
+        "data: _files, base, custom, hepg2, jurkat, k562",
     ):
         assert text in proc.stdout, text
     assert "Powered by Hydra" not in proc.stdout

@@ -173,14 +173,11 @@ def test_text_embeddings_are_cached_on_disk_and_keyed_by_the_recipe(minilm_encod
 
 
 def test_the_config_spec_and_the_code_defaults_agree():
-    """conf/embeddings/text.yaml (what configs use) and DEFAULT_SPEC (specs given in code, node_features=text)."""
-    import yaml
+    """conf/embeddings/text.yaml (what configs use) and DEFAULT_SPEC (specs given in code, node_features=text),
+    with the run's defaults (knowledge/default.yaml, seed=0) filled in."""
+    from omegaconf import OmegaConf
 
-    from tests.conftest import CONF
+    from perturb_models.config import compose_config
 
-    configured = yaml.safe_load((CONF / "embeddings" / "text.yaml").read_text())
-    assert set(configured) == set(emb.DEFAULT_SPEC)
-    interpolated = {"knowledge_root": None, "allow_download": True, "seed": 0}  # knowledge/default.yaml, seed=0
-    for key, value in configured.items():
-        expected = interpolated[key] if isinstance(value, str) and value.startswith("${") else value
-        assert expected == emb.DEFAULT_SPEC[key], key
+    cfg = compose_config("train", ["model=embedding_mlp", "data=synthetic", "seed=0"], "/unused")
+    assert OmegaConf.to_container(cfg.model.encoder.embeddings, resolve=True) == emb.DEFAULT_SPEC

@@ -9,8 +9,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from perturb_models.results import subset_table
-
 pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +18,7 @@ def test_llm_quality_rows_are_paired_on_one_test_gene_subset(tmp_path, monkeypat
     monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import llm_quality
+    from docs_tables import subset_table
 
     csv = tmp_path / "q.csv"
     llm_quality.main(

@@ -17,8 +17,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-PAPER_BERTSCORE_MODEL = "dmis-lab/biobert-base-cased-v1.2"
-
 
 def rouge1_recall(answers: Sequence[str], labels: Sequence[str]) -> list[float]:
     """Per-pair ROUGE-1 recall of ``label`` by ``answer``, exactly as PerturbQA's ``rouge1_recall``."""

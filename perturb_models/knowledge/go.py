@@ -27,25 +27,6 @@ ASPECTS = {
     "C": "C",
 }
 GENE2GO_COLUMNS = ("#tax_id", "GeneID", "GO_ID", "Evidence", "Qualifier", "Category")
-GAF_COLUMNS = (
-    "db",
-    "db_object_id",
-    "symbol",
-    "qualifier",
-    "go_id",
-    "reference",
-    "evidence",
-    "with",
-    "aspect",
-    "name",
-    "synonyms",
-    "type",
-    "taxon",
-    "date",
-    "assigned_by",
-    "extension",
-    "gene_product_form",
-)
 
 
 def normalise_aspects(aspects: Iterable[str] | str | None) -> tuple[str, ...] | None:
@@ -118,6 +99,8 @@ def read_gaf(path: str | os.PathLike) -> pd.DataFrame:
                 raise ValueError(f"{path}: line {number}: aspect {cols[8]!r} is not P, F or C")
             if not cols[4].startswith("GO:"):
                 raise ValueError(f"{path}: line {number}: GO id {cols[4]!r} does not start with 'GO:'")
+            # GAF 2.x columns: 1 DB_Object_ID, 2 DB_Object_Symbol, 3 Qualifier, 4 GO ID, 6 Evidence Code,
+            # 8 Aspect, 10 DB_Object_Synonym (|-separated), 12 Taxon
             rows.append(
                 (cols[2], cols[1], cols[4], cols[6], cols[3], cols[8], [s for s in cols[10].split("|") if s], cols[12])
             )
