@@ -173,14 +173,15 @@ def results_figure(rows: pd.DataFrame, path: Path) -> bool:
                     continue
                 low, high, n = seed_interval(cell)
                 if n:
-                    (
-                        xs.append(vals.mean()),
-                        ys.append(i + offsets[d]),
-                        lows.append(vals.mean() - low),
-                        highs.append(high - vals.mean()),
-                    )
+                    xs.append(vals.mean())
+                    ys.append(i + offsets[d])
+                    # The seeds' mean can fall outside the mean of their bounds (a percentile interval need not
+                    # hold its estimate, and some seeds may lack one): the bar then ends at the point.
+                    lows.append(max(0.0, vals.mean() - low))
+                    highs.append(max(0.0, high - vals.mean()))
                 else:
-                    x_open.append(vals.mean()), y_open.append(i + offsets[d])
+                    x_open.append(vals.mean())
+                    y_open.append(i + offsets[d])
             bars = ax.errorbar(xs, ys, xerr=[lows, highs], fmt="o", ms=4, capsize=2, label=d)
             ax.plot(x_open, y_open, "o", ms=4, mfc="none", color=bars[0].get_color())
         ax.set_title(f"{title}: test per-gene AUROC (filled: with 95% interval; open: no interval yet)", fontsize=9)

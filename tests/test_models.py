@@ -59,8 +59,9 @@ def test_every_model_config_extends_the_base_config():
     for name in MODEL_CONFIGS:
         defaults = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text()).get("defaults", [])
         parents = [d for d in defaults if isinstance(d, str) and d != "_self_"]
-        assert parents and parents[0] in ["_base", *MODEL_CONFIGS], (
-            f"conf/model/{name}.yaml must list _base first in its defaults"
+        bases = sorted(p.stem for p in (CONF / "model").glob("_*.yaml"))
+        assert parents and parents[0] in [*bases, *MODEL_CONFIGS], (
+            f"conf/model/{name}.yaml must list a shared base ({', '.join(bases)}) or another model first in its defaults"
         )
 
 
