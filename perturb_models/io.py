@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import math
 import os
 import tempfile
 import time
@@ -93,6 +94,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def nan_to_none(metrics: dict[str, float]) -> dict[str, float | None]:
+    """JSON has no NaN: metrics that could not be computed are written as null."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
 
 
 def atomic_write_dataframe(path: str | os.PathLike, frame) -> Path:

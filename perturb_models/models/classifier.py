@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -287,8 +286,3 @@ class PerturbationClassifier(L.LightningModule):
             raise ValueError(
                 "checkpoint vocabulary differs from the DataModule's; rebuild the data from the checkpoint's record"
             )
-
-
-def nan_to_none(metrics: dict[str, float]) -> dict[str, float | None]:
-    """JSON has no NaN: metrics that could not be computed are written as null."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
