@@ -154,3 +154,11 @@ def test_an_encoder_outside_the_contract_is_named(synthetic_cfg):
 
     with pytest.raises(ValueError, match="logits of width 2, but the task has 3 classes"):
         PerturbationClassifier(WrongLogits(), vocab, "joint")
+
+    class NoAccumulate(Encoder):
+        produces_logits = True
+        output_dim = 3
+        accumulates_gradients = True
+
+    with pytest.raises(TypeError, match="NoAccumulate sets accumulates_gradients but does not implement accumulate"):
+        PerturbationClassifier(NoAccumulate(), vocab, "joint")
