@@ -301,7 +301,7 @@ class GeneSummaries:
     ):
         if source not in ("llm", "knowledge", "none", "auto"):
             raise ConfigError(f"model.encoder.summaries.source must be llm, knowledge, auto or none, got {source!r}")
-        from perturb_models.models.prompts import knowledge_available
+        from perturb_models.models.llm.prompts import knowledge_available
 
         self.facts: dict[str, str] = {}
         if source == "auto":

@@ -13,7 +13,7 @@ not contain its own label either.
 
 Print the prompts of pairs from the command line (any Hydra override of ``train.py`` applies)::
 
-    python -m perturb_models.models.prompts data=k562 data.task=joint --pair AARS2 AAK1 --pair ...
+    python -m perturb_models.models.llm.prompts data=k562 data.task=joint --pair AARS2 AAK1 --pair ...
 """
 
 from __future__ import annotations
