@@ -39,7 +39,13 @@ from torch.utils.data import DataLoader
 from perturb_models.gse.enrichment import GOSets, enrich, load_go_sets
 from perturb_models.gse.scoring import rouge1_recall
 from perturb_models.models.classifier import RECORD_KEY
-from perturb_models.models.llm import build_base_model, keep_adapter_only, load_tokenizer, require_llm_extra
+from perturb_models.models.llm import (
+    add_lora,
+    build_base_model,
+    keep_adapter_only,
+    load_tokenizer,
+    require_llm_extra,
+)
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +278,6 @@ class LoRALlamaNamer(L.LightningModule):
         """Called by the runner with the GSE context (and by Lightning with a stage: nothing to do then)."""
         if context is None or isinstance(context, str) or self.model is not None:
             return
-        from peft import LoraConfig, TaskType, get_peft_model
-
         self.setup_knowledge(context)
         options = self.options
         source = options["tokenizer"] or (options["pretrained"] if options["llama_config"] is None else "words")
@@ -312,16 +316,7 @@ class LoRALlamaNamer(L.LightningModule):
                 f"tokenizer has {len(self.tokenizer)} tokens, the model's embedding only "
                 f"{base.get_input_embeddings().num_embeddings}"
             )
-        config = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=int(self.lora.get("r", 8)),
-            lora_alpha=int(self.lora.get("alpha", 16)),
-            lora_dropout=float(self.lora.get("dropout", 0.05)),
-            target_modules=list(self.lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.init_seed)
-            self.model = get_peft_model(base, config)
+        self.model = add_lora(base, self.lora, "CAUSAL_LM", seed=self.init_seed)
         self.model.train()
         keep_adapter_only(self)  # checkpoints hold the LoRA weights; the base is rebuilt on load
 

@@ -5,6 +5,7 @@ One module per job:
 
 - :mod:`~perturb_models.models.llm.weights`: where weights and tokenizers come from (SmolLM2 GGUF, a
   folder, a hub id, a seeded random ``llama_config``) and the base model factory.
+- :mod:`~perturb_models.models.llm.lora`: the one LoRA adapter builder.
 - :mod:`~perturb_models.models.llm.adapters`: adapter-only checkpoints and the record (sha256) of the base.
 - :mod:`~perturb_models.models.llm.prompts`: the classifier's prompts (also a CLI that prints them; not
   imported here, so that ``python -m perturb_models.models.llm.prompts`` runs it once).
@@ -25,6 +26,7 @@ from perturb_models.models.llm.adapters import (
     keep_adapter_only,
 )
 from perturb_models.models.llm.encoder import LoRALlamaClassifier
+from perturb_models.models.llm.lora import add_lora, lora_config
 from perturb_models.models.llm.optim import adamw, warmup_decay
 from perturb_models.models.llm.weights import (
     DTYPES,
@@ -49,11 +51,13 @@ __all__ = [
     "LoRALlamaClassifier",
     "MissingWeightsError",
     "adamw",
+    "add_lora",
     "base_weights_record",
     "build_base_model",
     "check_same_base",
     "keep_adapter_only",
     "load_tokenizer",
+    "lora_config",
     "require_llm_extra",
     "smollm2_gguf",
     "tokenizer_fingerprint",

@@ -30,6 +30,7 @@ from perturb_models.io import cache_dir
 from perturb_models.models.base import Encoder
 from perturb_models.models.llm.accumulation import accumulate_micro_batches, in_batch_order, micro_batches
 from perturb_models.models.llm.adapters import base_weights_record, check_same_base, keep_adapter_only
+from perturb_models.models.llm.lora import add_lora
 from perturb_models.models.llm.timing import estimate_cpu_times, fits_on_cpu
 from perturb_models.models.llm.tokens import (
     PairTokens,
@@ -98,8 +99,6 @@ class LoRALlamaClassifier(Encoder):
     ):
         super().__init__()
         require_llm_extra()
-        from peft import LoraConfig, TaskType, get_peft_model
-
         # Imported here, not at the top: the package must not import prompts, which runs as a script too
         # (python -m perturb_models.models.llm.prompts).
         from perturb_models.models.llm.prompts import builder_from_context
@@ -150,15 +149,7 @@ class LoRALlamaClassifier(Encoder):
                 f"{base.get_input_embeddings().num_embeddings}"
             )
         self.base_record = base_weights_record(pretrained, llama_config, init_seed, base)  # before LoRA is injected
-        lora = dict(lora or {})
-        config = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=int(lora.get("r", 8)),
-            lora_alpha=int(lora.get("alpha", 16)),
-            lora_dropout=float(lora.get("dropout", 0.05)),
-            target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
-        )
-        self.model = get_peft_model(base, config)  # SEQ_CLS: the score head is trained and saved with the adapter
+        self.model = add_lora(base, lora, "SEQ_CLS")  # SEQ_CLS: the score head is trained and saved with the adapter
         # Trainable weights in float32 over a (possibly bf16) frozen base: optimizer updates of a few
         # 1e-4 would vanish in bf16's 8-bit mantissa. LoRA casts its input itself; the head needs a hook.
         for param in self.model.parameters():
