@@ -520,3 +520,18 @@ def test_tiny_llama_trains_under_two_process_cpu_ddp(synthetic_cfg, tmp_path, ca
     # ddp_spawn trains in worker processes and hands rank 0's weights back: the adapter moved.
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_weight_file_hashes_are_plain_sha256_and_memoised(tmp_path, cache):
+    import hashlib
+
+    from perturb_models.models.llm.adapters import weights_file_sha256
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 9000)  # over one read block
+    expected = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert weights_file_sha256(weights) == expected
+    (memo,) = (cache / "weight_hashes").glob("*.txt")
+    assert memo.read_text() == expected
+    memo.write_text("memoised")  # keyed by path, size and mtime: read back, not recomputed
+    assert weights_file_sha256(weights) == "memoised"

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from perturb_models.io import atomic_write_bytes, cache_dir
+from perturb_models.io import atomic_write_bytes, cache_dir, sha256_file
 from perturb_models.models.llm.weights import weights_source
 
 RANDOM_BASE_SAMPLE = 4096
@@ -51,12 +51,9 @@ def weights_file_sha256(path: Path) -> str:
     memo = cache_dir("weight_hashes", f"{key}.txt")
     if memo.is_file():
         return memo.read_text().strip()
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    atomic_write_bytes(memo, digest.hexdigest().encode())
-    return digest.hexdigest()
+    digest = sha256_file(path)
+    atomic_write_bytes(memo, digest.encode())
+    return digest
 
 
 def base_weights_record(pretrained: str | None, llama_config: Mapping[str, Any] | None, init_seed: int, base) -> dict:
