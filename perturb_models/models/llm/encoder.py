@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from perturb_models.console import say
 from perturb_models.io import cache_dir
 from perturb_models.models.base import Encoder
 from perturb_models.models.llm.accumulation import accumulate_micro_batches, in_batch_order, micro_batches
@@ -234,7 +235,7 @@ class LoRALlamaClassifier(Encoder):
         for stage, frame in getattr(datamodule, "frames", {}).items():
             self.tokenise_split(frame["pert_idx"].to_numpy(), frame["gene_idx"].to_numpy(), stage)
         if getattr(datamodule, "frames", None) and fits_on_cpu(getattr(datamodule, "trainer", None), self):
-            print(self.estimate_times(datamodule), flush=True)
+            say(self.estimate_times(datamodule))
 
     def split_tokens(self, frame) -> int:
         return sum(
