@@ -41,11 +41,6 @@ PROMPT_TEXT_RECIPE = {"synonyms": False, "go": True, "aspects": ["P", "F"], "max
 DescriptionSource = Mapping[str, str] | Callable[[str], "str | None"] | str | None
 
 
-def count_words(text: str) -> int:
-    """Token count stand-in when no tokenizer is given: words and commas."""
-    return len(text.replace(",", " ,").split())
-
-
 OUTCOME_WORDS = {0: "unchanged", 1: "down", 2: "up", 3: "changed"}
 
 
