@@ -96,7 +96,7 @@ def real_prompt_lengths(data: str, count: int, seed: int = 0) -> list[int]:
     from perturb_models.builders import build_datamodule
     from perturb_models.config import compose_config
     from perturb_models.models.llm import load_tokenizer
-    from perturb_models.models.prompts import builder_from_context
+    from perturb_models.models.llm.prompts import builder_from_context
 
     cfg = compose_config("train", ["model=lora_llama", f"data={data}", "data.task=joint"])
     datamodule = build_datamodule(cfg.data)

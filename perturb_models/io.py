@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import math
 import os
 import tempfile
 import time
@@ -95,6 +96,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def nan_to_none(metrics: dict[str, float]) -> dict[str, float | None]:
+    """JSON has no NaN: metrics that could not be computed are written as null."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+
+
 def atomic_write_dataframe(path: str | os.PathLike, frame) -> Path:
     """Write a pandas DataFrame as CSV atomically."""
     return atomic_write_text(path, frame.to_csv(index=False))
@@ -116,6 +122,7 @@ def looks_like_html(head: bytes) -> bool:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

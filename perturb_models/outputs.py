@@ -14,8 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from perturb_models.config import running_from_checkout
 from perturb_models.console import say
 from perturb_models.data.datamodule import PerturbQADataModule
-from perturb_models.io import atomic_write_dataframe, atomic_write_json
-from perturb_models.models.classifier import nan_to_none
+from perturb_models.io import atomic_write_dataframe, atomic_write_json, nan_to_none
 
 
 def git_commit() -> str | None:

@@ -126,3 +126,57 @@ def test_every_runner_is_registered_under_its_name_and_every_model_class_names_o
     assert targets, "no model class found in conf/model"
     for target in sorted(targets):
         assert getattr(get_class(target), "runner", None) in RUNNERS, f"{target} names no registered runner"
+
+
+LLM_PACKAGE = "perturb_models.models.llm"
+
+
+def _llm_private_uses(path) -> list[str]:
+    """``name`` for each private name (leading underscore, not dunder) that ``path`` takes from the LLM
+    package: ``from perturb_models.models.llm[.x] import _name``, or ``alias._name`` on a module of it."""
+    import ast
+
+    tree = ast.parse(path.read_text(), filename=str(path))
+    modules: set[str] = set()  # local names bound to the package or one of its modules
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                if node.module == LLM_PACKAGE or node.module.startswith(LLM_PACKAGE + "."):
+                    if alias.name.startswith("_"):
+                        found.append(alias.name)
+                    modules.add(alias.asname or alias.name)  # a module or a name: attributes checked below
+                elif f"{node.module}.{alias.name}" == LLM_PACKAGE:
+                    modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == LLM_PACKAGE or alias.name.startswith(LLM_PACKAGE + "."):
+                    modules.add(alias.asname or alias.name.split(".")[0])
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_nothing_outside_the_llm_package_uses_its_private_names():
+    """perturb_models/models/llm/__init__.py is the LLM code's API: the namer, the backends, benchmarks
+    and tests import public names only."""
+    inside = REPO / "perturb_models" / "models" / "llm"
+    sources = [p for folder in ("perturb_models", "benchmarks", "tests") for p in (REPO / folder).rglob("*.py")]
+    sources += sorted(REPO.glob("*.py"))
+    offenders = {
+        str(p.relative_to(REPO)): names for p in sources if inside not in p.parents and (names := _llm_private_uses(p))
+    }
+    assert offenders == {}
+
+
+def test_lora_config_is_built_in_one_place():
+    """The classifier and the namer share one LoRA builder (models/llm/lora.py): same defaults for both."""
+    building = sorted(str(p.relative_to(REPO)) for p in python_sources() if re.search(r"\bLoraConfig\(", p.read_text()))
+    assert building == ["perturb_models/models/llm/lora.py"]

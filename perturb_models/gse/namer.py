@@ -40,11 +40,11 @@ from perturb_models.gse.enrichment import GOSets, enrich, load_go_sets
 from perturb_models.gse.scoring import rouge1_recall
 from perturb_models.models.classifier import RECORD_KEY
 from perturb_models.models.llm import (
-    _allow_missing_frozen_weights,
-    _drop_frozen_weights,
-    _require_llm_extra,
+    add_lora,
     build_base_model,
+    keep_adapter_only,
     load_tokenizer,
+    require_llm_extra,
 )
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class LoRALlamaNamer(Namer, L.LightningModule):
         data_seed: int = 0,
     ):
         super().__init__()
-        _require_llm_extra()
+        require_llm_extra()
         self.options = dict(pretrained=pretrained, tokenizer=tokenizer, llama_config=llama_config)
         self.lora = dict(lora or {})
         self.train_examples, self.val_examples = int(train_examples), int(val_examples)
@@ -195,7 +195,7 @@ class LoRALlamaNamer(Namer, L.LightningModule):
             go["max_size"],
         )
         # One description source for every prompt: the gene texts of knowledge/text.py (prompts.resolve_descriptions).
-        from perturb_models.models.prompts import resolve_descriptions
+        from perturb_models.models.llm.prompts import resolve_descriptions
 
         source = "knowledge" if self.descriptions_source == "gene_info" else self.descriptions_source
         describe = resolve_descriptions(source, sorted(context.background), self.knowledge_root)
@@ -278,8 +278,6 @@ class LoRALlamaNamer(Namer, L.LightningModule):
         """Called by the runner with the GSE context (and by Lightning with a stage: nothing to do then)."""
         if context is None or isinstance(context, str) or self.model is not None:
             return
-        from peft import LoraConfig, TaskType, get_peft_model
-
         self.setup_knowledge(context)
         options = self.options
         source = options["tokenizer"] or (options["pretrained"] if options["llama_config"] is None else "words")
@@ -318,21 +316,9 @@ class LoRALlamaNamer(Namer, L.LightningModule):
                 f"tokenizer has {len(self.tokenizer)} tokens, the model's embedding only "
                 f"{base.get_input_embeddings().num_embeddings}"
             )
-        config = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=int(self.lora.get("r", 8)),
-            lora_alpha=int(self.lora.get("alpha", 16)),
-            lora_dropout=float(self.lora.get("dropout", 0.05)),
-            target_modules=list(self.lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.init_seed)
-            self.model = get_peft_model(base, config)
+        self.model = add_lora(base, self.lora, "CAUSAL_LM", seed=self.init_seed)
         self.model.train()
-        # Adapter-only checkpoints, with the hooks of the LoRA classifier (llm.py).
-        self._frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
-        self.register_state_dict_post_hook(_drop_frozen_weights)
-        self.register_load_state_dict_post_hook(_allow_missing_frozen_weights)
+        keep_adapter_only(self)  # checkpoints hold the LoRA weights; the base is rebuilt on load
 
     def encode(
         self, genes: Sequence[str], target: str | None = None, hide: str | None = None

@@ -23,6 +23,15 @@ The contract:
   as perturbations without changing anything a known gene sees (its graph in-edges, its table row). An
   encoder that cannot (a perturbation vector learned from data only) leaves the flag false and says why
   in ``new_perturbation_refusal``; ``predict.py`` prints that reason when asked about such a gene.
+- ``accumulates_gradients`` / ``accumulate(batch, loss_fn, backward)`` (optional): an encoder that sets
+  the flag trains under manual optimisation: per training batch the classifier calls ``accumulate``,
+  which runs forward and backward itself (in pieces, e.g. micro-batches bounded by a token budget,
+  calling ``backward(loss)`` for each piece) so that the summed gradients are those of the batch's mean
+  ``loss_fn``, and returns the batch's loss (detached); the classifier then takes one optimizer step.
+- ``average_gradients(world_size)``: with manual optimisation under DDP, the classifier calls it once
+  per step, after ``accumulate``, on every rank (ranks may cut their batches into different numbers of
+  pieces, so DDP's own reducer is off). The default all-reduces the gradient of every trainable
+  parameter and divides by ``world_size``; override it to reduce differently (buckets, compression).
 - ``evidence(pert, gene)`` (optional): per-pair columns that explain an answer (the retrieval model's
   closest training knockdowns); ``predict.py`` writes them next to the probabilities.
 - ``runner`` (class attribute, default ``"pairs"``): the kind of run that fits and evaluates the model
@@ -34,6 +43,7 @@ The contract:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -80,6 +90,35 @@ class Encoder(nn.Module):
         """Columns explaining the answers for the pairs ``(pert[i], gene[i])`` (vocab indices); none by default."""
         return {}
 
+    accumulates_gradients: bool = False
+    """True when the classifier must train this encoder through :meth:`accumulate` (manual optimisation)
+    instead of one forward and one backward per batch."""
+
+    def accumulate(
+        self,
+        batch: dict[str, torch.Tensor],
+        loss_fn: nn.CrossEntropyLoss,
+        backward: Callable[[torch.Tensor], None],
+    ) -> torch.Tensor:
+        """Forward and backward one training batch, calling ``backward(loss)`` on each piece, so the
+        gradients sum to those of ``loss_fn``'s mean over the batch; returns the batch's loss (detached).
+        Required when ``accumulates_gradients`` is true."""
+        raise NotImplementedError(f"{type(self).__name__} sets accumulates_gradients but does not implement accumulate")
+
+    def average_gradients(self, world_size: int) -> None:
+        """Average the trainable parameters' gradients over ``world_size`` processes (manual optimisation
+        under DDP; called on every rank once per step). A parameter without a gradient contributes zeros."""
+        all_reduce_mean(self.parameters(), world_size)
+
+
+def all_reduce_mean(parameters: Iterable[nn.Parameter], world_size: int) -> None:
+    """Replace each trainable parameter's gradient by its mean over the ``world_size`` processes."""
+    for param in (p for p in parameters if p.requires_grad):
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        torch.distributed.all_reduce(param.grad)
+        param.grad /= world_size
+
 
 def check_encoder(encoder: nn.Module, num_classes: int) -> None:
     """Fail early, naming the class, when an encoder breaks the contract."""
@@ -94,6 +133,8 @@ def check_encoder(encoder: nn.Module, num_classes: int) -> None:
         raise ValueError(
             f"model.encoder: {name}.output_dim must be a positive int (the width of forward's output), got {dim!r}"
         )
+    if encoder.accumulates_gradients and type(encoder).accumulate is Encoder.accumulate:
+        raise TypeError(f"model.encoder: {name} sets accumulates_gradients but does not implement accumulate")
     if encoder.produces_logits and dim != num_classes:
         raise ValueError(
             f"model.encoder: {name} produces logits of width {dim}, but the task has {num_classes} classes"

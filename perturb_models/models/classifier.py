@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -14,9 +13,10 @@ import torch
 from torch import nn
 
 from perturb_models.calibration import calibration_metrics
+from perturb_models.data.datamodule import PerturbQADataModule
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.metrics import metrics_from_predictions, prediction_frame
-from perturb_models.models.base import check_encoder, trainable_parameters
+from perturb_models.models.base import all_reduce_mean, check_encoder, trainable_parameters
 from perturb_models.runs import RECORD_KEY
 from perturb_models.tasks import decode_scores, get_task
 
@@ -84,7 +84,7 @@ class PerturbationClassifier(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.monitor = monitor
         # Encoders that backward each micro-batch as they go (the LLM) drive the step themselves.
-        self.automatic_optimization = not getattr(encoder, "accumulates_gradients", False)
+        self.automatic_optimization = not encoder.accumulates_gradients
         self.run_record: dict[str, Any] = {}
         # Per-task Platt calibrators fitted on validation (perturb_models.calibration); None: uncalibrated.
         self.calibrators: dict[str, dict[str, Any]] | None = None
@@ -137,17 +137,15 @@ class PerturbationClassifier(L.LightningModule):
 
     def _accumulating_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Manual optimisation: the encoder runs forward and backward per micro-batch (memory of one
-        micro-batch), then one optimizer step. Under DDP the gradients are averaged once per step here,
-        because ranks may cut their batches into different numbers of micro-batches."""
+        micro-batch), then one optimizer step. Under DDP the gradients are averaged once per step here
+        (the encoder's ``average_gradients``, then the head's), because ranks may cut their batches into
+        different numbers of micro-batches."""
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         loss = self.encoder.accumulate(batch, self.loss_fn, self.manual_backward)
         if self.trainer.world_size > 1:
-            for param in (p for p in self.parameters() if p.requires_grad):
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                torch.distributed.all_reduce(param.grad)
-                param.grad /= self.trainer.world_size
+            self.encoder.average_gradients(self.trainer.world_size)
+            all_reduce_mean(self.head.parameters(), self.trainer.world_size)
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None and self.scheduler_interval == "step":
@@ -255,12 +253,12 @@ class PerturbationClassifier(L.LightningModule):
             self.stage_metrics["test"].update(
                 calibration_metrics(self.stage_predictions["test"], self.calibrators, "test")
             )
-        note = getattr(getattr(self.trainer, "datamodule", None), "subset_notes", {}).get("test")
-        if note and "test" in self.stage_metrics:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        subset = datamodule.gene_subset("test") if isinstance(datamodule, PerturbQADataModule) else None
+        if subset is not None and "test" in self.stage_metrics:
             # A subset's AUROC must not pass for the official full-test figure.
-            self.stage_metrics["test"]["test/genes_subset"] = float(
-                self.trainer.datamodule.frames["test"]["gene"].nunique()
-            )
+            note, genes = subset
+            self.stage_metrics["test"]["test/genes_subset"] = float(genes)
             log.warning("test metrics scored on a gene subset: %s", note)
 
     # ---- optimisation ----------------------------------------------------------------------------
@@ -287,8 +285,3 @@ class PerturbationClassifier(L.LightningModule):
             raise ValueError(
                 "checkpoint vocabulary differs from the DataModule's; rebuild the data from the checkpoint's record"
             )
-
-
-def nan_to_none(metrics: dict[str, float]) -> dict[str, float | None]:
-    """JSON has no NaN: metrics that could not be computed are written as null."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}

@@ -42,7 +42,7 @@ from perturb_models.io import atomic_write_text, cache_dir
 from perturb_models.llm_backends import Backend, build_backend
 from perturb_models.models.base import Encoder
 from perturb_models.models.knn import TrainingNeighbours
-from perturb_models.tasks import DOWN, NOT_DE, UP
+from perturb_models.tasks import OUTCOME_WORDS
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,6 @@ QUESTIONS = {
     ),
     "joint": "Question: after the CRISPRi knockdown of {pert}, is the expression of {gene} unchanged, down or up?",
 }
-OUTCOME = {NOT_DE: "unchanged", DOWN: "down", UP: "up", 3: "changed"}
 CATEGORIES = ("same_pert", "same_gene", "both_similar", "random")
 CATEGORY_TITLES = {
     "same_pert": "same knockdown, similar gene",
@@ -302,7 +301,7 @@ class GeneSummaries:
     ):
         if source not in ("llm", "knowledge", "none", "auto"):
             raise ConfigError(f"model.encoder.summaries.source must be llm, knowledge, auto or none, got {source!r}")
-        from perturb_models.models.prompts import knowledge_available
+        from perturb_models.models.llm.prompts import knowledge_available
 
         self.facts: dict[str, str] = {}
         if source == "auto":
@@ -508,7 +507,7 @@ class SummerEncoder(Encoder):
                 lines.append(f"Outcomes measured in training experiments in {self.cell_line} cells:")
                 for q, h, code, category in examples:
                     lines.append(
-                        f"- knockdown of {self.symbols[q]} -> {self.symbols[h]}: {OUTCOME[code]} "
+                        f"- knockdown of {self.symbols[q]} -> {self.symbols[h]}: {OUTCOME_WORDS[code]} "
                         f"({CATEGORY_TITLES[category]})"
                     )
         lines.append(QUESTIONS[self.task].format(pert=p, gene=g))

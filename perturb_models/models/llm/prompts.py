@@ -13,12 +13,11 @@ not contain its own label either.
 
 Print the prompts of pairs from the command line (any Hydra override of ``train.py`` applies)::
 
-    python -m perturb_models.models.prompts data=k562 data.task=joint --pair AARS2 AAK1 --pair ...
+    python -m perturb_models.cli.prompts data=k562 data.task=joint --pair AARS2 AAK1 --pair ...
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import re
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from perturb_models.tasks import QUESTIONS
+from perturb_models.tasks import OUTCOME_WORDS, QUESTIONS, outcome_codes
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +40,8 @@ PROMPT_TEXT_RECIPE = {"synonyms": False, "go": True, "aspects": ["P", "F"], "max
 DescriptionSource = Mapping[str, str] | Callable[[str], "str | None"] | str | None
 
 
-def count_words(text: str) -> int:
-    """Token count stand-in when no tokenizer is given: words and commas."""
-    return len(text.replace(",", " ,").split())
-
-
-OUTCOME_WORDS = {0: "unchanged", 1: "down", 2: "up", 3: "changed"}
-
-
 def outcome_word(de: int, direction: int, task: str) -> str:
     """The observed outcome of a training pair, as the prompts write it."""
-    from perturb_models.tasks import outcome_codes
-
     return OUTCOME_WORDS[int(outcome_codes(np.array([de]), np.array([direction]))[0])]
 
 
@@ -292,59 +281,3 @@ def builder_from_context(
         neighbours=neighbours,
         **options,
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Print the LLM prompts of (perturbation, gene) pairs as model=lora_llama builds them."
-    )
-    parser.add_argument(
-        "--pair", nargs=2, action="append", metavar=("PERT", "GENE"), default=[], help="a pair to print (repeatable)"
-    )
-    parser.add_argument(
-        "--first-test", type=int, default=0, help="also print the first N test pairs that have evidence"
-    )
-    parser.add_argument(
-        "--coverage",
-        action="store_true",
-        help="also print the share of test pairs whose prompt carries retrieved neighbours",
-    )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of train.py, e.g. data=k562 data.task=joint")
-    args = parser.parse_args(argv)
-
-    from perturb_models.builders import build_datamodule
-    from perturb_models.config import compose_config
-
-    model = [] if any(o.startswith("model=") for o in args.overrides) else ["model=lora_llama"]
-    cfg = compose_config("train", [*model, *args.overrides])
-    datamodule = build_datamodule(cfg.data)
-    encoder_cfg = cfg.model.encoder
-    prompt = dict(encoder_cfg.get("prompt") or {})
-    builder = builder_from_context(datamodule.context, graphs=encoder_cfg.get("graphs"), **prompt)
-    pairs = [tuple(p) for p in args.pair]
-    if args.first_test:
-        test = datamodule.frames["test"]
-        for pert, gene in zip(test["pert"], test["gene"]):
-            if len(pairs) >= len(args.pair) + args.first_test:
-                break
-            if builder.retrieved(pert, gene):
-                pairs.append((pert, gene))
-    if args.coverage:
-        test = datamodule.frames["test"]
-        found = [len(builder.retrieved(p, g)) for p, g in zip(test["pert"], test["gene"])]
-        with_evidence = sum(1 for n in found if n)
-        print(
-            f"test pairs with retrieved neighbours: {with_evidence:,} of {len(found):,} "
-            f"({with_evidence / len(found):.1%}); "
-            f"{sum(found) / len(found):.1f} neighbours per pair on average (retrieval_k={builder.retrieval_k})\n"
-        )
-    for pert, gene in pairs:
-        stage = next(
-            (s for s, f in datamodule.frames.items() if ((f["pert"] == pert) & (f["gene"] == gene)).any()), None
-        )
-        print(builder(pert, gene))
-        print(f"[({pert}, {gene}) is in the {stage} split]\n" if stage else f"[({pert}, {gene}) is in no split]\n")
-
-
-if __name__ == "__main__":
-    main()
