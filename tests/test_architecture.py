@@ -121,8 +121,9 @@ def test_every_runner_is_registered_under_its_name_and_every_model_class_names_o
     for path in (REPO / "conf" / "model").glob("*.yaml"):
         model = yaml.safe_load(path.read_text())
         for key in ("encoder", "namer"):
-            if isinstance(model.get(key), dict) and model[key].get("_target_"):
-                targets.add(model[key]["_target_"])
+            target = (model.get(key) or {}).get("_target_") if isinstance(model.get(key), dict) else None
+            if target and target != "???":  # a shared base leaves the class to the model that extends it
+                targets.add(target)
     assert targets, "no model class found in conf/model"
     for target in sorted(targets):
         assert getattr(get_class(target), "runner", None) in RUNNERS, f"{target} names no registered runner"
