@@ -50,6 +50,32 @@ def test_add_a_model_example_trains_and_reloads(tmp_path, monkeypatch):
     assert again["test/de_auroc_per_gene"] == metrics["test/de_auroc_per_gene"]
 
 
+def test_add_a_kind_of_run_example_runs_through_train(tmp_path, monkeypatch):
+    import json
+
+    from perturb_models.runners import RUNNERS
+
+    (tmp_path / "my_runs.py").write_text(doc_block("python", "## Add a kind of run"))
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "gene_prior.yaml").write_text(doc_block("yaml", "conf/model/gene_prior.yaml"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_runs", raising=False)
+    monkeypatch.setattr("perturb_models.runners.RUNNERS", dict(RUNNERS))  # the example registers into a copy
+    run = tmp_path / "run"
+    cfg = compose_config(
+        "train",
+        ["model=gene_prior", "data=synthetic", *FAST_CPU, f"hydra.searchpath=[file://{tmp_path / 'conf'}]"],
+        run,
+    )
+    metrics = train(cfg)
+    assert "zero_shot" not in RUNNERS, "the example must not leak into the real registry"
+    assert json.loads((run / "run.json").read_text())["model"] == "gene_prior"
+    assert (run / "predictions" / "test.csv").is_file() and not (run / "checkpoints").exists()
+    # the per-gene prior knows which genes change often, but not which knockdown changes them: within a gene
+    # every test pair gets the same score, so the per-gene AUROC is exactly chance
+    assert metrics["test/de_auroc_per_gene"] == 0.5 and metrics["test/de_genes_scored"] > 0
+
+
 def python_sources() -> list:
     return [p for folder in ("perturb_models", "benchmarks") for p in (REPO / folder).rglob("*.py")] + [
         REPO / "train.py",
