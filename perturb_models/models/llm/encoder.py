@@ -267,7 +267,6 @@ class LoRALlamaClassifier(Encoder):
         check_same_base((state or {}).get("base_weights", {}), self.base_record)
 
     # ---- forward ----------------------------------------------------------------------------------------
-
     def micro_batches(self, rows: Sequence[torch.Tensor]) -> list[list[int]]:
         """Positions of the rows per micro-batch: longest first, each at most ``micro_batch_tokens`` padded tokens."""
         return micro_batches(rows, self.micro_batch_tokens)
