@@ -43,6 +43,7 @@ from perturb_models.models.llm.tokens import (
     write_token_file,
 )
 from perturb_models.models.llm.weights import build_base_model, load_tokenizer, require_llm_extra, tokenizer_fingerprint
+from perturb_models.tasks import OUTCOME_WORDS
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,7 @@ class LoRALlamaClassifier(Encoder):
     """
 
     produces_logits = True
-    new_perturbation_refusal = (
-        "its prompts (gene descriptions, neighbour evidence) and their token cache are keyed "
-        "by the training vocabulary; extending them to new genes is not implemented yet"
-    )
+    describes_new_perturbations = True
 
     def __init__(
         self,
@@ -258,6 +256,38 @@ class LoRALlamaClassifier(Encoder):
             )
             self.tokens.add(missing, ids)
         return [self.tokens.rows[self.tokens.row_of[k]] for k in keys]
+
+    # ---- genes outside the training vocabulary (predict.py) ---------------------------------------------
+    def extend_vocabulary(self, context) -> None:
+        """A new gene's prompt names it with its knowledge description and, with retrieval, the training
+        knockdowns its graph edges point to (the knn rule); known pairs keep their exact prompts."""
+        if context.num_genes == self.num_genes:
+            return
+        if self.prompts.neighbours is not None:
+            self.prompts.neighbours.extend_vocabulary(context)
+        if self.prior is not None:
+            self.prior.extend_vocabulary(context)
+        self.prompts.extend_vocabulary(context)
+        self.symbols = list(context.vocab.symbols)
+        self.num_genes = context.num_genes
+        # Token rows are keyed by pert * num_genes + gene: new keys for every pair, re-tokenised on demand.
+        self.tokens = PairTokens(self.num_genes)
+
+    def evidence(self, pert: np.ndarray, gene: np.ndarray) -> dict[str, list]:
+        """The prompt's retrieved knockdowns (``SYMBOL:outcome:similarity``, closest first), and with
+        ``prior=knn`` the vote's columns."""
+        columns: dict[str, list] = dict(self.prior.evidence(pert, gene)) if self.prior is not None else {}
+        if self.prompts.neighbours is not None and self.prior is None:
+            columns["prompt_knockdowns"] = [
+                "; ".join(
+                    f"{n}:{OUTCOME_WORDS[int(c)]}:{s:.3f}"
+                    for n, s, c in zip(
+                        *(part[: self.prompts.show] for part in self.prompts.nearest(self.symbols[p], self.symbols[g]))
+                    )
+                )
+                for p, g in zip(np.asarray(pert).tolist(), np.asarray(gene).tolist())
+            ]
+        return columns
 
     # ---- checkpoint record of the base -------------------------------------------------------------------
     def get_extra_state(self) -> dict:

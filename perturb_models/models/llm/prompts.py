@@ -59,11 +59,21 @@ class KnowledgeDescriptions:
         recipe: Mapping[str, Any] | None = None,
         allow_download: bool = False,
     ):
-        from perturb_models.knowledge.text import TextRecipe, build_gene_texts
+        from perturb_models.knowledge.text import TextRecipe
 
         self.recipe = TextRecipe.from_mapping(recipe or PROMPT_TEXT_RECIPE)
-        texts = build_gene_texts(list(symbols), root, self.recipe, allow_download=allow_download)
+        self.root, self.allow_download = root, allow_download
         self.table: dict[str, str] = {}
+        self.add(symbols)
+
+    def add(self, symbols: Sequence[str]) -> None:
+        """Describe more genes (``predict.py``'s genes outside the vocabulary); known ones keep their text."""
+        from perturb_models.knowledge.text import build_gene_texts
+
+        new = [s for s in symbols if s not in self.table]
+        if not new:
+            return
+        texts = build_gene_texts(new, self.root, self.recipe, allow_download=self.allow_download)
         for symbol, text in texts.texts.items():
             if texts.has_knowledge[symbol]:
                 text = re.sub(r"^Gene [^:.]*[:.]\s*", "", text)
@@ -251,6 +261,14 @@ class PromptBuilder:
         elif measured:
             lines.append(f"No knockdown similar to {pert} measured {gene}.")
         return lines
+
+    def extend_vocabulary(self, context) -> None:
+        """Prompts for the genes appended to the vocabulary (``predict.py``): their descriptions and, through
+        the neighbours (extended by the caller), their retrieved knockdowns; known genes' prompts unchanged."""
+        new = list(context.vocab.symbols[len(self.vocab) :]) if self.vocab is not None else []
+        self.vocab = context.vocab
+        if new and isinstance(self.describe, KnowledgeDescriptions):
+            self.describe.add(new)
 
     def __call__(self, pert: str, gene: str) -> str:
         lines = [
