@@ -71,6 +71,16 @@ def test_ensemble_trains_members_into_its_run_and_checkpoints_members_and_weight
         assert (run / name).is_file()
 
 
+def test_a_resumed_ensemble_reuses_its_finished_members(tmp_path):
+    run = tmp_path / "run"
+    first = train(ensemble_cfg(run, "trainer.max_epochs=1"))
+    member_ckpt = run / "members" / "mlp" / "checkpoints" / "best.ckpt"
+    written = member_ckpt.stat().st_mtime_ns
+    again = train(ensemble_cfg(run, "trainer.max_epochs=1", "ckpt_path=last"))
+    assert member_ckpt.stat().st_mtime_ns == written, "a finished member was trained again"
+    assert again["test/de_auroc_per_gene"] == first["test/de_auroc_per_gene"]
+
+
 def test_comparison_below_a_folder_counts_the_ensemble_once_not_its_members(ensemble_run):
     from perturb_models.results import find_run_dirs
 

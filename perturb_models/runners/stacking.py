@@ -6,6 +6,8 @@ the members from those runs, and fits its combination on validation (``EnsembleE
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,15 @@ from perturb_models.errors import ConfigError
 from perturb_models.runners.pairs import PairsRunner
 
 log = logging.getLogger(__name__)
+
+
+def finished(run: Path) -> bool:
+    """Whether ``run`` holds a completed run (its ``run.json`` says so and its best checkpoint exists)."""
+    try:
+        record = json.loads((run / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return record.get("status") == "completed" and (run / "checkpoints" / "best.ckpt").is_file()
 
 
 def _plain(node: Any) -> Any:
@@ -45,9 +56,15 @@ class StackingRunner(PairsRunner):
         encoder = cfg.model.encoder
         runs = dict(_plain(encoder.get("member_runs")) or {})
         for name in list(_plain(encoder.get("members")) or []):
-            if not runs.get(name):
-                runs[name] = str(self.train_member(cfg, name, output_dir / "members" / name))
-        cfg = cfg.copy()
+            if runs.get(name):
+                continue
+            out = output_dir / "members" / name
+            if finished(out):  # a resumed ensemble run: the member's own run is done, and checked when loaded
+                log.info("ensemble: member %s already trained in %s", name, out)
+                runs[name] = str(out)
+            else:
+                runs[name] = str(self.train_member(cfg, name, out))
+        cfg = copy.deepcopy(cfg)
         OmegaConf.update(cfg, "model.encoder.member_runs", runs, force_add=True)
         return super().train(cfg, output_dir)
 
