@@ -81,6 +81,14 @@ def test_a_resumed_ensemble_reuses_its_finished_members(tmp_path):
     assert again["test/de_auroc_per_gene"] == first["test/de_auroc_per_gene"]
 
 
+def test_members_are_not_trained_inside_a_multi_process_run(tmp_path):
+    from perturb_models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cannot train member 'mlp' inside a multi-process run.*member_runs\.mlp"):
+        train(ensemble_cfg(tmp_path / "run", "trainer=ddp_sim"))
+    assert not (tmp_path / "run" / "members" / "mlp" / "checkpoints").exists()
+
+
 def test_comparison_below_a_folder_counts_the_ensemble_once_not_its_members(ensemble_run):
     from perturb_models.results import find_run_dirs
 

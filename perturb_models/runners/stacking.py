@@ -74,7 +74,9 @@ class StackingRunner(PairsRunner):
 
         from perturb_models.training import train
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        strategy = _plain(cfg.trainer.get("strategy")) or ""
+        multi_process = "DDP" in str(strategy.get("_target_", "") if isinstance(strategy, dict) else strategy).upper()
+        if multi_process or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             raise ConfigError(
                 f"model=ensemble cannot train member {name!r} inside a multi-process run; train it "
                 f"first and pass +model.encoder.member_runs.{name}=<its run folder>"
