@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 # this module evaluates (see _quiet_sync_advice).
 _SYNC_ADVICE = r".*self\.log\('(val|test)/.*sync_dist=True.*"
 
-"""Checkpoint key holding what rebuilds a run: the resolved config, the vocab and the split."""
-
 
 class PerturbationClassifier(L.LightningModule):
     """Encoder + linear head + cross-entropy, for every model of the project.
@@ -76,8 +74,8 @@ class PerturbationClassifier(L.LightningModule):
         if trainable and optimizer is None:
             raise ValueError(
                 f"model.optimizer is null, but {type(encoder).__name__} (+ head) has {trainable:,} trainable "
-                f"parameters: "
-                "they would never be updated. Give an optimizer (conf/model/_base.yaml has the default), or freeze them"
+                "parameters: they would never be updated. Give an optimizer (conf/model/_base.yaml has the default), "
+                "or freeze them"
             )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
