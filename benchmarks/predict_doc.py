@@ -74,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         frame = pd.read_csv(out / "predictions.csv")
     egfr = frame.loc[frame["pert"] == QUERY[0]]
     top = egfr.loc[(egfr["p_de"] * egfr["p_up_given_de"]).idxmax()]
-    shown = top.drop(labels=[c for c in top.index if c.startswith("Unnamed")])
     row_text = "\n".join(
-        f"{name:<28}{value:.6f}" if isinstance(value, float) else f"{name:<28}{value}" for name, value in shown.items()
+        f"{name:<28}{value:.6f}" if isinstance(value, float) else f"{name:<28}{value}" for name, value in top.items()
     )
     body = "\n\n".join(
         [

@@ -36,7 +36,8 @@ def build_model(cfg: DictConfig, datamodule: PerturbQADataModule, **encoder_inpu
     """The shared classifier around the encoder of ``cfg.model``; dimensions come from the DataModule.
 
     ``encoder_inputs`` are extra constructor arguments a runner hands the encoder (the stacking runner's
-    ``build_member``). Code that may meet any model builds it through ``runners.build_model_for``."""
+    ``build_member``). Code that may meet any model builds it through its runner
+    (``runners.runner_for(cfg).build_model``)."""
     context = datamodule.context
     encoder_factory = instantiate(cfg.model.encoder, _partial_=True, _convert_="all")
     encoder = encoder_factory(context=context, **encoder_inputs)

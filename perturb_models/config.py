@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import perturb_models  # noqa: F401  (registers the config resolvers)
 
@@ -31,6 +32,11 @@ def running_from_checkout() -> bool:
 # The config folder (the checkout's conf/, else the installed copy) and the same for @hydra.main.
 CONF_DIR = _CHECKOUT / "conf" if running_from_checkout() else Path(__file__).resolve().parent / "conf"
 HYDRA_CONFIG_PATH = str(CONF_DIR) if running_from_checkout() else f"pkg://{CONF_PACKAGE}"
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers, interpolations resolved; anything else as it is."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def compose_config(

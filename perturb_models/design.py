@@ -45,6 +45,7 @@ import torch
 from omegaconf import DictConfig
 from scipy import sparse
 
+from perturb_models.config import plain
 from perturb_models.console import say
 from perturb_models.errors import ConfigError, UserError
 
@@ -528,7 +529,7 @@ def design(cfg: DictConfig) -> pd.DataFrame:
         scoring_seconds = time.perf_counter() - began
     else:
         genes = []
-    graph_specs = _plain(run_cfg.model.get("encoder", {}).get("graphs"))
+    graph_specs = plain(run_cfg.model.get("encoder", {}).get("graphs"))
     similarity = GOSimilarity(go_term_sets(items, graph_specs, knowledge_root, allow_download))
     full_u = None if uncertainty is None else np.concatenate([np.zeros(len(measured)), uncertainty])
     rng = np.random.default_rng(int(cfg.seed))
@@ -600,14 +601,6 @@ def design(cfg: DictConfig) -> pd.DataFrame:
     atomic_write_json(output_dir / "design.json", summary)
     say(summary_text(frame, summary))
     return frame
-
-
-def _plain(value) -> dict | None:
-    from omegaconf import OmegaConf
-
-    if value is None:
-        return None
-    return OmegaConf.to_container(value, resolve=True)
 
 
 def resolver_genes(resolver, genes_asked) -> list[str]:

@@ -68,10 +68,7 @@ def test_every_model_config_extends_the_base_config():
 def runner_of(model: str, tmp_path) -> str:
     """The kind of run of ``model=...``, from the registry (its class's ``runner``)."""
     probe = compose_config("train", [f"model={model}", "data=synthetic", *FAST_CPU], tmp_path / "probe")
-    return runner_for_class(model_class(probe.model))
-
-
-def runner_for_class(cls: type) -> str:
+    cls = model_class(probe.model)
     assert cls.runner in RUNNERS, f"{cls.__name__}.runner={cls.runner!r} is not in the runner registry"
     return cls.runner
 

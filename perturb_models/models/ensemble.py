@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from perturb_models.config import plain
 from perturb_models.data.datamodule import DataContext
 from perturb_models.models.base import Encoder
 from perturb_models.runs import find_checkpoint, load_run_record
@@ -60,12 +60,6 @@ def _json_safe(value: Any) -> Any:
         return [_json_safe(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return None if np.isnan(value) else float(value)
-    return value
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
     return value
 
 
@@ -325,7 +319,7 @@ class EnsembleEncoder(Encoder):
                 "EnsembleEncoder needs build_member (its runner's member factory): build model=ensemble "
                 "through perturb_models.runners (train.py, evaluate.py, predict.py do)"
             )
-        members, catalog = list(_plain(members) or []), _plain(catalog) or {}
+        members, catalog = list(plain(members) or []), plain(catalog) or {}
         if not members:
             raise ValueError("model.encoder.members is empty: list at least one model (e.g. [knn, gears])")
         if len(set(members)) != len(members):
@@ -340,13 +334,13 @@ class EnsembleEncoder(Encoder):
         self.context = context
         self.member_names = members
         self.member_configs = {m: catalog[m] for m in members}
-        self.member_runs = dict(_plain(member_runs) or {})
+        self.member_runs = dict(plain(member_runs) or {})
         unknown = [m for m in self.member_runs if m not in members]
         if unknown:
             raise ValueError(
                 f"model.encoder.member_runs names {unknown[0]!r}, which is not a member ({', '.join(members)})"
             )
-        self.member_overrides = dict(_plain(member_overrides) or {})
+        self.member_overrides = dict(plain(member_overrides) or {})
         self.members = nn.ModuleDict({m: build_member(self.member_configs[m]) for m in members})
         # Members are fitted by their own runs and then fixed: the ensemble itself trains no parameter
         # (its weights are fitted on validation in prepare_datamodule), so it needs no optimizer.
@@ -395,7 +389,7 @@ class EnsembleEncoder(Encoder):
                 f"val_fraction?); its validation predictions would not be held out"
             )
         saved = record["config"]["model"]["encoder"]
-        wanted = _plain(self.member_configs[name]["encoder"])
+        wanted = plain(self.member_configs[name]["encoder"])
         if saved != wanted:
             differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise ValueError(

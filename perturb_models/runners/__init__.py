@@ -61,9 +61,4 @@ def runner_for(cfg: DictConfig | Mapping[str, Any]) -> Runner:
     return runner
 
 
-def build_model_for(cfg: DictConfig, datamodule: Any) -> Any:
-    """The model of ``cfg`` built by its runner (a stacking model builds its members too)."""
-    return runner_for(cfg).build_model(cfg, datamodule)
-
-
-__all__ = ["RUNNERS", "Runner", "build_model_for", "model_class", "runner_for"]
+__all__ = ["RUNNERS", "Runner", "model_class", "runner_for"]

@@ -16,6 +16,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from perturb_models.builders import build_model
+from perturb_models.config import plain
 from perturb_models.errors import ConfigError
 from perturb_models.runners.pairs import PairsRunner
 
@@ -31,10 +32,6 @@ def finished(run: Path) -> bool:
     return record.get("status") == "completed" and (run / "checkpoints" / "best.ckpt").is_file()
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
 class StackingRunner(PairsRunner):
     name = "stacking"
 
@@ -44,7 +41,7 @@ class StackingRunner(PairsRunner):
         metric = cfg.get("optimized_metric")
 
         def build_member(model_cfg: Any) -> L.LightningModule:
-            return build_model(OmegaConf.create({"model": _plain(model_cfg), "optimized_metric": metric}), datamodule)
+            return build_model(OmegaConf.create({"model": plain(model_cfg), "optimized_metric": metric}), datamodule)
 
         return build_model(cfg, datamodule, build_member=build_member)
 
@@ -54,8 +51,8 @@ class StackingRunner(PairsRunner):
 
     def train(self, cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         encoder = cfg.model.encoder
-        runs = dict(_plain(encoder.get("member_runs")) or {})
-        for name in list(_plain(encoder.get("members")) or []):
+        runs = dict(plain(encoder.get("member_runs")) or {})
+        for name in list(plain(encoder.get("members")) or []):
             if runs.get(name):
                 continue
             out = output_dir / "members" / name
@@ -74,14 +71,14 @@ class StackingRunner(PairsRunner):
 
         from perturb_models.training import train
 
-        strategy = _plain(cfg.trainer.get("strategy")) or ""
+        strategy = plain(cfg.trainer.get("strategy")) or ""
         multi_process = "DDP" in str(strategy.get("_target_", "") if isinstance(strategy, dict) else strategy).upper()
         if multi_process or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             raise ConfigError(
                 f"model=ensemble cannot train member {name!r} inside a multi-process run; train it "
                 f"first and pass +model.encoder.member_runs.{name}=<its run folder>"
             )
-        catalog = _plain(cfg.model.encoder.get("catalog")) or {}
+        catalog = plain(cfg.model.encoder.get("catalog")) or {}
         if name not in catalog:
             raise ConfigError(
                 f"model.encoder.members lists {name!r}, which is not in model.encoder.catalog "
@@ -90,9 +87,9 @@ class StackingRunner(PairsRunner):
         member = OmegaConf.create(
             {
                 "model": catalog[name],
-                "data": _plain(cfg.data),
-                "trainer": _plain(cfg.trainer),
-                "callbacks": _plain(cfg.callbacks),
+                "data": plain(cfg.data),
+                "trainer": plain(cfg.trainer),
+                "callbacks": plain(cfg.callbacks),
                 "logger": {},
                 "paths": {"output_dir": str(out)},
                 "seed": cfg.seed,
@@ -100,7 +97,7 @@ class StackingRunner(PairsRunner):
                 "ckpt_path": None,
             }
         )
-        overrides = (_plain(cfg.model.encoder.get("member_overrides")) or {}).get(name) or {}
+        overrides = (plain(cfg.model.encoder.get("member_overrides")) or {}).get(name) or {}
         member = OmegaConf.merge(member, OmegaConf.create(overrides))
         # The ensemble's own callbacks point at its checkpoints/ folder; a member writes into its own.
         member.trainer.default_root_dir = str(out)

@@ -278,15 +278,12 @@ class LoRALlamaClassifier(Encoder):
         ``prior=knn`` the vote's columns."""
         columns: dict[str, list] = dict(self.prior.evidence(pert, gene)) if self.prior is not None else {}
         if self.prompts.neighbours is not None and self.prior is None:
-            columns["prompt_knockdowns"] = [
-                "; ".join(
-                    f"{n}:{OUTCOME_WORDS[int(c)]}:{s:.3f}"
-                    for n, s, c in zip(
-                        *(part[: self.prompts.show] for part in self.prompts.nearest(self.symbols[p], self.symbols[g]))
-                    )
-                )
-                for p, g in zip(np.asarray(pert).tolist(), np.asarray(gene).tolist())
-            ]
+            shown = []
+            for p, g in zip(np.asarray(pert).tolist(), np.asarray(gene).tolist()):
+                names, sims, codes = self.prompts.nearest(self.symbols[p], self.symbols[g])
+                closest = zip(names[: self.prompts.show], sims[: self.prompts.show], codes[: self.prompts.show])
+                shown.append("; ".join(f"{n}:{OUTCOME_WORDS[int(c)]}:{s:.3f}" for n, s, c in closest))
+            columns["prompt_knockdowns"] = shown
         return columns
 
     # ---- checkpoint record of the base -------------------------------------------------------------------
