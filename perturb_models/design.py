@@ -463,7 +463,9 @@ def design(cfg: DictConfig) -> pd.DataFrame:
     knowledge = run_cfg.get("knowledge") or {}
     knowledge_root = cfg.get("knowledge_root") or knowledge.get("root")
     allow_download = bool(knowledge.get("allow_download", True))
-    resolver = QueryResolver(context.vocab, measured_downstream_genes(datamodule), knowledge_root, allow_download)
+    resolver = QueryResolver(
+        context.vocab, measured_downstream_genes(datamodule), knowledge_root, allow_download, context.ensembl_ids
+    )
 
     # What is measured already: every knockdown of the checkpoint's dataset, plus those named by `measured`.
     dataset_perts = list(dict.fromkeys([*context.train_perts, *context.val_perts, *context.test_perts]))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -104,9 +104,15 @@ class QueryResolver:
     written with another name of a known gene finds it through the GeneID training-time knowledge gave it."""
 
     def __init__(
-        self, vocab: GeneVocab, measured_genes: Sequence[str], knowledge_root: str | None, allow_download: bool
+        self,
+        vocab: GeneVocab,
+        measured_genes: Sequence[str],
+        knowledge_root: str | None,
+        allow_download: bool,
+        ensembl_ids: Mapping[str, str] | None = None,
     ):
         self.vocab = vocab
+        self.ensembl_ids = dict(ensembl_ids or {})
         self.measured = set(measured_genes)
         self.knowledge_root, self.allow_download = knowledge_root, allow_download
         self._gene_info = None
@@ -129,7 +135,7 @@ class QueryResolver:
     def vocab_symbol_of(self) -> dict[int, str]:
         """GeneID -> the training-vocabulary symbol that training-time knowledge resolved to it."""
         if self._vocab_symbol_of is None:
-            mapping = self.gene_info.resolve_many(self.vocab.symbols).mapping
+            mapping = self.gene_info.resolve_many(self.vocab.symbols, self.ensembl_ids).mapping
             self._vocab_symbol_of = {}
             for symbol in self.vocab.symbols:  # vocab order: the first symbol of a gene wins, deterministically
                 if symbol in mapping:
@@ -186,7 +192,12 @@ class QueryResolver:
         return list(dict.fromkeys(symbols))
 
 
-def knowledge_flags(symbols: Sequence[str], knowledge_root: str | None, allow_download: bool) -> dict[str, str]:
+def knowledge_flags(
+    symbols: Sequence[str],
+    knowledge_root: str | None,
+    allow_download: bool,
+    ensembl_ids: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """Per symbol: ``go`` (it has GO annotations, what every knowledge-describing model reads: graphs, and
     the GO part of gene texts) or ``none`` (the model answers from the gene's training-time treatment or its
     gene_info name alone: read the answer as the dataset's base rates). Resolved as training-time knowledge
@@ -195,7 +206,9 @@ def knowledge_flags(symbols: Sequence[str], knowledge_root: str | None, allow_do
     from perturb_models.knowledge.files import KnowledgeFileError
 
     try:
-        terms, _report = symbol_go_terms(list(symbols), knowledge_root, allow_download=allow_download)
+        terms, _report = symbol_go_terms(
+            list(symbols), knowledge_root, allow_download=allow_download, ensembl_ids=ensembl_ids
+        )
     except KnowledgeFileError as exc:  # only genes of the training vocabulary were asked, and no file is at hand
         log.warning("pert_knowledge left 'unknown': %s", str(exc).splitlines()[0])
         return {s: "unknown" for s in symbols}
@@ -426,7 +439,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     knowledge_root = cfg.get("knowledge_root") or knowledge.get("root")
     allow_download = bool(knowledge.get("allow_download", True))
     measured = measured_downstream_genes(datamodule)
-    resolver = QueryResolver(context.vocab, measured, knowledge_root, allow_download)
+    resolver = QueryResolver(context.vocab, measured, knowledge_root, allow_download, context.ensembl_ids)
 
     perts_list = resolver.all_known() if perts_asked == ALL_KNOWN else perts_asked
     perts = [resolver.perturbation(s) for s in perts_list]
@@ -474,7 +487,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
             len(new),
             len(context.vocab),
         )
-    flags = knowledge_flags(answered_perts, knowledge_root, allow_download)
+    flags = knowledge_flags(answered_perts, knowledge_root, allow_download, context.ensembl_ids)
     for item in perts:
         if item.refused is None:
             item.knowledge = flags[item.symbol]

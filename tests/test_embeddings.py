@@ -27,7 +27,7 @@ MATRIX = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
 
 
 def _context(symbols, dataset="toy"):
-    return SimpleNamespace(vocab=GeneVocab(symbols), dataset=dataset, clusters={})
+    return SimpleNamespace(vocab=GeneVocab(symbols), dataset=dataset, clusters={}, ensembl_ids={})
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,7 @@ class Ctx:
         self.vocab = GeneVocab(symbols)
         self.dataset = dataset
         self.clusters = {}
+        self.ensembl_ids = {}
 
     @property
     def num_genes(self):

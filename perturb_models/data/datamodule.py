@@ -18,11 +18,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from perturb_models.data.perturbqa import (
+    PERTURBQA_ENSEMBL_MAP,
     DataValidationError,
     TaskTables,
     ensure_task_files,
     load_task_tables,
     read_cluster_mapping,
+    read_ensembl_map,
     validate_tables,
 )
 from perturb_models.data.synthetic import make_synthetic_tables
@@ -42,6 +44,8 @@ class DataContext:
     (1 up, 0 down, -1 not DE or unknown). Graphs and retrieval built from labels must use only this.
     ``clusters`` maps the vocab symbols that name gene clusters (k562_set's downstream "genes") to their
     member symbols; ``cell_line`` is named in LLM prompts; ``source`` says where the pairs came from.
+    ``ensembl_ids`` maps the dataset's symbols (vocab and cluster members) to Ensembl gene ids, for the
+    knowledge files' symbol resolution (``SymbolResolver.resolve_many``); empty when the dataset has none.
     Everything a model needs from the dataset is here, so knowledge code never reads data files.
     """
 
@@ -55,6 +59,7 @@ class DataContext:
     cell_line: str = ""
     clusters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     source: str = ""
+    ensembl_ids: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -203,6 +208,9 @@ class PerturbQADataModule(L.LightningDataModule):
             test split (null, the default) is.
         subset_seed: seed of those subsets, apart from ``seed`` so that runs of several seeds (and models)
             score the same genes (paired comparisons).
+        ensembl_map: a JSON file symbol -> Ensembl gene id (a name in the data folder, downloaded with the
+            dataset, or a path; null: none). It settles symbols gene_info cannot: ``SARS`` names SARS1 and
+            SARS2, ``HIST1H2BC`` two histone genes. Unsettled ones stay without knowledge, and are logged.
     """
 
     def __init__(
@@ -225,6 +233,7 @@ class PerturbQADataModule(L.LightningDataModule):
         test_genes: int | None = None,
         val_genes: int | None = None,
         subset_seed: int = 0,
+        ensembl_map: str | None = PERTURBQA_ENSEMBL_MAP,
     ):
         super().__init__()
         get_task(task)  # an unknown task fails here, naming the valid ones
@@ -249,6 +258,7 @@ class PerturbQADataModule(L.LightningDataModule):
             "val": int(val_genes) if val_genes is not None else None,
         }
         self.subset_seed = int(subset_seed)
+        self.ensembl_map = ensembl_map
         self.subset_notes: dict[str, str] = {}
         self.splits: dict[str, PairTensors] = {}
         self.frames: dict[str, pd.DataFrame] = {}
@@ -339,6 +349,11 @@ class PerturbQADataModule(L.LightningDataModule):
             )
         train = context_train
         mapping = read_cluster_mapping(tables.folder, self.name) if tables.folder is not None else {}
+        ensembl_ids: dict[str, str] = {}
+        if self.ensembl_map and tables.folder is not None:
+            wanted = set(vocab.symbols) | {m for members in mapping.values() for m in members}
+            ensembl = read_ensembl_map(tables.folder, self.ensembl_map, self.base_url, self.download)
+            ensembl_ids = {s: ensembl[s] for s in sorted(wanted) if s in ensembl}
         self.context = DataContext(
             dataset=self.name,
             task=self.task,
@@ -350,6 +365,7 @@ class PerturbQADataModule(L.LightningDataModule):
             cell_line=self.cell_line,
             clusters={k: v for k, v in mapping.items() if k in vocab},
             source=tables.source,
+            ensembl_ids=ensembl_ids,
         )
         for note in self.subset_notes.values():
             log.warning(note)

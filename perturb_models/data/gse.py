@@ -14,13 +14,19 @@ cluster is a subset of its background.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from perturb_models.data.perturbqa import DataValidationError, fetch_published_files, read_json_file, resolve_data_root
+from perturb_models.data.perturbqa import (
+    DataValidationError,
+    fetch_published_files,
+    read_ensembl_map,
+    read_json_file,
+    resolve_data_root,
+)
 
 GSE_KINDS = ("gene", "pert")
 
@@ -87,6 +93,8 @@ class GSEContext:
     all_clusters: dict[str, list[tuple[str, ...]]]
     background: tuple[str, ...]
     source: str
+    # symbol -> Ensembl id of the background file: settles symbols gene_info cannot (SymbolResolver)
+    ensembl_ids: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def scored(self) -> pd.DataFrame:
@@ -142,14 +150,11 @@ class GSEDataModule:
             for kind in GSE_KINDS
         }
         background: dict[str, None] = {}
+        ensembl_ids: dict[str, str] = {}
         if self.background_file:
-            background.update(
-                dict.fromkeys(
-                    read_background(
-                        ensure_published_file(self.background_file, self.root, self.base_url, self.download)
-                    )
-                )
-            )
+            path = ensure_published_file(self.background_file, self.root, self.base_url, self.download)
+            background.update(dict.fromkeys(read_background(path)))
+            ensembl_ids = read_ensembl_map(path.parent, path.name, allow_download=False)
         for table in tables.values():
             for genes in table["genes"]:
                 background.update(dict.fromkeys(genes))
@@ -160,6 +165,7 @@ class GSEDataModule:
             all_clusters={kind: list(t["genes"]) for kind, t in tables.items()},
             background=tuple(background),
             source=str(folder),
+            ensembl_ids=ensembl_ids,
         )
 
 

@@ -413,6 +413,34 @@ def read_cluster_mapping(folder: str | os.PathLike, name: str) -> dict[str, tupl
     return {str(k): tuple(str(s) for s in v) for k, v in mapping.items()}
 
 
+# PerturbQA's symbol -> Ensembl id file (the K562 genome-wide screen's genes; it covers every published cell line).
+PERTURBQA_ENSEMBL_MAP = "k562_gw_mapping_full.json"
+
+
+def read_ensembl_map(
+    folder: str | os.PathLike, file_name: str, base_url: str | None = None, allow_download: bool = True
+) -> dict[str, str]:
+    """Symbol -> Ensembl gene id of a dataset (PerturbQA's ``k562_gw_mapping_full.json``): what settles
+    symbols that gene_info alone cannot (an old name shared by two genes, a retired locus name).
+
+    ``file_name`` is a name in ``folder`` (a published file is downloaded when missing and allowed) or a
+    path. Missing and not downloadable: empty, with a warning saying which symbols may stay unresolved.
+    """
+    path = Path(os.path.expanduser(file_name))
+    if not path.is_absolute():
+        path = Path(folder) / file_name
+    if not path.is_file() and allow_download and path.parent == Path(folder):
+        try:
+            fetch_published_files({path.name: path}, Path(folder), base_url, allow_download)
+        except DownloadError as error:
+            log.warning("%s; gene symbols that gene_info finds ambiguous stay unresolved", str(error).splitlines()[0])
+    if not path.is_file():
+        log.warning("no symbol -> Ensembl file %s: gene symbols that gene_info finds ambiguous stay unresolved", path)
+        return {}
+    mapping = read_json_file(path, dict, "a JSON object gene symbol -> Ensembl gene id")
+    return {str(k): str(v) for k, v in mapping.items() if isinstance(v, str) and v.upper().startswith("ENSG")}
+
+
 def dataset_symbols(name: str, data_root: str | os.PathLike | None = None, expand_sets: bool = True) -> list[str]:
     """Every gene symbol of a PerturbQA dataset (perturbations and downstream genes).
 

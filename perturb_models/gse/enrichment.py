@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +53,10 @@ def load_go_sets(
     min_size: int = 3,
     max_size: int = 500,
     allow_download: bool = True,
+    ensembl_ids: Mapping[str, str] | None = None,
 ) -> GOSets:
-    """Propagated GO term sets over ``background`` symbols from gene_info + gene2go + GO OBO (memoised)."""
+    """Propagated GO term sets over ``background`` symbols from gene_info + gene2go + GO OBO (memoised);
+    ``ensembl_ids`` settle the symbols gene_info alone cannot (``GSEContext.ensembl_ids``)."""
     from perturb_models.knowledge.files import knowledge_root
 
     key = (
@@ -64,6 +66,7 @@ def load_go_sets(
         tuple(exclude_evidence),
         int(min_size),
         int(max_size),
+        tuple(sorted((ensembl_ids or {}).items())),
     )
     if key in _CACHE:
         return _CACHE[key]
@@ -72,7 +75,7 @@ def load_go_sets(
     from perturb_models.knowledge.go import gene_term_sets, read_gene2go, read_obo
 
     resolver = SymbolResolver(read_gene_info(knowledge_file("gene_info", root, allow_download)))
-    report = resolver.resolve_many(background)
+    report = resolver.resolve_many(background, ensembl_ids)
     log.info("GO enrichment background: %s", report.summary("background genes in gene_info"))
     ids = report.mapping
     annotations = read_gene2go(knowledge_file("gene2go", root, allow_download))
@@ -161,7 +164,13 @@ class GOEnrichmentNamer(Namer):
 
     def setup(self, context) -> None:
         self.sets = load_go_sets(
-            context.background, self.knowledge_root, self.aspects, self.exclude_evidence, self.min_size, self.max_size
+            context.background,
+            self.knowledge_root,
+            self.aspects,
+            self.exclude_evidence,
+            self.min_size,
+            self.max_size,
+            ensembl_ids=context.ensembl_ids,
         )
 
     def predict(self, clusters: Sequence[Sequence[str]]) -> list[dict[str, Any]]:

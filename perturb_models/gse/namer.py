@@ -193,12 +193,13 @@ class LoRALlamaNamer(Namer, L.LightningModule):
             go.get("exclude_evidence", ()),
             go["min_size"],
             go["max_size"],
+            ensembl_ids=context.ensembl_ids,
         )
         # One description source for every prompt: the gene texts of knowledge/text.py (prompts.resolve_descriptions).
         from perturb_models.models.llm.prompts import resolve_descriptions
 
         source = "knowledge" if self.descriptions_source == "gene_info" else self.descriptions_source
-        describe = resolve_descriptions(source, sorted(context.background), self.knowledge_root)
+        describe = resolve_descriptions(source, sorted(context.background), self.knowledge_root, context.ensembl_ids)
         self.describe: dict[str, str] = {}
         if describe is not None:
             self.describe = {g: text for g in sorted(context.background) if (text := describe(g))}

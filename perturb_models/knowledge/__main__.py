@@ -24,12 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     # The command line joins the two sides; the knowledge library itself never reads dataset files.
-    from perturb_models.data.perturbqa import dataset_symbols
+    from perturb_models.data.perturbqa import (
+        PERTURBQA_ENSEMBL_MAP,
+        dataset_symbols,
+        read_ensembl_map,
+        resolve_data_root,
+    )
 
     symbols = dataset_symbols(args.data, args.data_root)
-    report = resolve_symbols(symbols, args.root, not args.no_download)
+    ensembl = read_ensembl_map(resolve_data_root(args.data_root), PERTURBQA_ENSEMBL_MAP, None, not args.no_download)
+    report = resolve_symbols(symbols, args.root, not args.no_download, ensembl_ids=ensembl)
     print(report.summary(f"{args.data} genes in gene_info"))
-    terms, _ = symbol_go_terms(symbols, args.root, allow_download=not args.no_download)
+    terms, _ = symbol_go_terms(symbols, args.root, allow_download=not args.no_download, ensembl_ids=ensembl)
     print(
         f"{args.data} genes with GO annotations (gene2go): {len(terms)}/{len(symbols)} "
         f"({len(terms) / max(1, len(symbols)):.1%})"

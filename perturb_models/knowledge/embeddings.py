@@ -274,9 +274,14 @@ def _knowledge_fingerprint(root, allow_download: bool, go: bool, definitions: bo
 
 
 def text_embedding_table(
-    symbols: Sequence[str], spec: Mapping, clusters: Mapping[str, Sequence[str]] | None = None, progress: bool = True
+    symbols: Sequence[str],
+    spec: Mapping,
+    clusters: Mapping[str, Sequence[str]] | None = None,
+    progress: bool = True,
+    ensembl_ids: Mapping[str, str] | None = None,
 ) -> EmbeddingTable:
-    """Sentence embeddings of the gene texts of ``symbols``, through the on-disk cache."""
+    """Sentence embeddings of the gene texts of ``symbols``, through the on-disk cache. ``ensembl_ids``: the
+    dataset's symbol -> Ensembl id map, for symbols gene_info alone cannot settle."""
     from perturb_models.knowledge.text import TextRecipe, build_gene_texts
 
     spec = full_spec(spec)
@@ -287,6 +292,7 @@ def text_embedding_table(
         "text": recipe.version,
         "symbols": list(symbols),
         "clusters": clusters,
+        "ensembl": {s: ensembl_ids[s] for s in symbols if s in (ensembl_ids or {})},
         "knowledge": _knowledge_fingerprint(
             spec["knowledge_root"], spec["allow_download"], recipe.go, recipe.definitions
         ),
@@ -305,7 +311,7 @@ def text_embedding_table(
                     f"text:{spec['encoder']}",
                     {"cache": str(path), "text_version": recipe.version},
                 )
-    texts = build_gene_texts(symbols, spec["knowledge_root"], recipe, clusters, spec["allow_download"])
+    texts = build_gene_texts(symbols, spec["knowledge_root"], recipe, clusters, spec["allow_download"], ensembl_ids)
     matrix = encode_texts([texts.texts[s] for s in symbols], spec["encoder"], spec["batch_size"], progress)
     # Symbols unknown to gene_info only have "Gene X.": an embedding of a name, not of knowledge. They
     # are flagged missing and zeroed, so models treat them explicitly (missing flag / learned vector).
@@ -366,7 +372,7 @@ def table_for_symbols(
 
 def gene_embedding_table(context, spec: Mapping | None, progress: bool = True) -> EmbeddingTable:
     """An ``EmbeddingTable`` in vocab order for ``context`` (a DataContext), logging the coverage."""
-    return symbols_embedding_table(list(context.vocab.symbols), spec, context.clusters, progress)
+    return symbols_embedding_table(list(context.vocab.symbols), spec, context.clusters, progress, context.ensembl_ids)
 
 
 def symbols_embedding_table(
@@ -374,13 +380,15 @@ def symbols_embedding_table(
     spec: Mapping | None,
     clusters: Mapping[str, Sequence[str]] | None = None,
     progress: bool = True,
+    ensembl_ids: Mapping[str, str] | None = None,
 ) -> EmbeddingTable:
-    """An ``EmbeddingTable`` for ``symbols`` (in that order), logging the coverage."""
+    """An ``EmbeddingTable`` for ``symbols`` (in that order), logging the coverage; ``ensembl_ids`` as in
+    :func:`text_embedding_table`."""
     spec = full_spec(spec)
     symbols = list(symbols)
     clusters = clusters or {}
     if spec["source"] == "text":
-        table = text_embedding_table(symbols, spec, clusters, progress)
+        table = text_embedding_table(symbols, spec, clusters, progress, ensembl_ids)
     elif spec["source"] == "random":
         table = random_embedding_table(symbols, spec["dim"], spec["seed"])
     else:

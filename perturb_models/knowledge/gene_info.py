@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -13,6 +13,10 @@ import pandas as pd
 from perturb_models.knowledge.files import open_text
 
 log = logging.getLogger(__name__)
+
+# Part of every cache key over resolved symbols: a change of the rules of ``resolve_many`` changes which
+# gene a symbol names, hence graphs, texts and embeddings.
+RESOLUTION_VERSION = 2
 
 GENE_INFO_COLUMNS = ("#tax_id", "GeneID", "Symbol", "Synonyms", "dbXrefs", "description", "type_of_gene")
 
@@ -97,8 +101,9 @@ class CoverageReport:
             shown = ", ".join(f"{k}->{v}" for k, v in list(sorted(self.by_synonym.items()))[:10])
             lines.append(f"  renamed (synonym -> GeneID), first ones: {shown}")
         if self.ambiguous:
-            shown = ", ".join(f"{k}:{v}" for k, v in list(sorted(self.ambiguous.items()))[:10])
-            lines.append(f"  ambiguous synonyms (left unresolved): {shown}")
+            items = list(sorted(self.ambiguous.items()))[:10]
+            shown = ", ".join(f"{k} (GeneIDs {', '.join(map(str, v))})" for k, v in items)
+            lines.append(f"  ambiguous synonyms, left unresolved (give the dataset an Ensembl map): {shown}")
         if self.missing:
             lines.append(f"  missing, first ones: {', '.join(sorted(self.missing)[:20])}")
         return "\n".join(lines)
@@ -211,34 +216,44 @@ class SymbolResolver:
         close = difflib.get_close_matches(text.upper(), self._upper_symbols, n=n, cutoff=0.6)
         return f"; closest known symbols: {', '.join(self._symbol_of[self._upper[c]] for c in close)}" if close else ""
 
-    def resolve(self, symbol: str) -> int | None:
+    def resolve(self, symbol: str, ensembl_ids: Mapping[str, str] | None = None) -> int | None:
         """GeneID of ``symbol`` or None (missing or ambiguous)."""
-        return self.resolve_many([symbol]).mapping.get(symbol)
+        return self.resolve_many([symbol], ensembl_ids).mapping.get(symbol)
 
-    def resolve_many(self, symbols: Iterable[str]) -> CoverageReport:
+    def resolve_many(self, symbols: Iterable[str], ensembl_ids: Mapping[str, str] | None = None) -> CoverageReport:
+        """Resolve dataset symbols, each by the first rule that names one gene: the official symbol; a synonym
+        of one gene (or of several, when exactly one candidate's current symbol extends it: GARS -> GARS1);
+        an Ensembl id written as the symbol; another case; the dataset's own Ensembl id of the symbol
+        (``ensembl_ids``, e.g. PerturbQA's ``k562_gw_mapping_full.json``), which settles ambiguous synonyms
+        (SARS -> SARS1, TAZ -> TAFAZZIN) and retired loci; the hyphen-less symbol or synonym (``MT-CO1`` ->
+        ``MTCO1``, a synonym of ``COX1``). An ambiguous synonym that no rule settles is reported with its
+        candidates and left missing, never guessed."""
+        hints = ensembl_ids or {}
         report = CoverageReport()
         for symbol in dict.fromkeys(str(s) for s in symbols):
             if symbol in self._symbol:
                 report.by_symbol[symbol] = self._symbol[symbol]
                 continue
-            ids = self._synonym.get(symbol)
-            if ids and len(ids) > 1:
-                # HGNC renames often append a digit (GARS -> GARS1, MARS -> MARS1): when exactly one
-                # candidate's current symbol extends the old one, that is the renamed gene.
-                extended = [g for g in ids if (self._symbol_of.get(g) or "").startswith(symbol)]
-                if len(extended) == 1:
-                    ids = extended
-            if ids and len(ids) == 1:
-                report.by_synonym[symbol] = ids[0]
+            gid, candidates = self._unique_synonym(symbol)
+            if gid is not None:
+                report.by_synonym[symbol] = gid
                 continue
-            if ids:
-                report.ambiguous[symbol] = ids
-            base = symbol.split(".")[0]
+            base, bare = symbol.split(".")[0], symbol.replace("-", "")
+            hinted = self._ensembl.get(str(hints.get(symbol) or "").split(".")[0])
             if base in self._ensembl:
                 report.by_ensembl[symbol] = self._ensembl[base]
-            elif symbol.upper() in self._upper and not ids:
+            elif not candidates and symbol.upper() in self._upper:
                 # Case differences only (e.g. "C1orf112" written "C1ORF112" in some screens).
                 report.by_symbol[symbol] = self._upper[symbol.upper()]
+            elif hinted is not None and (not candidates or hinted in candidates):
+                report.by_ensembl[symbol] = hinted
+            elif candidates:
+                report.ambiguous[symbol] = candidates
+                report.missing.append(symbol)
+            elif bare != symbol and bare in self._symbol:
+                report.by_symbol[symbol] = self._symbol[bare]
+            elif bare != symbol and self._unique_synonym(bare)[0] is not None:
+                report.by_synonym[symbol] = self._unique_synonym(bare)[0]
             else:
                 report.missing.append(symbol)
         return report

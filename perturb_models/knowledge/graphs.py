@@ -34,6 +34,7 @@ from scipy import sparse
 from tqdm.auto import tqdm
 
 from perturb_models.io import atomic_write_bytes, cache_dir
+from perturb_models.knowledge.gene_info import RESOLUTION_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,15 @@ def vocab_term_sets(
     clusters = context.clusters
     wanted = [s for s in symbols if s not in clusters] + sorted({m for ms in clusters.values() for m in ms})
     terms, report = symbol_go_terms(
-        wanted, knowledge_root, annotations, aspects, exclude_evidence, propagate, relations, allow_download
+        wanted,
+        knowledge_root,
+        annotations,
+        aspects,
+        exclude_evidence,
+        propagate,
+        relations,
+        allow_download,
+        context.ensembl_ids,
     )
     sets: list[frozenset[str] | None] = []
     for s in symbols:
@@ -559,6 +568,8 @@ def graph_cache_key(kind: str, params: Mapping[str, Any], context) -> str:
             digest.update(json.dumps(_file_fingerprint(knowledge_file(k, root, allow))).encode())
         mapping = {k: list(v) for k, v in context.clusters.items()}
         digest.update(json.dumps(mapping, sort_keys=True).encode())
+        ensembl = dict(context.ensembl_ids)
+        digest.update(json.dumps({"resolution": RESOLUTION_VERSION, "ensembl": ensembl}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -664,8 +675,9 @@ def _new_gene_embedding_edges(
 
     spec = full_spec(embeddings)
     symbols = context.vocab.symbols
-    known = symbols_embedding_table(symbols[:num_known], spec, context.clusters)  # the training run's table (cached)
-    new = symbols_embedding_table(symbols[num_known:], spec, context.clusters)
+    ensembl = context.ensembl_ids
+    known = symbols_embedding_table(symbols[:num_known], spec, context.clusters, ensembl_ids=ensembl)  # cached
+    new = symbols_embedding_table(symbols[num_known:], spec, context.clusters, ensembl_ids=ensembl)
     matrix = np.concatenate([known.matrix, new.matrix]).astype(np.float32)
     found = np.concatenate([known.found, new.found])
     known_found = np.flatnonzero(found[:num_known])

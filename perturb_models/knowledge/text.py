@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from perturb_models.knowledge.files import knowledge_file
+from perturb_models.knowledge.gene_info import RESOLUTION_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class TextRecipe:
     @property
     def version(self) -> str:
         params = json.dumps(asdict(self), sort_keys=True)
-        return f"{TEXT_VERSION}-{hashlib.sha256(params.encode()).hexdigest()[:10]}"
+        return f"{TEXT_VERSION}-r{RESOLUTION_VERSION}-{hashlib.sha256(params.encode()).hexdigest()[:10]}"
 
     @classmethod
     def from_mapping(cls, values: Mapping | None) -> TextRecipe:
@@ -143,10 +144,12 @@ def build_gene_texts(
     recipe: TextRecipe | None = None,
     clusters: Mapping[str, Sequence[str]] | None = None,
     allow_download: bool = True,
+    ensembl_ids: Mapping[str, str] | None = None,
 ) -> GeneTexts:
     """Texts for ``symbols`` from the knowledge files in ``root`` (see ``knowledge_file``).
 
-    Symbols resolve through gene_info (official symbol, then unambiguous synonyms). A symbol not found
+    Symbols resolve through gene_info (``SymbolResolver.resolve_many``: official symbol, synonyms, the
+    dataset's Ensembl ids ``ensembl_ids``, hyphen-less forms). A symbol not found
     gets the text ``Gene SYMBOL.`` and ``has_knowledge=False``; callers decide what to do with it.
     ``clusters`` maps cluster names to member symbols (k562_set).
     """
@@ -158,7 +161,7 @@ def build_gene_texts(
     genes = [s for s in dict.fromkeys(symbols) if s not in clusters]
     gene_info = read_gene_info(knowledge_file("gene_info", root, allow_download))
     resolver = SymbolResolver(gene_info)
-    report = resolver.resolve_many(genes)
+    report = resolver.resolve_many(genes, ensembl_ids)
     log.info("gene text: %s", report.summary("genes in gene_info"))
     rows = gene_info.set_index("gene_id")
     terms: dict[int, dict[str, list[str]]] = {}

@@ -76,7 +76,7 @@ class GeneEmbeddings(nn.Module):
         new_symbols = context.vocab.symbols[known:]
         if not new_symbols:
             return
-        table = symbols_embedding_table(new_symbols, self.spec, context.clusters)
+        table = symbols_embedding_table(new_symbols, self.spec, context.clusters, ensembl_ids=context.ensembl_ids)
         matrix = torch.from_numpy(np.array(table.matrix, dtype=np.float32))
         found = torch.from_numpy(np.array(table.found, dtype=bool))
         if self.standardization is not None:

@@ -58,11 +58,13 @@ class KnowledgeDescriptions:
         root: str | None = None,
         recipe: Mapping[str, Any] | None = None,
         allow_download: bool = False,
+        ensembl_ids: Mapping[str, str] | None = None,
     ):
         from perturb_models.knowledge.text import TextRecipe
 
         self.recipe = TextRecipe.from_mapping(recipe or PROMPT_TEXT_RECIPE)
         self.root, self.allow_download = root, allow_download
+        self.ensembl_ids = dict(ensembl_ids or {})
         self.table: dict[str, str] = {}
         self.add(symbols)
 
@@ -73,7 +75,9 @@ class KnowledgeDescriptions:
         new = [s for s in symbols if s not in self.table]
         if not new:
             return
-        texts = build_gene_texts(new, self.root, self.recipe, allow_download=self.allow_download)
+        texts = build_gene_texts(
+            new, self.root, self.recipe, allow_download=self.allow_download, ensembl_ids=self.ensembl_ids
+        )
         for symbol, text in texts.texts.items():
             if texts.has_knowledge[symbol]:
                 text = re.sub(r"^Gene [^:.]*[:.]\s*", "", text)
@@ -96,14 +100,18 @@ def knowledge_available(root: str | None = None) -> bool:
 
 
 def resolve_descriptions(
-    source: DescriptionSource, symbols: Sequence[str] = (), knowledge_root: str | None = None
+    source: DescriptionSource,
+    symbols: Sequence[str] = (),
+    knowledge_root: str | None = None,
+    ensembl_ids: Mapping[str, str] | None = None,
 ) -> Callable[[str], str | None] | None:
     """Any description source as a ``symbol -> text or None`` callable.
 
     ``source`` may be None / ``none`` (no descriptions); ``summer`` (the gene summaries ``model=summer``
     wrote, from the user cache); ``auto`` (the gene text of
     :mod:`perturb_models.knowledge.text` when the knowledge files are on disk, else none); ``knowledge``
-    (the same, an error when the files are missing); a mapping; a callable; or
+    (the same, an error when the files are missing; ``ensembl_ids`` as ``DataContext.ensembl_ids``); a
+    mapping; a callable; or
     ``"package.module:attribute"`` naming a mapping, a callable, or a zero-argument factory of either.
     """
     if source is None or source == "" or source == "none":
@@ -120,7 +128,9 @@ def resolve_descriptions(
                     "prompts carry gene symbols only"
                 )
                 return None
-            return KnowledgeDescriptions(symbols, knowledge_root, allow_download=source == "knowledge")
+            return KnowledgeDescriptions(
+                symbols, knowledge_root, allow_download=source == "knowledge", ensembl_ids=ensembl_ids
+            )
         if ":" in source:
             module_name, _, attribute = source.partition(":")
             try:
@@ -161,6 +171,8 @@ class PromptBuilder:
         retrieval_k: the evidence counts outcomes over this many nearest knockdowns (0: no evidence).
         show: this many of the closest are named, with similarity and outcome.
         max_description_chars: descriptions are cut to this many characters.
+        ensembl_ids: the dataset's symbol -> Ensembl id map (``DataContext.ensembl_ids``) for the
+            knowledge descriptions' symbol resolution.
     """
 
     def __init__(
@@ -175,13 +187,14 @@ class PromptBuilder:
         max_description_chars: int = 160,
         knowledge_root: str | None = None,
         description_setting: str | None = None,
+        ensembl_ids: Mapping[str, str] | None = None,
     ):
         if task not in QUESTIONS:
             raise ValueError(f"task must be one of {', '.join(QUESTIONS)}, got {task!r}")
         self.cell_line, self.task = cell_line, task
         self.vocab = vocab
         symbols = list(vocab.symbols) if vocab is not None else []
-        self.describe = resolve_descriptions(descriptions, symbols, knowledge_root)
+        self.describe = resolve_descriptions(descriptions, symbols, knowledge_root, ensembl_ids)
         self.description_setting = description_setting or (
             descriptions if isinstance(descriptions, str) else type(descriptions).__name__
         )
@@ -297,5 +310,6 @@ def builder_from_context(
         task=context.task,
         vocab=context.vocab,
         neighbours=neighbours,
+        ensembl_ids=context.ensembl_ids,
         **options,
     )
