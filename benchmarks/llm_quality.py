@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baselines", nargs="*", default=["knn", "gears"], help="scored on the same test genes")
     parser.add_argument("--baseline-seed", type=int, default=0)
     parser.add_argument("--test-genes", type=int, default=100)
-    parser.add_argument("--val-genes", type=int, default=8)
+    parser.add_argument("--val-genes", type=int, default=64, help="as experiment=lora_llama_cpu")
     parser.add_argument("--max-train-perts", type=int, default=100)
     parser.add_argument("--max-steps", type=int, default=40, help="training steps (batches) of the one epoch")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -1,0 +1,202 @@
+"""benchmarks/llm_curve.py: one LLM run per variant extended point by point, each point exactly a straight run's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def curve_args(csv: Path, runs: Path, *extra: str) -> list[str]:
+    return [
+        "--csv",
+        str(csv),
+        "--data",
+        "synthetic",
+        "--model",
+        "lora_llama_tiny",
+        "--seeds",
+        "0",
+        "--prior-seeds",
+        "0",
+        "--block",
+        "2",
+        "--test-genes",
+        "8",
+        "--val-genes",
+        "3",
+        "--max-train-perts",
+        "10",
+        "--warmup-steps",
+        "1",
+        "--runs-dir",
+        str(runs),
+        *extra,
+    ]
+
+
+def checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    for name, value in a["state_dict"].items():  # tensors, and the encoder's record of its base
+        assert torch.equal(value, b["state_dict"][name]) if torch.is_tensor(value) else value == b["state_dict"][name]
+    (opt_a,), (opt_b,) = a["optimizer_states"], b["optimizer_states"]
+    for key, state in opt_a["state"].items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][field])), (key, field)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+@pytest.fixture
+def curve(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import llm_curve
+
+    yield llm_curve
+    for name in ("llm_curve", "llm_quality"):
+        sys.modules.pop(name, None)
+
+
+def test_curve_extends_one_run_exactly_resumes_skips_and_writes_the_docs(curve, tmp_path, capsys):
+    from quality import run_cell
+
+    csv, runs = tmp_path / "curve.csv", tmp_path / "runs"
+    no_extension = ("--extend-to", "0")
+    plain = runs / "lora_llama_tiny-synthetic-joint-seed0"
+
+    # A curve stopped after its first point ...
+    curve.main(curve_args(csv, runs, "--steps", "2", *no_extension))
+    assert checkpoint(plain)["global_step"] == 2
+    # ... goes on from that run's checkpoint: the 2-step point is skipped, the run resumed at step 2.
+    capsys.readouterr()
+    curve.main(curve_args(csv, runs, "--steps", "2", "4", *no_extension))
+    out = capsys.readouterr().out
+    assert "lora_llama_tiny seed 0, 2 steps: in" in out and "lora_llama_tiny seed 0: from step 2 to 4 steps" in out
+    assert "knn: in" in out  # the reference is scored once
+
+    rows = pd.read_csv(csv)
+    llm = rows.loc[rows["steps"].notna()]
+    assert sorted(set(llm["model"])) == ["lora_llama_tiny", "lora_llama_tiny_prior"]
+    assert llm.groupby(["model", "steps"]).size().to_dict() == {(m, s): 2 for m in set(llm["model"]) for s in (2, 4)}
+    assert rows.loc[rows["model"] == "knn", "steps"].isna().all() and (rows["model"] == "knn").sum() == 2
+    assert ((rows["ci_low"] <= rows["auroc_per_gene"]) & (rows["auroc_per_gene"] <= rows["ci_high"])).all()
+    assert (rows["genes_scored"] == 8).all() and (rows["val_genes_scored"] == 3).all()
+    assert rows["overrides"].str.contains("data.test_genes=8 data.subset_seed=0 ").all()
+    assert (plain / "curve" / "step2" / "predictions" / "test.csv").is_file()
+
+    # The resumed 4-step point is a straight 4-step run: same weights, AdamW state, schedule and figures.
+    args = curve.parse_args(curve_args(csv, runs, "--steps", "2", "4", *no_extension))
+    straight_rows, _ = run_cell(
+        "lora_llama_tiny", "synthetic", 0, "joint", curve.point_overrides(args, False, 4), tmp_path, "straight"
+    )
+    assert_same_training_state(checkpoint(plain), checkpoint(tmp_path / "straight"))
+    four = llm.loc[(llm["model"] == "lora_llama_tiny") & (llm["steps"] == 4)].set_index("task")
+    kept = json.loads((plain / "curve" / "step4" / "metrics.json").read_text())
+    assert kept == json.loads((tmp_path / "straight" / "metrics.json").read_text())  # every metric, exactly
+    for row in straight_rows:  # the CSV holds them (its text round trip may move the last digit)
+        assert four.loc[row["task"], "auroc_per_gene"] == pytest.approx(row["auroc_per_gene"], abs=1e-12)
+        assert four.loc[row["task"], "val_auroc_per_gene"] == pytest.approx(row["val_auroc_per_gene"], abs=1e-12)
+    two = llm.loc[(llm["model"] == "lora_llama_tiny") & (llm["steps"] == 2)].set_index("task")
+    assert four.loc["de", "auroc_per_gene"] != two.loc["de", "auroc_per_gene"]  # the two more steps did train
+
+    # A rerun trains nothing; a curve killed after training a point but before storing it scores it again
+    # from that checkpoint without a step more.
+    before, stamp = csv.read_bytes(), (plain / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    curve.main(curve_args(csv, runs, "--steps", "2", "4", *no_extension))
+    assert csv.read_bytes() == before and (plain / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+    rows.loc[~((rows["model"] == "lora_llama_tiny") & (rows["steps"] == 4))].to_csv(csv, index=False)
+    capsys.readouterr()
+    curve.main(curve_args(csv, runs, "--steps", "2", "4", *no_extension))
+    assert "lora_llama_tiny seed 0: from step 4 to 4 steps" in capsys.readouterr().out
+    again = pd.read_csv(csv).set_index(["model", "steps", "task"]).sort_index()
+    pd.testing.assert_frame_equal(
+        again.drop(columns=["wall_seconds"]),
+        rows.set_index(["model", "steps", "task"]).sort_index().drop(columns=["wall_seconds"]),
+    )
+    assert checkpoint(plain)["global_step"] == 4
+
+    # Another block size would continue a different curve: refused in one line.
+    with pytest.raises(SystemExit, match="other settings .*trainer.limit_train_batches"):
+        curve.main(curve_args(csv, runs, "--steps", "2", "4", "6", "--block", "1", *no_extension))
+
+    # The test subset is llm_quality.py's: its knn run scores the very same test pairs.
+    import llm_quality
+
+    llm_quality.main(
+        ["--csv", str(tmp_path / "q.csv"), "--data", "synthetic", "--seeds", "--prior-seeds", "--baselines", "knn"]
+        + ["--test-genes", "8", "--val-genes", "3", "--runs-dir", str(tmp_path / "quality")]
+    )
+
+    def test_pairs(run: Path) -> set:
+        return set(map(tuple, pd.read_csv(run / "predictions" / "test.csv")[["pert", "gene"]].to_numpy().tolist()))
+
+    assert test_pairs(tmp_path / "quality" / "plain" / "knn-synthetic-joint-seed0") == test_pairs(plain)
+
+    # The docs block and the figure come from the CSV; the rest of the page stays as it was.
+    doc = tmp_path / "docs" / "llm.md"
+    doc.parent.mkdir()
+    shutil.copy(REPO / "docs" / "llm.md", doc)
+    curve.main(["--csv", str(csv), "--table", "--doc", str(doc), "--data", "synthetic", "--test-genes", "8"])
+    text = doc.read_text()
+    block = text[text.index(curve.CURVE_BEGIN) : text.index(curve.CURVE_END)]
+    assert "| lora_llama_tiny | 2 | 0 |" in block and "| lora_llama_tiny_prior | 4 | 0 |" in block
+    assert "| knn | – (no steps) | 0 |" in block and "](llm_curve.png)" in block
+    assert (doc.parent / "llm_curve.png").read_bytes()[:4] == b"\x89PNG"
+    original = (REPO / "docs" / "llm.md").read_text()
+    assert text[: text.index(curve.CURVE_BEGIN)] == original[: original.index(curve.CURVE_BEGIN)]
+
+
+@pytest.mark.parametrize(
+    "plan, message",
+    [
+        (["--steps", "3", "4", "--extend-to", "0"], "multiple of --block 2"),
+        (["--steps", "4", "2", "--extend-to", "0"], "increasing"),
+        (["--steps", "2", "--extend-to", "4"], "needs two --steps"),
+    ],
+)
+def test_plans_that_cannot_resume_exactly_are_refused(curve, tmp_path, capsys, plan, message):
+    with pytest.raises(SystemExit):
+        curve.main(curve_args(tmp_path / "c.csv", tmp_path / "runs", *plan))
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c.csv").exists()
+
+
+def test_extension_follows_validation_only(curve):
+    rows = pd.DataFrame(
+        {
+            "model": ["m"] * 4,
+            "dataset": ["d"] * 4,
+            "seed": [0] * 4,
+            "steps": [100, 100, 300, 300],
+            "task": ["de", "dir"] * 2,
+            "val_auroc_per_gene": [0.60, 0.70, 0.66, 0.66],
+            "auroc_per_gene": [0.9, 0.9, 0.1, 0.1],
+        }
+    )
+    assert curve.still_rising(rows, "m", "d", 0, 100, 300)  # mean .65 -> .66, whatever test says
+    assert not curve.still_rising(rows.assign(val_auroc_per_gene=[0.6, 0.7, 0.6, 0.7]), "m", "d", 0, 100, 300)
+
+
+def test_llm_page_curve_block_is_generated_from_the_curve_csv(curve):
+    from quality import read_rows
+
+    text = (REPO / "docs" / "llm.md").read_text()
+    rows = read_rows(REPO / "benchmarks" / "results" / "llm_curve.csv", curve.CURVE_COLUMNS)
+    figure = (REPO / "docs" / curve.FIGURE_NAME).is_file()
+    assert text == curve.with_curve_block(text, rows, figure), (
+        "docs/llm.md's learning-curve block differs from llm_curve.csv: run python benchmarks/llm_curve.py "
+        "--csv benchmarks/results/llm_curve.csv --table"
+    )
