@@ -124,8 +124,10 @@ class SummerNamer(Namer):
 
         self.kind = context.kind
         members = sorted({g for genes in context.clusters["genes"] for g in genes})
+        # A word-level test tokenizer knows the genes of both cluster kinds: one model answers either kind.
+        every = sorted({g for kind in context.all_clusters.values() for genes in kind for g in genes})
         words = [*HEADS.values(), INSTRUCTION, "Gene summaries: no summary and more genes not shown Overview: Name:"]
-        self.backend = build_backend(self.backend_options, words=[*words, *members], option="model.namer.backend")
+        self.backend = build_backend(self.backend_options, words=[*words, *every], option="model.namer.backend")
         self.summaries = GeneSummaries(
             self.summary_options.get("source", "auto"),
             members,
