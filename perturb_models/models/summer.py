@@ -387,7 +387,8 @@ class GeneSummaries:
 
 def stored_summaries(role: str = "gene") -> dict[str, str]:
     """Every SUMMER summary in the user cache, ``symbol -> text`` for ``role`` (newest artifact wins): the gene
-    text of other models (``model.encoder.prompt.descriptions=summer`` for lora_llama, text source ``summer``)."""
+    text of other models (``model.encoder.prompt.descriptions=summer`` for lora_llama, embedding source ``summer``
+    for embedding_mlp / logreg / node features: :func:`perturb_models.models.embedding.summer_embedding_table`)."""
     folder = cache_dir("summer_summaries")
     files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
     if not files:
