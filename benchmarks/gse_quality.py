@@ -5,6 +5,7 @@ training excludes GO terms near the clusters of *both* kinds, so one training pe
 ``pert`` clusters: its checkpoint is evaluated there through ``evaluate_gse`` (no second training).
 
     python benchmarks/gse_quality.py --methods go_enrichment lora_llama_gse --seeds 0 1 2
+    python benchmarks/gse_quality.py --methods summer_gse      # SUMMER's gene-set setting (no training)
     python benchmarks/gse_quality.py --search     # the namer's recipe search (seed 0), chosen on validation
     python benchmarks/gse_quality.py --table      # docs/gene_sets.md tables and examples from the CSV
 
@@ -509,8 +510,8 @@ def main(argv=None) -> None:
             extra = namer_overrides(recipe) + extra
         if args.override:  # not a searched recipe: the row says what it ran
             recipe = "+".join([recipe, *args.override])
-        # The baseline has no randomness: one run stands for every seed.
-        for seed in args.seeds[:1] if method == "go_enrichment" else args.seeds:
+        # The baseline and summer_gse (greedy decoding) have no randomness: one run stands for every seed.
+        for seed in args.seeds[:1] if method in ("go_enrichment", "summer_gse") else args.seeds:
             run_recipe(method, recipe, seed, extra, out)
 
 

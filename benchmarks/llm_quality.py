@@ -16,11 +16,23 @@ Rows (``model,dataset,task,seed,auroc_per_gene,genes_scored,commit,wall_seconds,
 and test-gene subset replaces its row); ``lora_llama`` with
 ``model.encoder.prior=knn`` is written as model ``lora_llama_prior``. The ``overrides`` column records
 every setting, the test-gene subset included, so a row is never mistaken for a full-test figure.
+
+A model without gradient training (``--model summer``: SUMMER, no optimizer) gets none of the training
+options: it reads the whole training split (as ``knn``), one pass writes its checkpoint, and ``--set``
+chooses its mode. Its rows are named by that mode (:func:`variant_name`), so the modes are distinct models of
+the table: ``summer_logprob``, ``summer_sample_cot``, ``summer_logprob_noretrieval``, ... (``_knowledgetext``
+or ``_nosummaries`` for those summary sources; ``@<weights>`` for an LLM other than SmolLM2). Its tokens per
+pair and LLM seconds (``run.json``'s ``llm_usage``) are printed with the row; the CSV has no column for them.
+
+    python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --model summer --baselines knn
+    python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --model summer --baselines \
+        --set model.encoder.retrieval=false     # paired with the knn run of the first invocation
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -52,6 +64,48 @@ def llm_overrides(args: argparse.Namespace, prior: bool) -> list[str]:
     return out + list(args.set)
 
 
+# A model without gradient training: nothing to fit, so one pass over the training data writes its checkpoint.
+NO_GRADIENT = ["trainer.max_epochs=1", "data.batch_size=4096"]
+
+
+def no_gradient_overrides(args: argparse.Namespace) -> list[str]:
+    return [*NO_GRADIENT, f"data.val_genes={args.val_genes}", f"data.eval_batch_size={args.eval_batch_size}", *args.set]
+
+
+def variant_name(model: str, encoder) -> str:
+    """A SUMMER row's model name from its resolved settings: scoring, chain of thought, retrieval, summary
+    source and, when not SmolLM2, the LLM (``summer_sample_cot_noretrieval@Meta-Llama-3-70B``)."""
+    parts = [model, str(encoder.scoring)]
+    if encoder.get("cot"):
+        parts.append("cot")
+    if not encoder.get("retrieval", True):
+        parts.append("noretrieval")
+    source = str((encoder.get("summaries") or {}).get("source", "auto"))
+    if source in ("knowledge", "none"):
+        parts.append({"knowledge": "knowledgetext", "none": "nosummaries"}[source])
+    backend = encoder.get("backend") or {}
+    if backend.get("kind") == "openai":
+        llm = str(backend.get("model"))
+    elif backend.get("llama_config") is not None:
+        llm = "randomllama"
+    else:
+        llm = str(backend.get("pretrained"))
+    llm = Path(llm).name.removesuffix(".gguf")
+    return "_".join(parts) + ("" if llm == "smollm2" else f"@{llm}")
+
+
+def llm_usage_text(run: Path) -> str:
+    """Tokens per pair, LLM seconds and requests from a run's ``run.json`` (``llm_usage``), or ``""``."""
+    record = run / "run.json"
+    usage = json.loads(record.read_text()).get("llm_usage") if record.is_file() else None
+    if not usage:
+        return ""
+    return (
+        f"; LLM: {usage['tokens_per_pair']} tokens per pair, {usage['seconds']} s, {usage['requests']:,} requests "
+        f"({usage['cached']:,} from the cache), {usage['abstained_pairs']:,} pairs all-abstained"
+    )
+
+
 def append(path: Path, rows: list[dict]) -> None:
     """Store the rows; a rerun of the same model, dataset, task, seed and test-gene subset replaces its row."""
     store_row(path, [{k: row.get(k) for k in COLUMNS} for row in rows], COLUMNS, ["model", "dataset", "task", "seed"])
@@ -68,9 +122,17 @@ def main(argv: list[str] | None = None) -> None:
         "--test-genes 100 also rewrite the table of docs/llm.md)",
     )
     parser.add_argument("--data", default="k562")
-    parser.add_argument("--model", default="lora_llama", help="the LLM config (lora_llama_tiny for a quick check)")
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="lora_llama seeds without the prior")
-    parser.add_argument("--prior-seeds", nargs="*", type=int, default=[0], help="lora_llama seeds with prior=knn")
+    parser.add_argument(
+        "--model", default="lora_llama", help="the LLM config (lora_llama_tiny for a quick check; summer: SUMMER)"
+    )
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="LLM seeds (lora_llama: without the prior)")
+    parser.add_argument(
+        "--prior-seeds",
+        nargs="*",
+        type=int,
+        default=None,
+        help="lora_llama seeds with prior=knn (default 0; none for a model without gradient training)",
+    )
     parser.add_argument("--baselines", nargs="*", default=["knn", "gears"], help="scored on the same test genes")
     parser.add_argument("--baseline-seed", type=int, default=0)
     parser.add_argument("--test-genes", type=int, default=100)
@@ -82,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--runs-dir", default=str(REPO / "outputs" / "llm_quality"))
-    parser.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for the LLM runs")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="extra Hydra overrides for the LLM runs (summer: its mode, its backend)"
+    )
     args = parser.parse_args(argv)
     if args.table:
         rows = read_quality_rows(Path(args.csv))
@@ -92,6 +156,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{LLM_DOC} updated")
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from perturb_models.config import compose_config
+
+    # What the LLM config is once --set applies: whether it trains (an optimizer) and, if not, its mode's name.
+    probe = compose_config("train", [f"model={args.model}", f"data={args.data}", *args.set]).model
+    trains = probe.get("optimizer") is not None
+    if args.prior_seeds is None:
+        args.prior_seeds = [0] if trains else []
+    elif args.prior_seeds and not trains:
+        parser.error(f"--prior-seeds: model={args.model} has no gradient training and no prior")
+    name = args.model if trains else variant_name(args.model, probe.encoder)
     csv, runs = Path(args.csv), Path(args.runs_dir)
     shared = [f"data.test_genes={args.test_genes}", "data.subset_seed=0"]
     # The (cheap) baselines first, then the first LLM seed, so that the first LLM rows written are already
@@ -101,23 +175,30 @@ def main(argv: list[str] | None = None) -> None:
     cells += [(args.model, s, True) for s in args.prior_seeds] + plain[1:]
     knn_run = runs / "plain" / f"knn-{args.data}-joint-seed{args.baseline_seed}"
     for model, seed, prior in cells:
-        extra = shared + (llm_overrides(args, prior) if model == args.model else budget_overrides(model, []))
+        if model != args.model:
+            extra = budget_overrides(model, [])
+        else:
+            extra = llm_overrides(args, prior) if trains else no_gradient_overrides(args)
+        extra = shared + extra
         run_dir = runs / ("prior" if prior else "plain")
-        rows, wall = run_cell(model, args.data, seed, "joint", extra, run_dir)
-        # Paired with knn on the same test pairs when this invocation scored knn (the table's "- knn" column).
+        row_model = name if model == args.model else model
+        run_name = f"{row_model}-{args.data}-joint-seed{seed}"
+        rows, wall = run_cell(model, args.data, seed, "joint", extra, run_dir, run_name)
+        # Paired with knn on the same test pairs when this or an earlier invocation with the same --runs-dir
+        # scored knn (the table's "- knn" column).
         paired = (
-            paired_with_members(run_dir / f"{model}-{args.data}-joint-seed{seed}", {"knn": knn_run}, ("de", "dir"))
+            paired_with_members(run_dir / run_name, {"knn": knn_run}, ("de", "dir"))
             if model != "knn" and (knn_run / "predictions" / "test.csv").is_file()
             else {}
         )
+        usage = llm_usage_text(run_dir / run_name)
         for row in rows:
             row["paired"] = paired.get(row["task"])
             row["overrides"] = "data.task=joint " + row["overrides"]
-            if prior:
-                row["model"] = f"{model}_prior"
+            row["model"] = f"{row_model}_prior" if prior else row_model
             print(
                 f"{row['model']} {row['task']} seed {seed}: per-gene AUROC {row['auroc_per_gene']:.4f} over "
-                f"{row['genes_scored']:.0f} genes ({wall:.0f} s)",
+                f"{row['genes_scored']:.0f} genes ({wall:.0f} s){usage}",
                 flush=True,
             )
         append(csv, rows)

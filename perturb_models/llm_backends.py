@@ -263,6 +263,7 @@ class LocalBackend(Backend):
         init_seed: int = 0,
         cache: bool = True,
         cache_folder: str | None = None,
+        option: str = "model.encoder.backend",
     ):
         super().__init__(cache, cache_folder)
         from perturb_models.models.llm import (
@@ -273,11 +274,11 @@ class LocalBackend(Backend):
         )
 
         if int(batch_size) < 1:
-            raise ConfigError(f"model.encoder.backend.batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"{option}.batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         source = tokenizer or pretrained
         if source is None:
-            raise ConfigError("model.encoder.backend: a random llama_config needs tokenizer=words (or an id/folder)")
+            raise ConfigError(f"{option}: a random llama_config needs tokenizer=words (or an id/folder)")
         self.tokenizer = load_tokenizer(source, list(words))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -289,7 +290,7 @@ class LocalBackend(Backend):
             llama_config,
             dtype,
             init_seed,
-            option="model.encoder.backend",
+            option=option,
         )
         self.model.eval().requires_grad_(False)
         if device == "auto":
@@ -441,18 +442,18 @@ class OpenAIBackend(Backend):
         top_logprobs: int = 20,
         cache: bool = True,
         cache_folder: str | None = None,
+        option: str = "model.encoder.backend",
     ):
         super().__init__(cache, cache_folder)
+        self.option = option
         if not base_url:
-            raise ConfigError(
-                "model.encoder.backend.base_url is required for backend openai, e.g. http://127.0.0.1:8000/v1"
-            )
+            raise ConfigError(f"{option}.base_url is required for backend openai, e.g. http://127.0.0.1:8000/v1")
         if not model:
-            raise ConfigError("model.encoder.backend.model is required for backend openai (the name the server serves)")
+            raise ConfigError(f"{option}.model is required for backend openai (the name the server serves)")
         if api not in ("chat", "completions"):
-            raise ConfigError(f"model.encoder.backend.api must be chat or completions, got {api!r}")
+            raise ConfigError(f"{option}.api must be chat or completions, got {api!r}")
         if int(concurrency) < 1:
-            raise ConfigError(f"model.encoder.backend.concurrency must be >= 1, got {concurrency}")
+            raise ConfigError(f"{option}.concurrency must be >= 1, got {concurrency}")
         base_url = base_url.rstrip("/")
         self.base_url = base_url if base_url.endswith("/v1") else base_url + "/v1"
         self.model, self.api = model, api
@@ -480,7 +481,7 @@ class OpenAIBackend(Backend):
             with self._lock:
                 if self.max_requests is not None and self.sent >= self.max_requests:
                     raise BackendError(
-                        f"{self.base_url}: the request budget (model.encoder.backend.max_requests="
+                        f"{self.base_url}: the request budget ({self.option}.max_requests="
                         f"{self.max_requests}) is spent; answers so far are cached, rerun to continue"
                     )
                 self.sent += 1
@@ -509,7 +510,7 @@ class OpenAIBackend(Backend):
                 )
             if attempt >= self.retries:
                 raise BackendError(
-                    f"{url}: {problem}, after {attempt + 1} attempt(s) (model.encoder.backend.retries / timeout)"
+                    f"{url}: {problem}, after {attempt + 1} attempt(s) ({self.option}.retries / timeout)"
                 )
             with self._lock:
                 self.usage.retries += 1
@@ -621,8 +622,11 @@ def _top_logprobs(choice: Mapping[str, Any], api: str) -> dict[str, float] | Non
     return {str(k): float(v) for k, v in tops[0].items()}
 
 
-def build_backend(options: Mapping[str, Any], words: Sequence[str] = ()) -> Backend:
-    """A backend from ``model.encoder.backend`` (``kind: local | openai`` plus that backend's arguments)."""
+def build_backend(
+    options: Mapping[str, Any], words: Sequence[str] = (), option: str = "model.encoder.backend"
+) -> Backend:
+    """A backend from ``model.encoder.backend`` (``kind: local | openai`` plus that backend's arguments);
+    ``option`` is the config path that errors name (``model.namer.backend`` for a gene-set namer)."""
     options = dict(options or {})
     kind = options.pop("kind", "local")
     if kind == "local":
@@ -639,9 +643,9 @@ def build_backend(options: Mapping[str, Any], words: Sequence[str] = ()) -> Back
             "top_logprobs",
         ):
             options.pop(key, None)
-        return LocalBackend(words=words, **options)
+        return LocalBackend(words=words, option=option, **options)
     if kind == "openai":
         for key in ("pretrained", "tokenizer", "llama_config", "chat", "dtype", "device", "batch_size", "init_seed"):
             options.pop(key, None)
-        return OpenAIBackend(**options)
-    raise ConfigError(f"model.encoder.backend.kind must be local or openai, got {kind!r}")
+        return OpenAIBackend(option=option, **options)
+    raise ConfigError(f"{option}.kind must be local or openai, got {kind!r}")

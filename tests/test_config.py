@@ -94,9 +94,10 @@ def test_the_tiny_llama_is_the_llama_config_with_only_its_listed_differences():
     assert yaml.safe_load((CONF / "model" / "lora_llama_tiny.yaml").read_text())["defaults"][0] == "lora_llama"
 
 
-def test_the_tiny_gene_set_namer_extends_the_gene_set_namer():
-    big = resolved(["model=lora_llama_gse", "data=k562_gse"])["model"]["namer"]
-    tiny = resolved(["model=lora_llama_gse_tiny", "data=k562_gse"])["model"]["namer"]
+@pytest.mark.parametrize("model", ["lora_llama_gse", "summer_gse"])
+def test_the_tiny_gene_set_namer_extends_the_gene_set_namer(model):
+    big = resolved([f"model={model}", "data=k562_gse"])["model"]["namer"]
+    tiny = resolved([f"model={model}_tiny", "data=k562_gse"])["model"]["namer"]
     assert tiny.keys() == big.keys() and tiny["_target_"] == big["_target_"]
 
 
@@ -108,7 +109,17 @@ def test_knowledge_settings_reach_every_reader_of_the_knowledge_files(model):
     values = flat(cfg["model"])
     roots = {k: v for k, v in values.items() if k.endswith(("knowledge_root", "knowledge.root"))}
     downloads = {k: v for k, v in values.items() if k.endswith("allow_download")}
-    if model in ("knn", "gat", "gears", "embedding_mlp", "lora_llama", "summer", "go_enrichment", "lora_llama_gse"):
+    if model in (
+        "knn",
+        "gat",
+        "gears",
+        "embedding_mlp",
+        "lora_llama",
+        "summer",
+        "go_enrichment",
+        "lora_llama_gse",
+        "summer_gse",
+    ):
         assert roots and downloads.keys() <= {k.replace("knowledge_root", "allow_download") for k in roots} | {
             k.replace("knowledge.root", "knowledge.allow_download") for k in roots
         }

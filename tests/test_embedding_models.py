@@ -107,3 +107,67 @@ def test_embedding_mlp_trains_on_minilm_text_embeddings_of_hand_written_knowledg
     )
     metrics = train(cfg)
     assert metrics["test/de_auroc_per_gene"] > 0.6
+
+
+def _write_summaries(cache, summaries: dict[str, str], name: str = "a") -> None:
+    """A summaries artifact as model=summer writes it (``summer_summaries/<key>.json``)."""
+    import json
+
+    folder = cache / "summer_summaries"
+    folder.mkdir(parents=True, exist_ok=True)
+    table = {s: {"gene": text} for s, text in summaries.items()}
+    (folder / f"{name}.json").write_text(json.dumps({"llm": "test", "version": "1", "summaries": table}))
+
+
+@pytest.mark.text
+def test_summer_source_embeds_summaries_and_falls_back_to_the_knowledge_text(minilm_encoder, tmp_path, isolated_cache):
+    from perturb_models.errors import ConfigError
+    from perturb_models.knowledge.embeddings import encode_texts
+    from perturb_models.knowledge.text import TextRecipe, build_gene_texts
+    from perturb_models.models.embedding import embedding_spec, summer_embedding_table
+
+    knowledge = module_word_knowledge(tmp_path / "k")
+    spec = embedding_spec({"source": "summer", "knowledge_root": str(knowledge), "allow_download": False})
+    with pytest.raises(ConfigError, match="no SUMMER summaries"):
+        summer_embedding_table(["SYN0000"], spec)
+    _write_summaries(isolated_cache, {"SYN0000": "A ribosome gene that builds the small subunit."})
+    symbols = ["SYN0000", "SYN0001", "NOTAGENE"]
+    table = summer_embedding_table(symbols, spec)
+    knowledge_text = build_gene_texts(["SYN0001"], str(knowledge), TextRecipe(), allow_download=False).texts["SYN0001"]
+    expected = encode_texts(["A ribosome gene that builds the small subunit.", knowledge_text])
+    np.testing.assert_allclose(table.matrix[:2], expected, atol=1e-6)
+    assert table.found.tolist() == [True, True, False] and not table.matrix[2].any()
+    assert (table.info["summaries"], table.info["knowledge_fallback"], table.info["missing"]) == (1, 1, 1)
+    # the cache key holds the texts: a new summary gives new vectors, the same texts the cached ones
+    assert summer_embedding_table(symbols, spec).info["cache"] == table.info["cache"]
+    _write_summaries(isolated_cache, {"SYN0001": "A proteasome gene."}, name="b")
+    again = summer_embedding_table(symbols, spec)
+    assert again.info["cache"] != table.info["cache"] and again.info["summaries"] == 2
+    np.testing.assert_allclose(again.matrix[1], encode_texts(["A proteasome gene."])[0], atol=1e-6)
+    with pytest.raises(ConfigError, match="summer_role must be gene or pert"):
+        embedding_spec({"source": "summer", "summer_role": "both"})
+
+
+@pytest.mark.text
+def test_embedding_mlp_trains_on_summer_summaries_as_gene_text(
+    synthetic_cfg, minilm_encoder, tmp_path, isolated_cache, caplog
+):
+    knowledge = module_word_knowledge(tmp_path / "k")
+    _write_summaries(isolated_cache, {f"SYN{i:04d}": f"Gene {i} summary: a ribosome protein." for i in range(20)})
+    cfg = synthetic_cfg(
+        "model=embedding_mlp",
+        "trainer.max_epochs=1",
+        "model.encoder.embeddings.source=summer",
+        f"model.encoder.embeddings.knowledge_root={knowledge}",
+        "model.encoder.embeddings.allow_download=false",
+        "model.encoder.embeddings.batch_size=256",
+    )
+    with caplog.at_level("INFO"):
+        metrics = train(cfg)
+    assert metrics["test/de_genes_scored"] > 0
+    assert f"of {N_GENES} vocab symbols, 20 from SUMMER summaries (role gene), {N_GENES - 20} from the knowledge" in (
+        caplog.text
+    )
+    # evaluate.py rebuilds the table from the checkpoint's buffer: the same figures
+    again = evaluate_checkpoint(tmp_path / "run", tmp_path / "eval", cfg.trainer)
+    assert again["test/de_auroc_per_gene"] == pytest.approx(metrics["test/de_auroc_per_gene"], abs=1e-6)

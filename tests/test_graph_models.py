@@ -174,6 +174,7 @@ def test_gears_perturbation_branch_without_self_leaves_out_its_own_learned_vecto
 def test_node_feature_spec_accepts_a_source_name_or_a_mapping_and_names_bad_keys():
     assert node_feature_spec(None) is None and node_feature_spec("null") is None
     assert node_feature_spec("random")["source"] == "random"
+    assert node_feature_spec("summer")["summer_role"] == "gene"  # SUMMER summaries as the gene text
     assert node_feature_spec({"source": "table", "path": "x.csv"})["path"] == "x.csv"
     with pytest.raises(ValueError, match=r"model\.encoder\.node_features: unknown key\(s\) \['sorce'\]"):
         node_feature_spec({"sorce": "text"})

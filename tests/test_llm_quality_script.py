@@ -99,3 +99,47 @@ def test_llm_quality_rows_are_paired_on_one_test_gene_subset(tmp_path, monkeypat
     with pytest.raises(SystemExit):
         llm_quality.main(["--data", "synthetic"])  # --csv is required: the tracked file is never a default
     sys.modules.pop("llm_quality", None)
+
+
+# SUMMER on the tiny random Llama: retrieval over the co-response graph (synthetic genes have no GO terms).
+SUMMER_TINY = [
+    "model.encoder.graphs.go.kind=coresponse",
+    "model.encoder.gene_graphs.go.kind=coresponse",
+    "model.encoder.backend.pretrained=null",
+    "model.encoder.backend.tokenizer=words",
+    "model.encoder.backend.llama_config={hidden_size:64,intermediate_size:128,num_hidden_layers:2,"
+    "num_attention_heads:4,num_key_value_heads:2,max_position_embeddings:1024}",
+    "model.encoder.summaries.source=none",
+]
+
+
+def test_summer_rows_are_named_by_their_mode_and_paired_with_knn(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import llm_quality
+    from docs_tables import subset_table
+
+    csv = tmp_path / "q.csv"
+    common = ["--csv", str(csv), "--data", "synthetic", "--model", "summer", "--test-genes", "8", "--val-genes", "3"]
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    llm_quality.main([*common, *runs, "--baselines", "knn", "--set", *SUMMER_TINY])
+    # the no-retrieval ablation, paired with the knn run of the first invocation (same runs folder)
+    llm_quality.main([*common, *runs, "--baselines", "--set", *SUMMER_TINY, "model.encoder.retrieval=false"])
+    rows = pd.read_csv(csv)
+    names = {"summer_logprob_nosummaries@randomllama", "summer_logprob_noretrieval_nosummaries@randomllama"}
+    assert set(rows["model"]) == names | {"knn"} and len(rows) == 6
+    summer = rows.loc[rows["model"] != "knn"]
+    # no training options for a model without gradient training: the whole training split, one pass
+    assert not summer["overrides"].str.contains("max_train_perts|limit_train_batches|optimizer").any()
+    assert summer["overrides"].str.contains("data.test_genes=8 ").all() and summer["paired"].notna().all()
+    for paired, figure, task in summer[["paired", "auroc_per_gene", "task"]].itertuples(index=False):
+        knn = rows.loc[(rows["model"] == "knn") & (rows["task"] == task), "auroc_per_gene"].item()
+        assert json.loads(paired)["knn"][0] == pytest.approx(figure - knn, abs=1e-6)
+    printed = capsys.readouterr().out
+    assert "summer_logprob_nosummaries@randomllama de seed 0: per-gene AUROC" in printed
+    assert "tokens per pair" in printed and "requests" in printed
+    table = subset_table(rows, "synthetic", 8)
+    assert all(f"| {name} | dir |" in table for name in names)
+    with pytest.raises(SystemExit):
+        llm_quality.main([*common, *runs, "--prior-seeds", "0", "--set", *SUMMER_TINY])  # summer has no prior
+    sys.modules.pop("llm_quality", None)

@@ -83,6 +83,10 @@ def gene_set_model_trains_and_reloads(model: str, tmp_path) -> None:
         # a namer on real weights trains here as the tiny random Llama of lora_llama_gse_tiny
         tiny = yaml.safe_load((CONF / "model" / "lora_llama_gse_tiny.yaml").read_text())["namer"]
         OmegaConf.update(cfg, "model.namer", tiny, merge=True)
+    if "backend" in cfg.model.namer and cfg.model.namer.backend.get("llama_config") is None:
+        # a prompting namer on real weights (summer_gse) answers here with the tiny random Llama of summer_gse_tiny
+        tiny = yaml.safe_load((CONF / "model" / "summer_gse_tiny.yaml").read_text())["namer"]
+        OmegaConf.update(cfg, "model.namer", tiny, merge=True)
     metrics = train(cfg)
     assert "test/rouge1_recall" in metrics and (run / "checkpoints" / "best.ckpt").is_file()
     assert json.loads((run / "run.json").read_text())["model"] == model

@@ -213,6 +213,102 @@ def test_summaries_are_a_cached_artifact_other_models_read(tmp_path, isolated_ca
     assert describe(encoder.symbols[gene]) == stored[encoder.symbols[gene]]["gene"]
 
 
+# ---- gene-set naming (model=summer_gse) ---------------------------------------------------------------
+def test_names_are_read_after_the_last_name_mark_else_from_the_last_line_and_cut_to_ten_words():
+    from perturb_models.gse.summer import parse_name
+
+    text = "These genes build ribosomes. A name: not this one.\n**Name:** *Ribosome biogenesis.*\nThanks"
+    assert parse_name(text) == ("Ribosome biogenesis", "These genes build ribosomes. A name: not this one.", True)
+    assert parse_name("Overview first.\nName:\n'Proteasome assembly'") == (
+        "Proteasome assembly",
+        "Overview first.",
+        True,
+    )
+    # no mark: the last non-empty line, and the fallback is flagged
+    assert parse_name("They share a pathway.\n\nKinetochore assembly\n") == (
+        "Kinetochore assembly",
+        "They share a pathway.",
+        False,
+    )
+    long = "Name: " + " ".join(f"w{i}" for i in range(14))
+    assert parse_name(long)[0] == " ".join(f"w{i}" for i in range(10))
+    assert parse_name(long, max_words=3)[0] == "w0 w1 w2"
+    assert parse_name("") == ("", "", False)
+
+
+def gse_summer_cfg(tmp_path, *overrides, name="run"):
+    return compose_config(
+        "train",
+        ["data=k562_gse", "data.bertscore_model=null", "model=summer_gse_tiny", *FAST_CPU, *overrides],
+        tmp_path / name,
+    )
+
+
+def test_summer_gse_names_clusters_from_summaries_reloads_and_reruns_from_the_cache(gse_world, tmp_path):
+    from perturb_models.evaluation import evaluate
+
+    metrics = train(gse_summer_cfg(tmp_path))
+    run = tmp_path / "run"
+    assert "test/rouge1_recall" in metrics and (run / "checkpoints" / "best.ckpt").is_file()
+    predictions = pd.read_csv(run / "predictions" / "test.csv", keep_default_na=False)
+    assert len(predictions) == 3 and metrics["test/clusters_scored"] == 2
+    assert predictions["answer"].str.split().str.len().max() <= 10 and predictions["answer"].str.len().gt(0).all()
+    scored = pd.read_csv(run / "predictions" / "test.csv")["rouge1_recall"].dropna()
+    assert len(scored) == 2 and metrics["test/rouge1_recall"] == pytest.approx(scored.mean())
+    usage = json.loads((run / "run.json").read_text())["llm_usage"]
+    assert usage["clusters"] == 3 and usage["summaries"] == "llm" and usage["genes_with_summary"] > 0
+    # one answer per cluster, plus one summary per member shown (the summaries artifact of model=summer)
+    assert usage["requests"] == 3 + usage["genes_with_summary"] and usage["tokens_per_cluster"] > 0
+    artifact = next((gse_world["knowledge"].parents[1] / "cache" / "summer_summaries").glob("*.json"))
+    stored = json.loads(artifact.read_text())["summaries"]
+    assert set(stored["G000"]) == {"gene"}  # gene clusters: the downstream-gene summaries
+    # evaluate.py rebuilds the namer from the record: every answer from the cache, the same names
+    again = evaluate(compose_config("evaluate", [f"ckpt_path={run}", *FAST_CPU[1:]], tmp_path / "eval"))
+    assert again["test/rouge1_recall"] == pytest.approx(metrics["test/rouge1_recall"])
+    reloaded = pd.read_csv(tmp_path / "eval" / "predictions" / "test.csv", keep_default_na=False)
+    assert reloaded["answer"].tolist() == predictions["answer"].tolist()
+    # a second run sends nothing
+    train(gse_summer_cfg(tmp_path, name="run2"))
+    usage2 = json.loads((tmp_path / "run2" / "run.json").read_text())["llm_usage"]
+    assert usage2["requests"] == 0 and usage2["cached"] == 3
+    rerun = pd.read_csv(tmp_path / "run2" / "predictions" / "test.csv", keep_default_na=False)
+    assert rerun["answer"].tolist() == predictions["answer"].tolist()
+
+
+def test_summer_gse_prompt_lists_capped_members_in_a_fixed_order_with_their_texts(gse_world, tmp_path):
+    from hydra.utils import instantiate
+
+    from perturb_models.errors import ConfigError
+
+    def namer_of(*overrides):
+        cfg = gse_summer_cfg(tmp_path, "data.gse_kind=pert", *overrides)
+        datamodule = build_datamodule(cfg.data)
+        namer = instantiate(cfg.model.namer, _convert_="all")
+        namer.setup(datamodule.context)
+        return namer, [list(g) for g in datamodule.context.clusters["genes"]]
+
+    namer, clusters = namer_of("model.namer.summaries.source=knowledge", "model.namer.max_genes=3")
+    genes = clusters[0]  # the 8 genes of one GO term
+    prompt = namer.prompt(genes)
+    assert prompt.startswith("CRISPRi knockdowns of these human genes") and "in K562 cells" in prompt
+    assert [line.split(":")[0] for line in prompt.splitlines() if line.startswith("- G")] == [
+        f"- {g}" for g in genes[:3]
+    ]
+    assert "- and 5 more genes not shown" in prompt and "Name: <name>" in prompt
+    assert f"- {genes[0]}: " in prompt and "protein" in prompt  # the knowledge text of the gene
+    sorted_namer, _ = namer_of("model.namer.gene_order=sorted", "model.namer.summaries.source=none")
+    assert sorted_namer.shown(genes[::-1]) == sorted(genes)[: sorted_namer.max_genes]
+    assert f"- {sorted(genes)[0]} (no summary)" in sorted_namer.prompt(genes)
+    seeded, _ = namer_of(
+        "model.namer.gene_order=seeded", "model.namer.max_genes=4", "model.namer.summaries.source=none"
+    )
+    assert seeded.shown(genes) == seeded.shown(genes[::-1]) and len(seeded.shown(genes)) == 4
+    with pytest.raises(ConfigError, match="model.namer.gene_order must be one of listed, sorted, seeded"):
+        namer_of("model.namer.gene_order=random")
+    with pytest.raises(ConfigError, match="model.namer.summaries.source must be one of"):
+        namer_of("model.namer.summaries.source=wiki")
+
+
 # ---- a real OpenAI-compatible server ------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

@@ -5,12 +5,20 @@
 - ``LogRegEncoder``: GenePT's baseline, a single Linear layer (logistic regression) over the
   concatenated frozen embeddings; weight decay of the optimiser is its L2 penalty.
 The random-Gaussian control is ``EmbeddingMLPEncoder`` with ``embeddings.source=random``.
+
+``embeddings.source=summer`` (:func:`embedding_spec`, :func:`summer_embedding_table`): the sentence encoder over
+the SUMMER summaries that ``model=summer`` wrote (role ``summer_role``, default ``gene``), each gene without one
+falling back to its knowledge text (counted in the log); the other keys as for ``source=text``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,13 +26,100 @@ import torch
 from torch import nn
 
 from perturb_models.data.datamodule import DataContext
-from perturb_models.knowledge.embeddings import full_spec, gene_embedding_table, symbols_embedding_table
+from perturb_models.errors import ConfigError
+from perturb_models.io import atomic_write_bytes, cache_dir
+from perturb_models.knowledge.embeddings import EmbeddingTable, full_spec, symbols_embedding_table
 from perturb_models.models.base import Encoder
 from perturb_models.models.layers import PairMLP
 
 log = logging.getLogger(__name__)
 
 MISSING_POLICIES = ("learned", "zero")
+SUMMER_ROLES = ("gene", "pert")
+
+
+def embedding_spec(embeddings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The full embedding spec (:func:`perturb_models.knowledge.embeddings.full_spec`), plus ``source: summer``
+    with its ``summer_role`` (``gene`` | ``pert``); every other key as for ``source: text``."""
+    spec = dict(embeddings or {})
+    if spec.get("source") != "summer":
+        return full_spec(spec)
+    role = spec.pop("summer_role", "gene")
+    if role not in SUMMER_ROLES:
+        raise ConfigError(f"model.encoder.embeddings.summer_role must be gene or pert, got {role!r}")
+    return {**full_spec({**spec, "source": "text"}), "source": "summer", "summer_role": role}
+
+
+def embedding_table(
+    symbols: Sequence[str],
+    spec: Mapping[str, Any],
+    clusters: Mapping[str, Sequence[str]] | None = None,
+    ensembl_ids: Mapping[str, str] | None = None,
+) -> EmbeddingTable:
+    """Vectors of ``symbols`` from a spec of :func:`embedding_spec`; ``ensembl_ids`` (``DataContext.ensembl_ids``)
+    for the knowledge texts' symbol resolution."""
+    if spec["source"] == "summer":
+        return summer_embedding_table(symbols, spec, clusters, ensembl_ids)
+    return symbols_embedding_table(symbols, spec, clusters, ensembl_ids=ensembl_ids)
+
+
+def summer_embedding_table(
+    symbols: Sequence[str],
+    spec: Mapping[str, Any],
+    clusters: Mapping[str, Sequence[str]] | None = None,
+    ensembl_ids: Mapping[str, str] | None = None,
+) -> EmbeddingTable:
+    """Sentence embeddings of each gene's SUMMER summary (``stored_summaries(summer_role)``); a gene without
+    one gets its knowledge text (:mod:`perturb_models.knowledge.text`, the ``text`` recipe of the spec), and a
+    gene without either is missing (zero row). Cached on disk under a key of the encoder and the texts
+    themselves, so new summaries give new vectors."""
+    from perturb_models.knowledge.embeddings import encode_texts, encoder_id
+    from perturb_models.knowledge.text import TextRecipe, build_gene_texts
+    from perturb_models.models.summer import stored_summaries
+
+    symbols, role = list(symbols), spec["summer_role"]
+    summaries = stored_summaries(role)
+    recipe = TextRecipe.from_mapping(spec["text"])
+    knowledge = build_gene_texts(symbols, spec["knowledge_root"], recipe, clusters, spec["allow_download"], ensembl_ids)
+    texts, origin = [], []
+    for s in symbols:
+        if summaries.get(s):
+            texts.append(summaries[s])
+            origin.append("summary")
+        else:
+            texts.append(knowledge.texts[s])
+            origin.append("knowledge" if knowledge.has_knowledge[s] else "missing")
+    found = np.array([o != "missing" for o in origin], dtype=bool)
+    counts = {o: origin.count(o) for o in ("summary", "knowledge", "missing")}
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    key_parts = {"encoder": encoder_id(spec["encoder"]), "source": "summer", "symbols": symbols, "texts": digest}
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
+    path = (Path(spec["cache_dir"]) if spec["cache_dir"] else cache_dir("embeddings")) / f"summer-{key}.npz"
+    matrix = None
+    if spec["cache"] and path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            if list(data["symbols"]) == symbols:
+                matrix = data["matrix"]
+    if matrix is None:
+        matrix = encode_texts(texts, spec["encoder"], spec["batch_size"])
+        matrix = np.where(found[:, None], matrix, 0.0).astype(np.float32)
+        if spec["cache"]:
+            buffer = io.BytesIO()
+            np.savez(buffer, symbols=np.array(symbols, dtype=str), matrix=matrix)
+            atomic_write_bytes(path, buffer.getvalue())
+    log.info(
+        "embeddings summer:%s: of %d vocab symbols, %d from SUMMER summaries (role %s), %d from the knowledge text "
+        "(no summary), %d missing (zero row + missing flag)",
+        spec["encoder"],
+        len(symbols),
+        counts["summary"],
+        role,
+        counts["knowledge"],
+        counts["missing"],
+    )
+    info = {"cache": str(path), "summer_role": role, "genes": len(symbols), "dim": int(matrix.shape[1])}
+    info.update(summaries=counts["summary"], knowledge_fallback=counts["knowledge"], missing=counts["missing"])
+    return EmbeddingTable(symbols, matrix, found, f"summer:{spec['encoder']}", info)
 
 
 class GeneEmbeddings(nn.Module):
@@ -47,7 +142,7 @@ class GeneEmbeddings(nn.Module):
         super().__init__()
         if missing not in MISSING_POLICIES:
             raise ValueError(f"model.encoder.missing={missing!r}: expected one of {', '.join(MISSING_POLICIES)}")
-        table = gene_embedding_table(context, spec)
+        table = embedding_table(list(context.vocab.symbols), spec, context.clusters, context.ensembl_ids)
         matrix = torch.from_numpy(np.array(table.matrix, dtype=np.float32))
         found = torch.from_numpy(np.array(table.found, dtype=bool))
         # Kept (not saved) to extend the table with genes outside the vocabulary (extend_vocabulary).
@@ -76,7 +171,7 @@ class GeneEmbeddings(nn.Module):
         new_symbols = context.vocab.symbols[known:]
         if not new_symbols:
             return
-        table = symbols_embedding_table(new_symbols, self.spec, context.clusters, ensembl_ids=context.ensembl_ids)
+        table = embedding_table(new_symbols, self.spec, context.clusters, context.ensembl_ids)
         matrix = torch.from_numpy(np.array(table.matrix, dtype=np.float32))
         found = torch.from_numpy(np.array(table.found, dtype=bool))
         if self.standardization is not None:
@@ -107,7 +202,7 @@ class EmbeddingMLPEncoder(Encoder):
     """Frozen gene embeddings of the perturbed and the downstream gene -> residual pair MLP.
 
     Args:
-        embeddings: the embedding spec (source text|table|random, encoder, path, ...).
+        embeddings: the embedding spec (source text|table|random|summer, encoder, path, ...).
         projection_dim: if set, a trained Linear+LayerNorm shared by both roles maps each vector to this
             size before the pair MLP (adapts the frozen space; fewer pair-MLP inputs).
         finetune: train the embedding vectors themselves (off by default: unseen perturbations keep the
@@ -128,7 +223,7 @@ class EmbeddingMLPEncoder(Encoder):
         input_dropout: float = 0.0,
     ):
         super().__init__()
-        self.genes = GeneEmbeddings(context, full_spec(embeddings), missing, standardize, finetune)
+        self.genes = GeneEmbeddings(context, embedding_spec(embeddings), missing, standardize, finetune)
         dim = self.genes.output_dim
         if projection_dim:
             self.projection = nn.Sequential(nn.Linear(dim, int(projection_dim)), nn.LayerNorm(int(projection_dim)))
@@ -168,7 +263,7 @@ class LogRegEncoder(Encoder):
         standardize: bool = True,
     ):
         super().__init__()
-        self.genes = GeneEmbeddings(context, full_spec(embeddings), missing, standardize, finetune=False)
+        self.genes = GeneEmbeddings(context, embedding_spec(embeddings), missing, standardize, finetune=False)
         self.linear = nn.Linear(2 * self.genes.output_dim, context.num_classes)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)

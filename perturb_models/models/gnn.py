@@ -22,10 +22,9 @@ from torch import nn
 from torch_geometric.nn import GATConv, SGConv
 
 from perturb_models.data.datamodule import DataContext
-from perturb_models.knowledge.embeddings import full_spec
 from perturb_models.knowledge.graphs import GeneGraph, build_graphs
 from perturb_models.models.base import Encoder
-from perturb_models.models.embedding import GeneEmbeddings
+from perturb_models.models.embedding import GeneEmbeddings, embedding_spec
 from perturb_models.models.layers import PairMLP
 
 log = logging.getLogger(__name__)
@@ -48,14 +47,14 @@ def node_feature_spec(
     if not isinstance(node_features, Mapping):
         raise ValueError(
             f"model.encoder.node_features={node_features!r}: expected null, a source name "
-            "(text, table, random) or a mapping like {source: table, path: FILE}"
+            "(text, table, random, summer) or a mapping like {source: table, path: FILE}"
         )
     node_features = dict(node_features)
     for key, spec_key in (("root", "knowledge_root"), ("allow_download", "allow_download")):
         if knowledge is not None and knowledge.get(key) is not None:
             node_features.setdefault(spec_key, knowledge[key])
     try:
-        return full_spec(node_features)
+        return embedding_spec(node_features)
     except ValueError as err:
         raise ValueError(str(err).replace("model.encoder.embeddings", "model.encoder.node_features")) from None
 

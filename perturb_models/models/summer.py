@@ -298,6 +298,7 @@ class GeneSummaries:
         allow_download: bool,
         max_new_tokens: int = 128,
         recipe: Mapping[str, Any] | None = None,
+        ensembl_ids: Mapping[str, str] | None = None,
     ):
         if source not in ("llm", "knowledge", "none", "auto"):
             raise ConfigError(f"model.encoder.summaries.source must be llm, knowledge, auto or none, got {source!r}")
@@ -320,7 +321,9 @@ class GeneSummaries:
         from perturb_models.knowledge.text import TextRecipe, build_gene_texts
 
         recipe_obj = TextRecipe.from_mapping(self.recipe)
-        texts = build_gene_texts(list(symbols), knowledge_root, recipe_obj, allow_download=allow_download)
+        texts = build_gene_texts(
+            list(symbols), knowledge_root, recipe_obj, allow_download=allow_download, ensembl_ids=ensembl_ids
+        )
         self.facts = {s: re.sub(r"\.\s+", ".\n", t) for s, t in texts.texts.items() if texts.has_knowledge[s]}
         if source == "llm":
             key = hashlib.sha1(
@@ -387,7 +390,8 @@ class GeneSummaries:
 
 def stored_summaries(role: str = "gene") -> dict[str, str]:
     """Every SUMMER summary in the user cache, ``symbol -> text`` for ``role`` (newest artifact wins): the gene
-    text of other models (``model.encoder.prompt.descriptions=summer`` for lora_llama, text source ``summer``)."""
+    text of other models (``model.encoder.prompt.descriptions=summer`` for lora_llama, embedding source ``summer``
+    for embedding_mlp / logreg / node features: :func:`perturb_models.models.embedding.summer_embedding_table`)."""
     folder = cache_dir("summer_summaries")
     files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
     if not files:
@@ -482,6 +486,7 @@ class SummerEncoder(Encoder):
             allow_download,
             summaries.get("max_new_tokens", 128),
             summaries.get("recipe"),
+            context.ensembl_ids,
         )
         self.memo: dict[tuple[int, int], np.ndarray] = {}
         self.stats = {
