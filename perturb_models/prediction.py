@@ -334,6 +334,27 @@ class PartStore:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+PROBE_PAIRS = 16
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``7.5 min`` or ``3.2 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def scoring_rate(model, vocab: GeneVocab, pert: str, genes: Sequence[str], batch_size: int, device) -> float:
+    """Pairs per second of ``score_pairs`` on ``PROBE_PAIRS`` pairs of the screen (the first perturbation
+    against the first genes): what the estimate before a long screen (an LLM's) is made from. The scores
+    are thrown away; the model holds no state that scoring changes."""
+    sample = list(genes[:PROBE_PAIRS])
+    pert_idx = np.repeat(vocab.encode([pert]), len(sample))
+    began = time.perf_counter()
+    score_pairs(model, pert_idx, vocab.encode(sample), min(batch_size, len(sample)), device)
+    return len(sample) / max(time.perf_counter() - began, 1e-9)
+
+
 def score_in_parts(
     model,
     encoder,
@@ -353,6 +374,16 @@ def score_in_parts(
     gene_codes = vocab.encode(genes)
     frames, seconds = [], 0.0
     starts = list(range(0, len(perts), per_part))
+    pairs_todo = len(genes) * sum(
+        len(perts[s : s + per_part]) for i, s in enumerate(starts) if not parts.path(i).is_file()
+    )
+    rate = scoring_rate(model, vocab, perts[0], genes, batch_size, device) if pairs_todo > 4 * PROBE_PAIRS else None
+    if rate is not None and pairs_todo / rate >= 10:
+        say(
+            f"estimated scoring time ~{duration(pairs_todo / rate)} for {pairs_todo:,} pairs ({rate:,.1f} pairs/s "
+            f"over {PROBE_PAIRS} timed pairs; evidence columns not included); each part is saved as it finishes, "
+            "so a killed screen resumes"
+        )
     for index, start in enumerate(starts):
         frame = parts.load(index)
         if frame is None:
@@ -369,12 +400,14 @@ def score_in_parts(
             seconds += time.perf_counter() - began
             if len(starts) > 1:
                 done = sum(len(f) for f in frames) + len(frame)
+                speed = len(frame) / max(time.perf_counter() - began, 1e-9)
                 log.info(
-                    "part %d/%d scored (%d pairs, %.0f pairs/s this call)",
+                    "part %d/%d scored (%d pairs, %.0f pairs/s this call; ~%s left)",
                     index + 1,
                     len(starts),
                     done,
-                    len(frame) / max(time.perf_counter() - began, 1e-9),
+                    speed,
+                    duration((len(perts) * len(genes) - done) / speed),
                 )
         frames.append(frame)
     if parts.reused:

@@ -256,6 +256,7 @@ def test_a_killed_screen_resumes_keeping_the_parts_it_wrote(synthetic_cfg, query
 
     run = _train(synthetic_cfg, query_world, "knn", tmp_path)
     query = ["perts=[NEWA,SYN0001,SYN0002,SYN0003,SYN0004,SYN0005]", "chunk_pairs=400"]  # 2 perturbations a part
+    monkeypatch.setattr(prediction, "scoring_rate", lambda *args: 1e9)  # no timing probe among the counted calls
     whole = _predict(run, tmp_path / "whole", *query)
     scored = []
     real_score_pairs = prediction.score_pairs
@@ -289,3 +290,24 @@ def test_a_killed_screen_resumes_keeping_the_parts_it_wrote(synthetic_cfg, query
     scored.clear()
     _predict(run, tmp_path / "killed", "perts=[SYN0001,SYN0002]", "chunk_pairs=400")
     assert scored == [400]
+
+
+def test_a_long_screen_prints_its_time_estimate_before_scoring(
+    synthetic_cfg, query_world, tmp_path, capsys, monkeypatch
+):
+    import perturb_models.prediction as prediction
+
+    run = _train(synthetic_cfg, query_world, "knn", tmp_path)
+    measured = []
+    real_rate = prediction.scoring_rate
+
+    def as_slow_as_an_llm_on_a_cpu(*args):
+        measured.append(real_rate(*args))  # the real probe runs, on the screen's own pairs
+        return 2.0
+
+    monkeypatch.setattr(prediction, "scoring_rate", as_slow_as_an_llm_on_a_cpu)
+    frame = _predict(run, tmp_path / "slow", "perts=[NEWA,SYN0001,SYN0002]")
+    out = capsys.readouterr().out
+    assert len(measured) == 1 and measured[0] > 0
+    assert f"estimated scoring time ~{prediction.duration(len(frame) / 2.0)} for {len(frame):,} pairs" in out
+    assert out.index("estimated scoring time") < out.index("predictions written")
