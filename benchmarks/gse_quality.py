@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -425,14 +426,42 @@ def has_row(method: str, recipe: str, seed: int) -> bool:
     return bool(len(rows.loc[(rows["method"] == method) & (rows["recipe"] == recipe) & (rows["seed"] == seed)]))
 
 
-def run_recipe(method: str, recipe: str, seed: int, extra: list[str], out: Path) -> None:
-    """One training (gene clusters) and its answers on both kinds, unless its rows are stored already."""
-    if has_row(method, recipe, seed):
+def run_recipe(method: str, recipe: str, seed: int, extra: list[str], out: Path, rerun: bool = False) -> None:
+    """One training (gene clusters) and its answers on both kinds, unless its rows are stored already (or
+    ``rerun``: after a change that moves them; the new rows replace the old)."""
+    if has_row(method, recipe, seed) and not rerun:
         print(f"skip {method}/{recipe} seed {seed}: already in {RESULTS.name}", flush=True)
         return
     rows = run_method(method, seed, extra, out, recipe)
     store_rows(rows)
     print(json.dumps(rows, indent=1, default=str), flush=True)
+
+
+def rescore_bertscore() -> None:
+    """Recompute the BERTScore of every stored row from its kept predictions file (answers and labels, no
+    rerun of the namer), after a change of the scorer; the rows and the files are rewritten."""
+    from perturb_models.gse.scoring import bert_score
+
+    rows = read_results()
+    for index, row in rows.iterrows():
+        path = REPO / str(row["run"])
+        if not isinstance(row["run"], str) or not path.is_file():
+            print(f"no predictions file for {row['method']}/{row['recipe']}/{row['kind']} seed {row['seed']}: kept")
+            continue
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        scored = frame["label"].notna()
+        answers = frame.loc[scored, "answer"].fillna("").astype(str).tolist()
+        values = bert_score(answers, frame.loc[scored, "label"].astype(str).tolist(), row["bertscore_model"])
+        for key, per in values.items():
+            frame.loc[scored, f"bertscore_{key}"] = per
+        atomic_write_dataframe(path, frame)
+        before, rows.loc[index, "bertscore_f1"] = row["bertscore_f1"], float(np.mean(values["f1"]))
+        print(
+            f"{row['method']}/{row['recipe']}/{row['kind']} seed {row['seed']}: BERTScore F1 {before:.4f} -> "
+            f"{rows.loc[index, 'bertscore_f1']:.4f}",
+            flush=True,
+        )
+    atomic_write_dataframe(RESULTS, rows)
 
 
 def searched_choice(seed: int = 0) -> str:
@@ -488,11 +517,19 @@ def main(argv=None) -> None:
         help="lora_llama_gse: run this searched recipe (hide50, hide50_x4, hide0_x4_tok24, ...; 'chosen': the search's "
         "validation choice) instead of the config's own",
     )
+    parser.add_argument("--rerun", action="store_true", help="run again rows already stored (they are replaced)")
+    parser.add_argument(
+        "--rescore", action="store_true", help="recompute every row's BERTScore from its kept predictions file"
+    )
     parser.add_argument(
         "--search", action="store_true", help="the namer's recipe search on the first of --seeds (chosen on validation)"
     )
     args = parser.parse_args(argv)
     if args.table:
+        write_doc()
+        return
+    if args.rescore:
+        rescore_bertscore()
         write_doc()
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -512,7 +549,7 @@ def main(argv=None) -> None:
             recipe = "+".join([recipe, *args.override])
         # The baseline and summer_gse (greedy decoding) have no randomness: one run stands for every seed.
         for seed in args.seeds[:1] if method in ("go_enrichment", "summer_gse") else args.seeds:
-            run_recipe(method, recipe, seed, extra, out)
+            run_recipe(method, recipe, seed, extra, out, args.rerun)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,20 @@ def test_bertscore_prefers_the_right_label(minilm_encoder):
     assert scores["f1"][0] > scores["f1"][1] > 0 and scores["f1"][2] == 0.0
 
 
+def test_a_pairs_bertscore_does_not_depend_on_the_other_pairs(minilm_encoder):
+    """torchmetrics sorts answers and labels apart by token length (an unstable sort): scored together,
+    pairs of equal lengths could be matched with each other's labels (torchmetrics issue #2728)."""
+    from perturb_models.gse.scoring import bert_score
+
+    answers = ["receptor antagonist activity", "chiasma assembly", "structural constituent of chromatin", "ribosome"]
+    labels = ["mitochondrial respiratory chain", "targets of decay", "histone genes", "translation"]
+    together = bert_score(answers, labels)["f1"]
+    alone = [bert_score([a], [t])["f1"][0] for a, t in zip(answers, labels)]
+    reversed_order = bert_score(answers[::-1], labels[::-1])["f1"][::-1]
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    np.testing.assert_allclose(reversed_order, alone, atol=1e-6)
+
+
 def test_enrichment_statistics_match_scipy_hypergeometric():
     population = [f"g{i}" for i in range(40)]
     term_genes = {

@@ -41,34 +41,30 @@ def resolve_bertscore_model(model: str) -> str:
 
 
 def bert_score(
-    answers: Sequence[str],
-    labels: Sequence[str],
-    model: str = "minilm",
-    num_layers: int | None = None,
-    batch_size: int = 64,
+    answers: Sequence[str], labels: Sequence[str], model: str = "minilm", num_layers: int | None = None
 ) -> dict[str, list[float]]:
-    """Per-pair BERTScore precision/recall/F1 (torchmetrics, no baseline rescaling, as in PerturbQA)."""
+    """Per-pair BERTScore precision/recall/F1 (torchmetrics, no baseline rescaling, as in PerturbQA).
+
+    Each pair is scored on its own. torchmetrics sorts answers and labels by token length separately, with an
+    unstable sort, so in one call with several pairs of equal lengths an answer can be matched with another
+    pair's label, and a pair's score changes with the other pairs (torchmetrics issue #2728): a pair alone
+    has nothing to be mixed up with."""
     from torchmetrics.text.bert import BERTScore
 
     if len(answers) != len(labels):
         raise ValueError(f"{len(answers)} answers for {len(labels)} labels")
-    if not answers:
-        return {"precision": [], "recall": [], "f1": []}
+    out = {k: [0.0] * len(answers) for k in ("precision", "recall", "f1")}
     # An empty answer has no token to match: score it 0 instead of letting the tokenizer fail.
     keep = [i for i, a in enumerate(answers) if str(a).strip()]
-    out = {k: [0.0] * len(answers) for k in ("precision", "recall", "f1")}
-    if keep:
-        scorer = BERTScore(
-            model_name_or_path=resolve_bertscore_model(model),
-            num_layers=num_layers,
-            batch_size=batch_size,
-            verbose=False,
-        )
-        scores = scorer([str(answers[i]) for i in keep], [str(labels[i]) for i in keep])
+    if not keep:
+        return out
+    scorer = BERTScore(model_name_or_path=resolve_bertscore_model(model), num_layers=num_layers, verbose=False)
+    for i in keep:
+        scorer.reset()
+        scorer.update([str(answers[i])], [str(labels[i])])
+        scores = scorer.compute()
         for key in out:
-            values = np.atleast_1d(scores[key].detach().cpu().numpy())
-            for i, v in zip(keep, values):
-                out[key][i] = float(v)
+            out[key][i] = float(np.atleast_1d(scores[key].detach().cpu().numpy())[0])
     return out
 
 
