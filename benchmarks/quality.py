@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from docs_tables import (  # noqa: E402
     README,
     full_test,
     interval_text,
+    made_before,
     seed_interval,
     write_doc,
 )
@@ -763,25 +763,16 @@ def write_docs(args) -> None:
     write_loco_doc(read_rows(args.loco_csv, LOCO_COLUMNS), args.loco_doc)
 
 
-def made_before(commit: str, boundary: str) -> bool:
-    """Whether a row's ``commit`` is a strict ancestor of ``boundary`` (the row predates that change)."""
-    if not isinstance(commit, str) or not commit or commit.startswith(boundary[: len(commit)]):
-        return False
-    found = subprocess.run(["git", "merge-base", "--is-ancestor", commit, boundary], cwd=REPO, capture_output=True)
-    return found.returncode == 0
-
-
 def rerun_older_than(args, runs_dir: Path) -> None:
     """Rerun the full-test rows of ``--models`` x ``--datasets`` x ``--seeds`` made before commit
     ``args.rerun_older_than``, each with its own stored overrides, one model at a time (so that a model's
     seeds and lines share one code version as soon as possible); a row made at or after it is kept."""
-    before: dict[str, bool] = {}
     for model in args.models:
         for dataset in args.datasets:
             for seed in args.seeds:
                 rows = full_test(read_rows(args.csv))
                 hit = rows.loc[(rows["model"] == model) & (rows["dataset"] == dataset) & (rows["seed"] == seed)]
-                stale = [c for c in hit["commit"] if before.setdefault(c, made_before(c, args.rerun_older_than))]
+                stale = [c for c in hit["commit"] if made_before(c, args.rerun_older_than)]
                 if hit.empty or not stale:
                     continue
                 task = "joint" if set(hit["task"]) >= {"de", "dir"} else hit["task"].iloc[0]

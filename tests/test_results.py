@@ -118,3 +118,25 @@ def test_a_cell_shows_the_mean_of_the_seeds_intervals_and_how_many_seeds_have_on
     write_doc(rows, tmp_path / "results.md")
     assert (tmp_path / "results_auroc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![per-gene AUROC by model and cell line](results_auroc.png)" in (tmp_path / "results.md").read_text()
+
+
+def test_rows_made_before_the_symbol_resolution_change_are_marked_until_rerun():
+    from docs_tables import RESOLUTION_COMMIT, quality_table
+
+    rows = pd.DataFrame(
+        {
+            "model": ["knn", "knn", "gears", "mlp"],
+            "dataset": "k562",
+            "task": "de",
+            "seed": [0, 1, 0, 0],
+            "auroc_per_gene": [0.64, 0.65, 0.66, 0.49],
+            # a7a5d43 precedes the change in this repository's history; the change's own commit does not
+            "commit": ["a7a5d43", RESOLUTION_COMMIT, RESOLUTION_COMMIT, "a7a5d43"],
+        }
+    )
+    table = quality_table(rows)
+    assert "| knn | 0.645 ± 0.007 (2) † |" in table  # one stale seed marks the cell
+    assert "| gears | 0.660 (1) |" in table
+    assert "| mlp | 0.490 (1) |" in table  # reads no gene knowledge: nothing to rerun
+    assert f"† made before commit {RESOLUTION_COMMIT}" in table
+    assert "†" not in quality_table(rows.assign(commit=RESOLUTION_COMMIT))
