@@ -32,6 +32,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from docs_tables import (  # noqa: E402
     PUBLISHED,
     README,
+    RESOLUTION_COMMIT,
+    awaits_rerun,
     full_test,
     interval_text,
     made_before,
@@ -492,6 +494,18 @@ in `loco.csv` are the fitted weights per task, and `fallback=` where the guard c
 """
 
 
+def stale_loco_text(loco_rows: pd.DataFrame) -> str:
+    """A paragraph naming how many loco.csv rows predate the symbol-resolution change, or nothing."""
+    stale = awaits_rerun(loco_rows)
+    if not stale.any():
+        return ""
+    return (
+        f"{int(stale.sum())} of {len(loco_rows)} rows below were made before commit {RESOLUTION_COMMIT}, which "
+        "resolves the dataset symbols that gene_info alone cannot (the MT- genes, SARS, TAZ, ...): in them those "
+        "genes had no knowledge, and their rerun is pending.\n\n"
+    )
+
+
 def write_loco_doc(loco_rows: pd.DataFrame, path: Path) -> None:
     """docs/loco.md: the leave-one-cell-line-out tables from loco.csv, and how every choice is made."""
     text = "# Leave one cell line out\n\n"
@@ -504,6 +518,7 @@ def write_loco_doc(loco_rows: pd.DataFrame, path: Path) -> None:
             "recipe's test figure on the held-out line. The ensemble's members are the recipes chosen for that "
             "line; its weights are fitted on the held-out line's own validation perturbations, as a user's "
             "would be on their screen. This is the estimate of what a default gives on a new line.\n\n"
+            + stale_loco_text(loco_rows)
             + loco_table(loco_rows)
             + "\nValidation figures of every recipe (mean of DE and direction per-gene AUROC, over seeds):\n\n"
             + loco_recipes_text(loco_rows)
