@@ -10,9 +10,7 @@ docs/llm.md's subset and speed tables (from quality.csv and ``benchmarks/results
 
 from __future__ import annotations
 
-import functools
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +21,7 @@ sys.path.insert(0, str(REPO))
 
 from perturb_models.console import say  # noqa: E402
 from perturb_models.io import atomic_write_text, atomic_writer  # noqa: E402
+from perturb_models.knowledge.gene_info import RESOLUTION_VERSION  # noqa: E402
 
 QUALITY_CSV = REPO / "benchmarks" / "results" / "quality.csv"
 RESULTS_DOC = REPO / "docs" / "results.md"
@@ -76,36 +75,25 @@ def full_test(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.loc[~rows["overrides"].fillna("").astype(str).str.contains("data.test_genes=")]
 
 
-# Symbol resolution v2 (perturb_models.knowledge.gene_info.RESOLUTION_VERSION): rows of models that read
-# knowledge, made before this commit, resolved a few dataset symbols (MT- genes, SARS, TAZ, ...) to no gene.
-RESOLUTION_COMMIT = "168728a"
 # Models whose inputs hold no gene knowledge: symbol resolution cannot move them.
 KNOWLEDGE_FREE_MODELS = {"mlp", "random_embedding"}
 
 
-@functools.cache
-def made_before(commit: str, boundary: str) -> bool:
-    """Whether ``commit`` is a strict ancestor of ``boundary`` in this checkout's history (False when either
-    is unknown to git: a row is never flagged on a guess)."""
-    if not isinstance(commit, str) or not commit or commit.startswith(boundary[: len(commit)]):
-        return False
-    found = subprocess.run(["git", "merge-base", "--is-ancestor", commit, boundary], cwd=REPO, capture_output=True)
-    return found.returncode == 0
-
-
 def awaits_rerun(rows: pd.DataFrame) -> pd.Series:
-    """Rows of knowledge-reading models made before ``RESOLUTION_COMMIT`` (marked † in the tables)."""
-    if "commit" not in rows.columns:
+    """Rows of knowledge-reading models made with an older symbol resolution than the code's (their
+    ``resolution`` column below ``gene_info.RESOLUTION_VERSION``, or empty: rows from before the column);
+    marked † in the tables. Rows without the column at all (not from a results CSV) are not marked."""
+    if "resolution" not in rows.columns or rows.empty:
         return pd.Series(False, index=rows.index)
-    reads_knowledge = ~rows["model"].isin(KNOWLEDGE_FREE_MODELS)
-    return reads_knowledge & rows["commit"].map(lambda c: made_before(c, RESOLUTION_COMMIT))
+    made_with = pd.to_numeric(rows["resolution"], errors="coerce").fillna(1)
+    return ~rows["model"].isin(KNOWLEDGE_FREE_MODELS) & (made_with < RESOLUTION_VERSION)
 
 
 RERUN_NOTE = (
-    f"† made before commit {RESOLUTION_COMMIT}, which resolves the dataset symbols that gene_info alone cannot "
-    "(the MT- genes, SARS, TAZ, HIST1H2BC, ...; [knowledge_and_graphs.md](knowledge_and_graphs.md)): in those "
-    "rows these genes had no knowledge. Rerun pending: `python benchmarks/quality.py --rerun-older-than "
-    f"{RESOLUTION_COMMIT} --models MODEL ...`."
+    f"† made with an older symbol resolution than the code's (version {RESOLUTION_VERSION} resolves the dataset "
+    "symbols that gene_info alone cannot: the MT- genes, SARS, TAZ, HIST1H2BC, ...; "
+    "[knowledge_and_graphs.md](knowledge_and_graphs.md)): in those rows these genes had no knowledge. Rerun "
+    "pending: `python benchmarks/quality.py --rerun-stale --models MODEL ...`."
 )
 
 

@@ -32,17 +32,16 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from docs_tables import (  # noqa: E402
     PUBLISHED,
     README,
-    RESOLUTION_COMMIT,
     awaits_rerun,
     full_test,
     interval_text,
-    made_before,
     seed_interval,
     write_doc,
 )
 from docs_tables import quality_table as results_table  # noqa: E402
 
 from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
+from perturb_models.knowledge.gene_info import RESOLUTION_VERSION  # noqa: E402
 
 # auroc_per_gene is the test figure (reported, never used to choose anything); val_auroc_per_gene is the
 # validation figure of the same run (the selected checkpoint), the only one selection code reads.
@@ -62,10 +61,13 @@ COLUMNS = [
     "ci_low",
     "ci_high",
     "paired",
+    "resolution",
 ]
 # paired: the row's paired difference with other runs on the same test pairs and resamples, JSON
 # {"run": [difference, low, high, p_value]}: an ensemble's members (loco.csv), knn for llm_quality.py's rows.
-OPTIONAL = ("overrides", "val_auroc_per_gene", "recipe", "weights", "ci_low", "ci_high", "paired")
+OPTIONAL = ("overrides", "val_auroc_per_gene", "recipe", "weights", "ci_low", "ci_high", "paired", "resolution")
+# resolution: the symbol-resolution version (perturb_models.knowledge.gene_info.RESOLUTION_VERSION) the row's
+# knowledge was read with; empty for rows from before the column (version 1).
 # weights: the ensemble's combination weights per member (fitted on validation), for the docs.
 LOCO_COLUMNS = ["model", "recipe", *COLUMNS[1:], "weights"]
 DEFAULT_CSV = REPO / "benchmarks" / "results" / "quality.csv"
@@ -183,6 +185,7 @@ def run_cell(
                 "val_auroc_per_gene": metrics.get(f"val/{t}_auroc_per_gene", math.nan),
                 "ci_low": interval.low if interval else math.nan,
                 "ci_high": interval.high if interval else math.nan,
+                "resolution": RESOLUTION_VERSION,
             }
         )
     return rows, wall
@@ -495,14 +498,14 @@ in `loco.csv` are the fitted weights per task, and `fallback=` where the guard c
 
 
 def stale_loco_text(loco_rows: pd.DataFrame) -> str:
-    """A paragraph naming how many loco.csv rows predate the symbol-resolution change, or nothing."""
+    """A paragraph naming how many loco.csv rows were made with an older symbol resolution, or nothing."""
     stale = awaits_rerun(loco_rows)
     if not stale.any():
         return ""
     return (
-        f"{int(stale.sum())} of {len(loco_rows)} rows below were made before commit {RESOLUTION_COMMIT}, which "
-        "resolves the dataset symbols that gene_info alone cannot (the MT- genes, SARS, TAZ, ...): in them those "
-        "genes had no knowledge, and their rerun is pending.\n\n"
+        f"{int(stale.sum())} of {len(loco_rows)} rows below were made with an older symbol resolution than the "
+        f"code's (version {RESOLUTION_VERSION} resolves the dataset symbols that gene_info alone cannot: the MT- "
+        "genes, SARS, TAZ, ...): in them those genes had no knowledge, and their rerun is pending.\n\n"
     )
 
 
@@ -778,27 +781,24 @@ def write_docs(args) -> None:
     write_loco_doc(read_rows(args.loco_csv, LOCO_COLUMNS), args.loco_doc)
 
 
-def rerun_older_than(args, runs_dir: Path) -> None:
-    """Rerun the full-test rows of ``--models`` x ``--datasets`` x ``--seeds`` made before commit
-    ``args.rerun_older_than``, each with its own stored overrides, one model at a time (so that a model's
-    seeds and lines share one code version as soon as possible); a row made at or after it is kept."""
+def rerun_stale(args, runs_dir: Path) -> None:
+    """Rerun the full-test rows of ``--models`` x ``--datasets`` x ``--seeds`` made with an older symbol
+    resolution than the code's (``docs_tables.awaits_rerun``), each with its own stored overrides, one model at a
+    time (so that a model's seeds and lines share one code version as soon as possible)."""
     for model in args.models:
         for dataset in args.datasets:
             for seed in args.seeds:
                 rows = full_test(read_rows(args.csv))
                 hit = rows.loc[(rows["model"] == model) & (rows["dataset"] == dataset) & (rows["seed"] == seed)]
-                stale = [c for c in hit["commit"] if made_before(c, args.rerun_older_than)]
-                if hit.empty or not stale:
+                if hit.empty or not awaits_rerun(hit).any():
                     continue
                 task = "joint" if set(hit["task"]) >= {"de", "dir"} else hit["task"].iloc[0]
                 extra = str(hit["overrides"].iloc[0]).split()
-                print(f"rerun {model} {dataset} seed {seed} (made at {stale[0]}): {' '.join(extra)}", flush=True)
+                print(f"rerun {model} {dataset} seed {seed} (made at {hit['commit'].iloc[0]}): {' '.join(extra)}")
                 new, wall = run_cell(model, dataset, seed, task, extra, runs_dir)
                 old = dict(zip(hit["task"], hit["auroc_per_gene"]))
                 store_row(args.csv, new, COLUMNS, ["model", "dataset", "task", "seed"])
-                moved = ", ".join(
-                    f"{r['task']} {old.get(r['task'], math.nan):.4f} -> {r['auroc_per_gene']:.4f}" for r in new
-                )
+                moved = ", ".join(f"{r['task']} {old.get(r['task']):.4f} -> {r['auroc_per_gene']:.4f}" for r in new)
                 print(f"done {model} {dataset} seed {seed} in {wall:.0f}s: {moved}", flush=True)
                 write_docs(args)
 
@@ -849,10 +849,10 @@ def main(argv: list[str] | None = None) -> int:
         help="rerun the rows that lack their bootstrap interval (rows made before intervals existed)",
     )
     parser.add_argument(
-        "--rerun-older-than",
-        metavar="COMMIT",
-        help="rerun the grid rows (of --models/--datasets/--seeds) made before this commit, each with its own "
-        "overrides: after a change that moves numbers (e.g. symbol resolution)",
+        "--rerun-stale",
+        action="store_true",
+        help="rerun the grid rows (of --models/--datasets/--seeds) made with an older symbol resolution than the "
+        "code's, each with its own overrides",
     )
     parser.add_argument(
         "--only-defaults",
@@ -874,8 +874,8 @@ def main(argv: list[str] | None = None) -> int:
     from perturb_models.io import cache_dir
 
     runs_dir = args.runs_dir or cache_dir("quality_runs")
-    if args.rerun_older_than:
-        rerun_older_than(args, runs_dir)
+    if args.rerun_stale:
+        rerun_stale(args, runs_dir)
         print(results_table(read_rows(args.csv)))
         return 0
     if args.protocol == "loco":

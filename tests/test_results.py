@@ -120,11 +120,9 @@ def test_a_cell_shows_the_mean_of_the_seeds_intervals_and_how_many_seeds_have_on
     assert "![per-gene AUROC by model and cell line](results_auroc.png)" in (tmp_path / "results.md").read_text()
 
 
-def test_rows_made_before_the_symbol_resolution_change_are_marked_until_rerun(monkeypatch):
-    import docs_tables
-    from docs_tables import RESOLUTION_COMMIT, quality_table
+def test_rows_made_with_an_older_symbol_resolution_are_marked_until_rerun():
+    from docs_tables import RESOLUTION_VERSION, quality_table
 
-    monkeypatch.setattr(docs_tables, "made_before", lambda commit, boundary: commit == "0ld0001")
     rows = pd.DataFrame(
         {
             "model": ["knn", "knn", "gears", "mlp"],
@@ -132,38 +130,14 @@ def test_rows_made_before_the_symbol_resolution_change_are_marked_until_rerun(mo
             "task": "de",
             "seed": [0, 1, 0, 0],
             "auroc_per_gene": [0.64, 0.65, 0.66, 0.49],
-            "commit": ["0ld0001", RESOLUTION_COMMIT, RESOLUTION_COMMIT, "0ld0001"],
+            # empty: a row from before the column, made with version 1
+            "resolution": [float("nan"), RESOLUTION_VERSION, RESOLUTION_VERSION, float("nan")],
         }
     )
     table = quality_table(rows)
     assert "| knn | 0.645 ± 0.007 (2) † |" in table  # one stale seed marks the cell
     assert "| gears | 0.660 (1) |" in table
     assert "| mlp | 0.490 (1) |" in table  # reads no gene knowledge: nothing to rerun
-    assert f"† made before commit {RESOLUTION_COMMIT}" in table
-    assert "†" not in quality_table(rows.assign(commit=RESOLUTION_COMMIT))
-
-
-def test_made_before_follows_the_git_history(tmp_path, monkeypatch):
-    import subprocess
-
-    import docs_tables
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
-
-    git("init", "-q")
-    commits = []
-    for name in ("a", "b"):
-        (tmp_path / name).write_text(name)
-        git("add", name)
-        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", name)
-        commits.append(git("rev-parse", "--short", "HEAD"))
-    monkeypatch.setattr(docs_tables, "REPO", tmp_path)
-    docs_tables.made_before.cache_clear()
-    try:
-        assert docs_tables.made_before(commits[0], commits[1])
-        assert not docs_tables.made_before(commits[1], commits[1])  # the boundary itself is not before
-        assert not docs_tables.made_before(commits[1], commits[0])
-        assert not docs_tables.made_before("abcdef0", commits[1])  # unknown to git: never flagged on a guess
-    finally:
-        docs_tables.made_before.cache_clear()
+    assert "† made with an older symbol resolution" in table
+    assert "†" not in quality_table(rows.assign(resolution=RESOLUTION_VERSION))
+    assert "†" in quality_table(rows.assign(resolution=RESOLUTION_VERSION - 1))
