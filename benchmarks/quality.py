@@ -134,13 +134,16 @@ def done(rows: pd.DataFrame, model: str, dataset: str, seed: int, tasks: tuple[s
 
 
 def complete(rows: pd.DataFrame, args=None, paired: bool = False) -> pd.DataFrame:
-    """The rows that need no rerun: all of them, or with ``--fill-intervals`` those that have their interval
-    (and, for ``paired`` ensemble rows, their paired differences with the members)."""
-    if args is None or not getattr(args, "fill_intervals", False):
-        return rows
-    keep = rows["ci_low"].notna() if "ci_low" in rows.columns else pd.Series(False, index=rows.index)
-    if paired:
-        keep &= rows["paired"].notna() if "paired" in rows.columns else False
+    """The rows that need no rerun: all of them; with ``--fill-intervals`` those that have their interval (and,
+    for ``paired`` ensemble rows, their paired differences with the members); with ``--rerun-stale`` those made
+    with the code's symbol resolution."""
+    keep = pd.Series(True, index=rows.index)
+    if args is not None and getattr(args, "fill_intervals", False):
+        keep &= rows["ci_low"].notna() if "ci_low" in rows.columns else False
+        if paired:
+            keep &= rows["paired"].notna() if "paired" in rows.columns else False
+    if args is not None and getattr(args, "rerun_stale", False):
+        keep &= ~awaits_rerun(rows)
     return rows.loc[keep]
 
 
@@ -851,8 +854,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rerun-stale",
         action="store_true",
-        help="rerun the grid rows (of --models/--datasets/--seeds) made with an older symbol resolution than the "
-        "code's, each with its own overrides",
+        help="rerun the rows (of --models/--datasets/--seeds) made with an older symbol resolution than the code's: "
+        "grid rows each with its own overrides; with --protocol loco, the search's rows and their ensembles",
     )
     parser.add_argument(
         "--only-defaults",
@@ -874,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     from perturb_models.io import cache_dir
 
     runs_dir = args.runs_dir or cache_dir("quality_runs")
-    if args.rerun_stale:
+    if args.rerun_stale and args.protocol == "grid":
         rerun_stale(args, runs_dir)
         print(results_table(read_rows(args.csv)))
         return 0

@@ -269,6 +269,22 @@ def test_fill_intervals_reruns_only_rows_without_their_interval():
     assert list(quality.complete(rows.assign(paired=math.nan), fill, paired=True)["task"]) == []
 
 
+def test_rerun_stale_reruns_only_knowledge_rows_made_with_an_older_symbol_resolution():
+    quality = load_quality()
+    rows = pd.DataFrame(
+        {
+            "model": ["knn", "knn", "mlp", "gears"],
+            "task": ["de", "dir", "de", "de"],
+            "resolution": [math.nan, quality.RESOLUTION_VERSION, math.nan, quality.RESOLUTION_VERSION - 1],
+        }
+    )
+    stale = type("Args", (), {"rerun_stale": True})()
+    # knn de: before the column (version 1); mlp reads no gene knowledge; gears: an older version
+    assert list(quality.complete(rows, stale)["model"]) == ["knn", "mlp"]
+    assert list(quality.complete(rows, stale)["task"]) == ["dir", "de"]
+    assert len(quality.complete(rows, None)) == 4
+
+
 def test_the_ensemble_combiner_is_chosen_on_the_other_lines_cross_fitted_validation():
     quality = load_quality()
     rows = loco_rows_with_intervals([0.0, -0.01, 0.01, 0.5], (0.68, 0.73))
