@@ -100,3 +100,24 @@ def test_task_de_needs_only_the_de_file(tmp_path):
     write(tmp_path, "toy-de.csv", GOOD_DE)
     tables = load_task_tables("toy", "de", root=tmp_path)
     assert tables.dir is None
+
+
+def test_the_dataset_ensembl_map_reaches_the_context_for_its_own_symbols(tmp_path, caplog):
+    import json
+
+    from perturb_models.data.datamodule import PerturbQADataModule
+
+    folder = write_dataset(tmp_path)
+    ids = {"P1": "ENSG00000000001", "G1": "ENSG00000000002", "ELSEWHERE": "ENSG00000000003", "G2": "non-targeting"}
+    (folder / "ids.json").write_text(json.dumps(ids))
+    dm = PerturbQADataModule(name="toy", task="joint", root=str(folder), download=False, ensembl_map="ids.json")
+    dm.setup()
+    # Only the dataset's symbols, and only Ensembl gene ids.
+    assert dict(dm.context.ensembl_ids) == {"G1": "ENSG00000000002", "P1": "ENSG00000000001"}
+    caplog.set_level("WARNING")
+    missing = PerturbQADataModule(name="toy", task="joint", root=str(folder), download=False, ensembl_map="nope.json")
+    missing.setup()
+    assert dict(missing.context.ensembl_ids) == {} and "nope.json" in caplog.text
+    off = PerturbQADataModule(name="toy", task="joint", root=str(folder), download=False, ensembl_map=None)
+    off.setup()
+    assert dict(off.context.ensembl_ids) == {}
