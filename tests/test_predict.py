@@ -55,6 +55,9 @@ MODEL_OVERRIDES = {
     "knn": ["model=knn"],
     "gears": ["model=gears", "model.encoder.hidden_dim=16", "model.encoder.pair_hidden_dim=32"],
     "gat": ["model=gat", "model.encoder.hidden_dim=16", "model.encoder.pair_hidden_dim=32"],
+    # GO-term nodes after the genes (go_kg): a new gene's node goes after them, fed by its terms
+    "gat_go_kg": ["model=gat", "model.encoder.hidden_dim=16", "+graph@model.encoder.graphs.kg=go_kg"],
+    "gears_go_kg": ["model=gears", "model.encoder.hidden_dim=16", "+graph@model.encoder.pert_graphs.kg=go_kg"],
     # the _text variants: gene-text node features (MiniLM over the knowledge files' descriptions)
     "gears_text": ["model=gears_text", "model.encoder.hidden_dim=16", "model.encoder.pair_hidden_dim=32"],
     "gat_text": ["model=gat_text", "model.encoder.hidden_dim=16", "model.encoder.pair_hidden_dim=32"],
@@ -114,7 +117,7 @@ def _assert_equals_evaluate(run, out, ulps: int = 0) -> None:
 
 @pytest.mark.parametrize("name", list(MODEL_OVERRIDES))
 def test_known_perturbations_get_evaluate_scores_bit_for_bit_with_or_without_new_genes(
-    name, synthetic_cfg, query_world, tmp_path
+    name, synthetic_cfg, query_world, tmp_path, caplog
 ):
     if name == "lora_llama":
         require_module("peft", "model=lora_llama is a LoRA Llama")
@@ -126,8 +129,12 @@ def test_known_perturbations_get_evaluate_scores_bit_for_bit_with_or_without_new
     ulps = 2 if name == "lora_llama" else 0
     _predict(run, tmp_path / "alone", f"perts=[{','.join(test_perts)}]")
     _assert_equals_evaluate(run, tmp_path / "alone", ulps)
+    caplog.set_level("INFO", logger="perturb_models.knowledge.graphs")
     with_new = _predict(run, tmp_path / "with_new", f"perts=[NEWA,{','.join(test_perts)},MT-CO1]")
     _assert_equals_evaluate(run, tmp_path / "with_new", ulps)
+    if name.endswith("_go_kg"):  # the new genes' nodes are fed by their GO-term nodes
+        edges = [r.getMessage() for r in caplog.records if r.getMessage().startswith("graph kg:")]
+        assert edges and int(edges[-1].split()[2]) > 0, edges
     assert set(with_new["pert"]) == set(test_perts) | {"NEWA", "COX1"}
     new_rows = with_new.loc[with_new["pert"] == "NEWA"]
     assert not new_rows["pert_in_training_vocab"].any() and (new_rows["pert_knowledge"] == "go").all()

@@ -708,45 +708,103 @@ _NEW_GENE_EDGES = {
 }
 
 
+def _new_gene_go_kg_edges(context, num_known: int, terms: Sequence[str], **params):
+    """``go_kg``'s rule for appended genes: an edge from each of the training graph's GO-term nodes
+    (``terms``, in node order) annotated to the new gene, into it (``term_to_gene``); returned as (term
+    position, gene vocab index, weight)."""
+    keys = ("aspects", "exclude_evidence", "propagate", "cluster_min_share", "knowledge_root", "allow_download")
+    options = {k: params[k] for k in keys if k in params}
+    sets, _info = vocab_term_sets(
+        context,
+        options.get("knowledge_root"),
+        params.get("annotations", "gene2go"),
+        options.get("aspects"),
+        tuple(options.get("exclude_evidence") or ()),
+        bool(options.get("propagate", False)),
+        tuple(params.get("term_relations") or ("is_a", "part_of")),
+        float(options.get("cluster_min_share", 0.1)),
+        bool(options.get("allow_download", True)),
+    )
+    position = {term: i for i, term in enumerate(terms)}
+    src, dst = [], []
+    for gene in range(num_known, len(sets)):
+        for term in sorted(sets[gene] or ()):
+            if term in position:
+                src.append(position[term])
+                dst.append(gene)
+    return np.asarray(src, np.int64), np.asarray(dst, np.int64), np.ones(len(src), np.float32)
+
+
 def new_gene_edges(specs: Mapping[str, Mapping[str, Any]], context, num_known: int) -> GeneGraph:
     """The edges that genes appended to a trained vocabulary get in the graph ``build_graphs(specs, ...)``
-    built over the first ``num_known`` genes: each builder's rule applied to the new genes' rows only,
-    with neighbours drawn from the known genes (the pool the training graph drew from). Every edge
-    points from a known gene into a new one, so no known gene gains an in-edge, a neighbour or a degree:
-    what message passing, normalisation and retrieval compute for known genes is unchanged.
+    built over the first ``num_known`` genes: each builder's rule applied to the new genes only, from the
+    known genes (the pool the training graph drew from) or, for ``go_kg``, from its GO-term nodes. Every edge
+    points into a new gene, so no known node gains an in-edge, a neighbour or a degree: what message
+    passing, normalisation and retrieval compute for known nodes is unchanged.
 
-    Returns a graph over ``context``'s (extended) vocabulary holding only those edges, with the edge
-    types of the combined training graph (one relation per source, in ``specs`` order)."""
+    Node layout (what the returned graph's ids mean): the known genes, then the training graph's other nodes
+    (``go_kg``'s terms, in ``combine_graphs`` order), then the new genes in vocabulary order; without other
+    nodes a new gene's node id is its vocabulary index. Edge types are those of the combined training graph."""
+    from dataclasses import replace
+
     n = context.num_genes
-    src_all, dst_all, weight_all, type_all = [], [], [], []
-    for position, (name, spec) in enumerate(specs.items()):
+    known_context = None
+    layout = []  # per source: (name, spec, relation names, its other nodes)
+    for name, spec in specs.items():
         kind = spec.get("kind")
-        if kind not in EXTENSIBLE_KINDS:
+        if kind == "go_kg":
+            if known_context is None:
+                vocab = type(context.vocab)(list(context.vocab.symbols[:num_known]))
+                known_context = replace(context, vocab=vocab)
+            trained = build_graph(spec, known_context, name)  # the training run's graph (from the cache)
+            layout.append((name, spec, list(trained.relations), list(trained.extra_nodes)))
+        elif kind in EXTENSIBLE_KINDS:
+            layout.append((name, spec, [EXTENSIBLE_KINDS[kind]], []))
+        else:
             raise ValueError(
                 f"graph {name} (kind {kind}) cannot give genes outside the training vocabulary their "
-                f"edges; kinds that can: {', '.join(EXTENSIBLE_KINDS)}"
+                f"edges; kinds that can: {', '.join([*EXTENSIBLE_KINDS, 'go_kg'])}"
             )
+    num_other = sum(len(other) for *_, other in layout)
+    src_all, dst_all, weight_all, type_all = [], [], [], []
+    relation_offset = other_offset = 0
+    for name, spec, relations, other in layout:
         params = {k: v for k, v in spec.items() if k not in NON_KEY_PARAMS or k == "allow_download"}
-        for key in ("aspects", "exclude_evidence", "relations"):
+        for key in ("aspects", "exclude_evidence", "relations", "term_relations"):
             if isinstance(params.get(key), (list, tuple)):
                 params[key] = tuple(params[key])
-        src, dst, weight = _NEW_GENE_EDGES[kind](context, num_known, **params)
+        if spec["kind"] == "go_kg":
+            src, dst, weight = _new_gene_go_kg_edges(context, num_known, [t for t in other], **params)
+            src = src + num_known + other_offset
+            edge_type = relation_offset + relations.index("term_to_gene")
+        else:
+            src, dst, weight = _NEW_GENE_EDGES[spec["kind"]](context, num_known, **params)
+            edge_type = relation_offset
         src_all.append(src)
-        dst_all.append(dst)
+        dst_all.append(dst + num_other)
         weight_all.append(weight)
-        type_all.append(np.full(len(src), position, np.int64))
+        type_all.append(np.full(len(src), edge_type, np.int64))
         log.info("graph %s: %d edges into %d new genes", name, len(src), n - num_known)
+        relation_offset += len(relations)
+        other_offset += len(other)
     src, dst = np.concatenate(src_all), np.concatenate(dst_all)
-    relations = [f"{name}:{EXTENSIBLE_KINDS[spec['kind']]}" for name, spec in specs.items()]
     graph = GeneGraph(
-        n,
+        num_known,
         torch.as_tensor(np.stack([src, dst]), dtype=torch.long).reshape(2, -1),
         torch.as_tensor(np.concatenate(type_all)),
         torch.as_tensor(np.concatenate(weight_all), dtype=torch.float32),
-        relations,
-        [],
-        {"new_genes": n - num_known},
+        [f"{name}:{r}" for name, _spec, relations, _other in layout for r in relations],
+        [f"{name}:{t}" for name, _spec, _rel, other in layout for t in other] + list(context.vocab.symbols[num_known:]),
+        {"new_genes": n - num_known, "other_nodes": num_other},
     ).validate()
-    if graph.num_edges and (int(graph.edge_index[0].max()) >= num_known or int(graph.edge_index[1].min()) < num_known):
-        raise AssertionError("new-gene edges must point from a known gene into a new one")
+    if graph.num_edges and int(graph.edge_index[1].min()) < num_known + num_other:
+        raise AssertionError("new-gene edges must point into a new gene")
     return graph
+
+
+def new_gene_touched(graph: GeneGraph) -> torch.Tensor:
+    """Bool per new gene of a ``new_gene_edges`` graph (the last nodes): it has at least one edge."""
+    touched = torch.zeros(graph.num_nodes, dtype=torch.bool)
+    if graph.num_edges:
+        touched[graph.edge_index.reshape(-1)] = True
+    return touched[graph.num_nodes - int(graph.info["new_genes"]) :]

@@ -22,7 +22,7 @@ from torch import nn
 from torch_geometric.nn import GATConv, SGConv
 
 from perturb_models.data.datamodule import DataContext
-from perturb_models.knowledge.graphs import GeneGraph, build_graphs
+from perturb_models.knowledge.graphs import GeneGraph, build_graphs, new_gene_touched
 from perturb_models.models.base import Encoder
 from perturb_models.models.embedding import GeneEmbeddings, embedding_spec
 from perturb_models.models.layers import PairMLP
@@ -89,6 +89,9 @@ class NodeEmbedding(nn.Module):
     def __init__(self, graph: GeneGraph, dim: int, name: str, feature_dim: int | None = None):
         super().__init__()
         self.num_genes = graph.num_genes
+        # Genes of the training vocabulary and the graph's other nodes after them: genes appended later
+        # (predict.py) get nodes after those, so a vocabulary index maps to a node through node_index.
+        self.trained_genes, self.num_other = graph.num_genes, graph.num_nodes - graph.num_genes
         self.table = nn.Embedding(graph.num_nodes, dim)
         nn.init.normal_(self.table.weight, std=0.1)
         self.feature_projection = nn.Linear(feature_dim, dim) if feature_dim else None
@@ -105,13 +108,8 @@ class NodeEmbedding(nn.Module):
         self.num_isolated = int(isolated.sum())
 
     def extend_vocabulary(self, num_new: int, new_has_edge: torch.Tensor) -> None:
-        """Nodes for ``num_new`` genes appended after the known ones: a zero learned vector (never trained),
-        plus the shared "no graph knowledge" vector for those without an edge. Gene nodes must be the
-        graph's only nodes (graphs with other nodes, like ``go_kg``'s terms, cannot be extended)."""
-        if self.table.num_embeddings != self.num_genes:
-            raise ValueError(
-                "a graph with nodes other than genes (go_kg) cannot take genes outside the training vocabulary"
-            )
+        """Nodes for ``num_new`` genes appended to the vocabulary, after every node there is: a zero learned
+        vector (never trained), plus the shared "no graph knowledge" vector for those without an edge."""
         weight = self.table.weight
         self.table.weight = nn.Parameter(
             torch.cat([weight.detach(), weight.new_zeros(num_new, weight.shape[1])]), requires_grad=weight.requires_grad
@@ -119,6 +117,12 @@ class NodeEmbedding(nn.Module):
         self.table.num_embeddings += num_new
         self.isolated = torch.cat([self.isolated, ~new_has_edge.to(self.isolated.device)])
         self.num_genes += num_new
+
+    def node_index(self, genes: torch.Tensor) -> torch.Tensor:
+        """Node ids of vocabulary indices: the same for training genes, after the other nodes for appended ones."""
+        if self.num_other == 0 or self.num_genes == self.trained_genes:
+            return genes
+        return genes + self.num_other * (genes >= self.trained_genes)
 
     def learned(self) -> torch.Tensor:
         """The learned part: a vector per node (+ the shared vector of isolated genes)."""
@@ -134,8 +138,9 @@ class NodeEmbedding(nn.Module):
                 f"{None if gene_features is None else tuple(gene_features.shape)}"
             )
         projected = self.feature_projection(gene_features.to(self.table.weight.dtype))
-        padding = projected.new_zeros(self.table.num_embeddings - self.num_genes, projected.shape[1])
-        return torch.cat([projected, padding], dim=0)
+        padding = projected.new_zeros(self.num_other, projected.shape[1])
+        trained = self.trained_genes
+        return torch.cat([projected[:trained], padding, projected[trained:]], dim=0)
 
     def forward(self, gene_features: torch.Tensor | None = None) -> torch.Tensor:
         h = self.learned()
@@ -164,7 +169,7 @@ def _extend_graph_buffers(module: nn.Module, prefix: str, new_edges: GeneGraph) 
     )
     weight = getattr(module, f"{prefix}_edge_weight")
     setattr(module, f"{prefix}_edge_weight", torch.cat([weight, new_edges.edge_weight.to(weight.device, weight.dtype)]))
-    return new_edges.gene_has_edge()
+    return new_gene_touched(new_edges)
 
 
 def _new_edges(specs: Mapping[str, Mapping[str, Any]] | None, context: DataContext, known: int) -> GeneGraph:
@@ -172,8 +177,11 @@ def _new_edges(specs: Mapping[str, Mapping[str, Any]] | None, context: DataConte
     from perturb_models.knowledge.graphs import new_gene_edges
 
     if specs is None:
-        n = context.num_genes
-        return GeneGraph(n, torch.zeros((2, 0), dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+        new = list(context.vocab.symbols[known:])
+        empty = torch.zeros((2, 0), dtype=torch.long)
+        return GeneGraph(
+            known, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0), ["edge"], new, {"new_genes": len(new)}
+        )
     return new_gene_edges(specs, context, known)
 
 
@@ -283,13 +291,14 @@ class GATEncoder(_CachedNodeStates):
         if self.node_features is not None:
             self.node_features.extend_vocabulary(context)
         has_edge = _extend_graph_buffers(self, "graph", _new_edges(self.graph_specs, context, known))
-        self.nodes.extend_vocabulary(context.num_genes - known, has_edge[known:])
+        self.nodes.extend_vocabulary(context.num_genes - known, has_edge)
         self.num_genes = context.num_genes
         self._clear_cache()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         h = self.cached_node_states()
-        return self.pair(torch.cat([h[batch["pert"]], h[batch["gene"]]], dim=-1))
+        node = self.nodes.node_index
+        return self.pair(torch.cat([h[node(batch["pert"])], h[node(batch["gene"])]], dim=-1))
 
 
 def _feature_dim(features: GeneEmbeddings | None) -> int | None:
@@ -324,7 +333,7 @@ class SGBranch(nn.Module):
 
     def extend_vocabulary(self, new_edges: GeneGraph, known: int) -> None:
         has_edge = _extend_graph_buffers(self, "graph", new_edges)
-        self.nodes.extend_vocabulary(new_edges.num_genes - known, has_edge[known:])
+        self.nodes.extend_vocabulary(int(new_edges.info["new_genes"]), has_edge)
 
     def forward(self, gene_features: torch.Tensor | None = None) -> torch.Tensor:
         own_features = self.nodes.projected_features(gene_features)
@@ -404,5 +413,6 @@ class GEARSEncoder(_CachedNodeStates):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pert_states, gene_states = self.cached_node_states()
-        p, g = pert_states[batch["pert"]], gene_states[batch["gene"]]
+        p = pert_states[self.pert_branch.nodes.node_index(batch["pert"])]
+        g = gene_states[self.gene_branch.nodes.node_index(batch["gene"])]
         return self.pair(torch.cat([p, g, p * g], dim=-1))
