@@ -434,6 +434,7 @@ def read_ensembl_map(
             fetch_published_files({path.name: path}, Path(folder), base_url, allow_download)
         except DownloadError as error:
             log.warning("%s; gene symbols that gene_info finds ambiguous stay unresolved", str(error).splitlines()[0])
+            return {}
     if not path.is_file():
         log.warning("no symbol -> Ensembl file %s: gene symbols that gene_info finds ambiguous stay unresolved", path)
         return {}
