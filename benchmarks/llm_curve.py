@@ -63,7 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from docs_tables import LLM_DOC, interval_text, replace_block  # noqa: E402
+from docs_tables import LLM_DOC, interval_text, replace_block, subset_rows  # noqa: E402
 from quality import budget_overrides, read_rows, run_cell, store_row  # noqa: E402
 
 from perturb_models.io import atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_writer  # noqa: E402
@@ -318,15 +318,10 @@ def run_curve(args: argparse.Namespace) -> None:
 # ---- the docs block ----------------------------------------------------------------------------------
 
 
-def curve_rows(rows: pd.DataFrame, dataset: str, test_genes: int) -> pd.DataFrame:
-    overrides = rows["overrides"].fillna("").astype(str) + " "
-    return rows.loc[(rows["dataset"] == dataset) & overrides.str.contains(f"data.test_genes={test_genes} ")]
-
-
 def curve_table(rows: pd.DataFrame, dataset: str = "k562", test_genes: int = 100) -> str:
     """Markdown: per model and point, the seeds' mean validation and test figures (test with its interval),
     the genes scored and the cumulative wall time of the run up to that point."""
-    rows = curve_rows(rows, dataset, test_genes)
+    rows = subset_rows(rows, dataset, test_genes)
     if rows.empty:
         return f"_no {dataset} rows scored on {test_genes} test genes in llm_curve.csv yet_"
     lines = [
@@ -365,7 +360,7 @@ def curve_figure(rows: pd.DataFrame, path: Path, dataset: str = "k562", test_gen
     except ImportError:
         print("matplotlib is not installed (the 'notebook' extra): no curve figure written")
         return False
-    rows = curve_rows(rows, dataset, test_genes)
+    rows = subset_rows(rows, dataset, test_genes)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, task in zip(axes, TASKS):
         part = rows.loc[rows["task"] == task]

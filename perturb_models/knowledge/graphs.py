@@ -65,12 +65,16 @@ class GeneGraph:
     def num_relations(self) -> int:
         return len(self.relations)
 
-    def gene_has_edge(self) -> torch.Tensor:
-        """Bool (num_genes,): the gene touches at least one edge."""
+    def touched_nodes(self) -> torch.Tensor:
+        """Bool (num_nodes,): the node touches at least one edge."""
         touched = torch.zeros(self.num_nodes, dtype=torch.bool)
         if self.num_edges:
             touched[self.edge_index.reshape(-1)] = True
-        return touched[: self.num_genes]
+        return touched
+
+    def gene_has_edge(self) -> torch.Tensor:
+        """Bool (num_genes,): the gene touches at least one edge."""
+        return self.touched_nodes()[: self.num_genes]
 
     @property
     def num_isolated_genes(self) -> int:
@@ -774,7 +778,7 @@ def new_gene_edges(specs: Mapping[str, Mapping[str, Any]], context, num_known: i
             if isinstance(params.get(key), (list, tuple)):
                 params[key] = tuple(params[key])
         if spec["kind"] == "go_kg":
-            src, dst, weight = _new_gene_go_kg_edges(context, num_known, [t for t in other], **params)
+            src, dst, weight = _new_gene_go_kg_edges(context, num_known, other, **params)
             src = src + num_known + other_offset
             edge_type = relation_offset + relations.index("term_to_gene")
         else:
@@ -804,7 +808,4 @@ def new_gene_edges(specs: Mapping[str, Mapping[str, Any]], context, num_known: i
 
 def new_gene_touched(graph: GeneGraph) -> torch.Tensor:
     """Bool per new gene of a ``new_gene_edges`` graph (the last nodes): it has at least one edge."""
-    touched = torch.zeros(graph.num_nodes, dtype=torch.bool)
-    if graph.num_edges:
-        touched[graph.edge_index.reshape(-1)] = True
-    return touched[graph.num_nodes - int(graph.info["new_genes"]) :]
+    return graph.touched_nodes()[graph.num_nodes - int(graph.info["new_genes"]) :]
