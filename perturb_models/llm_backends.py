@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = "1"
 """Bump when what a cached answer means changes: it is part of every cache key."""
 
+OPTION_FORMS = 2
+"""Which tokens count for an option in ``option_logprobs`` (part of its cache key): 2, the surface forms that
+are whole tokens (1 also counted the first token of a split form, e.g. ``Y`` of ``YES``)."""
+
 
 class BackendError(UserError):
     """The language model could not answer (server down, errors after retries, budget spent, bad reply)."""
@@ -200,7 +204,7 @@ class Backend:
     ) -> np.ndarray:
         """``(len(prompts), len(options))`` log-probabilities that the answer's first token is each option
         (its surface forms summed); ``-inf`` where the distribution read did not contain the option."""
-        payloads = [{"kind": "options", "prompt": p, "options": list(options)} for p in prompts]
+        payloads = [{"kind": "options", "prompt": p, "options": list(options), "forms": OPTION_FORMS} for p in prompts]
         keys, found = self._cached(payloads)
         todo = [j for j, record in enumerate(found) if record is None]
         if todo:
@@ -370,16 +374,19 @@ class LocalBackend(Backend):
             bar.close()
 
     def option_token_ids(self, options: Sequence[str]) -> list[list[int]]:
-        """First-token ids of each option's surface forms (``yes``, `` Yes``, ...); one id counts for one option."""
+        """Token ids of each option's surface forms (``yes``, `` Yes``, ...) that are one token each, as a server's
+        top tokens are read; one id counts for one option. An option none of whose forms is a single token
+        (a tokenizer that splits the word) counts the first tokens of its forms instead."""
         seen: set[int] = set()
         out = []
         for option in options:
+            encoded = [self.tokenizer(form, add_special_tokens=False)["input_ids"] for form in _variants(option)]
+            whole = [e for e in encoded if len(e) == 1]
             ids = []
-            for form in _variants(option):
-                encoded = self.tokenizer(form, add_special_tokens=False)["input_ids"]
-                if encoded and encoded[0] not in seen and encoded[0] != self.tokenizer.unk_token_id:
-                    seen.add(encoded[0])
-                    ids.append(encoded[0])
+            for e in whole or encoded:
+                if e and e[0] not in seen and e[0] != self.tokenizer.unk_token_id:
+                    seen.add(e[0])
+                    ids.append(e[0])
             out.append(ids)
         return out
 

@@ -2,13 +2,15 @@
 
 - Local backend: a seeded 2-layer random Llama with a word-level tokenizer on ``data=synthetic``: logprob and
   sample scoring, the retrieval categories, the summaries artifact, the response cache, the evaluate round trip.
-- A real OpenAI-compatible server: ``transformers serve`` on the SmolLM2 GGUF (the project's offline weights),
-  started on 127.0.0.1 on a free port, answering ``model=summer backend.kind=openai`` end to end.
+- Real OpenAI-compatible servers on SmolLM2 (the project's offline weights), started on 127.0.0.1 on a free
+  port, answering ``model=summer backend.kind=openai`` end to end: ``transformers serve`` (sampled answers) and
+  vLLM's CPU build (logprob scoring, its option probabilities checked against a local forward pass).
 - Failure cases against a real stdlib HTTP server on 127.0.0.1 that returns errors, stalls or malformed replies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -23,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from perturb_models.builders import build_datamodule
 from perturb_models.evaluation import evaluate_checkpoint
-from perturb_models.llm_backends import BackendError, OpenAIBackend
+from perturb_models.llm_backends import BackendError, LocalBackend, OpenAIBackend
 from perturb_models.models.summer import CATEGORIES, SummerEncoder, SummerRetrieval, parse_answer
 from perturb_models.training import train
 from tests.conftest import FAST_CPU, compose_config, missing_input, module_word_knowledge, require_module
@@ -316,6 +319,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serving(command: list[str], port: int, log: Path, name: str, env: dict, startup_s: float):
+    """Run a server ``command`` until its ``/health`` answers 200 on ``port``; stop it on exit."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + startup_s
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"{name} exited with {process.returncode}: {log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"{name} did not answer /health within {startup_s:.0f} s: {log.read_text()[-2000:]}")
+            time.sleep(1)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @pytest.fixture(scope="module")
 def smollm2_server(tmp_path_factory, smollm2_installed):
     """``transformers serve`` on the SmolLM2 GGUF, on 127.0.0.1, stopped when the module's tests end."""
@@ -345,30 +377,64 @@ def smollm2_server(tmp_path_factory, smollm2_installed):
         "--log-level",
         "warning",
     ]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.time() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"transformers serve exited with {process.returncode}: {log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"transformers serve did not answer /health within 180 s: {log.read_text()[-2000:]}")
-            time.sleep(1)
+    with serving(command, port, log, "transformers serve", env, startup_s=180):
         yield f"http://127.0.0.1:{port}/v1", model
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+
+
+def smollm2_folder(dest: Path) -> Path:
+    """The SmolLM2 GGUF as a Hugging Face folder (float32 safetensors + tokenizer): what vLLM loads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from perturb_models.models.llm import smollm2_gguf
+
+    folder, name = smollm2_gguf()
+    dequantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    config = dequantized.config
+    if hasattr(config, "quantization_config"):  # the weights are plain float32 now
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(dequantized.state_dict())
+    plain.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory, smollm2_installed):
+    """vLLM (its CPU build, in its own environment: ``$PERTURB_VLLM_PYTHON``, made by
+    ``bash .ci/install_vllm_cpu``) serving SmolLM2 on 127.0.0.1; yields (base URL, served name, weights folder)."""
+    python = os.environ.get("PERTURB_VLLM_PYTHON", "")
+    if not python or not Path(python).is_file():
+        missing_input(
+            "vLLM not found: set PERTURB_VLLM_PYTHON to the python of an environment with vllm-cpu "
+            "(bash .ci/install_vllm_cpu prints it)"
+        )
+    folder = smollm2_folder(tmp_path_factory.mktemp("smollm2_hf"))
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    # its own environment: none of this project's paths, offline, a 1 GiB KV cache
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    command = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        "--served-model-name",
+        "smollm2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+    ]
+    with serving(command, port, log, "vLLM", env, startup_s=600):
+        yield f"http://127.0.0.1:{port}/v1", "smollm2", folder
 
 
 def test_summer_against_a_real_openai_compatible_server(smollm2_server, tmp_path, isolated_cache):
@@ -405,6 +471,56 @@ def test_summer_against_a_real_openai_compatible_server(smollm2_server, tmp_path
     backend = OpenAIBackend(base_url, model, cache=False)
     with pytest.raises(BackendError, match="returned no logprobs.*scoring=sample"):
         backend.option_logprobs(["Is the sky blue? Answer yes or no."], ["no", "yes"])
+
+
+def test_summer_logprob_scoring_against_vllm_reads_the_models_own_probabilities(vllm_server, tmp_path, isolated_cache):
+    base_url, model, folder = vllm_server
+    # The option probabilities read over HTTP are the model's: the served top tokens carry the log-probabilities
+    # of a local forward pass of the same weights, and each option sums those of its surface forms among them
+    # (a form outside the server's top_logprobs is not seen, so the HTTP figure is at most the local one).
+    prompts = ["Is the sky blue? Answer yes or no.", "Does GATA1 knockdown change HBG1? Answer yes or no."]
+    options = ["no", "yes"]
+    for api, chat in (("chat", True), ("completions", False)):
+        served = OpenAIBackend(base_url, model, api=api, cache=False)
+        local = LocalBackend(pretrained=str(folder), chat=chat, device="cpu", cache=False)
+        records = dict(served._option_logprobs([{"prompt": p} for p in prompts], options, None))
+        for i, ids in enumerate(local._encode(prompts)):
+            with torch.no_grad():
+                logits = local.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            top_ids = {}
+            for token, value in records[i]["top"].items():
+                (token_id,) = local.tokenizer(token, add_special_tokens=False)["input_ids"]
+                assert value == pytest.approx(float(logp[token_id]), abs=1e-3), (api, token)
+                top_ids[token_id] = value
+            for option, got in zip(options, records[i]["logprobs"]):
+                (forms,) = local.option_token_ids([option])
+                seen = [float(logp[t]) for t in forms if t in top_ids]
+                assert got == pytest.approx(float(torch.logsumexp(torch.tensor(seen), 0)), abs=1e-3), (api, option)
+
+    # model=summer scoring=logprob end to end over the served model, then a rerun from the response cache
+    over_http = [
+        "model.encoder.backend.kind=openai",
+        f"model.encoder.backend.base_url={base_url}",
+        f"model.encoder.backend.model={model}",
+        "model.encoder.backend.concurrency=2",
+        "model.encoder.backend.timeout=120",
+        "data.test_genes=2",
+        "data.val_genes=1",
+        "model.encoder.scoring=logprob",
+        "model.encoder.retrieval_budgets.random=2",
+        "model.encoder.retrieval_budgets.both_similar=2",
+    ]
+    metrics = train(summer_cfg(tmp_path, *over_http))
+    usage = json.loads((tmp_path / "run" / "run.json").read_text())["llm_usage"]
+    assert usage["backend"]["backend"] == "openai" and usage["requests"] == usage["pairs"] > 0
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == usage["pairs"]  # one token each
+    assert 0 < metrics["test/de_auroc_per_gene"] < 1 and metrics["test/de_genes_scored"] > 0
+    scores = pd.read_csv(tmp_path / "run" / "predictions" / "test.csv")["score"]
+    assert scores.nunique() > 1, "logprob scores over HTTP must vary between pairs"
+    again = train(summer_cfg(tmp_path, *over_http, name="run2"))
+    usage2 = json.loads((tmp_path / "run2" / "run.json").read_text())["llm_usage"]
+    assert usage2["requests"] == 0 and again["test/de_auroc_per_gene"] == metrics["test/de_auroc_per_gene"]
 
 
 # ---- failure cases against a real (stdlib) HTTP server ------------------------------------------------------
