@@ -22,7 +22,8 @@ options: it reads the whole training split (as ``knn``), one pass writes its che
 chooses its mode. Its rows are named by that mode (:func:`variant_name`), so the modes are distinct models of
 the table: ``summer_logprob``, ``summer_sample_cot``, ``summer_logprob_noretrieval``, ... (``_knowledgetext``
 or ``_nosummaries`` for those summary sources; ``@<weights>`` for an LLM other than SmolLM2). Its tokens per
-pair and LLM seconds (``run.json``'s ``llm_usage``) are printed with the row; the CSV has no column for them.
+pair and LLM seconds (``run.json``'s ``llm_usage``) are printed with the row and stored, for every run with an
+LLM, in ``llm_usage.csv`` beside ``--csv`` (``--usage-csv``); ``--table`` also rewrites docs/summer.md's table.
 
     python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --model summer --baselines knn
     python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --model summer --baselines \
@@ -41,7 +42,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from docs_tables import LLM_DOC, read_quality_rows, subset_table, with_llm_block  # noqa: E402
+from docs_tables import (  # noqa: E402
+    LLM_DOC,
+    SUMMER_DOC,
+    read_quality_rows,
+    read_usage_rows,
+    subset_table,
+    with_llm_block,
+    with_summer_block,
+)
 from quality import COLUMNS, budget_overrides, paired_with_members, run_cell, store_row  # noqa: E402
 
 from perturb_models.io import atomic_write_text  # noqa: E402
@@ -106,6 +115,39 @@ def llm_usage_text(run: Path) -> str:
     )
 
 
+USAGE_COLUMNS = [
+    "model",
+    "dataset",
+    "seed",
+    "pairs",
+    "requests",
+    "cached",
+    "prompt_tokens",
+    "completion_tokens",
+    "tokens_per_pair",
+    "llm_seconds",
+    "abstained_pairs",
+    "commit",
+    "overrides",
+]
+
+
+def usage_row(run: Path, row: dict) -> dict | None:
+    """What the LLM of a run cost (``run.json``'s ``llm_usage``), under the row's model, dataset, seed and
+    overrides; None for a run without an LLM usage record."""
+    record = run / "run.json"
+    usage = json.loads(record.read_text()).get("llm_usage") if record.is_file() else None
+    if not usage:
+        return None
+    return {
+        **{k: row.get(k) for k in ("model", "dataset", "seed", "commit", "overrides")},
+        **{k: usage.get(k) for k in ("pairs", "requests", "cached", "prompt_tokens", "completion_tokens")},
+        "tokens_per_pair": usage.get("tokens_per_pair"),
+        "llm_seconds": usage.get("seconds"),
+        "abstained_pairs": usage.get("abstained_pairs"),
+    }
+
+
 def append(path: Path, rows: list[dict]) -> None:
     """Store the rows; a rerun of the same model, dataset, task, seed and test-gene subset replaces its row."""
     store_row(path, [{k: row.get(k) for k in COLUMNS} for row in rows], COLUMNS, ["model", "dataset", "task", "seed"])
@@ -145,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--runs-dir", default=str(REPO / "outputs" / "llm_quality"))
     parser.add_argument(
+        "--usage-csv", default=None, help="what each LLM run cost (tokens, time); default llm_usage.csv beside --csv"
+    )
+    parser.add_argument(
         "--set", nargs="*", default=[], help="extra Hydra overrides for the LLM runs (summer: its mode, its backend)"
     )
     args = parser.parse_args(argv)
@@ -153,7 +198,11 @@ def main(argv: list[str] | None = None) -> None:
         print(subset_table(rows, args.data, args.test_genes))
         if (args.data, args.test_genes) == ("k562", 100):
             atomic_write_text(LLM_DOC, with_llm_block(LLM_DOC.read_text(), rows))
-            print(f"{LLM_DOC} updated")
+            usage = read_usage_rows(
+                Path(args.usage_csv) if args.usage_csv else Path(args.csv).with_name("llm_usage.csv")
+            )
+            atomic_write_text(SUMMER_DOC, with_summer_block(SUMMER_DOC.read_text(), rows, usage))
+            print(f"{LLM_DOC} and {SUMMER_DOC} updated")
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from perturb_models.config import compose_config
@@ -167,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--prior-seeds: model={args.model} has no gradient training and no prior")
     name = args.model if trains else variant_name(args.model, probe.encoder)
     csv, runs = Path(args.csv), Path(args.runs_dir)
+    usage_csv = Path(args.usage_csv) if args.usage_csv else csv.with_name("llm_usage.csv")
     shared = [f"data.test_genes={args.test_genes}", "data.subset_seed=0"]
     # The (cheap) baselines first, then the first LLM seed, so that the first LLM rows written are already
     # a paired comparison; then the prior, then the other seeds.
@@ -202,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
         append(csv, rows)
+        cost = usage_row(run_dir / run_name, rows[0])
+        if cost is not None:
+            store_row(usage_csv, [cost], USAGE_COLUMNS, ["model", "dataset", "seed", "overrides"])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def test_llm_quality_rows_are_paired_on_one_test_gene_subset(tmp_path, monkeypat
     monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import llm_quality
-    from docs_tables import subset_table
+    from docs_tables import subset_table, summer_table
 
     csv = tmp_path / "q.csv"
     llm_quality.main(
@@ -117,7 +117,7 @@ def test_summer_rows_are_named_by_their_mode_and_paired_with_knn(tmp_path, monke
     monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import llm_quality
-    from docs_tables import subset_table
+    from docs_tables import subset_table, summer_table
 
     csv = tmp_path / "q.csv"
     common = ["--csv", str(csv), "--data", "synthetic", "--model", "summer", "--test-genes", "8", "--val-genes", "3"]
@@ -140,6 +140,14 @@ def test_summer_rows_are_named_by_their_mode_and_paired_with_knn(tmp_path, monke
     assert "tokens per pair" in printed and "requests" in printed
     table = subset_table(rows, "synthetic", 8)
     assert all(f"| {name} | dir |" in table for name in names)
+    # what each LLM run cost, beside the rows (knn has no LLM), and the SUMMER table of docs/summer.md from both
+    usage = pd.read_csv(tmp_path / "llm_usage.csv")
+    assert set(usage["model"]) == names and (usage["tokens_per_pair"] > 0).all()
+    assert (usage["requests"] + usage["cached"] >= usage["pairs"]).all()
+    summer = summer_table(rows, usage, "synthetic", 8)
+    for name in names:
+        cost = usage.loc[usage["model"] == name].iloc[0]
+        assert f"| {name} | 0 | " in summer and f"| {int(cost['pairs']):,} | {cost['tokens_per_pair']:,.0f} |" in summer
     with pytest.raises(SystemExit):
         llm_quality.main([*common, *runs, "--prior-seeds", "0", "--set", *SUMMER_TINY])  # summer has no prior
     sys.modules.pop("llm_quality", None)
