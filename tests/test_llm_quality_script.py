@@ -18,7 +18,7 @@ def test_llm_quality_rows_are_paired_on_one_test_gene_subset(tmp_path, monkeypat
     monkeypatch.setenv("PERTURB_MODELS_CACHE", str(tmp_path / "cache"))
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import llm_quality
-    from docs_tables import subset_table, summer_table
+    from docs_tables import subset_table
 
     csv = tmp_path / "q.csv"
     llm_quality.main(
