@@ -505,11 +505,22 @@ def stale_loco_text(loco_rows: pd.DataFrame) -> str:
     stale = awaits_rerun(loco_rows)
     if not stale.any():
         return ""
-    return (
-        f"{int(stale.sum())} of {len(loco_rows)} rows below were made with an older symbol resolution than the "
-        f"code's (version {RESOLUTION_VERSION} resolves the dataset symbols that gene_info alone cannot: the MT- "
-        "genes, SARS, TAZ, ...): in them those genes had no knowledge, and their rerun is pending.\n\n"
-    )
+    # Ensemble rows over member recipes no longer chosen (or from before combiners existed) feed no table.
+    current = (loco_rows["model"] != "ensemble").to_numpy() | loco_rows.index.isin(combiner_rows(loco_rows).index)
+    shown, superseded = int((stale & current).sum()), int((stale & ~current).sum())
+    text = ""
+    if shown:
+        text += (
+            f"{shown} of {len(loco_rows)} rows below were made with an older symbol resolution than the code's "
+            f"(version {RESOLUTION_VERSION} resolves the dataset symbols that gene_info alone cannot: the MT- genes, "
+            "SARS, TAZ, ...): in them those genes had no knowledge, and their rerun is pending. "
+        )
+    if superseded:
+        text += (
+            f"{superseded} older ensemble rows of loco.csv (over member recipes no longer chosen, or from before "
+            "combiners existed) were made with an older symbol resolution; no table here reads them."
+        )
+    return text + "\n\n"
 
 
 def write_loco_doc(loco_rows: pd.DataFrame, path: Path) -> None:

@@ -312,3 +312,37 @@ def test_the_ensemble_combiner_is_chosen_on_the_other_lines_cross_fitted_validat
     table = quality.loco_table(rows)
     ensemble_row = next(line for line in table.splitlines() if line.startswith("| ensemble |"))
     assert "@loglik" in ensemble_row.split(" | ")[1] and "@rank" in ensemble_row.split(" | ")[4]
+
+
+def test_stale_loco_rows_are_counted_apart_from_superseded_ensembles_no_table_reads():
+    quality = load_quality()
+    rows = loco_rows_with_intervals([0.0, -0.01, 0.01, 0.5], (0.68, 0.73))
+    rows = rows.loc[rows["model"] != "ensemble"].assign(resolution=quality.RESOLUTION_VERSION)
+    members = quality.ensemble_recipe(quality.ensemble_choices(rows, "k562"))
+    current = [
+        {
+            "model": "ensemble",
+            "recipe": f"{members}@rank",
+            "dataset": line,
+            "task": task,
+            "seed": 0,
+            "val_auroc_per_gene": 0.7,
+            "auroc_per_gene": 0.7,
+            "genes_scored": 100,
+            "resolution": quality.RESOLUTION_VERSION,
+        }
+        for line in ("k562", "rpe1", "hepg2", "k562_set")
+        for task in ("de", "dir")
+    ]
+    # an ensemble over a knn recipe no choice names any more, made with the older resolution
+    superseded = [
+        {**row, "recipe": "knn:other+gears:r+embedding_mlp:r@rank", "resolution": float("nan")} for row in current
+    ]
+    rows = pd.concat([rows, pd.DataFrame(current + superseded)], ignore_index=True)
+    text = quality.stale_loco_text(rows)
+    assert text.startswith(f"{len(superseded)} older ensemble rows") and "no table here reads them" in text
+    assert quality.loco_table(rows) == quality.loco_table(rows.iloc[: len(rows) - len(superseded)])
+    # a stale search row is one the tables read: its rerun is pending
+    rows.loc[rows.index[0], "resolution"] = float("nan")
+    assert quality.stale_loco_text(rows).startswith(f"1 of {len(rows)} rows below were made with an older")
+    assert quality.stale_loco_text(rows.iloc[: len(rows) - len(superseded)].assign(resolution=2)) == ""
