@@ -318,3 +318,42 @@ def test_a_long_screen_prints_its_time_estimate_before_scoring(
     assert len(measured) == 1 and measured[0] > 0
     assert f"estimated scoring time ~{prediction.duration(len(frame) / 2.0)} for {len(frame):,} pairs" in out
     assert out.index("estimated scoring time") < out.index("predictions written")
+
+
+@pytest.fixture
+def predict_speed(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import predict_speed
+
+    yield predict_speed
+    sys.modules.pop("predict_speed", None)
+
+
+def test_the_screen_speed_table_in_the_docs_is_generated_from_the_results_csv(predict_speed, tmp_path):
+    setting = {"date": "2026-12-05", "cpus": 2, "torch_threads": 2, "load_average": 1.0, "processor": "x86_64"}
+    screen = {"perturbations": 20728, "new_to_model": 15841, "targets": 100, "pairs": 2072800, "dataset": "k562"}
+    rows = pd.DataFrame(
+        [
+            {"model": "knn", "screen": "first", "scoring_pairs_per_s": 91116, "wall_s": 46.3, "source": "run"},
+            {"model": "ensemble", "screen": "first", "scoring_pairs_per_s": 30000, "wall_s": 130.2, "source": "quick"},
+        ]
+    ).assign(**screen, **setting)
+    csv, doc = tmp_path / "speed.csv", tmp_path / "predict.md"
+    rows.to_csv(csv, index=False)
+    doc.write_text(f"before\n{predict_speed.SPEED_BEGIN}\nold figures\n{predict_speed.SPEED_END}\nafter\n")
+
+    assert predict_speed.main(["--table", "--csv", str(csv), "--doc", str(doc)]) == 0
+
+    text = doc.read_text()
+    assert "old figures" not in text and text.startswith("before\n") and text.endswith("after\n")
+    assert "| knn | first | 46.3 s | 91,116 | yes |" in text
+    assert "| ensemble | first | 130.2 s | 30,000 | no |" in text
+    assert "20,728 perturbations, 15,841 of them new to the model" in text
+    assert "knn: a trained run given with `--run`; ensemble: trained for 20 batches" in text
+    assert "Measured 2026-12-05 on 2 CPUs" in text  # no commit column: measured before it was recorded
+
+
+def test_the_screen_speed_ensemble_needs_its_members_timed_first(predict_speed, capsys):
+    with pytest.raises(SystemExit):
+        predict_speed.main(["--models", "knn", "ensemble"])
+    assert "list gears, embedding_mlp before it" in capsys.readouterr().err
