@@ -263,7 +263,7 @@ def test_a_killed_screen_resumes_keeping_the_parts_it_wrote(synthetic_cfg, query
 
     run = _train(synthetic_cfg, query_world, "knn", tmp_path)
     query = ["perts=[NEWA,SYN0001,SYN0002,SYN0003,SYN0004,SYN0005]", "chunk_pairs=400"]  # 2 perturbations a part
-    monkeypatch.setattr(prediction, "scoring_rate", lambda *args: 1e9)  # no timing probe among the counted calls
+    monkeypatch.setattr(prediction, "scoring_rate", lambda *args: (1e9, 16))  # no timing probe among the counted calls
     whole = _predict(run, tmp_path / "whole", *query)
     scored = []
     real_score_pairs = prediction.score_pairs
@@ -310,14 +310,44 @@ def test_a_long_screen_prints_its_time_estimate_before_scoring(
 
     def as_slow_as_an_llm_on_a_cpu(*args):
         measured.append(real_rate(*args))  # the real probe runs, on the screen's own pairs
-        return 2.0
+        return 2.0, 16
 
     monkeypatch.setattr(prediction, "scoring_rate", as_slow_as_an_llm_on_a_cpu)
     frame = _predict(run, tmp_path / "slow", "perts=[NEWA,SYN0001,SYN0002]")
     out = capsys.readouterr().out
-    assert len(measured) == 1 and measured[0] > 0
+    assert len(measured) == 1 and measured[0][0] > 0 and 16 <= measured[0][1] <= len(frame)
     assert f"estimated scoring time ~{prediction.duration(len(frame) / 2.0)} for {len(frame):,} pairs" in out
     assert out.index("estimated scoring time") < out.index("predictions written")
+
+
+def test_the_time_probe_grows_until_a_call_is_long_enough_to_time(monkeypatch):
+    import perturb_models.prediction as prediction
+
+    class Vocab:
+        def encode(self, symbols):
+            return np.arange(len(symbols))
+
+    calls = []
+
+    def score_pairs(model, pert_idx, gene_idx, batch_size, device):
+        calls.append(len(pert_idx))
+        clock[0] += 0.2 + len(pert_idx) / 100_000  # a fixed cost per call, then 100k pairs/s
+
+    clock = [0.0]
+    monkeypatch.setattr(prediction, "score_pairs", score_pairs)
+    monkeypatch.setattr(prediction.time, "perf_counter", lambda: clock[0])
+    perts, genes = [f"P{i}" for i in range(5000)], [f"G{i}" for i in range(100)]
+    rate, timed = prediction.scoring_rate(None, Vocab(), perts, genes, 4096, "cpu", limit=prediction.PROBE_MAX_PAIRS)
+    assert calls == [16, 128, 1024, 8192, 65536] and timed == 65536
+    assert rate == pytest.approx(65536 / (0.2 + 0.65536))  # a 16-pair probe would have said 80 pairs/s
+    # an LLM's first call is long enough; a small screen stops at its own size
+    calls.clear()
+    monkeypatch.setattr(
+        prediction,
+        "score_pairs",
+        lambda m, p, g, b, d: (calls.append(len(p)), clock.__setitem__(0, clock[0] + len(p) / 2)),
+    )
+    assert prediction.scoring_rate(None, Vocab(), perts, genes, 64, "cpu", limit=1000) == (2.0, 16) and calls == [16]
 
 
 @pytest.fixture
