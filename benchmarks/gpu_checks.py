@@ -630,8 +630,22 @@ def assemble_weights(lease: Lease) -> bool:
 
 
 def llm_rows(run: Path, model: str, overrides: list[str], commit: str | None, wall: float) -> list[dict]:
+    """quality.csv rows of a finished LLM run, with each task's 95% bootstrap interval computed here, where the
+    run's test predictions are (they do not travel back), and the symbol resolution the code used."""
     metrics = read_json(run / "metrics.json")
     record = read_json(run / "run.json")
+    if str(REPO) not in sys.path:  # the checkout's own package (this script's folder is benchmarks/)
+        sys.path.insert(0, str(REPO))
+    try:
+        import pandas as pd
+
+        from perturb_models.knowledge.gene_info import RESOLUTION_VERSION
+        from perturb_models.metrics import intervals_from_predictions
+
+        intervals = intervals_from_predictions(pd.read_csv(run / "predictions" / "test.csv"))
+        resolution, failure = RESOLUTION_VERSION, None
+    except Exception as error:  # the rows still come back; what is missing says why
+        intervals, resolution, failure = {}, None, f"{type(error).__name__}: {error}"
     return [
         {
             "model": model,
@@ -644,7 +658,11 @@ def llm_rows(run: Path, model: str, overrides: list[str], commit: str | None, wa
             "wall_seconds": round(wall, 1),
             "overrides": " ".join(overrides),
             "val_auroc_per_gene": metrics.get(f"val/{task}_auroc_per_gene"),
+            "ci_low": intervals[task].low if task in intervals else None,
+            "ci_high": intervals[task].high if task in intervals else None,
+            "resolution": resolution,
             "global_step": record.get("global_step"),
+            **({"interval_error": failure} if failure else {}),
         }
         for task in ("de", "dir")
     ]

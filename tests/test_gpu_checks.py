@@ -58,6 +58,52 @@ def test_gpu_checks_rehearsal_runs_every_check_and_fits_each_device_call(
     assert checks2["llm_full_lora_llama"]["status"] == "ok", checks2["llm_full_lora_llama"]
     rows = part2["quality_rows"]
     assert {(r["model"], r["task"]) for r in rows} >= {("lora_llama", "de"), ("lora_llama", "dir")}
+    assert all(r["ci_low"] <= r["auroc_per_gene"] <= r["ci_high"] and r["resolution"] for r in rows)
+
+
+def test_a_lease_llm_row_carries_its_interval_and_symbol_resolution(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from perturb_models.knowledge.gene_info import RESOLUTION_VERSION
+    from perturb_models.metrics import auroc_per_gene
+
+    gpu_checks = _load_gpu_checks()
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    frames = []
+    for task in ("de", "dir"):
+        label = rng.integers(0, 2, size=400)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "pert": [f"P{i % 40}" for i in range(400)],
+                    "gene": [f"G{i % 25}" for i in range(400)],
+                    "task": task,
+                    "label": label,
+                    "score": label * 0.3 + rng.random(400),
+                }
+            )
+        )
+    predictions = pd.concat(frames)
+    predictions.to_csv(run / "predictions" / "test.csv", index=False)
+    figures = {
+        f"test/{t}_auroc_per_gene": auroc_per_gene(f["label"], f["score"], f["gene"])[0]
+        for t, f in predictions.groupby("task")
+    }
+    (run / "metrics.json").write_text(json.dumps(figures))
+    (run / "run.json").write_text(json.dumps({"global_step": 7}))
+    rows = gpu_checks.llm_rows(run, "lora_llama", ["model=lora_llama"], "abc1234", 12.0)
+    for row in rows:
+        # the interval is computed on the lease, where the predictions are: they do not travel back
+        assert row["ci_low"] < row["auroc_per_gene"] < row["ci_high"]
+        assert row["resolution"] == RESOLUTION_VERSION and row["global_step"] == 7
+    # without its predictions the rows still come back, saying why they have no interval
+    (run / "predictions" / "test.csv").unlink()
+    bare = gpu_checks.llm_rows(run, "lora_llama", ["model=lora_llama"], "abc1234", 12.0)
+    assert [r["auroc_per_gene"] for r in bare] == [r["auroc_per_gene"] for r in rows]
+    assert all(r["ci_low"] is None and "test.csv" in r["interval_error"] for r in bare)
 
 
 def test_gpu_doc_is_generated_from_the_results_file():
