@@ -148,6 +148,11 @@ def usage_row(run: Path, row: dict) -> dict | None:
     }
 
 
+def usage_path(args: argparse.Namespace) -> Path:
+    """Where the LLM runs' costs go: ``--usage-csv``, else ``llm_usage.csv`` beside ``--csv``."""
+    return Path(args.usage_csv) if args.usage_csv else Path(args.csv).with_name("llm_usage.csv")
+
+
 def append(path: Path, rows: list[dict]) -> None:
     """Store the rows; a rerun of the same model, dataset, task, seed and test-gene subset replaces its row."""
     store_row(path, [{k: row.get(k) for k in COLUMNS} for row in rows], COLUMNS, ["model", "dataset", "task", "seed"])
@@ -198,9 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         print(subset_table(rows, args.data, args.test_genes))
         if (args.data, args.test_genes) == ("k562", 100):
             atomic_write_text(LLM_DOC, with_llm_block(LLM_DOC.read_text(), rows))
-            usage = read_usage_rows(
-                Path(args.usage_csv) if args.usage_csv else Path(args.csv).with_name("llm_usage.csv")
-            )
+            usage = read_usage_rows(usage_path(args))
             atomic_write_text(SUMMER_DOC, with_summer_block(SUMMER_DOC.read_text(), rows, usage))
             print(f"{LLM_DOC} and {SUMMER_DOC} updated")
         return
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--prior-seeds: model={args.model} has no gradient training and no prior")
     name = args.model if trains else variant_name(args.model, probe.encoder)
     csv, runs = Path(args.csv), Path(args.runs_dir)
-    usage_csv = Path(args.usage_csv) if args.usage_csv else csv.with_name("llm_usage.csv")
+    usage_csv = usage_path(args)
     shared = [f"data.test_genes={args.test_genes}", "data.subset_seed=0"]
     # The (cheap) baselines first, then the first LLM seed, so that the first LLM rows written are already
     # a paired comparison; then the prior, then the other seeds.

@@ -93,7 +93,6 @@ def speed_block(rows: pd.DataFrame) -> str:
     sources = "; ".join(f"{', '.join(models)}: {how.get(source, source)}" for source, models in by_source.items())
     if "ensemble" in set(rows.loc[rows["source"] == "quick", "model"]):
         sources += ", the ensemble stacking the three members timed before it"
-    screen = rows.iloc[0]
     table = pd.DataFrame(
         {
             "model": rows["model"],
@@ -107,9 +106,9 @@ def speed_block(rows: pd.DataFrame) -> str:
     return (
         f"Measured {first['date']}{commit} on {first['cpus']} CPUs ({first['processor']}, "
         f"{first['torch_threads']} torch threads, load average {first['load_average']} at the start), "
-        f"{screen['dataset']} checkpoints ({sources}): "
-        f"{screen['perturbations']:,} perturbations, {screen['new_to_model']:,} of them new to the model, "
-        f"against {screen['targets']} targets, {screen['pairs']:,} pairs per screen. Wall time is the whole "
+        f"{first['dataset']} checkpoints ({sources}): "
+        f"{first['perturbations']:,} perturbations, {first['new_to_model']:,} of them new to the model, "
+        f"against {first['targets']} targets, {first['pairs']:,} pairs per screen. Wall time is the whole "
         "`predict` call, from loading the checkpoint to writing `predictions.csv`.\n\n" + markdown_table(table)
     )
 
