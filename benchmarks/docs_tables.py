@@ -301,7 +301,7 @@ def summer_table(rows: pd.DataFrame, usage: pd.DataFrame, dataset: str = "k562",
     usage = subset_rows(usage, dataset, test_genes) if not usage.empty else usage
     lines = [
         "| mode | seed | DE [95% interval] | DE − knn, paired | direction [95% interval] | direction − knn, paired "
-        "| test pairs | tokens per pair | LLM time | wall |",
+        "| pairs answered (val + test) | tokens per pair | LLM time | wall |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (model, seed), group in rows.groupby(["model", "seed"], sort=True):
