@@ -27,7 +27,9 @@ device time also counts the machine's start (~30 s) and the transfers: 5.5 + 6.5
 Part 1: environment (and a measured bf16 matmul peak), LoRA throughput and MFU for the SmolLM2 and
 Llama-3-8B shapes, framework/plain throughput for mlp and gears, ``pytest -m gpu``. Part 2: the GGUF put
 together and its sha256 checked, then ``model=lora_llama`` on the whole K562 training split (as many steps
-as the budget allows, from part 1's measured speed) and the whole test split, without and with the kNN prior.
+as the budget allows, from part 1's measured speed) and the whole test split, without and with the kNN prior;
+then ``model=summer`` (logprob scoring, SmolLM2) on the whole test split when the budget has its time left
+(a lease that ``--skip``'s both lora_llama rows, measured by an earlier one, gives it that time).
 """
 
 from __future__ import annotations
@@ -83,6 +85,38 @@ LLM_SETUP_SECONDS = 130
 # Pairs/s of the project's training loop over the bare step's (llm_throughput.py): the first lease trained
 # ~180 pairs/s in the loop (64-pair batches, one micro-batch each) against 152 for the bare 128-pair step.
 LOOP_OVER_BARE_SPEED = 1.0
+# SUMMER (model=summer, logprob scoring, real SmolLM2) on the whole K562 test split: nothing to train, so its
+# row needs a fixed time: the summaries of ~4k genes (128 greedy tokens each) and one forward per test pair.
+# An estimate for an H200/H100 until a lease measures it; the lease runs it only when that much is left
+# (after the lora_llama rows, or on a lease that --skip's them because an earlier one measured them).
+SUMMER_FULL = [
+    "model=summer",
+    "data=k562",
+    "data.task=joint",
+    "seed=0",
+    "trainer=gpu",
+    "logger=none",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=4096",
+    "data.eval_batch_size=4096",
+    "data.val_genes=64",
+    "model.encoder.backend.batch_size=64",
+]
+SUMMER_SECONDS = 300
+# A rehearsal's LLM runs: synthetic data on this CPU (with model=lora_llama_tiny, model=summer_tiny).
+REHEARSAL_RUN = [
+    "data=synthetic",
+    "data.synthetic.n_genes=80",
+    "data.synthetic.n_perts=60",
+    "data.synthetic.negatives_per_pert=12",
+    "data.task=joint",
+    "seed=0",
+    "trainer.accelerator=cpu",
+    "logger=none",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+]
 
 
 # ---- small helpers -----------------------------------------------------------------------------------------
@@ -682,21 +716,7 @@ def part2(lease: Lease, pairs_per_second: float | None) -> None:
     speed = LOOP_OVER_BARE_SPEED * (measured or 150.0)
     lease.result["llm_speed_pairs_per_s"] = {"measured": measured, "planned": round(speed, 1)}
     base = (
-        [
-            "model=lora_llama_tiny",
-            "data=synthetic",
-            "data.synthetic.n_genes=80",
-            "data.synthetic.n_perts=60",
-            "data.synthetic.negatives_per_pert=12",
-            "data.task=joint",
-            "seed=0",
-            "trainer.accelerator=cpu",
-            "logger=none",
-            "trainer.max_epochs=1",
-            "trainer.num_sanity_val_steps=0",
-            "trainer.enable_progress_bar=false",
-            "data.batch_size=16",
-        ]
+        ["model=lora_llama_tiny", *REHEARSAL_RUN, "trainer.num_sanity_val_steps=0", "data.batch_size=16"]
         if lease.rehearse
         else LLM_TRAIN
     )
@@ -726,6 +746,26 @@ def part2(lease: Lease, pairs_per_second: float | None) -> None:
             rows.extend(entry["figures"])
             lease.result["quality_rows"] = rows
             lease.save()
+    summer(lease, rows)
+
+
+def summer(lease: Lease, rows: list[dict]) -> None:
+    """``model=summer`` (logprob scoring) on the whole K562 test split with the real SmolLM2, when the budget
+    has its time left; a rehearsal runs the seeded 2-layer random Llama on synthetic data instead."""
+    overrides = ["model=summer_tiny", *REHEARSAL_RUN] if lease.rehearse else SUMMER_FULL
+    run = lease.scratch / "runs" / "summer"
+    shutil.rmtree(run, ignore_errors=True)
+    started = time.time()
+    entry = lease.command(
+        "llm_full_summer",
+        [sys.executable, "train.py", *overrides, f"hydra.run.dir={run}"],
+        30 if lease.rehearse else SUMMER_SECONDS,
+        lambda: llm_rows(run, "summer_logprob", overrides, lease.manifest.get("commit"), time.time() - started),
+    )
+    if entry["status"] == "ok":
+        rows.extend(entry["figures"])
+        lease.result["quality_rows"] = rows
+        lease.save()
 
 
 def pytest_counts(log: Path) -> dict:
@@ -931,8 +971,14 @@ def doc_text(stored: dict) -> str:
                 f"`trainer.limit_train_batches` batches of {LLM_BATCH} pairs of the whole training split (the number "
                 f"chosen from the budget and part 1's speed: planned {fmt(speed.get('planned'), 0)} pairs/s), "
                 f"validated "
-                "on the whole validation split and tested on the whole test split. Rows are in "
-                "`benchmarks/results/quality.csv`.",
+                "on the whole validation split and tested on the whole test split. "
+                + (
+                    "`summer_logprob` is `model=summer` (logprob scoring, the same weights), which trains nothing "
+                    "and is validated on 64 seeded genes. "
+                    if any(r["model"].startswith("summer") for r in rows)
+                    else ""
+                )
+                + "Rows are in `benchmarks/results/quality.csv`.",
                 "",
                 "| model | task | steps | val per-gene AUROC | test per-gene AUROC | genes scored | wall s |",
                 "| --- | --- | --- | --- | --- | --- | --- |",

@@ -25,9 +25,10 @@ or ``_nosummaries`` for those summary sources; ``@<weights>`` for an LLM other t
 pair and LLM seconds (``run.json``'s ``llm_usage``) are printed with the row and stored, for every run with an
 LLM, in ``llm_usage.csv`` beside ``--csv`` (``--usage-csv``); ``--table`` also rewrites docs/summer.md's table.
 
-    python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --model summer --baselines knn
-    python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --model summer --baselines \
-        --set model.encoder.retrieval=false     # paired with the knn run of the first invocation
+    python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --model summer --val-genes 4 \
+        --baselines knn
+    python benchmarks/llm_quality.py --csv benchmarks/results/quality.csv --model summer --val-genes 4 \
+        --baselines --set model.encoder.retrieval=false     # paired with the knn run of the first invocation
 """
 
 from __future__ import annotations

@@ -128,3 +128,24 @@ def test_a_budget_cut_check_is_recorded_as_cut_and_earlier_figures_stay(tmp_path
     }
     skipped = lease.command("late", [sys.executable, "-c", "pass"], estimate=60)
     assert skipped["status"] == "skipped"
+
+
+@pytest.mark.llm
+def test_the_lease_summer_check_scores_a_row_with_its_interval(tmp_path):
+    # The check that runs when a lease has time left: rehearsed with the seeded random Llama on synthetic data.
+    gpu_checks = _load_gpu_checks()
+    lease = gpu_checks.Lease(2, tmp_path / "out", tmp_path / "bundle", gpu_checks.Budget(5), rehearse=True)
+    rows: list[dict] = []
+    gpu_checks.summer(lease, rows)
+    check = {c["name"]: c for c in lease.result["checks"]}["llm_full_summer"]
+    assert check["status"] == "ok", check.get("error")
+    assert {(r["model"], r["task"]) for r in rows} == {("summer_logprob", "de"), ("summer_logprob", "dir")}
+    assert all(r["ci_low"] <= r["auroc_per_gene"] <= r["ci_high"] for r in rows)
+    assert lease.result["quality_rows"] == rows
+    doc = gpu_checks.doc_text({"leases": [{"lease": "rehearsal", "parts": [lease.result]}]})
+    assert "| summer_logprob | de |" in doc and "`summer_logprob` is `model=summer`" in doc
+    # without the time it needs, the check is skipped and says so, and no row is made
+    short = gpu_checks.Lease(2, tmp_path / "out2", tmp_path / "bundle", gpu_checks.Budget(0.1), rehearse=True)
+    gpu_checks.summer(short, [])
+    skipped = {c["name"]: c for c in short.result["checks"]}["llm_full_summer"]
+    assert skipped["status"] == "skipped" and "needs" in skipped["error"]
