@@ -62,17 +62,21 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEELS = ["hydra-core", "omegaconf", "antlr4-python3-runtime", "gguf"]
 TASK_FILES = ["k562-de.csv", "k562-dir.csv"]
 KNOWLEDGE_FILES = ["Homo_sapiens.gene_info.gz", "gene2go.gz", "go-basic.obo.gz"]
-# The LoRA runs: the settings that docs/gpu.md reports, one place.
-LLM_TRAIN = [
-    "model=lora_llama",
+# Every full-data LLM run of part 2: one joint run of seed 0 on K562, on the GPU.
+K562_GPU_RUN = [
     "data=k562",
     "data.task=joint",
     "seed=0",
     "trainer=gpu",
     "logger=none",
     "trainer.max_epochs=1",
-    "trainer.num_sanity_val_steps=0",
     "trainer.enable_progress_bar=false",
+]
+# The LoRA runs: the settings that docs/gpu.md reports, one place.
+LLM_TRAIN = [
+    "model=lora_llama",
+    *K562_GPU_RUN,
+    "trainer.num_sanity_val_steps=0",
     "data.batch_size=64",
     "data.eval_batch_size=1024",
     "model.encoder.micro_batch_tokens=16384",
@@ -91,13 +95,7 @@ LOOP_OVER_BARE_SPEED = 1.0
 # (after the lora_llama rows, or on a lease that --skip's them because an earlier one measured them).
 SUMMER_FULL = [
     "model=summer",
-    "data=k562",
-    "data.task=joint",
-    "seed=0",
-    "trainer=gpu",
-    "logger=none",
-    "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
+    *K562_GPU_RUN,
     "data.batch_size=4096",
     "data.eval_batch_size=4096",
     "data.val_genes=64",
