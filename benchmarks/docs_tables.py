@@ -96,12 +96,22 @@ def awaits_rerun(rows: pd.DataFrame) -> pd.Series:
     return ~rows["model"].isin(KNOWLEDGE_FREE_MODELS) & (made_with < RESOLUTION_VERSION)
 
 
-RERUN_NOTE = (
-    f"† made with an older symbol resolution than the code's (version {RESOLUTION_VERSION} resolves the dataset "
-    "symbols that gene_info alone cannot: the MT- genes, SARS, TAZ, HIST1H2BC, ...; "
-    "[knowledge_and_graphs.md](knowledge_and_graphs.md)): in those rows these genes had no knowledge. Rerun "
-    "pending: `python benchmarks/quality.py --rerun-stale --models MODEL ...`."
-)
+def rerun_note(stale: pd.DataFrame) -> str:
+    """The † footnote, with the command that reruns the marked rows: quality.py on this machine, or the next
+    GPU lease (``benchmarks/gpu_checks.py``) for rows made there (``trainer=gpu`` in their overrides)."""
+    on_gpu = stale.get("overrides", pd.Series("", index=stale.index)).fillna("").str.contains(r"\btrainer=gpu\b")
+    commands = []
+    if (~on_gpu).any():
+        commands.append("`python benchmarks/quality.py --rerun-stale --models MODEL ...`")
+    if on_gpu.any():
+        models = ", ".join(sorted(set(stale.loc[on_gpu, "model"])))
+        commands.append(f"for the GPU-made rows ({models}), the next lease of `benchmarks/gpu_checks.py`")
+    return (
+        f"† made with an older symbol resolution than the code's (version {RESOLUTION_VERSION} resolves the "
+        "dataset symbols that gene_info alone cannot: the MT- genes, SARS, TAZ, HIST1H2BC, ...; "
+        "[knowledge_and_graphs.md](knowledge_and_graphs.md)): in those rows these genes had no knowledge. Rerun "
+        "pending: " + "; ".join(commands) + "."
+    )
 
 
 def quality_table(rows: pd.DataFrame) -> str:
@@ -144,8 +154,9 @@ def quality_table(rows: pd.DataFrame) -> str:
         ]
         lines.append("| published best | " + " | ".join(cells) + " |")
         lines.append("")
-    if awaits_rerun(rows).any():
-        lines += [RERUN_NOTE, ""]
+    stale = awaits_rerun(rows)
+    if stale.any():
+        lines += [rerun_note(rows.loc[stale]), ""]
     return "\n".join(lines)
 
 

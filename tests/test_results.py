@@ -141,3 +141,23 @@ def test_rows_made_with_an_older_symbol_resolution_are_marked_until_rerun():
     assert "† made with an older symbol resolution" in table
     assert "†" not in quality_table(rows.assign(resolution=RESOLUTION_VERSION))
     assert "†" in quality_table(rows.assign(resolution=RESOLUTION_VERSION - 1))
+
+
+def test_the_rerun_note_names_the_gpu_lease_for_rows_made_on_a_gpu():
+    from docs_tables import quality_table
+
+    rows = pd.DataFrame(
+        {
+            "model": ["knn", "lora_llama"],
+            "dataset": "k562",
+            "task": "de",
+            "seed": [0, 0],
+            "auroc_per_gene": [0.64, 0.59],
+            "resolution": [float("nan"), float("nan")],
+            "overrides": ["", "model=lora_llama trainer=gpu trainer.limit_train_batches=127"],
+        }
+    )
+    both = quality_table(rows)
+    assert "quality.py --rerun-stale" in both and "GPU-made rows (lora_llama)" in both
+    gpu_only = quality_table(rows.iloc[1:])
+    assert "quality.py --rerun-stale" not in gpu_only and "benchmarks/gpu_checks.py" in gpu_only
