@@ -740,11 +740,16 @@ def part2(lease: Lease, pairs_per_second: float | None) -> None:
                 r, m, o, lease.manifest.get("commit"), time.time() - s
             ),
         )
-        if entry["status"] == "ok":
-            rows.extend(entry["figures"])
-            lease.result["quality_rows"] = rows
-            lease.save()
+        keep_rows(lease, rows, entry)
     summer(lease, rows)
+
+
+def keep_rows(lease: Lease, rows: list[dict], entry: dict) -> None:
+    """A finished LLM check's quality.csv rows join the lease's, saved at once (a later check may be cut)."""
+    if entry["status"] == "ok":
+        rows.extend(entry["figures"])
+        lease.result["quality_rows"] = rows
+        lease.save()
 
 
 def summer(lease: Lease, rows: list[dict]) -> None:
@@ -760,10 +765,7 @@ def summer(lease: Lease, rows: list[dict]) -> None:
         30 if lease.rehearse else SUMMER_SECONDS,
         lambda: llm_rows(run, "summer_logprob", overrides, lease.manifest.get("commit"), time.time() - started),
     )
-    if entry["status"] == "ok":
-        rows.extend(entry["figures"])
-        lease.result["quality_rows"] = rows
-        lease.save()
+    keep_rows(lease, rows, entry)
 
 
 def pytest_counts(log: Path) -> dict:
