@@ -20,7 +20,9 @@ with exponential backoff, stops at a request budget, and turns every other failu
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -252,6 +254,8 @@ class LocalBackend(Backend):
         words: texts whose words the ``words`` tokenizer knows.
         chat: wrap prompts in the tokenizer's chat template (when it has one).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda:0``, ...
+        share_prompt: the samples of a prompt continue one forward pass of it (its KV cache) instead of each
+            reading the prompt again; the answers are the same up to float rounding.
     """
 
     def __init__(
@@ -265,11 +269,13 @@ class LocalBackend(Backend):
         device: str = "auto",
         batch_size: int = 8,
         init_seed: int = 0,
+        share_prompt: bool = True,
         cache: bool = True,
         cache_folder: str | None = None,
         option: str = "model.encoder.backend",
     ):
         super().__init__(cache, cache_folder)
+        self.share_prompt = bool(share_prompt)
         from perturb_models.models.llm import (
             base_weights_record,
             build_base_model,
@@ -301,6 +307,9 @@ class LocalBackend(Backend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.model.to(self.device)
+        # transformers 5 renamed generate's past_key_values to cache
+        forward = inspect.signature(type(self.model).forward).parameters
+        self._cache_argument = "cache" if "cache" in forward else "past_key_values"
         self.chat = bool(chat) and bool(getattr(self.tokenizer, "chat_template", None))
         record = base_weights_record(pretrained if llama_config is None else None, llama_config, init_seed, self.model)
         self.identity = {
@@ -329,47 +338,79 @@ class LocalBackend(Backend):
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
+    def _left_padded(self, ids: list[list[int]], batch: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Input ids and attention mask of ``batch``, left padded so that every prompt ends at the same position."""
+        width = max(len(ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
+            mask[row, width - len(ids[i]) :] = 1
+        return input_ids.to(self.device), mask.to(self.device), width
+
+    def _prompt_cache(self, input_ids: torch.Tensor, mask: torch.Tensor):
+        """The KV cache of every prompt token but the last, which ``generate`` then continues: the positions
+        are those ``generate`` derives from the left-padded mask, so a continued sample matches one run from
+        scratch."""
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        out = self.model(
+            input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True
+        )
+        return getattr(out, "cache", None) or out.past_key_values
+
     @torch.no_grad()
     def _generate(self, payloads: list[dict], progress: str | None):
-        # Requests sharing settings and seed run as one batch stream (the seed is drawn once per batch).
-        groups: dict[tuple, list[int]] = {}
+        # Requests sharing settings run in batches of prompts; the samples of one prompt differ only by their
+        # seed, drawn once per (seed, batch). With share_prompt, a batch's prompts are read once and each seed
+        # continues a copy of that KV cache (on a CPU the prompt's forward pass is most of a short answer).
+        groups: dict[tuple, dict[str, dict[int, list[int]]]] = {}
         for j, p in enumerate(payloads):
-            groups.setdefault((p["max_new_tokens"], p["temperature"], p["top_p"], p["seed"]), []).append(j)
+            prompts = groups.setdefault((p["max_new_tokens"], p["temperature"], p["top_p"]), {})
+            prompts.setdefault(p["prompt"], {}).setdefault(p["seed"], []).append(j)
         bar = _progress(len(payloads), progress)
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
         try:
-            for (max_new, temperature, top_p, seed), members in groups.items():
-                ids = self._encode([payloads[j]["prompt"] for j in members])
+            for (max_new, temperature, top_p), prompts in groups.items():
+                texts = list(prompts)
+                ids = self._encode(texts)
+                sampling = temperature > 0
                 for number, batch in enumerate(self._batches(ids)):
-                    width = max(len(ids[i]) for i in batch)
-                    input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(batch), width), dtype=torch.long)
-                    for row, i in enumerate(batch):  # left padding: every prompt ends at the same position
-                        input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
-                        mask[row, width - len(ids[i]) :] = 1
-                    sampling = temperature > 0
-                    with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                        torch.manual_seed(int(seed) * 1_000_003 + number)
-                        out = self.model.generate(
-                            input_ids=input_ids.to(self.device),
-                            attention_mask=mask.to(self.device),
-                            max_new_tokens=int(max_new),
-                            do_sample=sampling,
-                            temperature=float(temperature) if sampling else None,
-                            top_p=float(top_p) if sampling else None,
-                            top_k=None,
-                            pad_token_id=pad,
-                            eos_token_id=eos,
-                        )
-                    new = out[:, width:].cpu()
-                    for row, i in enumerate(batch):
-                        tokens = new[row].tolist()
-                        if eos is not None and eos in tokens:
-                            tokens = tokens[: tokens.index(eos) + 1]
-                        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                        yield members[i], {"text": text, "prompt_tokens": len(ids[i]), "completion_tokens": len(tokens)}
-                        bar.update(1)
+                    input_ids, mask, width = self._left_padded(ids, batch)
+                    seeds = sorted({seed for i in batch for seed in prompts[texts[i]]})
+                    shared = None
+                    if self.share_prompt and len(seeds) > 1 and min(len(ids[i]) for i in batch) > 1:
+                        shared = self._prompt_cache(input_ids, mask)
+                    for k, seed in enumerate(seeds):
+                        cache = {}
+                        if shared is not None:
+                            cache = {self._cache_argument: shared if k == len(seeds) - 1 else copy.deepcopy(shared)}
+                        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                            torch.manual_seed(int(seed) * 1_000_003 + number)
+                            out = self.model.generate(
+                                input_ids=input_ids,
+                                attention_mask=mask,
+                                max_new_tokens=int(max_new),
+                                do_sample=sampling,
+                                temperature=float(temperature) if sampling else None,
+                                top_p=float(top_p) if sampling else None,
+                                top_k=None,
+                                pad_token_id=pad,
+                                eos_token_id=eos,
+                                **cache,
+                            )
+                        new = out[:, width:].cpu()
+                        for row, i in enumerate(batch):
+                            if seed not in prompts[texts[i]]:  # this prompt's answer for this seed was cached
+                                continue
+                            tokens = new[row].tolist()
+                            if eos is not None and eos in tokens:
+                                tokens = tokens[: tokens.index(eos) + 1]
+                            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                            record = {"text": text, "prompt_tokens": len(ids[i]), "completion_tokens": len(tokens)}
+                            for j in prompts[texts[i]][seed]:
+                                yield j, record
+                                bar.update(1)
         finally:
             bar.close()
 
@@ -652,7 +693,17 @@ def build_backend(
             options.pop(key, None)
         return LocalBackend(words=words, option=option, **options)
     if kind == "openai":
-        for key in ("pretrained", "tokenizer", "llama_config", "chat", "dtype", "device", "batch_size", "init_seed"):
+        for key in (
+            "pretrained",
+            "tokenizer",
+            "llama_config",
+            "chat",
+            "dtype",
+            "device",
+            "batch_size",
+            "init_seed",
+            "share_prompt",
+        ):
             options.pop(key, None)
         return OpenAIBackend(option=option, **options)
     raise ConfigError(f"{option}.kind must be local or openai, got {kind!r}")

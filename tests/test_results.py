@@ -60,6 +60,21 @@ def test_llm_page_speed_table_is_generated_from_the_throughput_json():
     )
 
 
+def test_summer_page_speed_block_is_generated_from_the_speed_json():
+    import json
+
+    import summer_speed
+
+    result = json.loads(summer_speed.RESULTS.read_text()) if summer_speed.RESULTS.exists() else {}
+    text = summer_speed.DOC.read_text()
+    assert text == summer_speed.replace_block(
+        text, summer_speed.block(result), summer_speed.BEGIN, summer_speed.END, summer_speed.DOC
+    ), (
+        "docs/summer.md's speed block differs from benchmarks/results/summer_speed.json: run python "
+        "benchmarks/summer_speed.py --table"
+    )
+
+
 def test_throughput_table_shows_load_and_gpu_only_columns():
     row = {
         "model": "smollm2",

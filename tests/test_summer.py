@@ -177,6 +177,60 @@ def test_sample_scoring_with_cot_and_without_retrieval_counts_every_answer(tmp_p
     assert all(np.array_equal(again.memo[k], v) for k, v in encoder.memo.items())
 
 
+def test_sampled_answers_continue_one_read_of_the_prompt_and_match_samples_read_from_scratch(isolated_cache):
+    words = "knockdown of gene alpha beta gamma delta changes expression up down unchanged answer".split()
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    }
+
+    def backend(share_prompt: bool, cache: bool = False) -> LocalBackend:
+        return LocalBackend(
+            pretrained=None,
+            tokenizer="words",
+            llama_config=config,
+            words=words,
+            chat=False,
+            device="cpu",
+            batch_size=2,
+            share_prompt=share_prompt,
+            cache=cache,
+        )
+
+    # lengths differ within a batch, so the shared read must keep generate's left-padded positions
+    prompts = [
+        "knockdown of alpha",
+        "knockdown of gene beta changes expression of gamma up or down answer",
+        "delta",
+        "gene gamma answer",
+    ]
+    settings = {"samples": 3, "max_new_tokens": 6, "temperature": 1.0, "top_p": 0.95, "seed": 5}
+    read_tokens = {}
+    answers = {}
+    for share in (False, True):
+        model = backend(share)
+        read_tokens[share] = 0
+
+        def count(module, args, kwargs, share=share):
+            read_tokens[share] += int(kwargs["input_ids"].shape[0] * kwargs["input_ids"].shape[1])
+
+        model.model.model.register_forward_pre_hook(count, with_kwargs=True)
+        answers[share] = model.generate(prompts, **settings)
+    assert answers[True] == answers[False]
+    assert any(len(set(samples)) > 1 for samples in answers[True]), "the seeds should give different samples"
+    assert read_tokens[True] < read_tokens[False]
+    # a run resumed with some samples in the cache keeps them and asks only for the others
+    partial = backend(True, cache=True).generate(prompts[:2], **{**settings, "samples": 2})
+    resumed = backend(True, cache=True)
+    again = resumed.generate(prompts, **settings)
+    assert [samples[:2] for samples in again[:2]] == partial and [len(samples) for samples in again] == [3] * 4
+    assert resumed.usage.cached == 4 and resumed.usage.requests == len(prompts) * 3 - 4
+
+
 def test_logprob_scoring_with_cot_is_a_config_error(tmp_path, isolated_cache):
     from perturb_models.errors import ConfigError
 
