@@ -324,6 +324,8 @@ def test_summer_gse_names_clusters_from_summaries_reloads_and_reruns_from_the_ca
     assert again["test/rouge1_recall"] == pytest.approx(metrics["test/rouge1_recall"])
     reloaded = pd.read_csv(tmp_path / "eval" / "predictions" / "test.csv", keep_default_na=False)
     assert reloaded["answer"].tolist() == predictions["answer"].tolist()
+    evaluated = json.loads((tmp_path / "eval" / "run.json").read_text())["llm_usage"]
+    assert evaluated["requests"] == 0 and evaluated["cached"] == 3  # the names; summaries from the artifact
     # a second run sends nothing
     train(gse_summer_cfg(tmp_path, name="run2"))
     usage2 = json.loads((tmp_path / "run2" / "run.json").read_text())["llm_usage"]

@@ -153,6 +153,9 @@ def evaluate_gse(
         namer.to("cuda")
     metrics, predictions = predict_and_score(namer, datamodule)
     run = dict(record.get("run", {}), checkpoint=str(ckpt_file), evaluated_with_commit=git_commit())
+    usage = (getattr(namer, "fit_info", None) or {}).get("llm_usage")
+    if usage is not None:  # what this evaluation's answers cost (a prompting namer answers here again)
+        run["llm_usage"] = usage
     write_outputs(output_dir, {"test": predictions}, run, metrics)
     print_metrics(metrics, output_dir)
     return metrics
