@@ -312,8 +312,8 @@ def summer_table(rows: pd.DataFrame, usage: pd.DataFrame, dataset: str = "k562",
     usage = subset_rows(usage, dataset, test_genes) if not usage.empty else usage
     lines = [
         "| mode | seed | DE [95% interval] | DE − knn, paired | direction [95% interval] | direction − knn, paired "
-        "| pairs answered (val + test) | tokens per pair | LLM time | wall |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pairs answered (val + test) | answers unreadable / abstaining | tokens per pair | LLM time | wall |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (model, seed), group in rows.groupby(["model", "seed"], sort=True):
         cells = []
@@ -326,21 +326,25 @@ def summer_table(rows: pd.DataFrame, usage: pd.DataFrame, dataset: str = "k562",
             )
         cost = usage.loc[(usage["model"] == model) & (usage["seed"] == seed)] if not usage.empty else usage
         if cost.empty:
-            spent = ["–", "–", "–"]
+            spent = ["–", "–", "–", "–"]
         else:
             c = cost.iloc[-1]
             spent = [
                 f"{int(c['pairs']):,}",
+                answers_text(c),
                 f"{float(c['tokens_per_pair']):,.0f}",
                 f"{float(c['llm_seconds']) / 60:.1f} min",
             ]
         wall = float(group["wall_seconds"].iloc[0]) / 60
-        lines.append(
-            f"| {model} | {int(seed)} | "
-            + " | ".join(cells)
-            + f" | {spent[0]} | {spent[1]} | {spent[2]} | {wall:.1f} min |"
-        )
+        lines.append(f"| {model} | {int(seed)} | " + " | ".join([*cells, *spent]) + f" | {wall:.1f} min |")
     return "\n".join(lines)
+
+
+def answers_text(cost: pd.Series) -> str:
+    """``unreadable / abstaining of answers`` from a usage row (``–`` for a row stored without the counts)."""
+    if pd.isna(cost.get("answers")):
+        return "–"
+    return f"{int(cost['unparsed_answers']):,} / {int(cost['abstained_answers']):,} of {int(cost['answers']):,}"
 
 
 def read_usage_rows(path: Path = LLM_USAGE_CSV) -> pd.DataFrame:

@@ -128,6 +128,9 @@ USAGE_COLUMNS = [
     "tokens_per_pair",
     "llm_seconds",
     "abstained_pairs",
+    "answers",
+    "abstained_answers",
+    "unparsed_answers",
     "commit",
     "overrides",
 ]
@@ -145,7 +148,7 @@ def usage_row(run: Path, row: dict) -> dict | None:
         **{k: usage.get(k) for k in ("pairs", "requests", "cached", "prompt_tokens", "completion_tokens")},
         "tokens_per_pair": usage.get("tokens_per_pair"),
         "llm_seconds": usage.get("seconds"),
-        "abstained_pairs": usage.get("abstained_pairs"),
+        **{k: usage.get(k) for k in ("abstained_pairs", "answers", "abstained_answers", "unparsed_answers")},
     }
 
 

@@ -2,6 +2,7 @@
 sample reading the prompt again (``share_prompt=false``) or continuing one read of it (``share_prompt=true``).
 
     python benchmarks/summer_speed.py                  # 24 K562 test pairs, SmolLM2, 3 samples of 8 tokens
+                                                       # (4 of them also with 3 chains of thought)
     python benchmarks/summer_speed.py --pairs 8 --set model.encoder.retrieval=false
     python benchmarks/summer_speed.py --table           # only regenerate docs/summer.md's block from the JSON
 
@@ -39,9 +40,11 @@ BEGIN = (
 END = "<!-- end of summer_speed -->"
 
 
-def measure(pairs: int, samples: int, answer_tokens: int, overrides: list[str]) -> dict:
+def measure(
+    pairs: int, samples: int, answer_tokens: int, cot_pairs: int, cot_tokens: int, overrides: list[str]
+) -> dict:
     """Seconds to answer the same ``pairs`` prompts by logprob scoring and by sampling, without and with
-    the shared prompt read."""
+    the shared prompt read; then ``samples`` chains of thought for the first ``cot_pairs``."""
     from hydra.utils import instantiate
 
     from perturb_models.builders import build_datamodule
@@ -86,6 +89,16 @@ def measure(pairs: int, samples: int, answer_tokens: int, overrides: list[str]) 
                 prompts, samples=samples, max_new_tokens=answer_tokens, temperature=0.6, top_p=0.9, seed=0
             )
         )
+    # The paper's chain of thought, on the first cot_pairs prompts: how long its answers run here.
+    encoder.cot = True
+    cot_prompts = [encoder.prompt(p, g) for p, g in todo[:cot_pairs]]
+    before = backend.usage.completion_tokens
+    cot_seconds = timed(
+        lambda: backend.generate(
+            cot_prompts, samples=samples, max_new_tokens=cot_tokens, temperature=0.6, top_p=0.9, seed=0
+        )
+    )
+    cot_answers = len(cot_prompts) * samples
     return {
         **machine(),
         "llm": str(getattr(backend, "name", "")),
@@ -96,6 +109,12 @@ def measure(pairs: int, samples: int, answer_tokens: int, overrides: list[str]) 
         "answer_tokens": answer_tokens,
         "overrides": overrides,
         "seconds": {k: round(v, 2) for k, v in figures.items()},
+        "cot": {
+            "pairs": len(cot_prompts),
+            "max_new_tokens": cot_tokens,
+            "seconds": round(cot_seconds, 2),
+            "tokens_per_answer": round((backend.usage.completion_tokens - before) / max(1, cot_answers), 1),
+        },
         "command": "python benchmarks/summer_speed.py " + " ".join(sys.argv[1:]),
     }
 
@@ -112,13 +131,23 @@ def block(result: dict) -> str:
         "sample_share_prompt_true": f"`scoring=sample`, {result['samples']} samples continuing one read "
         "(`share_prompt=true`, default)",
     }
-    lines = ["| scoring | seconds per pair | × logprob |", "| --- | --- | --- |"]
+    lines = ["| scoring | pairs | seconds per pair | × logprob |", "| --- | --- | --- | --- |"]
+    per_pair = base / result["pairs"]
     for key, title in names.items():
-        lines.append(f"| {title} | {seconds[key] / result['pairs']:.2f} | {seconds[key] / base:.1f} |")
+        lines.append(
+            f"| {title} | {result['pairs']} | {seconds[key] / result['pairs']:.2f} | {seconds[key] / base:.1f} |"
+        )
+    cot = result["cot"]
+    cot_per_pair = cot["seconds"] / cot["pairs"]
+    lines.append(
+        f"| `scoring=sample cot=true`, {result['samples']} chains of thought of up to {cot['max_new_tokens']:,} "
+        f"tokens ({cot['tokens_per_answer']:.0f} written per answer) | {cot['pairs']} | {cot_per_pair:.1f} | "
+        f"{cot_per_pair / per_pair:.0f} |"
+    )
     return (
-        "\n".join(lines)
-        + f"\n\n{result['pairs']} K562 test pairs ({result['prompt_tokens_per_pair']:.0f} prompt tokens per pair), "
-        f"{result['llm']}, batches of {result['batch_size']}, {result['answer_tokens']} answer tokens, on "
+        "\n".join(lines) + f"\n\nThe first {result['pairs']} K562 test pairs of the subset "
+        f"({result['prompt_tokens_per_pair']:.0f} prompt tokens per pair), {result['llm']}, batches of "
+        f"{result['batch_size']}, {result['answer_tokens']} answer tokens without a chain of thought, on "
         f"{result['processor']} with {result['torch_threads']} threads (commit {result['commit']}, {result['date']}): "
         f"`{result['command'].strip()}`."
     )
@@ -129,11 +158,13 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=24, help="test pairs answered by each scoring")
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--answer-tokens", type=int, default=8)
+    parser.add_argument("--cot-pairs", type=int, default=4, help="pairs answered with a chain of thought")
+    parser.add_argument("--cot-tokens", type=int, default=1024, help="max_new_tokens of a chain of thought")
     parser.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides (e.g. the retrieval ablation)")
     parser.add_argument("--table", action="store_true", help="only rewrite docs/summer.md's block")
     args = parser.parse_args()
     if not args.table:
-        result = measure(args.pairs, args.samples, args.answer_tokens, args.set)
+        result = measure(args.pairs, args.samples, args.answer_tokens, args.cot_pairs, args.cot_tokens, args.set)
         print(json.dumps(result, indent=1))
         atomic_write_text(RESULTS, json.dumps(result, indent=1) + "\n")
     result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

@@ -147,7 +147,9 @@ def test_summer_rows_are_named_by_their_mode_and_paired_with_knn(tmp_path, monke
     summer = summer_table(rows, usage, "synthetic", 8)
     for name in names:
         cost = usage.loc[usage["model"] == name].iloc[0]
-        assert f"| {name} | 0 | " in summer and f"| {int(cost['pairs']):,} | {cost['tokens_per_pair']:,.0f} |" in summer
+        answers = f"{cost['unparsed_answers']:,} / {cost['abstained_answers']:,} of {cost['answers']:,}"
+        assert f"| {name} | 0 | " in summer and cost["answers"] == cost["pairs"]  # logprob: one answer a pair
+        assert f"| {int(cost['pairs']):,} | {answers} | {cost['tokens_per_pair']:,.0f} |" in summer
     with pytest.raises(SystemExit):
         llm_quality.main([*common, *runs, "--prior-seeds", "0", "--set", *SUMMER_TINY])  # summer has no prior
     sys.modules.pop("llm_quality", None)
