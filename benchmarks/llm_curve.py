@@ -367,10 +367,11 @@ def curve_figure(rows: pd.DataFrame, path: Path, dataset: str = "k562", test_gen
         for model, group in part.loc[part["steps"].notna()].groupby("model", sort=True):
             means = group.groupby("steps")[["val_auroc_per_gene", "auroc_per_gene", "ci_low", "ci_high"]].mean()
             steps = means.index.to_numpy(dtype=float)
-            below = (means["auroc_per_gene"] - means["ci_low"]).clip(lower=0)
-            above = (means["ci_high"] - means["auroc_per_gene"]).clip(lower=0)
-            bars = ax.errorbar(steps, means["auroc_per_gene"], yerr=[below, above], fmt="o-", capsize=3, label=model)
-            ax.plot(steps, means["val_auroc_per_gene"], "s--", color=bars[0].get_color(), alpha=0.7)
+            test, val = means["auroc_per_gene"].to_numpy(float), means["val_auroc_per_gene"].to_numpy(float)
+            below = (test - means["ci_low"].to_numpy(float)).clip(min=0)
+            above = (means["ci_high"].to_numpy(float) - test).clip(min=0)
+            bars = ax.errorbar(steps, test, yerr=[below, above], fmt="o-", capsize=3, label=model)
+            ax.plot(steps, val, "s--", color=bars[0].get_color(), alpha=0.7)
         for model, group in part.loc[part["steps"].isna()].groupby("model", sort=True):
             ax.axhline(group["auroc_per_gene"].astype(float).mean(), color="grey", lw=1.2, label=f"{model} (test)")
             ax.axhline(group["val_auroc_per_gene"].astype(float).mean(), color="grey", lw=1, ls="--")
