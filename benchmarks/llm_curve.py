@@ -42,8 +42,9 @@ no validation inside the fit, resumed folders).
 Resumable: a point already in ``--csv`` with the same settings is skipped; a killed run resumes from the last
 block it finished. Rows (``CURVE_COLUMNS``): one per model, task, seed and steps (empty for knn), with the
 test figure's 95% bootstrap interval over test perturbations (``perturb_models.metrics``), the validation
-figure, the genes scored, the point's wall seconds (resume, training since the previous point, scoring; a
-point resumed after a kill counts only its last attempt), the commit and the overrides. The CPU-time estimate
+figure, the genes scored, the point's wall seconds (resume, training since ``from_step``, scoring; a
+point resumed after a kill counts only its last attempt), the step its training started from (0: from
+scratch, when the run folder was gone), the commit and the overrides. The CPU-time estimate
 each point prints before training is for one block, not for the point. Each point's ``metrics.json``,
 ``run.json`` and predictions are kept in ``<run folder>/curve/step<N>/``.
 """
@@ -81,6 +82,7 @@ CURVE_COLUMNS = [
     "genes_scored",
     "val_genes_scored",
     "wall_seconds",
+    "from_step",
     "commit",
     "overrides",
 ]
@@ -251,10 +253,18 @@ def score_point(args: argparse.Namespace, seed: int, prior: bool, steps: int) ->
             f"{args.block} batches an epoch; lower --block or raise --max-train-perts"
         )
     keep_point_outputs(run_dir, steps)
-    store(args, rows, name, steps, recorded, run_dir)
+    store(args, rows, name, steps, recorded, run_dir, from_step=at or 0)
 
 
-def store(args: argparse.Namespace, rows: list[dict], name: str, steps: float, recorded: str, run_dir: Path) -> None:
+def store(
+    args: argparse.Namespace,
+    rows: list[dict],
+    name: str,
+    steps: float,
+    recorded: str,
+    run_dir: Path,
+    from_step: float = math.nan,
+) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for row in rows:
         row.update(
@@ -262,6 +272,7 @@ def store(args: argparse.Namespace, rows: list[dict], name: str, steps: float, r
             steps=steps,
             overrides=recorded,
             val_genes_scored=metrics.get(f"val/{row['task']}_genes_scored", math.nan),
+            from_step=from_step,
         )
         print(
             f"{name} {row['task']} seed {row['seed']}, steps {steps}: val {row['val_auroc_per_gene']:.4f}, test "
@@ -337,7 +348,7 @@ def curve_table(rows: pd.DataFrame, dataset: str = "k562", test_genes: int = 100
             cells.append(f"{part['val_auroc_per_gene'].astype(float).mean():.3f}")
             cells.append(f"{part['auroc_per_gene'].astype(float).mean():.3f}{interval_text(part)}")
         mine = rows.loc[(rows["model"] == model) & (rows["task"] == "de")]
-        walls = mine.loc[mine["steps_key"] <= steps].groupby("seed")["wall_seconds"].sum()
+        walls = pd.Series({seed: wall_to(run, steps) for seed, run in mine.groupby("seed")})
         de = point.loc[point["task"] == "de"]
         genes = f"{de['val_genes_scored'].max():.0f} / {de['genes_scored'].max():.0f}"
         seeds = ", ".join(str(int(s)) for s in sorted(set(point["seed"])))
@@ -347,6 +358,27 @@ def curve_table(rows: pd.DataFrame, dataset: str = "k562", test_genes: int = 100
             f"| {walls.mean() / 60:.0f} |"
         )
     return "\n".join(lines)
+
+
+def wall_to(run: pd.DataFrame, steps: float) -> float:
+    """Seconds one run (one task's rows of a model and seed) took to reach ``steps``: the point's own wall time
+    plus that of the point its training resumed from (``from_step``; rows without it resumed from the previous
+    point; 0 or no earlier point: from scratch). A point rescored after a kill (``from_step == steps``) ends
+    the chain: its training was timed in the lost attempt."""
+    if steps < 0:  # the reference: no steps
+        return float(run["wall_seconds"].sum())
+    points = run.loc[run["steps_key"] >= 0].set_index("steps_key").sort_index()
+    total, at = 0.0, float(steps)
+    while at in points.index:
+        total += float(points.loc[at, "wall_seconds"])
+        start = points.loc[at, "from_step"]
+        if pd.isna(start):
+            earlier = points.index[points.index < at]
+            start = earlier.max() if len(earlier) else 0.0
+        if start >= at:  # rescored after a kill: the training it scores was timed in a lost attempt
+            break
+        at = float(start)
+    return total
 
 
 def curve_figure(rows: pd.DataFrame, path: Path, dataset: str = "k562", test_genes: int = 100) -> bool:

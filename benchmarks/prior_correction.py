@@ -296,7 +296,27 @@ def correction_table(rows: pd.DataFrame) -> str:
             f"| {mean:.3f} | {own} |"
         )
         out.append("")
+        out.append(verdict(grid_mean.set_axis(grid["alpha"]), chosen, alone))
+        out.append("")
     return "\n".join(out).rstrip()
+
+
+def verdict(mean: pd.Series, chosen: float, alone: pd.Series) -> str:
+    """One generated sentence: what the validation grid says about the correction."""
+    knn, trained, best = mean.loc[0.0], mean.loc[1.0], mean.loc[chosen]
+    own = (alone["de_auroc_per_gene"] + alone["dir_auroc_per_gene"]) / 2
+    head = f"On validation (mean of de and dir): knn {knn:.3f}, trained model {trained:.3f}, correction alone {own:.3f}"
+    if chosen == 0.0:
+        return (
+            f"{head}. The vote alone is best: no amount of the correction on the grid raises the vote's "
+            f"validation figure, so the LLM adds no ranking information the vote lacks at this point."
+        )
+    if chosen < 1.0:
+        return (
+            f"{head}. The correction helps at a smaller scale: alpha {chosen:g} gives {best:.3f}, above both; "
+            f"the trained correction carries information but is too large."
+        )
+    return f"{head}. The trained scale or a larger one is best (alpha {chosen:g}: {best:.3f})."
 
 
 def write_docs(args: argparse.Namespace) -> None:

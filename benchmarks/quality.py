@@ -65,10 +65,21 @@ COLUMNS = [
 ]
 # paired: the row's paired difference with other runs on the same test pairs and resamples, JSON
 # {"run": [difference, low, high, p_value]}: an ensemble's members (loco.csv), knn for llm_quality.py's rows.
-OPTIONAL = ("overrides", "val_auroc_per_gene", "recipe", "weights", "ci_low", "ci_high", "paired", "resolution")
+OPTIONAL = (
+    "overrides",
+    "val_auroc_per_gene",
+    "recipe",
+    "weights",
+    "ci_low",
+    "ci_high",
+    "paired",
+    "resolution",
+    "from_step",
+)
 # resolution: the symbol-resolution version (perturb_models.knowledge.gene_info.RESOLUTION_VERSION) the row's
 # knowledge was read with; empty for rows from before the column (version 1).
 # weights: the ensemble's combination weights per member (fitted on validation), for the docs.
+# from_step (llm_curve.csv): the step a point's training started from; empty in rows from before the column.
 LOCO_COLUMNS = ["model", "recipe", *COLUMNS[1:], "weights"]
 DEFAULT_CSV = REPO / "benchmarks" / "results" / "quality.csv"
 DEFAULT_LOCO_CSV = REPO / "benchmarks" / "results" / "loco.csv"

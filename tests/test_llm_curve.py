@@ -96,6 +96,7 @@ def test_curve_extends_one_run_exactly_resumes_skips_and_writes_the_docs(curve, 
     assert (rows["genes_scored"] == 8).all() and (rows["val_genes_scored"] == 3).all()
     assert rows["overrides"].str.contains("data.test_genes=8 data.subset_seed=0 ").all()
     assert (plain / "curve" / "step2" / "predictions" / "test.csv").is_file()
+    assert llm.groupby("steps")["from_step"].unique().map(list).to_dict() == {2: [0], 4: [2]}
 
     # The resumed 4-step point is a straight 4-step run: same weights, AdamW state, schedule and figures.
     args = curve.parse_args(curve_args(csv, runs, "--steps", "2", "4", *no_extension))
@@ -123,9 +124,10 @@ def test_curve_extends_one_run_exactly_resumes_skips_and_writes_the_docs(curve, 
     assert "lora_llama_tiny seed 0: from step 4 to 4 steps" in capsys.readouterr().out
     again = pd.read_csv(csv).set_index(["model", "steps", "task"]).sort_index()
     pd.testing.assert_frame_equal(
-        again.drop(columns=["wall_seconds"]),
-        rows.set_index(["model", "steps", "task"]).sort_index().drop(columns=["wall_seconds"]),
+        again.drop(columns=["wall_seconds", "from_step"]),
+        rows.set_index(["model", "steps", "task"]).sort_index().drop(columns=["wall_seconds", "from_step"]),
     )
+    assert (again.loc[("lora_llama_tiny", 4.0), "from_step"] == 4).all()  # scored again, nothing trained
     assert checkpoint(plain)["global_step"] == 4
 
     # Another block size would continue a different curve: refused in one line.
@@ -200,3 +202,24 @@ def test_llm_page_curve_block_is_generated_from_the_curve_csv(curve):
         "docs/llm.md's learning-curve block differs from llm_curve.csv: run python benchmarks/llm_curve.py "
         "--csv benchmarks/results/llm_curve.csv --table"
     )
+
+
+def test_wall_to_a_point_follows_the_step_each_point_trained_from(curve):
+    def rows(from_steps):
+        return pd.DataFrame(
+            {
+                "steps": [30, 100, 300],
+                "steps_key": [30.0, 100.0, 300.0],
+                "wall_seconds": [600.0, 1500.0, 3000.0],
+                "from_step": from_steps,
+            }
+        )
+
+    # Resumed point by point: the run's wall to 300 steps is the three points' together.
+    assert curve.wall_to(rows([0, 30, 100]), 300) == 5100.0
+    # The 100-step point trained from scratch (its run folder was gone): the 30-step point is not on its way.
+    assert curve.wall_to(rows([0, 0, 100]), 300) == 4500.0 and curve.wall_to(rows([0, 0, 100]), 100) == 1500.0
+    # Rows from before the column resumed from the previous point.
+    assert curve.wall_to(rows([float("nan")] * 3), 300) == 5100.0
+    # A point scored again after a kill timed no training: the chain ends there.
+    assert curve.wall_to(rows([0, 30, 300]), 300) == 3000.0

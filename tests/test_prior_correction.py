@@ -89,7 +89,7 @@ def test_trained_mix_reproduces_the_run_and_alpha_is_chosen_on_validation(analys
     analysis.main(["--csv", str(csv), "--table", "--doc", str(doc)])
     block = doc.read_text().split(analysis.BLOCK_BEGIN)[1].split(analysis.BLOCK_END)[0]
     assert f"**{test.loc['chosen_on_val', 'alpha']:g}** (chosen)" in block
-    assert f"after {steps} steps" in block and "| correction alone |" in block
+    assert f"after {steps} steps" in block and "| correction alone |" in block and "On validation (mean" in block
     test_cells = [line for line in block.splitlines() if line.startswith("| ") and not line.endswith("| |")]
     assert len(test_cells) - 2 <= 4  # header, rule; then at most knn, trained, chosen and the correction alone
 
@@ -127,3 +127,19 @@ def test_llm_page_prior_correction_block_is_generated_from_its_csv(analysis):
         "docs/llm.md's prior-correction block differs from prior_correction.csv: run python "
         "benchmarks/prior_correction.py --csv benchmarks/results/prior_correction.csv --table"
     )
+
+
+@pytest.mark.parametrize(
+    "means, says",
+    [
+        ({0.0: 0.70, 0.5: 0.69, 1.0: 0.65}, "The vote alone is best"),
+        ({0.0: 0.70, 0.5: 0.72, 1.0: 0.65}, "alpha 0.5 gives 0.720, above both"),
+        ({0.0: 0.60, 0.5: 0.65, 1.0: 0.70}, "The trained scale or a larger one is best (alpha 1: 0.700)"),
+    ],
+)
+def test_verdict_reads_the_validation_grid(analysis, means, says):
+    mean = pd.Series(means)
+    alone = pd.Series({"de_auroc_per_gene": 0.55, "dir_auroc_per_gene": 0.51})
+    text = analysis.verdict(mean, float(mean.idxmax()), alone)
+    assert says in text and f"knn {means[0.0]:.3f}" in text
+    assert "correction alone 0.530" in text
