@@ -10,9 +10,11 @@ A run with the prior scores ``log_softmax(log p_knn + c)``, ``c`` the LLM's logi
 any step). alpha = 0 is model=knn exactly, alpha = 1 the trained model; the grid tells whether the correction
 carries information about which perturbations change a gene that the vote lacks (some alpha > 0 beats
 alpha = 0 on validation), and whether it is too large (the best alpha lies between 0 and 1). The correction
-alone (``log_softmax(c)``) shows the LLM part's own within-gene signal. Its within-gene spread is reported
-beside the vote's: the standard deviation, across the perturbations of one downstream gene, of the
-``changed vs unchanged`` log-odds (mean over genes), of the vote and of the correction.
+alone (``log_softmax(c)``) shows the LLM part's own within-gene signal. On the ``changed vs unchanged``
+log-odds, validation also gets: the within-gene spread of the vote and of the correction (standard deviation
+across the perturbations of one downstream gene, mean over genes: only that part can reorder a gene's
+perturbations, which is all the per-gene AUROC reads), the correction's mean (a shift of the class rates),
+and the within-gene correlation of correction and vote (negative: the correction undoes the vote).
 
 alpha is chosen on validation only (mean of the ``de`` and ``dir`` per-gene AUROC). Test figures are reported
 for alpha = 0, 1 and that choice, and for the correction alone; never for the rest of the grid.
@@ -55,6 +57,8 @@ COLUMNS = [
     "dir_auroc_per_gene",
     "spread_knn",
     "spread_correction",
+    "shift_correction",
+    "within_gene_corr",
     "commit",
     "run",
 ]
@@ -106,7 +110,9 @@ def load_prior_model(run: Path, checkpoint: str):
     datamodule.setup("test")
     model = build_model(cfg, datamodule)
     model.load_state_dict(state["state_dict"])
-    model.encoder.prepare_datamodule(datamodule)
+    for split in ("val", "test"):  # tokenised once (cached on disk); no timing estimate, nothing is trained
+        frame = datamodule.frames[split]
+        model.encoder.tokenise_split(frame["pert_idx"].to_numpy(), frame["gene_idx"].to_numpy(), split)
     model.eval()
     return model, datamodule, cfg, int(state["global_step"])
 
@@ -157,11 +163,15 @@ def cached_logits(model, datamodule, run: Path, split: str, steps: int) -> dict[
 
 
 def mixed_scores(arrays: dict[str, np.ndarray], alpha: float | None, task: str) -> dict[str, np.ndarray]:
-    """Decoded scores of ``log_softmax(knn + alpha * correction)``; alpha None: the correction alone."""
-    logits = torch.as_tensor(arrays["correction"], dtype=torch.float64)
+    """Decoded scores of ``log_softmax(knn + alpha * correction)``; alpha None: the correction alone.
+
+    In float32, as the classifier scores a run (its sum of vote and correction, its softmax and decoding), so
+    that alpha = 0 and 1 reproduce the figures of model=knn and of the trained run exactly: float32 rounding
+    ties some of the vote's near-equal direction scores, which moves a per-gene AUROC in the third decimal."""
+    logits = torch.as_tensor(arrays["correction"], dtype=torch.float32)
     if alpha is not None:
-        logits = torch.as_tensor(arrays["knn"], dtype=torch.float64) + alpha * logits
-    return {k: v.numpy() for k, v in decode_scores(torch.softmax(logits, dim=-1), task).items()}
+        logits = torch.as_tensor(arrays["knn"], dtype=torch.float32) + alpha * logits
+    return {k: v.double().numpy() for k, v in decode_scores(torch.softmax(logits, dim=-1), task).items()}
 
 
 def per_gene(arrays: dict[str, np.ndarray], scores: dict[str, np.ndarray]) -> dict[str, float]:
@@ -172,13 +182,24 @@ def per_gene(arrays: dict[str, np.ndarray], scores: dict[str, np.ndarray]) -> di
     return out
 
 
+def changed_log_odds(logits: np.ndarray, not_de: int = 0) -> np.ndarray:
+    """log P(changed) - log P(unchanged) per pair, from unnormalised log-probabilities."""
+    log_p = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1).numpy()
+    return np.logaddexp.reduce(np.delete(log_p, not_de, axis=1), axis=1) - log_p[:, not_de]
+
+
 def within_gene_spread(logits: np.ndarray, genes: np.ndarray, not_de: int = 0) -> float:
     """Mean over genes of the standard deviation, across the gene's perturbations, of the changed-vs-unchanged
-    log-odds of ``logits`` (unnormalised log-probabilities)."""
-    log_p = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1).numpy()
-    changed = np.logaddexp.reduce(np.delete(log_p, not_de, axis=1), axis=1)
-    odds = pd.Series(changed - log_p[:, not_de])
-    return float(odds.groupby(genes).std(ddof=0).mean())
+    log-odds of ``logits``: what can reorder a gene's perturbations (a shift shared by the gene's pairs cannot)."""
+    return float(pd.Series(changed_log_odds(logits, not_de)).groupby(genes).std(ddof=0).mean())
+
+
+def within_gene_correlation(a: np.ndarray, b: np.ndarray, genes: np.ndarray) -> float:
+    """Pearson correlation of two per-pair values after removing each gene's mean from both (pooled over genes)."""
+    frame = pd.DataFrame({"a": a, "b": b, "gene": genes})
+    centred = frame[["a", "b"]] - frame.groupby("gene")[["a", "b"]].transform("mean")
+    denominator = math.sqrt(float((centred["a"] ** 2).sum() * (centred["b"] ** 2).sum()))
+    return float((centred["a"] * centred["b"]).sum() / denominator) if denominator > 0 else math.nan
 
 
 def analyse(args: argparse.Namespace) -> list[dict]:
@@ -215,6 +236,10 @@ def analyse(args: argparse.Namespace) -> list[dict]:
     spread = {
         "spread_knn": within_gene_spread(val["knn"], val["gene"]),
         "spread_correction": within_gene_spread(val["correction"], val["gene"]),
+        "shift_correction": float(changed_log_odds(val["correction"]).mean()),
+        "within_gene_corr": within_gene_correlation(
+            changed_log_odds(val["knn"]), changed_log_odds(val["correction"]), val["gene"]
+        ),
     }
     for alpha, figures in grid.items():
         rows.append(row("val", "grid", alpha, figures, **spread))
@@ -265,9 +290,10 @@ def correction_table(rows: pd.DataFrame) -> str:
         grid_mean = (grid["de_auroc_per_gene"] + grid["dir_auroc_per_gene"]) / 2
         chosen = float(grid.loc[grid_mean.idxmax(), "alpha"])  # the grid is sorted: ties go to the smaller alpha
         out.append(
-            f"**{model}, {dataset}, seed {seed:.0f}, after {steps:.0f} steps** (within-gene spread of the "
-            f"changed-vs-unchanged log-odds on validation: vote {alone['spread_knn']:.2f}, correction "
-            f"{alone['spread_correction']:.2f})\n"
+            f"**{model}, {dataset}, seed {seed:.0f}, after {steps:.0f} steps.** Changed-vs-unchanged log-odds on "
+            f"validation: within-gene spread of the vote {alone['spread_knn']:.3f}, of the correction "
+            f"{alone['spread_correction']:.3f}; the correction's mean shift {alone['shift_correction']:+.2f}; "
+            f"within-gene correlation of correction and vote {alone['within_gene_corr']:+.2f}.\n"
         )
         out.append("| mix | alpha | val de | val dir | val mean | test de | test dir |")
         out.append("| --- | --- | --- | --- | --- | --- | --- |")

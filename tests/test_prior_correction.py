@@ -70,6 +70,7 @@ def test_trained_mix_reproduces_the_run_and_alpha_is_chosen_on_validation(analys
     mean = (grid["de_auroc_per_gene"] + grid["dir_auroc_per_gene"]) / 2
     assert test.loc["chosen_on_val", "alpha"] == mean.idxmax()
     assert (val["spread_correction"] > 0).all() and (val["spread_knn"] > 0).all()
+    assert val["within_gene_corr"].between(-1, 1).all() and val["shift_correction"].notna().all()
 
     # The correction moves the figures: the grid is not flat (the run trained at a large rate).
     assert grid[["de_auroc_per_gene", "dir_auroc_per_gene"]].nunique().max() > 1
@@ -143,3 +144,12 @@ def test_verdict_reads_the_validation_grid(analysis, means, says):
     text = analysis.verdict(mean, float(mean.idxmax()), alone)
     assert says in text and f"knn {means[0.0]:.3f}" in text
     assert "correction alone 0.530" in text
+
+
+def test_within_gene_correlation_ignores_what_genes_share(analysis):
+    genes = np.array([0, 0, 0, 1, 1, 1])
+    vote = np.array([0.0, 1.0, 2.0, 0.0, 1.0, 2.0])
+    gene_offsets = np.array([5.0, 5.0, 5.0, -5.0, -5.0, -5.0])
+    assert analysis.within_gene_correlation(vote, -vote + gene_offsets, genes) == pytest.approx(-1.0)
+    assert analysis.within_gene_correlation(vote, vote * 2 + gene_offsets, genes) == pytest.approx(1.0)
+    assert np.isnan(analysis.within_gene_correlation(vote, gene_offsets, genes))  # no within-gene variation
