@@ -97,23 +97,20 @@ def load_prior_model(run: Path, checkpoint: str):
     """The run's classifier with the checkpoint's weights, and its DataModule set up for fit and test."""
     from omegaconf import OmegaConf
 
-    from perturb_models.builders import build_datamodule, build_model
+    from perturb_models.runners import runner_for
     from perturb_models.runs import find_checkpoint, load_run_record
 
     ckpt_file = find_checkpoint(run / "checkpoints" / checkpoint)
     state, record = load_run_record(ckpt_file)
-    cfg = OmegaConf.create(record["config"])
-    if cfg.model.encoder.get("prior") != "knn":
-        raise SystemExit(f"{run}: not a model.encoder.prior=knn run (prior={cfg.model.encoder.get('prior')})")
-    datamodule = build_datamodule(cfg.data, vocab=record["vocab"], val_perts=record["val_perts"])
+    prior = OmegaConf.create(record["config"]).model.encoder.get("prior")
+    if prior != "knn":
+        raise SystemExit(f"{run}: not a model.encoder.prior=knn run (prior={prior})")
+    cfg, datamodule, model = runner_for(record["config"]).restore(state, record)
     datamodule.setup("fit")
     datamodule.setup("test")
-    model = build_model(cfg, datamodule)
-    model.load_state_dict(state["state_dict"])
     for split in ("val", "test"):  # tokenised once (cached on disk); no timing estimate, nothing is trained
         frame = datamodule.frames[split]
         model.encoder.tokenise_split(frame["pert_idx"].to_numpy(), frame["gene_idx"].to_numpy(), split)
-    model.eval()
     return model, datamodule, cfg, int(state["global_step"])
 
 

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from perturb_models.calibration import CALIBRATION_KEY, apply_calibrator
+from perturb_models.calibration import apply_calibrator
 from perturb_models.console import say
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.errors import ConfigError, UserError
@@ -439,7 +439,6 @@ def score_in_parts(
 
 def _load(cfg: DictConfig):
     """The checkpoint's record, DataModule and model with its weights (as evaluate.py rebuilds them)."""
-    from perturb_models.builders import build_datamodule
     from perturb_models.runners import runner_for
     from perturb_models.runs import find_checkpoint, load_run_record
 
@@ -452,14 +451,7 @@ def _load(cfg: DictConfig):
             f"{ckpt_file} is a {runner.name} run (data.task={run_cfg.data.get('task')}): predict.py asks pair "
             "models (which genes change after a knockdown); name gene sets with evaluate.py"
         )
-    overrides: dict[str, Any] = {"vocab": record["vocab"], "val_perts": record["val_perts"]}
-    if cfg.get("data_root"):
-        overrides["root"] = cfg.data_root
-    datamodule = build_datamodule(run_cfg.data, **overrides)
-    model = runner.build_model(run_cfg, datamodule)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.eval()
-    model.calibrators = checkpoint.get(CALIBRATION_KEY)
+    run_cfg, datamodule, model = runner.restore(checkpoint, record, cfg.get("data_root"))
     return ckpt_file, record, run_cfg, datamodule, model
 
 

@@ -28,8 +28,8 @@ class Runner:
     """The ``data.task`` values this kind of run accepts (a model of another kind refuses the others)."""
 
     predicts_pairs: bool = False
-    """True when its models score (perturbation, gene) pairs and ``build_model(cfg, datamodule)`` rebuilds
-    one for ``predict.py`` and ``design.py``."""
+    """True when its models score (perturbation, gene) pairs and ``restore(checkpoint, record)`` (a
+    ``PairsRunner``'s) rebuilds one from its checkpoint for ``predict.py`` and ``design.py``."""
 
     def train(self, cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         """Fit, select on validation, test, publish the run folder; return the val/ and test/ metrics.

@@ -44,6 +44,23 @@ class PairsRunner(Runner):
         """The shared classifier around ``cfg.model``'s encoder."""
         return build_model(cfg, datamodule)
 
+    def restore(
+        self, checkpoint: dict[str, Any], record: dict[str, Any], data_root: str | None = None
+    ) -> tuple[DictConfig, Any, L.LightningModule]:
+        """The run's config, its DataModule (the checkpoint's vocabulary and validation perturbations) and its
+        classifier with the checkpoint's weights and calibrators, in eval mode: a trained run rebuilt from its
+        checkpoint alone (``evaluate.py``, ``predict.py``, ``design.py``, the benchmarks that read a run)."""
+        cfg = OmegaConf.create(record["config"])
+        overrides: dict[str, Any] = {"vocab": record["vocab"], "val_perts": record["val_perts"]}
+        if data_root:
+            overrides["root"] = data_root
+        datamodule = build_datamodule(cfg.data, **overrides)
+        model = self.build_model(cfg, datamodule)
+        model.load_state_dict(checkpoint["state_dict"])
+        model.calibrators = checkpoint.get(CALIBRATION_KEY)
+        model.eval()
+        return cfg, datamodule, model
+
     def extra_outputs(self, model: L.LightningModule) -> dict[str, Any]:
         """JSON files this kind of run adds to a finished run folder (name -> content); none for pairs."""
         return {}
@@ -129,14 +146,7 @@ class PairsRunner(Runner):
         data_root: str | None = None,
         evaluate_cfg: DictConfig | None = None,
     ) -> dict[str, float]:
-        cfg = OmegaConf.create(record["config"])
-        overrides: dict[str, Any] = {"vocab": record["vocab"], "val_perts": record["val_perts"]}
-        if data_root:
-            overrides["root"] = data_root
-        datamodule = build_datamodule(cfg.data, **overrides)
-        model = self.build_model(cfg, datamodule)
-        model.load_state_dict(checkpoint["state_dict"])
-        model.calibrators = checkpoint.get(CALIBRATION_KEY)
+        cfg, datamodule, model = self.restore(checkpoint, record, data_root)
         if not model.calibrators:
             say(
                 f"{ckpt_file} holds no calibrator (written before calibration existed, or not the run's selected "
