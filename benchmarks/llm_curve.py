@@ -40,11 +40,14 @@ CSV (quality.csv holds one row per model, seed and task), and its runs are laid 
 no validation inside the fit, resumed folders).
 
 Resumable: a point already in ``--csv`` with the same settings is skipped; a killed run resumes from the last
-block it finished. Rows (``CURVE_COLUMNS``): one per model, task, seed and steps (empty for knn), with the
-test figure's 95% bootstrap interval over test perturbations (``perturb_models.metrics``), the validation
-figure, the genes scored, the point's wall seconds (resume, training since ``from_step``, scoring; a
-point resumed after a kill counts only its last attempt), the step its training started from (0: from
-scratch, when the run folder was gone), the commit and the overrides. The CPU-time estimate
+block it finished (``last.ckpt`` is only ever saved at a block's end, a SIGTERM included), so a long point
+can be trained in parts, across sessions. Each run folder logs its attempts (``curve_attempts.json``: from
+which step, to which point, how long until its last checkpoint). Rows (``CURVE_COLUMNS``): one per model,
+task, seed and steps (empty for knn), with the test figure's 95% bootstrap interval over test perturbations
+(``perturb_models.metrics``), the validation figure, the genes scored, the point's wall seconds (the training
+every attempt at it kept, plus the set-up and scoring of the one that finished it: a block cut short by a
+kill is not counted, its retraining is), the step its training started from (0: from scratch, when the run
+folder was gone), the commit and the overrides. The CPU-time estimate
 each point prints before training is for one block, not for the point. Each point's ``metrics.json``,
 ``run.json`` and predictions are kept in ``<run folder>/curve/step<N>/``.
 """
@@ -56,6 +59,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -95,6 +99,11 @@ CURVE_END = "<!-- end of llm_curve table -->"
 FIGURE_NAME = "llm_curve.png"
 # Beyond any point: validation never runs inside the fit, each point validates its final weights once.
 NO_VALIDATION_IN_FIT = 1_000_000
+ATTEMPTS = "curve_attempts.json"
+"""A run folder's ledger of training attempts: what each one trained and how long (``point_cost``)."""
+ON_BLOCK_BOUNDARIES_ONLY = ["callbacks.last_checkpoint.save_on_exception=false"]
+"""How the curve runs, not what a point is (left out of its recorded settings): a SIGTERM must not leave a
+``last.ckpt`` in the middle of a block, which no resume continues exactly; the last block's end stays."""
 TASKS = ("de", "dir")
 
 
@@ -217,6 +226,48 @@ def claim_run_folder(run_dir: Path, settings: list[str]) -> None:
     atomic_write_json(record, {"overrides": settings})
 
 
+def read_attempts(run_dir: Path) -> list[dict]:
+    path = run_dir / ATTEMPTS
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def trained_until_checkpoint(run_dir: Path, started: float) -> float:
+    """Seconds from an attempt's start to its last save of ``last.ckpt`` (0 when it saved none): the training
+    it kept. A block cut short by a kill is not in it; the attempt that trains that block again counts it."""
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return max(0.0, path.stat().st_mtime - started) if path.is_file() else 0.0
+
+
+def open_attempt(run_dir: Path, target: int, start: int, now: float) -> None:
+    """Log an attempt to train ``run_dir`` from step ``start`` to ``target`` and score it. An earlier attempt
+    left unfinished (killed) is closed first, with the training it kept (read before this one saves)."""
+    attempts = read_attempts(run_dir)
+    if attempts and "seconds" not in attempts[-1]:
+        attempts[-1].update(killed=True, trained_seconds=trained_until_checkpoint(run_dir, attempts[-1]["started"]))
+    attempts.append({"target": target, "from_step": start, "started": now})
+    atomic_write_json(run_dir / ATTEMPTS, attempts)
+
+
+def close_attempt(run_dir: Path, now: float) -> None:
+    """The open attempt finished (trained and scored): its whole time and the part that was training."""
+    attempts = read_attempts(run_dir)
+    last = attempts[-1]
+    last.update(seconds=now - last["started"], trained_seconds=trained_until_checkpoint(run_dir, last["started"]))
+    atomic_write_json(run_dir / ATTEMPTS, attempts)
+
+
+def point_cost(run_dir: Path) -> tuple[float, int]:
+    """Wall seconds of the point the last attempt finished, and the step its training started from: the
+    training each attempt since the previous finished one kept (a point trained in parts, across kills or
+    sessions, counts every part once) plus the set-up and scoring of the attempt that finished it."""
+    attempts = read_attempts(run_dir)
+    earlier = [i for i, a in enumerate(attempts[:-1]) if not a.get("killed")]
+    mine = attempts[(earlier[-1] + 1 if earlier else 0) :]
+    final = mine[-1]
+    seconds = sum(a["trained_seconds"] for a in mine) + final["seconds"] - final["trained_seconds"]
+    return round(seconds, 1), mine[0]["from_step"]
+
+
 def keep_point_outputs(run_dir: Path, steps: int) -> None:
     """Copy the point's metrics, run record and predictions to ``curve/step<N>/`` (the next point overwrites
     the run folder's own), so points can be compared pair by pair later."""
@@ -243,9 +294,19 @@ def score_point(args: argparse.Namespace, seed: int, prior: bool, steps: int) ->
             f"{run_dir} has trained {at} steps, past the {steps}-step point that {args.csv} lacks: delete that "
             f"folder to redo the curve of {name} seed {seed}"
         )
+    if at is not None and at % args.block:
+        raise SystemExit(
+            f"{run_dir}/checkpoints/last.ckpt is at step {at}, inside a block of {args.block} (saved by a crash "
+            f"before llm_curve.py kept checkpoints to block ends): no resume from it is exact; delete that folder "
+            f"to redo the curve of {name} seed {seed}"
+        )
     print(f"{name} seed {seed}: {'from step ' + str(at) if at else 'from scratch'} to {steps} steps", flush=True)
     resume = ["ckpt_path=last"] if at is not None else []
-    rows, wall = run_cell(args.model, args.data, seed, "joint", overrides + resume, args.runs_dir, run_name)
+    open_attempt(run_dir, steps, at or 0, time.time())
+    rows, _ = run_cell(
+        args.model, args.data, seed, "joint", overrides + resume + ON_BLOCK_BOUNDARIES_ONLY, args.runs_dir, run_name
+    )
+    close_attempt(run_dir, time.time())
     reached = json.loads((run_dir / "run.json").read_text())["global_step"]
     if reached != steps:
         raise SystemExit(
@@ -253,7 +314,10 @@ def score_point(args: argparse.Namespace, seed: int, prior: bool, steps: int) ->
             f"{args.block} batches an epoch; lower --block or raise --max-train-perts"
         )
     keep_point_outputs(run_dir, steps)
-    store(args, rows, name, steps, recorded, run_dir, from_step=at or 0)
+    wall, from_step = point_cost(run_dir)
+    for row in rows:
+        row["wall_seconds"] = wall
+    store(args, rows, name, steps, recorded, run_dir, from_step=from_step)
 
 
 def store(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -97,6 +98,17 @@ def test_curve_extends_one_run_exactly_resumes_skips_and_writes_the_docs(curve, 
     assert rows["overrides"].str.contains("data.test_genes=8 data.subset_seed=0 ").all()
     assert (plain / "curve" / "step2" / "predictions" / "test.csv").is_file()
     assert llm.groupby("steps")["from_step"].unique().map(list).to_dict() == {2: [0], 4: [2]}
+    attempts = json.loads((plain / "curve_attempts.json").read_text())
+    assert [(a["from_step"], a["target"]) for a in attempts] == [(0, 2), (2, 4)]
+    assert all(0 < a["trained_seconds"] < a["seconds"] for a in attempts)  # training, then scoring
+    for steps, attempt in zip((2, 4), attempts):
+        walls = llm.loc[(llm["model"] == "lora_llama_tiny") & (llm["steps"] == steps), "wall_seconds"]
+        assert (walls == round(attempt["seconds"], 1)).all()
+    # The runs keep last.ckpt to block ends: no SIGTERM saves one in the middle of a block.
+    from perturb_models.runs import load_run_record
+
+    _, record = load_run_record(plain / "checkpoints" / "last.ckpt")
+    assert record["config"]["callbacks"]["last_checkpoint"]["save_on_exception"] is False
 
     # The resumed 4-step point is a straight 4-step run: same weights, AdamW state, schedule and figures.
     args = curve.parse_args(curve_args(csv, runs, "--steps", "2", "4", *no_extension))
@@ -174,6 +186,49 @@ def test_plans_that_cannot_resume_exactly_are_refused(curve, tmp_path, capsys, p
         curve.main(curve_args(tmp_path / "c.csv", tmp_path / "runs", *plan))
     assert message in capsys.readouterr().err
     assert not (tmp_path / "c.csv").exists()
+
+
+def test_a_point_trained_in_parts_counts_the_training_each_part_kept(curve, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"checkpoint")
+
+    def saved_at(seconds: float) -> None:
+        os.utime(ckpt, (seconds, seconds))
+
+    saved_at(900.0)
+    curve.open_attempt(run, target=100, start=30, now=1000.0)
+    saved_at(1600.0)  # its last block ended at 1600; then a kill
+    curve.open_attempt(run, target=100, start=70, now=2000.0)
+    saved_at(2300.0)  # the last block; scoring until 2500
+    curve.close_attempt(run, now=2500.0)
+    # 600 s kept by the killed part, 300 s of training and 200 s of scoring by the one that finished.
+    assert curve.point_cost(run) == (1100.0, 30)
+    killed, finished = curve.read_attempts(run)
+    assert killed["killed"] and killed["trained_seconds"] == 600.0 and "seconds" not in killed
+    assert finished["seconds"] == 500.0 and finished["trained_seconds"] == 300.0
+
+    # The next point starts after the finished attempt; a part killed before its first save kept nothing.
+    curve.open_attempt(run, target=300, start=100, now=3000.0)
+    curve.open_attempt(run, target=300, start=100, now=3100.0)
+    saved_at(3900.0)
+    curve.close_attempt(run, now=4000.0)
+    assert curve.point_cost(run) == (900.0, 100)
+    assert curve.read_attempts(run)[2]["trained_seconds"] == 0.0
+
+
+def test_a_checkpoint_inside_a_block_is_refused(curve, tmp_path, capsys):
+    csv, runs = tmp_path / "curve.csv", tmp_path / "runs"
+    argv = curve_args(csv, runs, "--steps", "4", "6", "--extend-to", "0", "--reference", "", "--prior-seeds")
+    args = curve.parse_args(argv)
+    run = runs / "lora_llama_tiny-synthetic-joint-seed0"
+    curve.claim_run_folder(run, curve.run_overrides(args, False))
+    (run / "checkpoints").mkdir()
+    torch.save({"global_step": 3, "state_dict": {}}, run / "checkpoints" / "last.ckpt")  # as an older crash left it
+    with pytest.raises(SystemExit, match="at step 3, inside a block of 2 .*no resume from it is exact"):
+        curve.main(argv)
+    assert not csv.exists()
 
 
 def test_extension_follows_validation_only(curve):
