@@ -424,6 +424,53 @@ def curve_table(rows: pd.DataFrame, dataset: str = "k562", test_genes: int = 100
     return "\n".join(lines)
 
 
+def validation_means(rows: pd.DataFrame) -> pd.Series:
+    """Per (model, steps_key): the mean over seeds of each seed's mean validation de and dir figure."""
+    per_seed = rows.groupby(["model", "steps_key", "seed"])["val_auroc_per_gene"].apply(
+        lambda v: v.astype(float).mean()
+    )
+    return per_seed.groupby(level=["model", "steps_key"]).mean()
+
+
+def curve_verdict(rows: pd.DataFrame, dataset: str = "k562", test_genes: int = 100) -> str:
+    """Sentences on validation only, one per LLM variant: its mean validation figure (de and dir) at each
+    point against the reference's, where it peaks and whether it still rose at the last point."""
+    rows = subset_rows(rows, dataset, test_genes)
+    if rows.empty or rows["steps"].notna().sum() == 0:
+        return ""
+    means = validation_means(rows.assign(steps_key=rows["steps"].fillna(-1)))
+    reference = means[means.index.get_level_values("steps_key") < 0]
+    ref_name, ref_val = (reference.index[0][0], float(reference.iloc[0])) if len(reference) else (None, None)
+    sentences = [
+        "On validation (mean of de and dir)" + (f", {ref_name} scores {ref_val:.3f}" if ref_name else "") + "."
+    ]
+    for model in sorted({m for m, steps in means.index if steps >= 0}):
+        points = means.loc[model]
+        points = points[points.index >= 0].sort_index()
+        listed = ", ".join(f"{value:.3f} after {steps:.0f}" for steps, value in points.items())
+        text = f"{model}: {listed} steps"
+        if len(points) > 1:
+            text += f"; best after {points.idxmax():.0f}"
+        if ref_name is not None:
+            gaps = points - ref_val
+            every = " at every point" if len(points) > 1 else ""
+            if (gaps < 0).all():
+                text += f", below {ref_name}{every} (by {-gaps.max():.3f}{' at the closest' if every else ''})"
+            elif (gaps > 0).all():
+                text += f", above {ref_name}{every} (by {gaps.min():.3f}{' at the least' if every else ''})"
+            else:
+                text += f", above {ref_name} at {int((gaps > 0).sum())} of {len(gaps)} points"
+        if len(points) > 1:
+            change = float(points.iloc[-1] - points.iloc[-2])
+            text += (
+                f"; from {points.index[-2]:.0f} to {points.index[-1]:.0f} steps it "
+                f"{'rose' if change > 0 else 'fell' if change < 0 else 'stayed'}"
+                + (f" by {abs(change):.3f}" if change else "")
+            )
+        sentences.append(text + ".")
+    return " ".join(sentences)
+
+
 def wall_to(run: pd.DataFrame, steps: float) -> float:
     """Seconds one run (one task's rows of a model and seed) took to reach ``steps``: the point's own wall time
     plus that of the point its training resumed from (``from_step``; rows without it resumed from the previous
@@ -491,6 +538,8 @@ def with_curve_block(doc_text: str, rows: pd.DataFrame, figure: bool, path: Path
     body = (f"![per-gene AUROC against training steps]({FIGURE_NAME})\n\n" if figure else "") + curve_table(
         rows, **subset
     )
+    verdict = curve_verdict(rows, **subset)
+    body += f"\n\n{verdict}" if verdict else ""
     return replace_block(doc_text, body, CURVE_BEGIN, CURVE_END, path)
 
 

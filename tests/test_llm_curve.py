@@ -247,6 +247,41 @@ def test_extension_follows_validation_only(curve):
     assert not curve.still_rising(rows.assign(val_auroc_per_gene=[0.6, 0.7, 0.6, 0.7]), "m", "d", 0, 100, 300)
 
 
+def test_curve_verdict_compares_validation_figures_with_the_reference(curve):
+    def rows(model, steps, de, dr, test):
+        return [
+            {
+                "model": model,
+                "dataset": "k562",
+                "task": task,
+                "seed": 0,
+                "steps": steps,
+                "val_auroc_per_gene": val,
+                "auroc_per_gene": test,
+                "overrides": "data.task=joint data.test_genes=100",
+            }
+            for task, val in (("de", de), ("dir", dr))
+        ]
+
+    table = pd.DataFrame(
+        rows("knn", None, 0.66, 0.70, 0.5)
+        + rows("plain", 30, 0.50, 0.52, 0.9)
+        + rows("plain", 100, 0.60, 0.64, 0.9)
+        + rows("prior", 30, 0.70, 0.70, 0.1)
+        + rows("prior", 100, 0.64, 0.66, 0.1)
+    )
+    verdict = curve.curve_verdict(table)
+    # Validation decides: the test column (0.9 for plain, 0.1 for prior) is not what the sentences read.
+    assert verdict.startswith("On validation (mean of de and dir), knn scores 0.680.")
+    assert (
+        "plain: 0.510 after 30, 0.620 after 100 steps; best after 100, below knn at every point (by 0.060 " in verdict
+    )
+    assert "from 30 to 100 steps it rose by 0.110" in verdict
+    assert "prior: 0.700 after 30, 0.650 after 100 steps; best after 30, above knn at 1 of 2 points" in verdict
+    assert "it fell by 0.050" in verdict
+    assert curve.curve_verdict(table.loc[table["model"] == "knn"]) == ""
+
+
 def test_llm_page_curve_block_is_generated_from_the_curve_csv(curve):
     from quality import read_rows
 
