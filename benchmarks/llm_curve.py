@@ -71,6 +71,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from docs_tables import LLM_DOC, interval_text, replace_block, subset_rows  # noqa: E402
 from quality import budget_overrides, read_rows, run_cell, store_row  # noqa: E402
 
+from perturb_models.errors import cli_errors  # noqa: E402
 from perturb_models.io import atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_writer  # noqa: E402
 
 CURVE_COLUMNS = [
@@ -200,14 +201,6 @@ def stored_point(rows: pd.DataFrame, model: str, dataset: str, seed: int, steps:
     return hit if set(TASKS) <= set(hit["task"]) else hit.iloc[0:0]
 
 
-def checkpoint_step(run_dir: Path) -> int | None:
-    """The optimizer step the run folder's ``last.ckpt`` holds, or None when it has none."""
-    from perturb_models.runs import load_checkpoint
-
-    path = run_dir / "checkpoints" / "last.ckpt"
-    return int(load_checkpoint(path)["global_step"]) if path.is_file() else None
-
-
 def claim_run_folder(run_dir: Path, settings: list[str]) -> None:
     """Record the curve's settings in ``curve.json``; refuse a folder made with other ones (its checkpoint
     would continue a different curve: the trainer options, such as the block, are not checked on resume)."""
@@ -288,7 +281,9 @@ def score_point(args: argparse.Namespace, seed: int, prior: bool, steps: int) ->
     run_name = f"{name}-{args.data}-joint-seed{seed}"
     run_dir = args.runs_dir / run_name
     claim_run_folder(run_dir, run_overrides(args, prior))
-    at = checkpoint_step(run_dir)
+    from perturb_models.runs import checkpoint_step  # torch and Lightning: only when a run is trained
+
+    at = checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
     if at is not None and at > steps:
         raise SystemExit(
             f"{run_dir} has trained {at} steps, past the {steps}-step point that {args.csv} lacks: delete that "
@@ -562,4 +557,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli_errors():  # a SIGTERM or a bad option: one line, the exit status of train.py
+        main()

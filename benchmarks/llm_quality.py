@@ -54,6 +54,7 @@ from docs_tables import (  # noqa: E402
 )
 from quality import COLUMNS, budget_overrides, paired_with_members, run_cell, store_row  # noqa: E402
 
+from perturb_models.errors import cli_errors  # noqa: E402
 from perturb_models.io import atomic_write_text  # noqa: E402
 
 
@@ -265,4 +266,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli_errors():  # a SIGTERM or a bad option: one line, the exit status of train.py
+        main()

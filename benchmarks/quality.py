@@ -40,6 +40,7 @@ from docs_tables import (  # noqa: E402
 )
 from docs_tables import quality_table as results_table  # noqa: E402
 
+from perturb_models.errors import cli_errors  # noqa: E402
 from perturb_models.io import atomic_write_dataframe, atomic_write_text  # noqa: E402
 from perturb_models.knowledge.gene_info import RESOLUTION_VERSION  # noqa: E402
 
@@ -931,4 +932,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with cli_errors():  # a SIGTERM or a bad option: one line, the exit status of train.py
+        sys.exit(main())

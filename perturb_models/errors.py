@@ -39,7 +39,7 @@ class CheckpointError(UserError, ValueError):
 
 
 class RunInterrupted(UserError):
-    """The run was stopped by a signal after saving ``last.ckpt``; resume it with ``ckpt_path=last``."""
+    """The run was stopped by a signal; the message names the step ``last.ckpt`` holds (resume: ``ckpt_path=last``)."""
 
     exit_code = EXIT_INTERRUPTED
     keeps_folder = True
@@ -90,8 +90,10 @@ def cli_errors(run_folder_of=None) -> Iterator[None]:
     except UserError as exc:
         if full_error_wanted():
             raise
-        log.error("%s", exc)
-        # Logged errors reach the console only when logging is configured (Hydra does it); say it once.
+        # Logged errors reach the console only when logging is configured (Hydra does it); say it once. With
+        # no handler at all, logging's last resort would print it too, so it is only logged where a file takes it.
+        if _console_logging() or log.hasHandlers():
+            log.error("%s", exc)
         if not _console_logging():
             print(f"error: {exc}", file=sys.stderr)
         if not exc.keeps_folder and run_folder_of is not None:

@@ -266,6 +266,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The optimizer step a checkpoint holds, or None when the file does not exist (``CheckpointError`` when
+    it exists but is not a readable checkpoint)."""
+    path = Path(path)
+    return int(load_checkpoint(path)["global_step"]) if path.is_file() else None
+
+
 # Data options that say where the same data lives or how it is evaluated, not what it is.
 _DATA_KEYS_IGNORED = {"root", "download", "base_url", "eval_batch_size", "_target_", "split_file"}
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,26 @@ FAST_CPU = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 ]
+
+
+def start_script(args: list[str], **env) -> subprocess.Popen:
+    """``python ARGS`` as a user starts it: no HYDRA_FULL_ERROR, so errors are the project's one-liners."""
+    environment = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    environment.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", **env)
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"process exited {process.returncode} early:\n{out[-3000:]}\n{err[-3000:]}")
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.2)
 
 
 def missing_input(message: str, module_level: bool = False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 
 pytest.importorskip("peft")
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, start_script, wait_for
 
 
 def curve_args(csv: Path, runs: Path, *extra: str) -> list[str]:
@@ -313,3 +314,25 @@ def test_wall_to_a_point_follows_the_step_each_point_trained_from(curve):
     assert curve.wall_to(rows([float("nan")] * 3), 300) == 5100.0
     # A point scored again after a kill timed no training: the chain ends there.
     assert curve.wall_to(rows([0, 30, 300]), 300) == 3000.0
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_curve_in_one_line_naming_the_block_end_step_that_last_ckpt_holds(tmp_path):
+    csv, runs = tmp_path / "curve.csv", tmp_path / "runs"
+    last = runs / "lora_llama_tiny-synthetic-joint-seed0" / "checkpoints" / "last.ckpt"
+    plan = curve_args(csv, runs, "--steps", "400", "--extend-to", "0", "--prior-seeds", "--reference", "")
+    process = start_script(["benchmarks/llm_curve.py", *plan], PERTURB_MODELS_CACHE=str(tmp_path / "cache"))
+    try:
+        wait_for(last.is_file, 300, process)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in out + err
+    kept = checkpoint(last.parents[1])["global_step"]
+    assert kept > 0 and kept % 2 == 0, "the curve keeps last.ckpt to block ends"
+    (line,) = [text for text in (out + err).splitlines() if "run stopped by SIGTERM" in text]
+    assert f"{last} holds step {kept}." in line
+    record = json.loads((last.parents[1] / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["checkpoint_step"] == kept <= record["global_step"]

@@ -7,37 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from perturb_models.errors import RunFolderBusy
+from perturb_models.runners.pairs import interrupted_message, readable_step
 from perturb_models.runs import is_launching_process, lock_run_folder
 from perturb_models.training import train
-from tests.conftest import REPO
+from tests.conftest import REPO, start_script, wait_for
 
 FAST = ["data=synthetic", "logger=none", "trainer.accelerator=cpu"]
-
-
-def start_script(args: list[str], **env) -> subprocess.Popen:
-    """``python ARGS`` as a user starts it: no HYDRA_FULL_ERROR, so errors are the project's one-liners."""
-    environment = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    environment.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", **env)
-    return subprocess.Popen(
-        [sys.executable, *args], cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if process is not None and process.poll() is not None:
-            out, err = process.communicate()
-            raise AssertionError(f"process exited {process.returncode} early:\n{out[-3000:]}\n{err[-3000:]}")
-        if time.monotonic() > end:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.2)
 
 
 def hold_lock(run) -> subprocess.Popen:
@@ -123,8 +103,27 @@ def test_second_train_command_into_a_running_folder_refuses_in_one_line_and_sigt
     assert record["status"] == "interrupted" and record["signal"] == "SIGTERM" and record["seed"] == 0
     assert not (run / "metrics.json").exists(), "an interrupted run has no final metrics"
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert checkpoint["global_step"] == record["global_step"]
+    assert checkpoint["global_step"] == record["global_step"] == record["checkpoint_step"]
     assert "run stopped by SIGTERM" in out + err and "ckpt_path=last" in out + err
+    assert f"last.ckpt holds step {checkpoint['global_step']}" in out + err
     assert "Traceback" not in out + err
     log = (run / "train.log").read_text()
     assert log.count("run stopped by SIGTERM") == 1 and "is in use by another run" not in log
+
+
+def test_sigterm_message_names_the_step_last_ckpt_holds_not_the_step_the_signal_came_at(tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert readable_step(last) is None
+    message = interrupted_message(tmp_path, last, None, 3, 38)
+    assert "at epoch 3, step 38" in message and "nothing to resume" in message and "ckpt_path=last" not in message
+
+    # A periodic save at step 380, then the signal at step 382 (save_on_exception off): the file is what counts.
+    last.parent.mkdir()
+    torch.save({"state_dict": {}, "global_step": 380}, last)
+    assert readable_step(last) == 380
+    message = interrupted_message(tmp_path, last, readable_step(last), 38, 382)
+    assert message.startswith("run stopped by SIGTERM at epoch 38, step 382; ")
+    assert f"{last} holds step 380" in message and f"hydra.run.dir={tmp_path} ckpt_path=last" in message
+
+    last.write_bytes(b"PK\x03\x04 cut short")  # a save the signal interrupted
+    assert readable_step(last) is None

@@ -25,14 +25,39 @@ from perturb_models.builders import (
 )
 from perturb_models.calibration import CALIBRATION_KEY, fit_validation_calibrators, save_calibrators
 from perturb_models.console import say
-from perturb_models.errors import RunInterrupted
+from perturb_models.errors import CheckpointError, RunInterrupted
 from perturb_models.io import atomic_write_json
 from perturb_models.outputs import git_commit, publish_run, run_record
 from perturb_models.runners.base import Runner
-from perturb_models.runs import RECORD_KEY, check_resume_compatible, load_checkpoint, resolve_resume_checkpoint
+from perturb_models.runs import (
+    RECORD_KEY,
+    check_resume_compatible,
+    checkpoint_step,
+    load_checkpoint,
+    resolve_resume_checkpoint,
+)
 from perturb_models.tasks import TASK_NAMES
 
 log = logging.getLogger(__name__)
+
+
+def readable_step(checkpoint: Path) -> int | None:
+    """The step ``checkpoint`` holds; None when it is missing or unreadable (a save cut short by the signal)."""
+    try:
+        return checkpoint_step(checkpoint)
+    except CheckpointError:
+        return None
+
+
+def interrupted_message(output_dir: Path, last: Path, kept: int | None, epoch: int, step: int) -> str:
+    """What a run stopped by SIGTERM at ``step`` tells its user: the step ``last`` holds and how to resume."""
+    stopped = f"run stopped by SIGTERM at epoch {epoch}, step {step}; "
+    if kept is None:
+        return stopped + f"{last} is missing or unreadable, so there is nothing to resume: rerun to start over"
+    return (
+        stopped + f"{last} holds step {kept}. Resume from there with the same options plus "
+        f"hydra.run.dir={output_dir} ckpt_path=last"
+    )
 
 
 class PairsRunner(Runner):
@@ -93,21 +118,23 @@ class PairsRunner(Runner):
             try:
                 trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
             except SIGTERMException as exc:
-                # Lightning saved checkpoints/last.ckpt (save_on_exception) before re-raising; a scheduler must
-                # not count the run as a success, so the record says so and the exit status is non-zero.
+                # A scheduler must not count the run as a success: the record says so, the exit status is
+                # non-zero, and the message names the step last.ckpt holds (with save_on_exception off, or a
+                # failed save, that is the last periodic save, not the step the signal came at).
+                last = output_dir / "checkpoints" / "last.ckpt"
+                kept = readable_step(last)
                 record.update(
                     status="interrupted",
                     signal="SIGTERM",
                     epochs=trainer.current_epoch,
                     global_step=trainer.global_step,
+                    checkpoint_step=kept,
                     wall_seconds=round(time.time() - started, 2),
                 )
                 if trainer.is_global_zero:
                     atomic_write_json(output_dir / "run.json", record)
                 raise RunInterrupted(
-                    f"run stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; "
-                    f"{output_dir / 'checkpoints' / 'last.ckpt'} was saved. Resume with the same options plus "
-                    f"hydra.run.dir={output_dir} ckpt_path=last"
+                    interrupted_message(output_dir, last, kept, trainer.current_epoch, trainer.global_step)
                 ) from exc
             selectors = [c for c in trainer.checkpoint_callbacks if c.monitor == cfg.get("optimized_metric")]
             best = selectors[0].best_model_path if selectors else ""
