@@ -35,6 +35,10 @@ perturbations of the 30-step rows), lr 1e-3 (as those rows). 1,000 steps is run 
 the mean of its validation ``de`` and ``dir`` figures rose from the previous point to the last planned one
 (validation only, never test).
 
+``--rank-weight W`` trains the variants with the within-gene ranking term added to the cross-entropy
+(``model.rank_weight=W``, batches of runs of ``--gene-group-size`` pairs of one gene: ``data.gene_group_size``);
+their rows and run folders are named with ``_rank`` (``lora_llama_prior_rank``), apart from the others.
+
 A script of its own rather than a mode of llm_quality.py: its rows carry a step count and live in their own
 CSV (quality.csv holds one row per model, seed and task), and its runs are laid out differently (blocks,
 no validation inside the fit, resumed folders).
@@ -131,6 +135,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--runs-dir", type=Path, default=REPO / "outputs" / "llm_curve")
+    parser.add_argument(
+        "--rank-weight",
+        type=float,
+        default=0.0,
+        help="train with the within-gene ranking term of this weight (model.rank_weight); variants get '_rank'",
+    )
+    parser.add_argument(
+        "--gene-group-size", type=int, default=4, help="data.gene_group_size of the runs with --rank-weight"
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for the LLM runs")
     args = parser.parse_args(argv)
     if not args.table:
@@ -145,6 +158,8 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     points = [*args.steps, *([args.extend_to] if args.extend_to else [])]
     if any(b <= a for a, b in zip(points, points[1:])) or points[0] < 1:
         parser.error(f"--steps (then --extend-to) must be positive and increasing, got {points}")
+    if args.rank_weight < 0 or (args.rank_weight and args.gene_group_size < 2):
+        parser.error("--rank-weight must be >= 0, and a ranking term needs --gene-group-size of at least 2")
     if args.extend_to and len(args.steps) < 2:
         parser.error("--extend-to needs two --steps to tell whether validation still rises (or --extend-to 0)")
     off = [s for s in points if s % args.block]
@@ -177,6 +192,8 @@ def run_overrides(args: argparse.Namespace, prior: bool) -> list[str]:
     ]
     if prior:
         out.append("model.encoder.prior=knn")
+    if args.rank_weight:
+        out += [f"model.rank_weight={args.rank_weight}", f"data.gene_group_size={args.gene_group_size}"]
     return out + list(args.set)
 
 
@@ -184,8 +201,9 @@ def point_overrides(args: argparse.Namespace, prior: bool, steps: int) -> list[s
     return [*run_overrides(args, prior), f"trainer.max_epochs={steps // args.block}"]
 
 
-def variant_name(model: str, prior: bool) -> str:
-    return f"{model}_prior" if prior else model
+def variant_name(args: argparse.Namespace, prior: bool) -> str:
+    """The rows' model name: the LLM config, ``_prior`` with the retrieval prior, ``_rank`` with the ranking term."""
+    return f"{args.model}{'_prior' if prior else ''}{'_rank' if args.rank_weight else ''}"
 
 
 def stored_point(rows: pd.DataFrame, model: str, dataset: str, seed: int, steps: float, overrides: str) -> pd.DataFrame:
@@ -272,7 +290,7 @@ def keep_point_outputs(run_dir: Path, steps: int) -> None:
 
 def score_point(args: argparse.Namespace, seed: int, prior: bool, steps: int) -> None:
     """Train (or resume) one run to ``steps`` and store its validation and test rows, unless stored already."""
-    name = variant_name(args.model, prior)
+    name = variant_name(args, prior)
     overrides = point_overrides(args, prior, steps)
     recorded = "data.task=joint " + " ".join(overrides)
     if not stored_point(read_rows(args.csv, CURVE_COLUMNS), name, args.data, seed, steps, recorded).empty:
@@ -378,7 +396,7 @@ def run_curve(args: argparse.Namespace) -> None:
         return
     before, last = args.steps[-2:]
     for seed, prior in runs:
-        name = variant_name(args.model, prior)
+        name = variant_name(args, prior)
         if still_rising(read_rows(args.csv, CURVE_COLUMNS), name, args.data, seed, before, last):
             score_point(args, seed, prior, args.extend_to)
         else:

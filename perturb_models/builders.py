@@ -52,6 +52,7 @@ def build_model(cfg: DictConfig, datamodule: PerturbQADataModule, **encoder_inpu
         scheduler_interval=cfg.model.get("scheduler_interval", "epoch"),
         monitor=cfg.get("optimized_metric"),
         class_weights=cfg.model.get("class_weights"),
+        rank_weight=float(cfg.model.get("rank_weight") or 0.0),
     )
 
 

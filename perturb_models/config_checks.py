@@ -90,6 +90,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.get("model") is not None:
         for path, key, value in _walk(cfg.model, "model"):
             check_value(path, key, value)
+    _check_rank_term(cfg)
     trainer = cfg.get("trainer")
     if trainer is not None:
         max_epochs = trainer.get("max_epochs")
@@ -98,3 +99,22 @@ def validate_config(cfg: DictConfig) -> None:
     metric = cfg.get("optimized_metric")
     if metric is not None and not str(metric).startswith("val/"):
         raise ConfigError(f"optimized_metric={metric}: must be a validation metric (val/...); selecting on test leaks")
+
+
+def _check_rank_term(cfg: DictConfig) -> None:
+    """The within-gene ranking term compares pairs of one gene in a batch: without gene-grouped batches
+    it would almost never find two, and train as plain cross-entropy while the config says otherwise."""
+    model, data = cfg.get("model"), cfg.get("data")
+    weight = model.get("rank_weight") if model is not None else None
+    if weight is None:
+        return
+    if not _is_number(weight) or float(weight) < 0:
+        raise ConfigError(f"model.rank_weight={weight}: must be a number >= 0")
+    group = data.get("gene_group_size", 0) if data is not None else 0
+    if not _is_int(group) or group < 0 or group == 1:
+        raise ConfigError(f"data.gene_group_size={group}: must be 0 (off) or an integer >= 2")
+    if float(weight) > 0 and group < 2:
+        raise ConfigError(
+            f"model.rank_weight={weight} needs batches with several pairs of one gene: "
+            "add data.gene_group_size=N (N >= 2, e.g. 4)"
+        )

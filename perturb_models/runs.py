@@ -275,6 +275,9 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 
 # Data options that say where the same data lives or how it is evaluated, not what it is.
 _DATA_KEYS_IGNORED = {"root", "download", "base_url", "eval_batch_size", "_target_", "split_file"}
+OPTIONS_ADDED_LATER = {"data.gene_group_size": 0, "model.rank_weight": 0.0}
+"""Options newer than some checkpoints, with the value that reproduces how runs behaved before them: a
+checkpoint that lacks one resumes under that value, and is refused under any other."""
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -298,8 +301,10 @@ def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
         for key in sorted(set(a) | set(b)):
             if section == "data" and key.split(".", 1)[1].split(".")[0] in _DATA_KEYS_IGNORED:
                 continue
-            if a.get(key, "<unset>") != b.get(key, "<unset>"):
-                diffs.append(f"{key}: {a.get(key, '<unset>')} -> {b.get(key, '<unset>')}")
+            before = a.get(key, OPTIONS_ADDED_LATER.get(key, "<unset>"))
+            now = b.get(key, OPTIONS_ADDED_LATER.get(key, "<unset>"))
+            if before != now:
+                diffs.append(f"{key}: {before} -> {now}")
     saved_val, current_val = list(saved.get("val_perts") or []), list(current.get("val_perts") or [])
     if saved_val != current_val:
         changed = len(set(saved_val) ^ set(current_val))

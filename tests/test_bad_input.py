@@ -40,6 +40,9 @@ from tests.test_perturbqa_files import GOOD_DE, write
         ("data.task=both", "data.task=both: must be one of de, dir, joint"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0: must be an integer >= 1"),
         ("optimized_metric=test/de_auroc", "optimized_metric=test/de_auroc: must be a validation metric"),
+        ("model.rank_weight=1", "model.rank_weight=1 needs batches with several pairs of one gene"),
+        ("model.rank_weight=-1", "model.rank_weight=-1: must be a number >= 0"),
+        ("data.gene_group_size=1", "data.gene_group_size=1: must be 0 (off) or an integer >= 2"),
     ],
 )
 def test_impossible_config_values_are_named_with_their_value(synthetic_cfg, override, message):

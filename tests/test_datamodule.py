@@ -102,6 +102,61 @@ def test_training_shards_have_equal_length_across_ranks():
     assert lengths == {32}
 
 
+def _grouped_rows(seed: int = 0, genes: int = 13, rows: int = 230):
+    generator = torch.Generator().manual_seed(seed)
+    gene = torch.randint(0, genes, (rows,), generator=generator)
+    label = (torch.rand(rows, generator=generator) < 0.2).long() + (torch.rand(rows, generator=generator) < 0.1).long()
+    return gene, label
+
+
+def test_gene_runs_hold_one_gene_each_and_deal_its_outcomes_evenly():
+    from perturb_models.data.datamodule import gene_runs
+
+    gene, label = _grouped_rows()
+    runs = gene_runs(gene, label, 4, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat(runs).tolist()) == list(range(len(gene)))  # every row once
+    assert all(len(r) <= 4 and len(set(gene[r].tolist())) == 1 for r in runs)
+    for g in range(13):
+        mine = [r for r in runs if int(gene[r[0]]) == g]
+        assert len(mine) == int(np.ceil(int((gene == g).sum()) / 4))
+        for cls in (0, 1, 2):  # each class spread over the gene's runs: counts differ by at most one
+            counts = [int((label[r] == cls).sum()) for r in mine]
+            assert max(counts) - min(counts) <= 1, (g, cls, counts)
+    # Runs of a gene with both outcomes mostly hold both (what the ranking term needs).
+    mixed_genes = [g for g in range(13) if len(set(label[gene == g].tolist())) > 1]
+    mixed_runs = [r for r in runs if int(gene[r[0]]) in mixed_genes]
+    assert sum(len(set(label[r].tolist())) > 1 for r in mixed_runs) >= 0.8 * len(mixed_runs)
+
+
+def test_gene_grouped_shuffle_is_seeded_per_epoch_and_keeps_batches_whole_across_ranks():
+    gene, label = _grouped_rows()
+    options = dict(shuffle=True, seed=1, genes=gene, labels=label, group_size=4)
+    sampler = SplitBatchSampler(len(gene), 16, **options)
+    epoch0 = torch.cat(list(sampler))
+    assert sorted(epoch0.tolist()) == list(range(len(gene)))
+    sampler.set_epoch(1)
+    assert not torch.equal(torch.cat(list(sampler)), epoch0)
+    sampler.set_epoch(0)
+    assert torch.equal(torch.cat(list(sampler)), epoch0)
+    # Three ranks: whole batches of the one-process order in turn, equal lengths, no row twice.
+    shards = [
+        list(SplitBatchSampler(len(gene), 16, rank=r, world_size=3, equal_shards=True, **options)) for r in range(3)
+    ]
+    rows = [torch.cat(batches) for batches in shards]
+    assert {len(r) for r in rows} == {len(gene) // 3}
+    assert [len(b) for b in shards] == [
+        len(SplitBatchSampler(len(gene), 16, rank=r, world_size=3, equal_shards=True, **options)) for r in range(3)
+    ]
+    assert len(set(torch.cat(rows).tolist())) == len(torch.cat(rows))
+    whole = [epoch0[i : i + 16] for i in range(0, len(epoch0), 16)]
+    assert torch.equal(shards[1][0], whole[1]) and torch.equal(shards[2][1], whole[5])
+
+
+def test_gene_group_size_of_one_is_rejected():
+    with pytest.raises(ValueError, match="gene_group_size must be 0"):
+        PerturbQADataModule(name="synthetic", gene_group_size=1)
+
+
 def test_bad_task_and_val_fraction_are_rejected():
     with pytest.raises(ValueError, match="data.task must be one of de, dir, joint"):
         PerturbQADataModule(name="synthetic", task="both")

@@ -369,6 +369,67 @@ def test_class_weighted_accumulation_matches_the_weighted_mean_loss(synthetic_cf
         torch.testing.assert_close(grad, big[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_accumulation_with_the_rank_term_gives_the_gradients_of_one_big_batch(synthetic_cfg, cache):
+    from perturb_models.losses import within_gene_rank_loss
+
+    cfg, dm = _datamodule(synthetic_cfg, "joint")
+    model = build_model(cfg, dm)
+    encoder = model.encoder.eval()
+    batch = dm.splits["train"][torch.arange(40)]
+    batch["gene"] = batch["gene"] % 3  # three genes: many same-gene pairs of different outcome
+
+    def term(logits):
+        return 0.7 * within_gene_rank_loss(logits, batch["label"], batch["gene"], "joint")
+
+    logits = model(batch)
+    reference = model.loss_fn(logits, batch["label"]) + term(logits)
+    reference.backward()
+    big = _grads(model)
+    for budget in (10**9, encoder.max_length):  # one micro-batch; many (the term's extra pass)
+        model.zero_grad(set_to_none=True)
+        encoder.micro_batch_tokens = budget
+        loss = encoder.accumulate(batch, model.loss_fn, lambda loss: loss.backward(), term)
+        assert float(loss) == pytest.approx(float(reference.detach()), rel=1e-5)
+        for name, grad in _grads(model).items():
+            torch.testing.assert_close(grad, big[name], atol=1e-6, rtol=1e-4, msg=f"{budget}: {name}")
+
+
+def test_rank_term_over_micro_batches_replays_dropout_exactly():
+    from perturb_models.models.llm.accumulation import accumulate_micro_batches, in_batch_order
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
+    x, labels = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    genes = torch.arange(12) % 2
+    chunks = [[3, 0, 7], [1, 2, 4, 5], [6, 8, 9, 10, 11]]
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def term(logits):
+        from perturb_models.losses import within_gene_rank_loss
+
+        return within_gene_rank_loss(logits, labels, genes, "joint")
+
+    seen: list[torch.Tensor] = []
+
+    def logits_of(chunk):
+        out = net(x[chunk])
+        seen.append(out.detach().clone())
+        return out
+
+    torch.manual_seed(1)
+    accumulate_micro_batches(chunks, labels, loss_fn, logits_of, lambda loss: loss.backward(), term)
+    chunked = [p.grad.clone() for p in net.parameters()]
+    # The pass without gradients and the pass with them drew the same dropout masks.
+    assert len(seen) == 6 and all(torch.equal(a, b) for a, b in zip(seen[:3], seen[3:]))
+    # The same masks (same seed, same order) in one graph: CE + term on the whole batch.
+    net.zero_grad()
+    torch.manual_seed(1)
+    outputs = in_batch_order(chunks, torch.cat([net(x[c]) for c in chunks]))
+    (loss_fn(outputs, labels) + term(outputs)).backward()
+    for a, b in zip(chunked, [p.grad for p in net.parameters()]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_trainable_weights_are_float32_over_a_bfloat16_base(synthetic_cfg, cache):
     cfg, dm = _datamodule(synthetic_cfg, "joint")
     model = build_model(synthetic_cfg(*TINY, "data.task=joint", "model.encoder.dtype=bfloat16"), dm)

@@ -180,6 +180,7 @@ def test_curve_extends_one_run_exactly_resumes_skips_and_writes_the_docs(curve, 
         (["--steps", "3", "4", "--extend-to", "0"], "multiple of --block 2"),
         (["--steps", "4", "2", "--extend-to", "0"], "increasing"),
         (["--steps", "2", "--extend-to", "4"], "needs two --steps"),
+        (["--steps", "2", "--extend-to", "0", "--rank-weight", "1", "--gene-group-size", "1"], "--gene-group-size"),
     ],
 )
 def test_plans_that_cannot_resume_exactly_are_refused(curve, tmp_path, capsys, plan, message):
@@ -187,6 +188,19 @@ def test_plans_that_cannot_resume_exactly_are_refused(curve, tmp_path, capsys, p
         curve.main(curve_args(tmp_path / "c.csv", tmp_path / "runs", *plan))
     assert message in capsys.readouterr().err
     assert not (tmp_path / "c.csv").exists()
+
+
+def test_a_rank_term_curve_is_its_own_variant_trained_with_gene_grouped_batches(curve, tmp_path):
+    csv, runs = tmp_path / "c.csv", tmp_path / "runs"
+    curve.main(
+        curve_args(csv, runs, "--steps", "2", "--extend-to", "0", "--reference", "", "--seeds")
+        + ["--rank-weight", "0.5", "--gene-group-size", "4"]
+    )
+    rows = pd.read_csv(csv)
+    assert set(rows["model"]) == {"lora_llama_tiny_prior_rank"} and sorted(rows["task"]) == ["de", "dir"]
+    assert all("model.rank_weight=0.5 data.gene_group_size=4" in o for o in rows["overrides"])
+    config = checkpoint(runs / "lora_llama_tiny_prior_rank-synthetic-joint-seed0")["perturb_models"]["config"]
+    assert config["model"]["rank_weight"] == 0.5 and config["data"]["gene_group_size"] == 4
 
 
 def test_a_point_trained_in_parts_counts_the_training_each_part_kept(curve, tmp_path):

@@ -101,3 +101,17 @@ def test_checkpoint_write_that_fails_midway_keeps_the_previous_file(tmp_path, mo
     monkeypatch.undo()
     assert torch.load(target, weights_only=False) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_checkpoint_older_than_an_option_resumes_under_its_old_behaviour_only():
+    from perturb_models.runs import OPTIONS_ADDED_LATER, resume_differences
+
+    old = {"config": {"seed": 0, "data": {"task": "joint"}, "model": {"name": "mlp"}}}
+    defaults = {"data": {"task": "joint", "gene_group_size": 0}, "model": {"name": "mlp", "rank_weight": 0.0}}
+    assert set(OPTIONS_ADDED_LATER) == {"data.gene_group_size", "model.rank_weight"}
+    assert resume_differences(old, {"config": {"seed": 0, **defaults}}) == []
+    ranked = {"data": {"task": "joint", "gene_group_size": 8}, "model": {"name": "mlp", "rank_weight": 1.0}}
+    assert resume_differences(old, {"config": {"seed": 0, **ranked}}) == [
+        "data.gene_group_size: 0 -> 8",
+        "model.rank_weight: 0.0 -> 1.0",
+    ]

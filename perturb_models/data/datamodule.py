@@ -134,12 +134,50 @@ class PairTensors(Dataset):
         return {key: value[rows] for key, value in self.tensors.items()}
 
 
+def gene_runs(
+    genes: torch.Tensor, labels: torch.Tensor, group_size: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """The rows cut into runs of at most ``group_size`` rows of one downstream gene, in random order.
+
+    A gene with n rows gets ceil(n / group_size) runs. Its rows are shuffled, then dealt round-robin, class
+    by class, into its runs, so each class is spread as evenly as it can be: a gene with both outcomes has
+    both in as many of its runs as it can, and a ranking term between pairs of the same gene finds pairs to
+    compare in nearly every run of such a gene. Every row is in exactly one run.
+    """
+    order = torch.randperm(len(genes), generator=generator)
+    # Stable sorts: by label within gene, both keeping the shuffled order among equals.
+    order = order[torch.argsort(labels[order], stable=True)]
+    order = order[torch.argsort(genes[order], stable=True)]
+    sorted_genes = genes[order]
+    starts = torch.ones(len(order), dtype=torch.bool)
+    starts[1:] = sorted_genes[1:] != sorted_genes[:-1]
+    first = torch.nonzero(starts).flatten()
+    sizes = torch.diff(torch.cat([first, torch.tensor([len(order)])]))
+    runs: list[torch.Tensor] = []
+    for start, size in zip(first.tolist(), sizes.tolist()):
+        rows = order[start : start + size]
+        count = math.ceil(size / group_size)
+        # Run r gets the class-sorted rows r, r + count, r + 2 * count, ...
+        runs.extend(rows[r::count] for r in range(count))
+    return [runs[r] for r in torch.randperm(len(runs), generator=generator).tolist()]
+
+
+def gene_grouped_order(
+    genes: torch.Tensor, labels: torch.Tensor, group_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """A permutation of the rows made of :func:`gene_runs` one after another."""
+    runs = gene_runs(genes, labels, group_size, generator)
+    return torch.cat(runs) if runs else torch.zeros(0, dtype=torch.long)
+
+
 class SplitBatchSampler:
     """Yields index tensors, one per batch: a seeded shuffle per epoch, sharded over DDP ranks.
 
     Training shards are cut to equal length on every rank (at most ``world_size - 1`` pairs per epoch
     are left out) so that gradient synchronisation never waits on a rank with fewer batches. Evaluation
-    shards cover every pair exactly once.
+    shards cover every pair exactly once. With ``genes``, ``labels`` and ``group_size`` (training only) the
+    shuffle keeps runs of ``group_size`` pairs of one downstream gene together (:func:`gene_grouped_order`),
+    and ranks get whole batches in turn rather than every ``world_size``-th pair, so that runs stay whole.
     """
 
     def __init__(
@@ -152,11 +190,17 @@ class SplitBatchSampler:
         rank: int = 0,
         world_size: int = 1,
         equal_shards: bool = False,
+        genes: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        group_size: int = 0,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if group_size and (genes is None or labels is None or len(genes) != num_rows or len(labels) != num_rows):
+            raise ValueError("group_size needs the gene and the label of every row")
         self.num_rows, self.batch_size, self.shuffle, self.seed = num_rows, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size, self.equal_shards = drop_last, rank, world_size, equal_shards
+        self.genes, self.labels, self.group_size = genes, labels, int(group_size) if shuffle else 0
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -165,12 +209,22 @@ class SplitBatchSampler:
     def _shard(self) -> torch.Tensor:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.num_rows, generator=generator)
+            if self.group_size:
+                order = gene_grouped_order(self.genes, self.labels, self.group_size, generator)
+            else:
+                order = torch.randperm(self.num_rows, generator=generator)
         else:
             order = torch.arange(self.num_rows)
         if self.world_size > 1:
             if self.equal_shards:
                 order = order[: (self.num_rows // self.world_size) * self.world_size]
+            if self.group_size:
+                # Whole batches in turn (batch b of a round goes to rank b), the last partial round strided,
+                # so every rank gets as many rows as without grouping.
+                rounds = len(order) // (self.batch_size * self.world_size)
+                whole = rounds * self.batch_size * self.world_size
+                head = order[:whole].view(rounds, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
+                return torch.cat([head, order[whole:][self.rank :: self.world_size]])
             order = order[self.rank :: self.world_size]
         return order
 
@@ -211,6 +265,9 @@ class PerturbQADataModule(L.LightningDataModule):
         ensembl_map: a JSON file symbol -> Ensembl gene id (a name in the data folder, downloaded with the
             dataset, or a path; null: none). It settles symbols gene_info cannot: ``SARS`` names SARS1 and
             SARS2, ``HIST1H2BC`` two histone genes. Unsettled ones stay without knowledge, and are logged.
+        gene_group_size: 0 (a plain shuffle), or build training batches from runs of this many pairs of the
+            same downstream gene (:func:`gene_grouped_order`), for the within-gene ranking term
+            (``model.rank_weight``). Every training pair is still seen once an epoch.
     """
 
     def __init__(
@@ -234,6 +291,7 @@ class PerturbQADataModule(L.LightningDataModule):
         val_genes: int | None = None,
         subset_seed: int = 0,
         ensembl_map: str | None = PERTURBQA_ENSEMBL_MAP,
+        gene_group_size: int = 0,
     ):
         super().__init__()
         get_task(task)  # an unknown task fails here, naming the valid ones
@@ -258,6 +316,9 @@ class PerturbQADataModule(L.LightningDataModule):
             "val": int(val_genes) if val_genes is not None else None,
         }
         self.subset_seed = int(subset_seed)
+        if int(gene_group_size) < 0 or int(gene_group_size) == 1:
+            raise ValueError(f"data.gene_group_size must be 0 (off) or at least 2, got {gene_group_size}")
+        self.gene_group_size = int(gene_group_size)
         self.ensembl_map = ensembl_map
         self.subset_notes: dict[str, str] = {}
         self.splits: dict[str, PairTensors] = {}
@@ -438,6 +499,8 @@ class PerturbQADataModule(L.LightningDataModule):
         if stage not in self.splits:
             self.setup()
         rank, world = self._rank_and_world()
+        tensors = self.splits[stage].tensors
+        grouped = shuffle and self.gene_group_size > 0
         sampler = SplitBatchSampler(
             len(self.splits[stage]),
             self.batch_size if shuffle else self.eval_batch_size,
@@ -446,6 +509,9 @@ class PerturbQADataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             equal_shards=shuffle,
+            genes=tensors["gene"] if grouped else None,
+            labels=tensors["label"] if grouped else None,
+            group_size=self.gene_group_size if grouped else 0,
         )
         return DataLoader(self.splits[stage], sampler=sampler, batch_size=None, num_workers=0)
 

@@ -23,11 +23,13 @@ The contract:
   as perturbations without changing anything a known gene sees (its graph in-edges, its table row). An
   encoder that cannot (a perturbation vector learned from data only) leaves the flag false and says why
   in ``new_perturbation_refusal``; ``predict.py`` prints that reason when asked about such a gene.
-- ``accumulates_gradients`` / ``accumulate(batch, loss_fn, backward)`` (optional): an encoder that sets
-  the flag trains under manual optimisation: per training batch the classifier calls ``accumulate``,
-  which runs forward and backward itself (in pieces, e.g. micro-batches bounded by a token budget,
-  calling ``backward(loss)`` for each piece) so that the summed gradients are those of the batch's mean
-  ``loss_fn``, and returns the batch's loss (detached); the classifier then takes one optimizer step.
+- ``accumulates_gradients`` / ``accumulate(batch, loss_fn, backward, batch_term)`` (optional): an encoder
+  that sets the flag trains under manual optimisation: per training batch the classifier calls
+  ``accumulate``, which runs forward and backward itself (in pieces, e.g. micro-batches bounded by a token
+  budget, calling ``backward(loss)`` for each piece) so that the summed gradients are those of the batch's
+  mean ``loss_fn`` plus ``batch_term`` (None, or a loss on the whole batch's logits in the batch's order:
+  the within-gene ranking term), and returns the batch's loss (detached); the classifier then takes one
+  optimizer step.
 - ``average_gradients(world_size)``: with manual optimisation under DDP, the classifier calls it once
   per step, after ``accumulate``, on every rank (ranks may cut their batches into different numbers of
   pieces, so DDP's own reducer is off). The default all-reduces the gradient of every trainable
@@ -99,10 +101,12 @@ class Encoder(nn.Module):
         batch: dict[str, torch.Tensor],
         loss_fn: nn.CrossEntropyLoss,
         backward: Callable[[torch.Tensor], None],
+        batch_term: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Forward and backward one training batch, calling ``backward(loss)`` on each piece, so the
-        gradients sum to those of ``loss_fn``'s mean over the batch; returns the batch's loss (detached).
-        Required when ``accumulates_gradients`` is true."""
+        gradients sum to those of ``loss_fn``'s mean over the batch plus ``batch_term`` of the whole batch's
+        logits (when given); returns the batch's loss (detached). Required when ``accumulates_gradients``
+        is true."""
         raise NotImplementedError(f"{type(self).__name__} sets accumulates_gradients but does not implement accumulate")
 
     def average_gradients(self, world_size: int) -> None:

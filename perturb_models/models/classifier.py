@@ -15,6 +15,7 @@ from torch import nn
 from perturb_models.calibration import calibration_metrics
 from perturb_models.data.datamodule import PerturbQADataModule
 from perturb_models.data.vocab import GeneVocab
+from perturb_models.losses import within_gene_rank_loss
 from perturb_models.metrics import metrics_from_predictions, prediction_frame
 from perturb_models.models.base import all_reduce_mean, check_encoder, trainable_parameters
 from perturb_models.runs import RECORD_KEY
@@ -45,6 +46,9 @@ class PerturbationClassifier(L.LightningModule):
         scheduler_interval: ``epoch`` or ``step``.
         monitor: metric a plateau scheduler watches.
         class_weights: optional loss weight per class.
+        rank_weight: weight of the within-gene ranking term added to the cross-entropy
+            (:func:`perturb_models.losses.within_gene_rank_loss`; 0: cross-entropy only). It compares pairs
+            of the same downstream gene in a batch, so it needs ``data.gene_group_size``.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class PerturbationClassifier(L.LightningModule):
         scheduler_interval: str = "epoch",
         monitor: str | None = None,
         class_weights: list[float] | None = None,
+        rank_weight: float = 0.0,
     ):
         super().__init__()
         self.encoder = encoder
@@ -70,6 +75,9 @@ class PerturbationClassifier(L.LightningModule):
         if weight is not None and len(weight) != self.num_classes:
             raise ValueError(f"class_weights has {len(weight)} entries, task={task} has {self.num_classes} classes")
         self.loss_fn = nn.CrossEntropyLoss(weight=weight)
+        if rank_weight < 0:
+            raise ValueError(f"model.rank_weight must be >= 0, got {rank_weight}")
+        self.rank_weight = float(rank_weight)
         trainable = trainable_parameters(self)
         if trainable and optimizer is None:
             raise ValueError(
@@ -128,10 +136,20 @@ class PerturbationClassifier(L.LightningModule):
             return self._accumulating_step(batch)
         logits = self(batch)
         loss = self.loss_fn(logits.float(), batch["label"])
+        rank_term = self._rank_term(batch)
+        if rank_term is not None:
+            loss = loss + rank_term(logits)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["label"]))
         if not loss.requires_grad:
             return None  # an encoder with nothing to fit (retrieval): no backward pass
         return loss
+
+    def _rank_term(self, batch: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The weighted within-gene ranking loss of this batch's logits, or None when ``rank_weight`` is 0."""
+        if self.rank_weight == 0:
+            return None
+        labels, genes, weight = batch["label"], batch["gene"], self.rank_weight
+        return lambda logits: weight * within_gene_rank_loss(logits, labels, genes, self.task)
 
     def _accumulating_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Manual optimisation: the encoder runs forward and backward per micro-batch (memory of one
@@ -140,7 +158,7 @@ class PerturbationClassifier(L.LightningModule):
         different numbers of micro-batches."""
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        loss = self.encoder.accumulate(batch, self.loss_fn, self.manual_backward)
+        loss = self.encoder.accumulate(batch, self.loss_fn, self.manual_backward, self._rank_term(batch))
         if self.trainer.world_size > 1:
             self.encoder.average_gradients(self.trainer.world_size)
             all_reduce_mean(self.head.parameters(), self.trainer.world_size)

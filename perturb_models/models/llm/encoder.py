@@ -321,16 +321,26 @@ class LoRALlamaClassifier(Encoder):
     """The classifier trains this encoder with :meth:`accumulate` (manual optimisation) instead of one backward."""
 
     def accumulate(
-        self, batch: dict[str, torch.Tensor], loss_fn: nn.CrossEntropyLoss, backward: Callable[[torch.Tensor], None]
+        self,
+        batch: dict[str, torch.Tensor],
+        loss_fn: nn.CrossEntropyLoss,
+        backward: Callable[[torch.Tensor], None],
+        batch_term: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Forward and backward one micro-batch at a time; gradients sum to those of the batch's mean loss.
+        """Forward and backward one micro-batch at a time; gradients sum to those of the batch's mean loss
+        (plus ``batch_term`` of the whole batch's logits, when given).
 
         ``loss_fn``'s class weights are honoured (the mean is weighted, as in ``CrossEntropyLoss``). Only one
         micro-batch's activations are alive at any time. Returns the batch's loss (detached).
         """
         rows = self.batch_tokens(batch["pert"], batch["gene"])
         return accumulate_micro_batches(
-            self.micro_batches(rows), batch["label"], loss_fn, lambda chunk: self._logits(rows, chunk, batch), backward
+            self.micro_batches(rows),
+            batch["label"],
+            loss_fn,
+            lambda chunk: self._logits(rows, chunk, batch),
+            backward,
+            batch_term=batch_term,
         )
 
 
