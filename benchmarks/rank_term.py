@@ -2,7 +2,7 @@
 and with ``model.rank_weight`` > 0 (batches of ``data.gene_group_size`` pairs of one gene), compared on
 validation; test figures are reported beside them, never used to choose.
 
-    python benchmarks/rank_term.py --csv benchmarks/results/rank_term.csv --models gears mlp --seeds 0
+    python benchmarks/rank_term.py --csv benchmarks/results/rank_term.csv --models gears embedding_mlp --seeds 0
     python benchmarks/rank_term.py --csv benchmarks/results/rank_term.csv --table   # docs/rank_term.md block
 
 Each model trains with ``benchmarks/quality.py``'s CPU recipe (``budget_overrides``), the setting's two
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--csv", required=True, type=Path, help="results file (benchmarks/results/rank_term.csv)")
     parser.add_argument("--table", action="store_true", help="only rewrite --doc's block from --csv")
     parser.add_argument("--doc", type=Path, default=DOC)
-    parser.add_argument("--models", nargs="+", default=["gears", "mlp"])
+    parser.add_argument("--models", nargs="+", default=["gears", "embedding_mlp"])
     parser.add_argument("--datasets", nargs="+", default=["k562"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--settings", nargs="+", type=parse_setting, default=[(0.0, 0), (1.0, 8)])
