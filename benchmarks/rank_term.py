@@ -118,7 +118,8 @@ def run_grid(args: argparse.Namespace) -> None:
 
 def rank_table(rows: pd.DataFrame) -> str:
     """Markdown: per dataset, model and setting, the seeds' mean validation (de, dir, their mean) and test
-    figures; the setting with the best validation mean of each model is marked."""
+    figures; the setting with the best validation mean of each model is marked (whether that difference is
+    more than noise is for the seeds to say: the verdict and the page's text)."""
     if rows.empty:
         return "_no rows in rank_term.csv yet_"
     rows = rows.assign(setting=[f"{w:g}:{g:.0f}" for w, g in zip(rows["rank_weight"], rows["gene_group_size"])])
@@ -129,13 +130,13 @@ def rank_table(rows: pd.DataFrame) -> str:
     ]
     for (dataset, model), part in rows.groupby(["dataset", "model"], sort=True):
         val_mean = part.groupby("setting")["val_auroc_per_gene"].apply(lambda v: v.astype(float).mean())
-        chosen = val_mean.idxmax()
+        best = val_mean.idxmax()
         for setting, point in part.groupby("setting", sort=True):
             cells = {t: point.loc[point["task"] == t] for t in TASKS}
             seeds = ", ".join(str(int(s)) for s in sorted(set(point["seed"])))
             val = [f"{cells[t]['val_auroc_per_gene'].astype(float).mean():.3f}" for t in TASKS]
             test = [f"{cells[t]['auroc_per_gene'].astype(float).mean():.3f}{interval_text(cells[t])}" for t in TASKS]
-            mark = f"**{setting}** (chosen)" if setting == chosen else setting
+            mark = f"**{setting}** (best validation)" if setting == best else setting
             lines.append(
                 f"| {dataset} | {model} | {mark} | {seeds} | {val[0]} | {val[1]} | {val_mean[setting]:.3f} "
                 f"| {test[0]} | {test[1]} |"

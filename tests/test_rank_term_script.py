@@ -39,7 +39,7 @@ def test_rank_term_grid_stores_both_settings_skips_them_again_and_writes_the_doc
     doc.write_text(f"intro\n\n{rank_term.BEGIN}\n\nold\n\n{rank_term.END}\n")
     rank_term.main(["--csv", str(csv), "--table", "--doc", str(doc)])
     text = doc.read_text()
-    assert "| synthetic | mlp |" in text and "(chosen)" in text and "old" not in text
+    assert "| synthetic | mlp |" in text and "(best validation)" in text and "old" not in text
     assert "mlp on synthetic: validation mean" in text and "0.5:4 " in text
 
 
