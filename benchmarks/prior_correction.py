@@ -114,6 +114,12 @@ def load_prior_model(run: Path, checkpoint: str):
     return model, datamodule, cfg, int(state["global_step"])
 
 
+def variant_name(cfg) -> str:
+    """The rows' model name, as benchmarks/llm_curve.py names the run: the LLM config, ``_prior``, and ``_rank``
+    when it trained with the within-gene ranking term (so that two variants at one step keep their own rows)."""
+    return f"{cfg.model.name}_prior{'_rank' if cfg.model.get('rank_weight', 0) else ''}"
+
+
 @torch.no_grad()
 def split_logits(model, loader, desc: str) -> dict[str, np.ndarray]:
     """Per pair of the loader: indices, outcomes, the kNN log-probabilities and the LLM's correction."""
@@ -207,7 +213,7 @@ def analyse(args: argparse.Namespace) -> list[dict]:
     if task != "joint":
         raise SystemExit(f"{args.run}: data.task={task}; the analysis reads a joint run (both de and dir)")
     base = {
-        "model": f"{cfg.model.name}_prior",
+        "model": variant_name(cfg),
         "dataset": cfg.data.name,
         "seed": int(cfg.seed),
         "steps": steps,

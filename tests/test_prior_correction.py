@@ -153,3 +153,13 @@ def test_within_gene_correlation_ignores_what_genes_share(analysis):
     assert analysis.within_gene_correlation(vote, -vote + gene_offsets, genes) == pytest.approx(-1.0)
     assert analysis.within_gene_correlation(vote, vote * 2 + gene_offsets, genes) == pytest.approx(1.0)
     assert np.isnan(analysis.within_gene_correlation(vote, gene_offsets, genes))  # no within-gene variation
+
+
+def test_a_run_with_the_ranking_term_gets_its_own_rows(analysis):
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.create({"model": {"name": "lora_llama", "rank_weight": 0.0}})
+    ranked = OmegaConf.create({"model": {"name": "lora_llama", "rank_weight": 1.0}})
+    older = OmegaConf.create({"model": {"name": "lora_llama"}})  # a run recorded before the option existed
+    assert analysis.variant_name(plain) == analysis.variant_name(older) == "lora_llama_prior"
+    assert analysis.variant_name(ranked) == "lora_llama_prior_rank"
