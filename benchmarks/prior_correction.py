@@ -43,7 +43,7 @@ from quality import read_rows  # noqa: E402
 
 from perturb_models.io import atomic_write_bytes, atomic_write_dataframe, atomic_write_text  # noqa: E402
 from perturb_models.metrics import auroc_per_gene  # noqa: E402
-from perturb_models.tasks import decode_scores, scored_pairs  # noqa: E402
+from perturb_models.tasks import decode_logits, scored_pairs  # noqa: E402
 
 COLUMNS = [
     "model",
@@ -122,7 +122,7 @@ def variant_name(cfg) -> str:
 
 @torch.no_grad()
 def split_logits(model, loader, desc: str) -> dict[str, np.ndarray]:
-    """Per pair of the loader: indices, outcomes, the kNN log-probabilities and the LLM's correction."""
+    """Per pair of the loader: indices, outcomes and the LLM's correction (its logits without the vote)."""
     from tqdm.auto import tqdm
 
     encoder = model.encoder
@@ -138,7 +138,6 @@ def split_logits(model, loader, desc: str) -> dict[str, np.ndarray]:
                     "gene": batch["gene"].numpy(),
                     "de": batch["de"].numpy(),
                     "dir": batch["dir"].numpy(),
-                    "knn": prior(batch).float().numpy(),
                     "correction": correction.numpy(),
                 }
             )
@@ -148,33 +147,37 @@ def split_logits(model, loader, desc: str) -> dict[str, np.ndarray]:
 
 
 def cached_logits(model, datamodule, run: Path, split: str, steps: int) -> dict[str, np.ndarray]:
+    """The split's correction, kept in the run folder (the LLM pass is the long part), and the kNN vote's logits,
+    recomputed each time (seconds) so that they are the current knn's."""
     path = run / "prior_correction" / f"{split}_step{steps}.npz"
     if path.is_file():
         with np.load(path) as saved:
-            return {key: saved[key] for key in saved.files}
-    loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
-    arrays = split_logits(model, loader, f"{split} pairs")
-    import io
+            arrays = {key: saved[key] for key in saved.files if key != "knn"}
+    else:
+        loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+        arrays = split_logits(model, loader, f"{split} pairs")
+        import io
 
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
-    return arrays
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
+    with torch.no_grad():
+        vote = model.encoder.prior({"pert": torch.as_tensor(arrays["pert"]), "gene": torch.as_tensor(arrays["gene"])})
+    return {**arrays, "knn": vote.float().numpy()}
 
 
 # ---- figures --------------------------------------------------------------------------------------------
 
 
 def mixed_scores(arrays: dict[str, np.ndarray], alpha: float | None, task: str) -> dict[str, np.ndarray]:
-    """Decoded scores of ``log_softmax(knn + alpha * correction)``; alpha None: the correction alone.
+    """Decoded scores of the logits ``knn + alpha * correction``; alpha None: the correction alone.
 
-    In float32, as the classifier scores a run (its sum of vote and correction, its softmax and decoding), so
-    that alpha = 0 and 1 reproduce the figures of model=knn and of the trained run exactly: float32 rounding
-    ties some of the vote's near-equal direction scores, which moves a per-gene AUROC in the third decimal."""
+    The sum in float32 and ``decode_logits``, as the classifier scores a run, so that alpha = 0 and 1 reproduce
+    the figures of model=knn and of the trained run exactly."""
     logits = torch.as_tensor(arrays["correction"], dtype=torch.float32)
     if alpha is not None:
         logits = torch.as_tensor(arrays["knn"], dtype=torch.float32) + alpha * logits
-    return {k: v.double().numpy() for k, v in decode_scores(torch.softmax(logits, dim=-1), task).items()}
+    return {k: v.numpy() for k, v in decode_logits(logits, task).items()}
 
 
 def per_gene(arrays: dict[str, np.ndarray], scores: dict[str, np.ndarray]) -> dict[str, float]:

@@ -102,9 +102,9 @@ def mean_entropy(scores: Mapping[str, np.ndarray], n_perts: int, n_genes: int) -
 def encoder_scores(
     encoder, task: str, pert_idx: np.ndarray, gene_idx: np.ndarray, batch_size: int = 8192
 ) -> dict[str, np.ndarray]:
-    """Decoded scores of each pair as the classifier's test loop computes them (``softmax`` of the logits,
-    float32, ``decode_scores``), for an encoder that produces logits (knn) or a whole classifier."""
-    from perturb_models.tasks import decode_scores
+    """Decoded scores of each pair as the classifier's test loop computes them (``decode_logits``, float64),
+    for an encoder that produces logits (knn) or a whole classifier."""
+    from perturb_models.tasks import decode_logits
 
     out: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(pert_idx), batch_size):
@@ -112,9 +112,8 @@ def encoder_scores(
             "pert": torch.as_tensor(pert_idx[start : start + batch_size], dtype=torch.long),
             "gene": torch.as_tensor(gene_idx[start : start + batch_size], dtype=torch.long),
         }
-        probs = torch.softmax(encoder(batch).float(), dim=-1)
-        for key, value in decode_scores(probs, task).items():
-            out.setdefault(key, []).append(value.double().numpy())
+        for key, value in decode_logits(encoder(batch).float(), task).items():
+            out.setdefault(key, []).append(value.numpy())
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
 

@@ -36,7 +36,7 @@ from perturb_models.console import say
 from perturb_models.data.vocab import GeneVocab
 from perturb_models.errors import ConfigError, UserError
 from perturb_models.io import atomic_write_dataframe, atomic_write_json, atomic_write_text
-from perturb_models.tasks import decode_scores
+from perturb_models.tasks import decode_logits
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def score_pairs(
     model, pert_idx: np.ndarray, gene_idx: np.ndarray, batch_size: int, device: torch.device
 ) -> dict[str, np.ndarray]:
     """The benchmark scores of each pair (``de``, ``dir`` as the task gives), exactly as the classifier's
-    test loop computes them: ``decode_scores(softmax(logits))`` per batch, in float64."""
+    test loop computes them: ``decode_logits(logits)`` per batch, in float64."""
     model.eval()
     out: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(pert_idx), batch_size):
@@ -231,9 +231,8 @@ def score_pairs(
             "pert": torch.as_tensor(pert_idx[start : start + batch_size], dtype=torch.long, device=device),
             "gene": torch.as_tensor(gene_idx[start : start + batch_size], dtype=torch.long, device=device),
         }
-        probs = torch.softmax(model(batch).float(), dim=-1)
-        for key, value in decode_scores(probs, model.task).items():
-            out.setdefault(key, []).append(value.double().cpu().numpy())
+        for key, value in decode_logits(model(batch).float(), model.task).items():
+            out.setdefault(key, []).append(value.cpu().numpy())
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
 

@@ -96,6 +96,20 @@ class Task:
             return {"de": de, "dir": direction}
         return {self.scores[0]: probabilities[:, 1]}
 
+    def decode_logits(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits (or log-probabilities) -> the scores of ``decode(softmax(logits))``, in float64, computed from
+        differences of logits: joint DE = sigmoid(logsumexp(down, up) - not DE), direction = sigmoid(up - down);
+        de/dir: sigmoid(class 1 - class 0).
+
+        Pairs whose compared logits are equal get exactly equal scores. Through a softmax they would not: its
+        normaliser differs per pair and rounds differently, and that rounding would rank pairs that tie (e.g.
+        the kNN vote's direction where no voter moved), moving a per-gene AUROC by whole hundredths."""
+        logits = logits.double()
+        if self.name == "joint":
+            de = torch.sigmoid(torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0])
+            return {"de": de, "dir": torch.sigmoid(logits[:, 2] - logits[:, 1])}
+        return {self.scores[0]: torch.sigmoid(logits[:, 1] - logits[:, 0])}
+
     def probabilities(self, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The inverse of ``decode``: class probabilities whose decoded scores are ``scores``."""
         if self.name == "joint":
@@ -188,3 +202,9 @@ def primary_metric(task: str) -> str:
     """The validation metric a run selects on by default: DE per-gene AUROC, direction's for task=dir,
     ROUGE-1 recall for gene set enrichment (task=gse)."""
     return f"val/{headline_metrics(task)[0]}"
+
+
+def decode_logits(logits: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+    """Logits -> the score of each benchmark task that ``task`` scores, float64 (``Task.decode_logits``): how
+    every model's pairs are scored."""
+    return get_task(task).decode_logits(logits)

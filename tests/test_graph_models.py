@@ -16,6 +16,7 @@ from perturb_models.evaluation import evaluate_checkpoint
 from perturb_models.knowledge.graphs import GeneGraph
 from perturb_models.models.gnn import SGBranch, node_feature_spec
 from perturb_models.models.knn import KNNEncoder
+from perturb_models.tasks import decode_logits, get_task
 from perturb_models.training import train
 from tests.conftest import module_word_knowledge, synthetic_modules
 from tests.knowledge_files import write_knowledge
@@ -200,48 +201,70 @@ def test_knn_needs_no_training_and_round_trips_through_evaluate(synthetic_cfg, t
     assert again["test/de_auroc_per_gene"] == pytest.approx(metrics["test/de_auroc_per_gene"])
 
 
-def tiny_knn(monkeypatch, symbols, rows, similarities, k):
-    """A KNNEncoder over ``symbols`` (A and B the training perturbations) whose only graph edges are
-    A -> C and B -> C with ``similarities``; ``rows`` are the training pairs (pert, gene, de, dir)."""
+def tiny_knn(monkeypatch, symbols, rows, similarities, k, edges=((0, 2), (1, 2)), task="de"):
+    """A KNNEncoder over ``symbols`` whose only graph edges are ``edges`` (training perturbation -> scored
+    perturbation, by index; A -> C and B -> C unless given) with ``similarities``; ``rows`` are the training pairs
+    (pert, gene, de, dir)."""
     from perturb_models.knowledge.graphs import GeneGraph
 
     vocab = GeneVocab(symbols)
     pairs = pd.DataFrame(rows, columns=["pert", "gene", "de", "dir"])
     pairs["pert_idx"], pairs["gene_idx"] = vocab.encode(pairs["pert"]), vocab.encode(pairs["gene"])
     context = SimpleNamespace(
-        num_classes=2,
+        num_classes=get_task(task).num_classes,
         num_genes=len(symbols),
         vocab=vocab,
-        train_perts=("A", "B"),
+        train_perts=tuple(sorted(set(pairs["pert"]))),
         train_pairs=pairs,
-        task="de",
+        task=task,
         dataset="tiny",
         clusters={},
     )
-    graph = GeneGraph(
-        len(symbols), torch.tensor([[0, 1], [2, 2]]), torch.zeros(2, dtype=torch.long), torch.tensor(similarities)
-    )
+    edge_index = torch.tensor(list(zip(*edges)))
+    graph = GeneGraph(len(symbols), edge_index, torch.zeros(len(edges), dtype=torch.long), torch.tensor(similarities))
     monkeypatch.setattr("perturb_models.models.knn.build_graphs", lambda specs, ctx: graph)
     return KNNEncoder(context, graphs={"x": {}}, k=k, shrinkage=1.0, prior_strength=0.0)
+
+
+def vote(knn, pert, gene) -> np.ndarray:
+    """The kNN vote P(c | p, g): the softmax of the encoder's logits."""
+    logits = knn({"pert": torch.tensor(pert), "gene": torch.tensor(gene)})
+    return torch.softmax(logits.double(), dim=-1).numpy()
 
 
 def test_knn_vote_is_similarity_weighted_and_shrunk_toward_the_gene_rate(monkeypatch):
     rows = [("A", "G1", 1, 1), ("B", "G1", 0, -1), ("A", "G2", 0, -1), ("B", "G2", 0, -1)]
     # C's neighbours: A (0.75) and B (0.25).
     knn = tiny_knn(monkeypatch, ["A", "B", "C", "G1", "G2"], rows, [0.75, 0.25], k=5)
-    probs = knn.probabilities(np.array([2, 2]), np.array([3, 4]))
+    probs = vote(knn, [2, 2], [3, 4])
     # G1: votes DE 0.75, not DE 0.25; G1's training rate 1/2 each -> (0.75 + 0.5) / (1 + 1).
     assert probs[0] == pytest.approx([0.75 / 2, 1.25 / 2])
-    # G2: both neighbours say not DE (weight 1); rate 1.0 not DE.
-    assert probs[1] == pytest.approx([1.0, 0.0])
-    out = knn({"pert": torch.tensor([2]), "gene": torch.tensor([3])})
-    assert torch.allclose(out.exp(), torch.tensor([[0.375, 0.625]]))
+    # G2: both neighbours say not DE (weight 1); rate 1.0 not DE (DE floored at 1e-9 of the total).
+    assert probs[1] == pytest.approx([1.0, 0.0], abs=1e-8)
 
 
+def test_knn_direction_ties_exactly_where_no_voter_moved(monkeypatch):
+    """Scored perturbations whose voters all left G1 unchanged get G1's own direction rate, exactly the same
+    score whatever their vote totals: a tie the per-gene AUROC must see as one (rounding must not rank them)."""
+    train = ["A", "B", "E", "F", "H"]
+    scored = [f"Q{i}" for i in range(12)]
+    rows = [("A", "G1", 0, -1), ("B", "G1", 0, -1), ("E", "G1", 1, 1), ("F", "G1", 1, 1), ("H", "G1", 1, 0)]
+    symbols = [*train, *scored, "G1"]
+    # Each Q is a neighbour of A and B only (not of the movers), with its own similarities.
+    rng = np.random.default_rng(0)
+    edges = [(t, len(train) + q) for q in range(len(scored)) for t in (0, 1)]
+    similarities = rng.uniform(0.05, 1.0, len(edges)).tolist()
+    knn = tiny_knn(monkeypatch, symbols, rows, similarities, k=2, edges=edges, task="joint")
+    pert = np.arange(len(train), len(train) + len(scored))
+    gene = np.full(len(scored), symbols.index("G1"))
+    logits = knn({"pert": torch.tensor(pert), "gene": torch.tensor(gene)})
+    scores = decode_logits(logits, "joint")
+    assert scores["dir"].unique().tolist() == [pytest.approx(2 / 3)]  # G1 rates: up 2/5, down 1/5
+    assert scores["de"].unique().numel() == len(scored)  # the not-DE votes differ, so the DE scores do
 def test_knn_drops_perturbations_that_did_not_measure_the_gene_before_taking_the_k_nearest(monkeypatch):
     # A is C's closest neighbour but never measured G1; B did (DE).
     knn = tiny_knn(monkeypatch, ["A", "B", "C", "G1"], [("B", "G1", 1, 1), ("A", "C", 0, -1)], [0.9, 0.2], k=1)
     # k=1: B votes (A is skipped, not counted): (0.2 * [0, 1] + 1 * [0, 1]) / 1.2.
-    assert knn.probabilities(np.array([2]), np.array([3]))[0] == pytest.approx([0.0, 1.0])
+    assert vote(knn, [2], [3])[0] == pytest.approx([0.0, 1.0], abs=1e-8)
     names, sims, codes = knn.neighbours.nearest(2, 3, 5)
     assert names.tolist() == [1] and sims.tolist() == pytest.approx([0.2]) and codes.tolist() == [2]

@@ -7,6 +7,7 @@ import torch
 from perturb_models.tasks import (
     QUESTIONS,
     TASKS,
+    decode_logits,
     decode_scores,
     encode_labels,
     get_task,
@@ -46,6 +47,26 @@ def test_joint_scores_give_de_and_direction():
     scores = decode_scores(probs, "joint")
     assert torch.allclose(scores["de"], torch.tensor([0.3, 0.9]))
     assert torch.allclose(scores["dir"], torch.tensor([2 / 3, 1 / 3]))
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_decoding_logits_gives_the_softmax_scores(task):
+    logits = torch.randn(200, get_task(task).num_classes, generator=torch.Generator().manual_seed(0)) * 4
+    from_logits = decode_logits(logits, task)
+    from_probabilities = decode_scores(torch.softmax(logits.double(), dim=-1), task)
+    assert tuple(from_logits) == get_task(task).scores
+    for key, value in from_logits.items():
+        assert value.dtype == torch.float64
+        torch.testing.assert_close(value, from_probabilities[key], rtol=1e-12, atol=1e-12)
+
+
+def test_pairs_with_equal_up_and_down_logits_get_equal_direction_scores():
+    """Only the not-DE logit differs between the rows: the direction is the same, and decoding must not let
+    the softmax's per-row normaliser round it apart (it does in float32)."""
+    not_de = torch.linspace(-3.0, 9.0, 500)
+    logits = torch.stack([not_de, torch.full_like(not_de, -1.3), torch.full_like(not_de, -0.2)], dim=1)
+    assert decode_logits(logits, "joint")["dir"].unique().numel() == 1
+    assert decode_scores(torch.softmax(logits, dim=-1), "joint")["dir"].unique().numel() > 1
 
 
 def test_files_metrics_and_questions_per_task():

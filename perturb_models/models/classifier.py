@@ -19,7 +19,7 @@ from perturb_models.losses import within_gene_rank_loss
 from perturb_models.metrics import metrics_from_predictions, prediction_frame
 from perturb_models.models.base import all_reduce_mean, check_encoder, trainable_parameters
 from perturb_models.runs import RECORD_KEY
-from perturb_models.tasks import decode_scores, get_task
+from perturb_models.tasks import decode_logits, get_task
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class PerturbationClassifier(L.LightningModule):
         logits = self(batch).float()
         self._outputs.setdefault(stage, []).append(
             {
-                "probs": torch.softmax(logits, dim=-1).detach(),
+                "logits": logits.detach(),  # scored at the epoch's end by decode_logits (ties kept exact)
                 "pert": batch["pert"],
                 "gene": batch["gene"],
                 "de": batch["de"],
@@ -221,7 +221,7 @@ class PerturbationClassifier(L.LightningModule):
     def _empty_outputs(self) -> dict[str, torch.Tensor]:
         long = dict(dtype=torch.long, device=self.device)
         return {
-            "probs": torch.zeros((0, self.num_classes), device=self.device),
+            "logits": torch.zeros((0, self.num_classes), device=self.device),
             "pert": torch.zeros(0, **long),
             "gene": torch.zeros(0, **long),
             "de": torch.zeros(0, **long),
@@ -242,7 +242,7 @@ class PerturbationClassifier(L.LightningModule):
         merged = {key: self._gather(value).cpu() for key, value in merged.items()}
         if len(merged["pert"]) == 0:
             return
-        scores = {k: v.double().numpy() for k, v in decode_scores(merged["probs"], self.task).items()}
+        scores = {k: v.numpy() for k, v in decode_logits(merged["logits"], self.task).items()}
         frame = prediction_frame(
             self.vocab.decode(merged["pert"].tolist()),
             self.vocab.decode(merged["gene"].tolist()),

@@ -402,10 +402,8 @@ class EnsembleEncoder(Encoder):
     @torch.no_grad()
     def member_scores(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per task score key: (B, M) member scores in float64."""
-        per_member = [
-            self.task.decode(torch.softmax(self.members[m](batch).float(), dim=-1)) for m in self.member_names
-        ]
-        return {k: torch.stack([s[k] for s in per_member], dim=1).double() for k in self.task.scores}
+        per_member = [self.task.decode_logits(self.members[m](batch).float()) for m in self.member_names]
+        return {k: torch.stack([s[k] for s in per_member], dim=1) for k in self.task.scores}
 
     @torch.no_grad()
     def fit_weights(self, loader) -> None:

@@ -9,8 +9,10 @@ toward g's training class rates:
 
 Perturbations that did not measure g are dropped *before* the k nearest are taken, so every one of the
 k neighbours has an outcome for g. Nothing is fitted by gradient: the encoder has no parameters,
-``produces_logits`` is true and it returns log-probabilities, so the shared classifier's metrics,
-checkpoints and predictions apply as for any model. A perturbation never votes for itself (training
+``produces_logits`` is true and it returns the log of the numerator above (logits: their softmax is
+P(c | p, g)), so the shared classifier's metrics, checkpoints and predictions apply as for any model. The
+numerator, not P, because two pairs with the same votes for up and down then get equal direction scores
+(``Task.decode_logits``); dividing by each pair's own total would round them apart. A perturbation never votes for itself (training
 pairs are scored leave-self-out).
 """
 
@@ -212,7 +214,8 @@ class KNNEncoder(Encoder):
             )
         return columns
 
-    def probabilities(self, pert: np.ndarray, gene: np.ndarray) -> np.ndarray:
+    def vote_weights(self, pert: np.ndarray, gene: np.ndarray) -> np.ndarray:
+        """The vote's numerator per class: similarity-weighted neighbour labels plus the shrunk gene rates."""
         votes = np.zeros((len(pert), self.num_classes))
         for i, (p, g) in enumerate(zip(np.asarray(pert).tolist(), np.asarray(gene).tolist())):
             _, sims, codes = self.neighbours.nearest(p, g, self.k)
@@ -220,11 +223,13 @@ class KNNEncoder(Encoder):
                 labels = self.classes[codes]
                 usable = labels >= 0
                 votes[i] = np.bincount(labels[usable], weights=sims[usable], minlength=self.num_classes)
-        prior = self.gene_rate[gene]
-        return (votes + self.shrinkage * prior) / (votes.sum(axis=1, keepdims=True) + self.shrinkage)
+        return votes + self.shrinkage * self.gene_rate[gene]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pert = batch["pert"].detach().cpu().numpy()
         gene = batch["gene"].detach().cpu().numpy()
-        probs = self.probabilities(pert, gene)
-        return torch.as_tensor(np.log(np.clip(probs, 1e-9, 1.0)), dtype=torch.float32, device=batch["pert"].device)
+        weights = self.vote_weights(pert, gene)
+        # A class without weight gets 1e-9 of the pair's total (P floored at 1e-9), not -inf.
+        floor = np.maximum(1e-9 * weights.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+        logits = np.log(np.maximum(weights, floor))
+        return torch.as_tensor(logits, dtype=torch.float32, device=batch["pert"].device)
