@@ -5,7 +5,8 @@ cell giving both the ``de`` and the ``dir`` row; rows appended to ``benchmarks/r
     python benchmarks/quality.py --table          # only regenerate docs/results.md and README's table from the CSV
 
 Resumable: a (model, dataset, task, seed) already in the CSV is skipped (with ``--fill-intervals``, only
-if the row has its bootstrap interval: rows made before intervals existed are rerun and replaced).
+if the row has its bootstrap interval: rows made before intervals existed are rerun and replaced). ``--rerun``
+reruns the stored rows of the chosen models, datasets and seeds, each with its own overrides, and replaces them.
 Every run uses the model's default config plus the grid's budget overrides (``--set``, and the CPU budget
 below), recorded per row in the ``overrides`` column. Needs the PerturbQA files ($PERTURBQA_DATA) and, for graph models,
 the knowledge files ($PERTURB_KNOWLEDGE).
@@ -809,14 +810,15 @@ def write_docs(args) -> None:
 
 def rerun_stale(args, runs_dir: Path) -> None:
     """Rerun the full-test rows of ``--models`` x ``--datasets`` x ``--seeds`` made with an older symbol
-    resolution than the code's (``docs_tables.awaits_rerun``), each with its own stored overrides, one model at a
-    time (so that a model's seeds and lines share one code version as soon as possible)."""
+    resolution than the code's (``docs_tables.awaits_rerun``; with ``--rerun``, every stored row), each with its own
+    stored overrides, one model at a time (so that a model's seeds and lines share one code version as soon as
+    possible)."""
     for model in args.models:
         for dataset in args.datasets:
             for seed in args.seeds:
                 rows = full_test(read_rows(args.csv))
                 hit = rows.loc[(rows["model"] == model) & (rows["dataset"] == dataset) & (rows["seed"] == seed)]
-                if hit.empty or not awaits_rerun(hit).any():
+                if hit.empty or not (args.rerun or awaits_rerun(hit).any()):
                     continue
                 task = "joint" if set(hit["task"]) >= {"de", "dir"} else hit["task"].iloc[0]
                 extra = str(hit["overrides"].iloc[0]).split()
@@ -881,6 +883,12 @@ def main(argv: list[str] | None = None) -> int:
         "grid rows each with its own overrides; with --protocol loco, the search's rows and their ensembles",
     )
     parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="rerun the stored full-test rows of --models/--datasets/--seeds, each with its own overrides, and "
+        "replace them (after a code change that moves them)",
+    )
+    parser.add_argument(
         "--only-defaults",
         action="store_true",
         help="loco: only the default recipes and their ensemble (a budget too small for the search)",
@@ -900,7 +908,9 @@ def main(argv: list[str] | None = None) -> int:
     from perturb_models.io import cache_dir
 
     runs_dir = args.runs_dir or cache_dir("quality_runs")
-    if args.rerun_stale and args.protocol == "grid":
+    if args.rerun and args.protocol != "grid":
+        parser.error("--rerun reruns grid rows (quality.csv); --protocol loco has --rerun-stale")
+    if (args.rerun_stale or args.rerun) and args.protocol == "grid":
         rerun_stale(args, runs_dir)
         print(results_table(read_rows(args.csv)))
         return 0

@@ -285,6 +285,46 @@ def test_rerun_stale_reruns_only_knowledge_rows_made_with_an_older_symbol_resolu
     assert len(quality.complete(rows, None)) == 4
 
 
+def test_rerun_replaces_the_stored_rows_of_the_chosen_cells_with_their_own_overrides(tmp_path, monkeypatch):
+    quality = load_quality()
+    csv = tmp_path / "quality.csv"
+    stored = [
+        {
+            "model": m,
+            "dataset": "k562",
+            "task": t,
+            "seed": 0,
+            "auroc_per_gene": 0.6,
+            "overrides": f"x={m}",
+            "resolution": quality.RESOLUTION_VERSION,
+            "commit": "old",
+        }
+        for m in ("knn", "mlp")
+        for t in ("de", "dir")
+    ]
+    quality.store_row(csv, stored, quality.COLUMNS, ["model", "dataset", "task", "seed"])
+    calls = []
+
+    def rerun(model, dataset, seed, task, extra, runs_dir, run_name=None):
+        calls.append((model, task, extra))
+        return [dict(stored[0], model=model, task=t, auroc_per_gene=0.7, commit="new") for t in ("de", "dir")], 1.0
+
+    monkeypatch.setattr(quality, "run_cell", rerun)
+    docs = [
+        "--doc",
+        str(tmp_path / "r.md"),
+        "--loco-csv",
+        str(tmp_path / "l.csv"),
+        "--loco-doc",
+        str(tmp_path / "l.md"),
+    ]
+    quality.main(["--models", "knn", "--datasets", "k562", "--seeds", "0", "--csv", str(csv), "--rerun", *docs])
+    assert calls == [("knn", "joint", ["x=knn"])]  # up to date (--rerun-stale would skip it), rerun as stored
+    rows = pd.read_csv(csv).set_index(["model", "task"])
+    assert rows.loc[("knn", "de"), "commit"] == rows.loc[("knn", "dir"), "commit"] == "new" and len(rows) == 4
+    assert (rows.loc["mlp", "commit"] == "old").all()
+
+
 def test_the_ensemble_combiner_is_chosen_on_the_other_lines_cross_fitted_validation():
     quality = load_quality()
     rows = loco_rows_with_intervals([0.0, -0.01, 0.01, 0.5], (0.68, 0.73))
