@@ -296,7 +296,8 @@ def correction_table(rows: pd.DataFrame) -> str:
         grid_mean = (grid["de_auroc_per_gene"] + grid["dir_auroc_per_gene"]) / 2
         chosen = float(grid.loc[grid_mean.idxmax(), "alpha"])  # the grid is sorted: ties go to the smaller alpha
         out.append(
-            f"**{model}, {dataset}, seed {seed:.0f}, after {steps:.0f} steps.** Changed-vs-unchanged log-odds on "
+            f"**{model}, {dataset}, seed {seed:.0f}, after {steps:.0f} steps** (commit {alone['commit']}). "
+            "Changed-vs-unchanged log-odds on "
             f"validation: within-gene spread of the vote {alone['spread_knn']:.3f}, of the correction "
             f"{alone['spread_correction']:.3f}; the correction's mean shift {alone['shift_correction']:+.2f}; "
             f"within-gene correlation of correction and vote {alone['within_gene_corr']:+.2f}.\n"

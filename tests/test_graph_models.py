@@ -261,6 +261,8 @@ def test_knn_direction_ties_exactly_where_no_voter_moved(monkeypatch):
     scores = decode_logits(logits, "joint")
     assert scores["dir"].unique().tolist() == [pytest.approx(2 / 3)]  # G1 rates: up 2/5, down 1/5
     assert scores["de"].unique().numel() == len(scored)  # the not-DE votes differ, so the DE scores do
+
+
 def test_knn_drops_perturbations_that_did_not_measure_the_gene_before_taking_the_k_nearest(monkeypatch):
     # A is C's closest neighbour but never measured G1; B did (DE).
     knn = tiny_knn(monkeypatch, ["A", "B", "C", "G1"], [("B", "G1", 1, 1), ("A", "C", 0, -1)], [0.9, 0.2], k=1)

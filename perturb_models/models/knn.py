@@ -12,8 +12,8 @@ k neighbours has an outcome for g. Nothing is fitted by gradient: the encoder ha
 ``produces_logits`` is true and it returns the log of the numerator above (logits: their softmax is
 P(c | p, g)), so the shared classifier's metrics, checkpoints and predictions apply as for any model. The
 numerator, not P, because two pairs with the same votes for up and down then get equal direction scores
-(``Task.decode_logits``); dividing by each pair's own total would round them apart. A perturbation never votes for itself (training
-pairs are scored leave-self-out).
+(``Task.decode_logits``); dividing by each pair's own total would round them apart. A perturbation never
+votes for itself (training pairs are scored leave-self-out).
 """
 
 from __future__ import annotations
